@@ -1,0 +1,369 @@
+//! Service + eligible Nodes + config → the desired model. Pure: no client, no IO; golden-tested.
+
+use crate::config::LbConfig;
+use crate::model::{
+    Desired, FrontendSecurityGroup, HealthCheck, HealthCheckProtocol, IngressRule, Listener,
+    LoadBalancer, Protocol, Security, ServiceRef, Target, TargetGroup, TargetType, naming, tags,
+};
+use k8s_openapi::api::core::v1::{Node, Service};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Label that keeps a node out of every external load balancer (Kubernetes service controller).
+pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+/// Taints of nodes that are going away.
+pub const DRAINING_TAINTS: &[&str] = &["ToBeDeletedByClusterAutoscaler", "karpenter.sh/disrupted"];
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BuildError {
+    #[error("Service has no namespace, name or uid yet")]
+    Incomplete,
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The desired model and what the user should hear about.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Built {
+    pub desired: Desired,
+    /// Nodes left out for a reason the user can fix (e.g. no providerID for instance targets).
+    pub warnings: Vec<String>,
+}
+
+pub fn service_ref(svc: &Service) -> Result<ServiceRef, BuildError> {
+    let m = &svc.metadata;
+    match (&m.namespace, &m.name, &m.uid) {
+        (Some(ns), Some(n), Some(u)) => Ok(ServiceRef {
+            namespace: ns.clone(),
+            name: n.clone(),
+            uid: u.clone(),
+        }),
+        _ => Err(BuildError::Incomplete),
+    }
+}
+
+/// The load-balancer name the Service has or would have.
+pub fn lb_name(cluster: &str, svc: &ServiceRef, cfg: Option<&LbConfig>) -> String {
+    cfg.and_then(|c| c.name.clone())
+        .unwrap_or_else(|| naming::load_balancer_name(cluster, &svc.namespace, &svc.name, &svc.uid))
+}
+
+/// Whether a node may receive load-balancer traffic at all (service-controller rules): not being
+/// deleted, not tainted for removal, not labelled excluded. NotReady nodes stay: health checks
+/// decide.
+pub fn node_eligible(node: &Node) -> bool {
+    if node.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
+    if let Some(v) = node
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(EXCLUDE_LABEL))
+    {
+        // Present means excluded unless the value says false.
+        if !v.trim().eq_ignore_ascii_case("false") {
+            return false;
+        }
+    }
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| DRAINING_TAINTS.contains(&t.key.as_str())));
+    !tainted
+}
+
+fn matches_labels(node: &Node, selector: &BTreeMap<String, String>) -> bool {
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// `aws:///us-east-1a/i-0abc` → `i-0abc`.
+pub fn instance_id(node: &Node) -> Option<String> {
+    let id = node.spec.as_ref()?.provider_id.as_deref()?;
+    let rest = id.strip_prefix("aws://")?;
+    let last = rest.rsplit('/').next()?;
+    last.starts_with("i-").then(|| last.to_string())
+}
+
+pub fn internal_ip(node: &Node) -> Option<String> {
+    node.status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .find(|a| a.type_ == "InternalIP")
+        .map(|a| a.address.clone())
+}
+
+/// One listener's worth of Service ports (TCP and UDP on the same port merge into TCP_UDP).
+struct PortGroup {
+    port: u16,
+    protocol: Protocol,
+    node_port: u16,
+}
+
+fn port_groups(svc: &Service, cfg: &LbConfig) -> Result<Vec<PortGroup>, BuildError> {
+    let ports = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default();
+    let mut by_port: BTreeMap<u16, Vec<(String, u16)>> = BTreeMap::new();
+    for p in &ports {
+        let port = u16::try_from(p.port).map_err(|_| {
+            BuildError::Invalid(format!("spec.ports: port {} is out of range", p.port))
+        })?;
+        let node_port = p
+            .node_port
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                BuildError::Invalid(format!(
+                    "spec.ports: port {port} has no nodePort allocated yet"
+                ))
+            })?;
+        by_port.entry(port).or_default().push((
+            p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+            node_port,
+        ));
+    }
+    let mut out = Vec::new();
+    for (port, entries) in by_port {
+        let has = |proto: &str| entries.iter().find(|(p, _)| p == proto).map(|(_, n)| *n);
+        let (protocol, node_port) = match (has("TCP"), has("UDP")) {
+            (Some(t), Some(u)) if t == u => (Protocol::TcpUdp, t),
+            (Some(t), Some(u)) => {
+                return Err(BuildError::Invalid(format!(
+                    "spec.ports: port {port} is both TCP (nodePort {t}) and UDP (nodePort {u}); one TCP_UDP listener needs one nodePort: set the same spec.ports[].nodePort on both"
+                )));
+            }
+            (Some(t), None) if cfg.tls_ports.contains(&port) => (Protocol::Tls, t),
+            (Some(t), None) => (Protocol::Tcp, t),
+            (None, Some(u)) => (Protocol::Udp, u),
+            (None, None) => continue,
+        };
+        out.push(PortGroup {
+            port,
+            protocol,
+            node_port,
+        });
+    }
+    Ok(out)
+}
+
+fn health_check(svc: &Service, cfg: &LbConfig) -> HealthCheck {
+    let spec = svc.spec.clone().unwrap_or_default();
+    let local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let hc_node_port = spec
+        .health_check_node_port
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p > 0);
+    let c = &cfg.health_check;
+    let (def_proto, def_port, def_path) = match (local, hc_node_port) {
+        (true, Some(p)) => (HealthCheckProtocol::Http, Some(p), "/healthz"),
+        _ => (HealthCheckProtocol::Tcp, None, "/"),
+    };
+    let protocol = c.protocol.unwrap_or(def_proto);
+    let http = protocol != HealthCheckProtocol::Tcp;
+    HealthCheck {
+        protocol,
+        port: c.port.unwrap_or(def_port),
+        path: http.then(|| c.path.clone().unwrap_or_else(|| def_path.to_string())),
+        interval_seconds: c.interval_seconds.unwrap_or(10),
+        timeout_seconds: c.timeout_seconds.unwrap_or(if http { 6 } else { 10 }),
+        healthy_threshold: c.healthy_threshold.unwrap_or(if local { 2 } else { 3 }),
+        unhealthy_threshold: c.unhealthy_threshold.unwrap_or(if local { 2 } else { 3 }),
+        success_codes: http.then(|| c.success_codes.clone().unwrap_or_else(|| "200-399".into())),
+    }
+}
+
+/// Builds the desired model for a Service that wants a load balancer of ours.
+pub fn build(
+    cluster: &str,
+    svc: &Service,
+    nodes: &[Node],
+    cfg: &LbConfig,
+) -> Result<Built, BuildError> {
+    let service = service_ref(svc)?;
+    let name = lb_name(cluster, &service, Some(cfg));
+    let mut warnings = Vec::new();
+
+    let mut base_tags = cfg.additional_tags.clone();
+    base_tags.insert(tags::kubernetes_cluster(cluster), "owned".into());
+    base_tags.insert(tags::CLUSTER.into(), cluster.into());
+    base_tags.insert(tags::SERVICE_NAMESPACE.into(), service.namespace.clone());
+    base_tags.insert(tags::SERVICE_NAME.into(), service.name.clone());
+    base_tags.insert(tags::SERVICE_UID.into(), service.uid.clone());
+    let tagged = |resource: &str| {
+        let mut t = base_tags.clone();
+        t.insert(tags::RESOURCE.into(), resource.into());
+        t
+    };
+
+    // Targets: every eligible node passing the per-Service label selector.
+    let mut hosts: BTreeSet<String> = BTreeSet::new();
+    for node in nodes
+        .iter()
+        .filter(|n| node_eligible(n) && matches_labels(n, &cfg.target_node_labels))
+    {
+        let node_name = node.metadata.name.clone().unwrap_or_default();
+        let id = match cfg.target_type {
+            TargetType::Instance => instance_id(node)
+                .ok_or("no spec.providerID of the form aws:///<zone>/<instance-id>"),
+            TargetType::Ip => internal_ip(node).ok_or("no InternalIP address"),
+        };
+        match id {
+            Ok(id) => {
+                hosts.insert(id);
+            }
+            Err(why) => warnings.push(format!("node {node_name} is not a target: {why}")),
+        }
+    }
+
+    let hc = health_check(svc, cfg);
+    let groups = port_groups(svc, cfg)?;
+    let mut listeners = Vec::new();
+    let mut target_groups = Vec::new();
+    let mut ingress = BTreeSet::new();
+    for g in &groups {
+        let key = format!(
+            "{}-{}",
+            g.protocol.as_aws().to_ascii_lowercase().replace('_', ""),
+            g.port
+        );
+        let tg_protocol = match g.protocol {
+            Protocol::Tls if !cfg.backend_tls => Protocol::Tcp,
+            p => p,
+        };
+        let immutable = format!(
+            "{}/{}/{}",
+            tg_protocol.as_aws(),
+            g.node_port,
+            cfg.target_type.as_aws()
+        );
+        let mut attributes = BTreeMap::new();
+        attributes.insert(
+            "deregistration_delay.timeout_seconds".to_string(),
+            "300".to_string(),
+        );
+        attributes.insert("proxy_protocol_v2.enabled".to_string(), "false".to_string());
+        attributes.extend(cfg.tg_attributes.clone());
+        target_groups.push(TargetGroup {
+            key: key.clone(),
+            name: naming::target_group_name(
+                &name,
+                &service.namespace,
+                &service.name,
+                g.port,
+                &immutable,
+            ),
+            protocol: tg_protocol,
+            port: g.node_port,
+            target_type: cfg.target_type,
+            health_check: hc.clone(),
+            attributes,
+            targets: hosts
+                .iter()
+                .map(|id| Target {
+                    id: id.clone(),
+                    port: g.node_port,
+                })
+                .collect(),
+            tags: tagged(&format!("target-group/{key}")),
+        });
+        let tls = g.protocol == Protocol::Tls;
+        listeners.push(Listener {
+            port: g.port,
+            protocol: g.protocol,
+            target_group: key,
+            certificates: if tls {
+                cfg.ssl_certificates.clone()
+            } else {
+                vec![]
+            },
+            ssl_policy: if tls { cfg.ssl_policy.clone() } else { None },
+            alpn_policy: None,
+        });
+        let protos: &[&str] = match g.protocol {
+            Protocol::Udp => &["udp"],
+            Protocol::TcpUdp => &["tcp", "udp"],
+            Protocol::Tcp | Protocol::Tls => &["tcp"],
+        };
+        for proto in protos {
+            for cidr in &cfg.source_ranges {
+                ingress.insert(IngressRule {
+                    protocol: (*proto).to_string(),
+                    port: g.port,
+                    cidr: cidr.clone(),
+                });
+            }
+        }
+    }
+
+    let frontend = cfg
+        .security_groups
+        .is_empty()
+        .then(|| FrontendSecurityGroup {
+            name: naming::security_group_name(&name),
+            description: format!("cloudlb frontend for Service {service} in cluster {cluster}"),
+            ingress,
+        });
+    let mut attributes = BTreeMap::new();
+    attributes.insert(
+        "deletion_protection.enabled".to_string(),
+        "false".to_string(),
+    );
+    attributes.insert(
+        "load_balancing.cross_zone.enabled".to_string(),
+        "false".to_string(),
+    );
+    attributes.insert("access_logs.s3.enabled".to_string(), "false".to_string());
+    attributes.extend(cfg.lb_attributes.clone());
+
+    let status_ports = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| {
+            let proto = if p.protocol.as_deref() == Some("UDP") {
+                Protocol::Udp
+            } else {
+                Protocol::Tcp
+            };
+            u16::try_from(p.port).ok().map(|port| (port, proto))
+        })
+        .collect();
+
+    let lb = LoadBalancer {
+        name: name.clone(),
+        scheme: cfg.scheme,
+        ip_address_type: cfg.ip_address_type,
+        subnets: cfg.subnets.clone(),
+        eip_allocations: cfg.eip_allocations.clone(),
+        private_ipv4_addresses: cfg.private_ipv4_addresses.clone(),
+        security: Security {
+            frontend,
+            extra_security_groups: cfg.security_groups.clone(),
+            manage_backend_rules: false,
+        },
+        attributes,
+        tags: tagged("load-balancer"),
+        listeners,
+        target_groups,
+        status_ports,
+    };
+    Ok(Built {
+        desired: Desired {
+            service,
+            lb_name: name,
+            lb: Some(lb),
+        },
+        warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,126 @@
+//! Golden tests: `tests/golden/build/<case>.yaml` (an optional LoadBalancerClass, a Service, Nodes)
+//! → `<case>.json` (the desired model, or the configuration errors). `UPDATE_GOLDEN=1` rewrites
+//! the expected files; review the diff.
+
+use super::*;
+use crate::config::class::{LoadBalancerClass, LoadBalancerClassSpec, ProviderKind};
+use serde::Deserialize;
+use std::path::Path;
+
+fn default_class() -> LoadBalancerClass {
+    let mut c = LoadBalancerClass::new(
+        "default",
+        LoadBalancerClassSpec {
+            provider: ProviderKind::Aws,
+            default: true,
+            aws: None,
+        },
+    );
+    c.metadata.name = Some("default".into());
+    c
+}
+
+fn run_case(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).expect("read case");
+    let mut class = default_class();
+    let mut svc = None;
+    let mut nodes = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value = serde_yaml::Value::deserialize(doc).expect("yaml");
+        match value.get("kind").and_then(|k| k.as_str()) {
+            Some("LoadBalancerClass") => class = serde_yaml::from_value(value).expect("class"),
+            Some("Service") => {
+                svc = Some(serde_yaml::from_value::<Service>(value).expect("service"))
+            }
+            Some("Node") => nodes.push(serde_yaml::from_value::<Node>(value).expect("node")),
+            other => panic!("{}: unexpected document kind {other:?}", path.display()),
+        }
+    }
+    let svc = svc.expect("case has a Service");
+    let cfg = match crate::config::resolve(&class, &svc) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            return serde_json::json!({ "configErrors": e.0.iter().map(ToString::to_string).collect::<Vec<_>>() });
+        }
+    };
+    match build("test-cluster", &svc, &nodes, &cfg) {
+        Ok(b) => serde_json::json!({ "warnings": b.warnings, "desired": b.desired }),
+        Err(e) => serde_json::json!({ "buildError": e.to_string() }),
+    }
+}
+
+#[test]
+fn golden_models() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/build");
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    let mut cases: Vec<_> = std::fs::read_dir(&dir)
+        .expect("golden dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    cases.sort();
+    assert!(
+        cases.len() >= 10,
+        "expected the golden cases in {}",
+        dir.display()
+    );
+    let mut failures = Vec::new();
+    for case in &cases {
+        let got = serde_json::to_string_pretty(&run_case(case)).expect("json") + "\n";
+        let expected_path = case.with_extension("json");
+        if update {
+            std::fs::write(&expected_path, &got).expect("write golden");
+            continue;
+        }
+        let expected = std::fs::read_to_string(&expected_path).unwrap_or_default();
+        if expected != got {
+            failures.push(format!("{}:\n{got}", case.display()));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "golden mismatch (UPDATE_GOLDEN=1 to accept):\n{}",
+        failures.join("\n")
+    );
+}
+
+fn node(name: &str) -> Node {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {"providerID": format!("aws:///us-east-1a/i-{name}")},
+        "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.1"}]}
+    }))
+    .expect("node")
+}
+
+#[test]
+fn eligibility_follows_the_service_controller() {
+    assert!(node_eligible(&node("a")));
+    let mut excluded = node("b");
+    excluded.metadata.labels = Some([(EXCLUDE_LABEL.to_string(), "true".to_string())].into());
+    assert!(!node_eligible(&excluded));
+    excluded.metadata.labels = Some([(EXCLUDE_LABEL.to_string(), "".to_string())].into());
+    assert!(
+        !node_eligible(&excluded),
+        "present without a false value excludes"
+    );
+    excluded.metadata.labels = Some([(EXCLUDE_LABEL.to_string(), "False".to_string())].into());
+    assert!(node_eligible(&excluded));
+    for taint in DRAINING_TAINTS {
+        let mut n = node("c");
+        n.spec.get_or_insert_with(Default::default).taints =
+            Some(vec![k8s_openapi::api::core::v1::Taint {
+                key: (*taint).to_string(),
+                effect: "NoSchedule".into(),
+                ..Default::default()
+            }]);
+        assert!(!node_eligible(&n), "{taint}");
+    }
+    let mut deleting = node("d");
+    deleting.metadata.deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    assert!(!node_eligible(&deleting));
+    assert_eq!(instance_id(&node("x")).as_deref(), Some("i-x"));
+}

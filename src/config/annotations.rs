@@ -1,0 +1,413 @@
+//! Every setting a Service can make by annotation: our `cloudlb.io/…` key, the well-known
+//! `service.beta.kubernetes.io/aws-load-balancer-…` alias (so Services written for the
+//! aws-load-balancer-controller or the in-tree provider work unchanged), the matching
+//! `LoadBalancerClass` field, and its documentation. `docs/annotations.md` is generated from this
+//! table (`cloudlb docs annotations`) and a test keeps it current.
+
+/// One setting.
+#[derive(Debug)]
+pub struct Setting {
+    /// Our key is `cloudlb.io/<name>`.
+    pub name: &'static str,
+    /// Compatible annotation keys, in order of precedence after ours.
+    pub aliases: &'static [&'static str],
+    /// Path of the `LoadBalancerClass` field giving the default, if any.
+    pub class_field: Option<&'static str>,
+    pub kind: &'static str,
+    pub default: &'static str,
+    pub example: &'static str,
+    /// What changing it does to an existing load balancer.
+    pub on_change: &'static str,
+    pub doc: &'static str,
+}
+
+impl Setting {
+    pub fn key(&self) -> String {
+        format!("cloudlb.io/{}", self.name)
+    }
+}
+
+macro_rules! alias {
+    ($s:literal) => {
+        concat!("service.beta.kubernetes.io/aws-load-balancer-", $s)
+    };
+}
+
+pub const SCHEME: &str = "scheme";
+pub const INTERNAL: &str = "internal";
+pub const IP_ADDRESS_TYPE: &str = "ip-address-type";
+pub const SUBNETS: &str = "subnets";
+pub const EIP_ALLOCATIONS: &str = "eip-allocations";
+pub const PRIVATE_IPV4: &str = "private-ipv4-addresses";
+pub const TARGET_TYPE: &str = "target-type";
+pub const HC_PROTOCOL: &str = "healthcheck-protocol";
+pub const HC_PORT: &str = "healthcheck-port";
+pub const HC_PATH: &str = "healthcheck-path";
+pub const HC_INTERVAL: &str = "healthcheck-interval";
+pub const HC_TIMEOUT: &str = "healthcheck-timeout";
+pub const HC_HEALTHY: &str = "healthcheck-healthy-threshold";
+pub const HC_UNHEALTHY: &str = "healthcheck-unhealthy-threshold";
+pub const HC_SUCCESS_CODES: &str = "healthcheck-success-codes";
+pub const SSL_CERT: &str = "ssl-cert";
+pub const SSL_PORTS: &str = "ssl-ports";
+pub const SSL_POLICY: &str = "ssl-negotiation-policy";
+pub const BACKEND_PROTOCOL: &str = "backend-protocol";
+pub const CROSS_ZONE: &str = "cross-zone-load-balancing-enabled";
+pub const DELETION_PROTECTION: &str = "deletion-protection";
+pub const PROXY_PROTOCOL: &str = "proxy-protocol";
+pub const ADDITIONAL_TAGS: &str = "additional-resource-tags";
+pub const TG_ATTRIBUTES: &str = "target-group-attributes";
+pub const LB_ATTRIBUTES: &str = "load-balancer-attributes";
+pub const TARGET_NODE_LABELS: &str = "target-node-labels";
+pub const SECURITY_GROUPS: &str = "security-groups";
+pub const MANAGE_BACKEND_SG: &str = "manage-backend-security-group-rules";
+pub const NAME: &str = "name";
+pub const SOURCE_RANGES: &str = "source-ranges";
+
+/// The upstream (non-AWS-specific) source-ranges annotation.
+pub const UPSTREAM_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+
+pub const SETTINGS: &[Setting] = &[
+    Setting {
+        name: SCHEME,
+        aliases: &[alias!("scheme")],
+        class_field: Some("spec.aws.scheme"),
+        kind: "`internet-facing` \\| `internal`",
+        default: "`internet-facing`",
+        example: "`internal`",
+        on_change: "replaces the load balancer (new DNS name)",
+        doc: "Whether the load balancer has public addresses.",
+    },
+    Setting {
+        name: INTERNAL,
+        aliases: &[alias!("internal")],
+        class_field: None,
+        kind: "bool",
+        default: "`false`",
+        example: "`true`",
+        on_change: "replaces the load balancer",
+        doc: "Legacy form of `scheme`: `true` means `internal`. Conflicts with a different `scheme`.",
+    },
+    Setting {
+        name: IP_ADDRESS_TYPE,
+        aliases: &[alias!("ip-address-type")],
+        class_field: Some("spec.aws.ipAddressType"),
+        kind: "`ipv4` \\| `dualstack`",
+        default: "`ipv4`",
+        example: "`dualstack`",
+        on_change: "modified in place",
+        doc: "Address family of the load balancer.",
+    },
+    Setting {
+        name: SUBNETS,
+        aliases: &[alias!("subnets")],
+        class_field: Some("spec.aws.subnets"),
+        kind: "comma-separated subnet ids or Name tags",
+        default: "discovered: subnets tagged `kubernetes.io/role/elb` (internal: `kubernetes.io/role/internal-elb`) and `kubernetes.io/cluster/<cluster>`, one per zone",
+        example: "`subnet-0abc,subnet-0def`",
+        on_change: "used at creation; later changes are not applied (recreate the Service)",
+        doc: "Subnets the load balancer is placed in.",
+    },
+    Setting {
+        name: EIP_ALLOCATIONS,
+        aliases: &[alias!("eip-allocations")],
+        class_field: None,
+        kind: "comma-separated EIP allocation ids, one per subnet",
+        default: "none",
+        example: "`eipalloc-1,eipalloc-2`",
+        on_change: "used at creation",
+        doc: "Static public addresses (internet-facing only).",
+    },
+    Setting {
+        name: PRIVATE_IPV4,
+        aliases: &[alias!("private-ipv4-addresses")],
+        class_field: None,
+        kind: "comma-separated IPv4 addresses, one per subnet",
+        default: "none",
+        example: "`10.0.1.10,10.0.2.10`",
+        on_change: "used at creation",
+        doc: "Static private addresses (internal only).",
+    },
+    Setting {
+        name: TARGET_TYPE,
+        aliases: &[alias!("nlb-target-type")],
+        class_field: Some("spec.aws.targetType"),
+        kind: "`instance` \\| `ip`",
+        default: "`instance`",
+        example: "`ip`",
+        on_change: "replaces the target groups (listeners switch over)",
+        doc: "Register nodes by instance id or by InternalIP.",
+    },
+    Setting {
+        name: HC_PROTOCOL,
+        aliases: &[alias!("healthcheck-protocol")],
+        class_field: Some("spec.aws.healthCheck.protocol"),
+        kind: "`tcp` \\| `http` \\| `https`",
+        default: "`tcp`; `http` when `externalTrafficPolicy: Local`",
+        example: "`http`",
+        on_change: "modified in place",
+        doc: "Health-check protocol.",
+    },
+    Setting {
+        name: HC_PORT,
+        aliases: &[alias!("healthcheck-port")],
+        class_field: Some("spec.aws.healthCheck.port"),
+        kind: "`traffic-port` \\| 1-65535",
+        default: "`traffic-port`; `healthCheckNodePort` when `externalTrafficPolicy: Local`",
+        example: "`10256`",
+        on_change: "modified in place",
+        doc: "Health-check port.",
+    },
+    Setting {
+        name: HC_PATH,
+        aliases: &[alias!("healthcheck-path")],
+        class_field: Some("spec.aws.healthCheck.path"),
+        kind: "path starting with `/`",
+        default: "`/healthz` for eTP Local, `/` for other HTTP checks",
+        example: "`/ready`",
+        on_change: "modified in place",
+        doc: "Health-check path (HTTP/HTTPS only).",
+    },
+    Setting {
+        name: HC_INTERVAL,
+        aliases: &[alias!("healthcheck-interval")],
+        class_field: Some("spec.aws.healthCheck.intervalSeconds"),
+        kind: "seconds, 5-300",
+        default: "`10`",
+        example: "`30`",
+        on_change: "modified in place",
+        doc: "Seconds between health checks.",
+    },
+    Setting {
+        name: HC_TIMEOUT,
+        aliases: &[alias!("healthcheck-timeout")],
+        class_field: Some("spec.aws.healthCheck.timeoutSeconds"),
+        kind: "seconds, 2-120",
+        default: "`10` (TCP), `6` (HTTP)",
+        example: "`5`",
+        on_change: "modified in place",
+        doc: "Health-check timeout.",
+    },
+    Setting {
+        name: HC_HEALTHY,
+        aliases: &[alias!("healthcheck-healthy-threshold")],
+        class_field: Some("spec.aws.healthCheck.healthyThreshold"),
+        kind: "2-10",
+        default: "`3`",
+        example: "`2`",
+        on_change: "modified in place",
+        doc: "Consecutive successes before a target is healthy.",
+    },
+    Setting {
+        name: HC_UNHEALTHY,
+        aliases: &[alias!("healthcheck-unhealthy-threshold")],
+        class_field: Some("spec.aws.healthCheck.unhealthyThreshold"),
+        kind: "2-10",
+        default: "`3`",
+        example: "`2`",
+        on_change: "modified in place",
+        doc: "Consecutive failures before a target is unhealthy.",
+    },
+    Setting {
+        name: HC_SUCCESS_CODES,
+        aliases: &[alias!("healthcheck-success-codes")],
+        class_field: Some("spec.aws.healthCheck.successCodes"),
+        kind: "HTTP codes `200`, `200,202` or range `200-399`",
+        default: "`200-399`",
+        example: "`200`",
+        on_change: "modified in place",
+        doc: "HTTP codes that count as healthy (HTTP/HTTPS only).",
+    },
+    Setting {
+        name: SSL_CERT,
+        aliases: &[alias!("ssl-cert")],
+        class_field: None,
+        kind: "comma-separated ACM/IAM certificate ARNs",
+        default: "none",
+        example: "`arn:aws:acm:us-east-1:123456789012:certificate/abc`",
+        on_change: "modified in place",
+        doc: "Certificates for TLS listeners; the first is the default certificate.",
+    },
+    Setting {
+        name: SSL_PORTS,
+        aliases: &[alias!("ssl-ports")],
+        class_field: None,
+        kind: "`*` or comma-separated port names/numbers",
+        default: "`*` (every TCP port) when `ssl-cert` is set",
+        example: "`443,https`",
+        on_change: "modified in place",
+        doc: "Which ports get TLS listeners; each must be a TCP port of the Service.",
+    },
+    Setting {
+        name: SSL_POLICY,
+        aliases: &[alias!("ssl-negotiation-policy")],
+        class_field: Some("spec.aws.sslNegotiationPolicy"),
+        kind: "ELB security policy name",
+        default: "AWS default",
+        example: "`ELBSecurityPolicy-TLS13-1-2-2021-06`",
+        on_change: "modified in place",
+        doc: "TLS policy of TLS listeners.",
+    },
+    Setting {
+        name: BACKEND_PROTOCOL,
+        aliases: &[alias!("backend-protocol")],
+        class_field: None,
+        kind: "`tcp` \\| `ssl` \\| `tls`",
+        default: "`tcp`",
+        example: "`ssl`",
+        on_change: "replaces the target groups of TLS ports",
+        doc: "Protocol from the load balancer to the nodes for TLS ports (`ssl`/`tls`: re-encrypt).",
+    },
+    Setting {
+        name: CROSS_ZONE,
+        aliases: &[alias!("cross-zone-load-balancing-enabled")],
+        class_field: Some("spec.aws.crossZoneLoadBalancing"),
+        kind: "bool",
+        default: "`false`",
+        example: "`true`",
+        on_change: "modified in place",
+        doc: "Balance across zones (`load_balancing.cross_zone.enabled`).",
+    },
+    Setting {
+        name: DELETION_PROTECTION,
+        aliases: &[],
+        class_field: Some("spec.aws.deletionProtection"),
+        kind: "bool",
+        default: "`false`",
+        example: "`true`",
+        on_change: "modified in place; while on, deleting the Service stops with an Event instead of deleting the load balancer",
+        doc: "Protect the load balancer from deletion (`deletion_protection.enabled`).",
+    },
+    Setting {
+        name: PROXY_PROTOCOL,
+        aliases: &[alias!("proxy-protocol")],
+        class_field: Some("spec.aws.proxyProtocol"),
+        kind: "`*` (alias) or bool (ours)",
+        default: "off",
+        example: "`*`",
+        on_change: "modified in place",
+        doc: "Send PROXY protocol v2 to the nodes (`proxy_protocol_v2.enabled`).",
+    },
+    Setting {
+        name: ADDITIONAL_TAGS,
+        aliases: &[alias!("additional-resource-tags")],
+        class_field: Some("spec.aws.additionalTags"),
+        kind: "comma-separated `key=value`",
+        default: "none",
+        example: "`team=web,env=prod`",
+        on_change: "applied at creation",
+        doc: "Extra tags on every resource (class and Service tags merge; the Service wins).",
+    },
+    Setting {
+        name: TG_ATTRIBUTES,
+        aliases: &[alias!("target-group-attributes")],
+        class_field: Some("spec.aws.targetGroupAttributes"),
+        kind: "comma-separated `key=value` (NLB target-group attributes)",
+        default: "AWS defaults",
+        example: "`deregistration_delay.timeout_seconds=30,preserve_client_ip.enabled=false`",
+        on_change: "modified in place",
+        doc: "Target-group attributes.",
+    },
+    Setting {
+        name: LB_ATTRIBUTES,
+        aliases: &[alias!("load-balancer-attributes")],
+        class_field: Some("spec.aws.loadBalancerAttributes"),
+        kind: "comma-separated `key=value` (NLB attributes)",
+        default: "AWS defaults",
+        example: "`access_logs.s3.enabled=true,access_logs.s3.bucket=logs`",
+        on_change: "modified in place",
+        doc: "Load-balancer attributes (access logs, deletion protection, cross-zone).",
+    },
+    Setting {
+        name: TARGET_NODE_LABELS,
+        aliases: &[alias!("target-node-labels")],
+        class_field: Some("spec.aws.targetNodeLabels"),
+        kind: "comma-separated `key=value`",
+        default: "every eligible node",
+        example: "`node-role/edge=true`",
+        on_change: "targets (de)registered",
+        doc: "Only nodes carrying all these labels are targets.",
+    },
+    Setting {
+        name: SECURITY_GROUPS,
+        aliases: &[alias!("security-groups")],
+        class_field: Some("spec.aws.securityGroups"),
+        kind: "comma-separated security-group ids",
+        default: "a frontend group managed by cloudlb",
+        example: "`sg-0abc`",
+        on_change: "modified in place",
+        doc: "Attach these groups instead of cloudlb's own (cloudlb never edits them, so source ranges cannot be combined with this).",
+    },
+    Setting {
+        name: MANAGE_BACKEND_SG,
+        aliases: &[alias!("manage-backend-security-group-rules")],
+        class_field: Some("spec.aws.manageBackendSecurityGroupRules"),
+        kind: "bool",
+        default: "`false`",
+        example: "`true`",
+        on_change: "modified in place",
+        doc: "Manage node security-group rules for the nodePorts (not implemented yet: rejected when true).",
+    },
+    Setting {
+        name: NAME,
+        aliases: &[alias!("name")],
+        class_field: None,
+        kind: "≤32 chars, letters, digits, hyphens",
+        default: "`k8s-<namespace>-<name>-<hash>`",
+        example: "`web-prod`",
+        on_change: "a new load balancer under the new name; the old one is deleted",
+        doc: "Name of the load balancer.",
+    },
+    Setting {
+        name: SOURCE_RANGES,
+        aliases: &[UPSTREAM_SOURCE_RANGES],
+        class_field: Some("spec.aws.sourceRanges"),
+        kind: "comma-separated CIDRs",
+        default: "`0.0.0.0/0` (and `::/0` for dualstack)",
+        example: "`10.0.0.0/8,192.168.0.0/16`",
+        on_change: "security-group rules updated in place",
+        doc: "Client ranges allowed in; `spec.loadBalancerSourceRanges` takes precedence.",
+    },
+];
+
+pub fn setting(name: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.name == name)
+}
+
+/// Markdown reference of every annotation, generated from [`SETTINGS`].
+pub fn markdown() -> String {
+    let mut out = String::from(
+        "# Service annotations\n\n\
+         Generated from `src/config/annotations.rs` by `cloudlb docs annotations`; do not edit by hand.\n\n\
+         Precedence, highest first: `spec.loadBalancerSourceRanges` (source ranges only), our\n\
+         `cloudlb.io/…` annotation, the compatible `service.beta.kubernetes.io/…` annotation, the\n\
+         `LoadBalancerClass` field, the built-in default. Setting our key and a compatible key to\n\
+         different values is an error. Every invalid value is reported in one Warning Event\n\
+         (`InvalidConfiguration`) and nothing is written to the cloud.\n\n\
+         | Annotation | Compatible keys | Class field | Type | Default | Example | On change |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for s in SETTINGS {
+        let aliases = if s.aliases.is_empty() {
+            "—".to_string()
+        } else {
+            s.aliases
+                .iter()
+                .map(|a| format!("`{a}`"))
+                .collect::<Vec<_>>()
+                .join("<br>")
+        };
+        out.push_str(&format!(
+            "| `{}`<br>{} | {} | {} | {} | {} | {} | {} |\n",
+            s.key(),
+            s.doc,
+            aliases,
+            s.class_field.map_or("—".to_string(), |f| format!("`{f}`")),
+            s.kind,
+            s.default,
+            s.example,
+            s.on_change
+        ));
+    }
+    out
+}

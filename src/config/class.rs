@@ -1,0 +1,149 @@
+//! `LoadBalancerClass` (`cloudlb.io/v1alpha1`, cluster-scoped): cluster-wide defaults for the
+//! Services that use it, like a StorageClass for load balancers.
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Which provider serves the class's load balancers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Aws,
+    Local,
+}
+
+impl std::fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ProviderKind::Aws => "aws",
+            ProviderKind::Local => "local",
+        })
+    }
+}
+
+/// Defaults for every Service of this class. Service annotations override each field.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "cloudlb.io",
+    version = "v1alpha1",
+    kind = "LoadBalancerClass",
+    shortname = "lbc",
+    status = "LoadBalancerClassStatus",
+    printcolumn = r#"{"name":"Provider","type":"string","jsonPath":".spec.provider"}"#,
+    printcolumn = r#"{"name":"Default","type":"boolean","jsonPath":".spec.default"}"#,
+    printcolumn = r#"{"name":"Services","type":"integer","jsonPath":".status.serviceCount"}"#,
+    printcolumn = r#"{"name":"Valid","type":"string","jsonPath":".status.conditions[?(@.type==\"Valid\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerClassSpec {
+    /// `aws` or `local`.
+    pub provider: ProviderKind,
+    /// Services of `type: LoadBalancer` without `spec.loadBalancerClass` use this class.
+    #[serde(default)]
+    pub default: bool,
+    /// Defaults for AWS Network Load Balancers (provider `aws`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws: Option<AwsClassSpec>,
+}
+
+/// AWS defaults; each field has the annotation of the same name (see docs/annotations.md).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AwsClassSpec {
+    /// `internet-facing` or `internal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    /// `ipv4` or `dualstack`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_address_type: Option<String>,
+    /// Subnet ids or Name tags; empty: discovered by tags.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnets: Option<Vec<String>>,
+    /// `instance` or `ip`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_zone_load_balancing: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_protection: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<bool>,
+    /// Load-balancer attributes (`key: value`), e.g. `access_logs.s3.enabled: "true"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer_attributes: Option<BTreeMap<String, String>>,
+    /// Target-group attributes, e.g. `deregistration_delay.timeout_seconds: "30"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_group_attributes: Option<BTreeMap<String, String>>,
+    /// Tags added to every resource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub additional_tags: Option<BTreeMap<String, String>>,
+    /// Security groups to attach instead of the one cloudlb manages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_groups: Option<Vec<String>>,
+    /// Default source ranges when a Service sets none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_ranges: Option<Vec<String>>,
+    /// Manage node security-group rules so the load balancer reaches the nodePorts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manage_backend_security_group_rules: Option<bool>,
+    /// Only nodes with all these labels are targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_node_labels: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssl_negotiation_policy: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthCheckSpec {
+    /// `tcp`, `http` or `https`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// `traffic-port` or a port number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_seconds: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy_threshold: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy_threshold: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_codes: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerClassStatus {
+    /// Services currently served by this class.
+    #[serde(default)]
+    pub service_count: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<ClassCondition>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClassCondition {
+    /// `Valid`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True` or `False`.
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+}
+
+/// The `spec.loadBalancerClass` prefix that routes a Service to a class of ours.
+pub const CLASS_PREFIX: &str = "cloudlb.io/";

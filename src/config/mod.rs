@@ -1,0 +1,1023 @@
+//! Parse the `LoadBalancerClass` defaults and the Service annotations into one typed [`LbConfig`].
+//! Pure: parses everything, collects every problem, reports them all at once.
+
+pub mod annotations;
+pub mod class;
+
+use crate::model::{HealthCheckProtocol, IpAddressType, Scheme, Subnets, TargetType};
+use annotations as keys;
+use class::{AwsClassSpec, LoadBalancerClass, ProviderKind};
+use k8s_openapi::api::core::v1::Service;
+use std::collections::BTreeMap;
+
+/// One problem with the configuration: where, what value, what is allowed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// `annotation cloudlb.io/scheme`, `LoadBalancerClass web spec.aws.scheme`, `spec.ports`…
+    pub source: String,
+    pub value: String,
+    pub allowed: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} = {:?}: {}", self.source, self.value, self.allowed)
+    }
+}
+
+/// Every problem found, in the order of the settings table.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.len();
+        write!(f, "{n} invalid setting{}: ", if n == 1 { "" } else { "s" })?;
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Health-check settings the user made; the builder fills in the defaults that depend on the port
+/// and the traffic policy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HealthCheckConfig {
+    pub protocol: Option<HealthCheckProtocol>,
+    /// `Some(None)`: explicitly `traffic-port`.
+    pub port: Option<Option<u16>>,
+    pub path: Option<String>,
+    pub interval_seconds: Option<u32>,
+    pub timeout_seconds: Option<u32>,
+    pub healthy_threshold: Option<u32>,
+    pub unhealthy_threshold: Option<u32>,
+    pub success_codes: Option<String>,
+}
+
+/// The merged, validated configuration of one Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LbConfig {
+    pub class_name: String,
+    pub provider: ProviderKind,
+    pub scheme: Scheme,
+    pub ip_address_type: IpAddressType,
+    pub subnets: Subnets,
+    pub eip_allocations: Vec<String>,
+    pub private_ipv4_addresses: Vec<String>,
+    pub target_type: TargetType,
+    pub health_check: HealthCheckConfig,
+    pub ssl_certificates: Vec<String>,
+    /// Service port numbers that get TLS listeners.
+    pub tls_ports: Vec<u16>,
+    pub ssl_policy: Option<String>,
+    /// TLS to the backends on TLS ports.
+    pub backend_tls: bool,
+    /// Load-balancer attributes the user set (beyond the AWS defaults).
+    pub lb_attributes: BTreeMap<String, String>,
+    /// Target-group attributes the user set.
+    pub tg_attributes: BTreeMap<String, String>,
+    pub additional_tags: BTreeMap<String, String>,
+    pub target_node_labels: BTreeMap<String, String>,
+    pub security_groups: Vec<String>,
+    pub source_ranges: Vec<String>,
+    pub name: Option<String>,
+}
+
+/// Load-balancer attributes users may set.
+pub const LB_ATTRIBUTE_KEYS: &[&str] = &[
+    "deletion_protection.enabled",
+    "load_balancing.cross_zone.enabled",
+    "access_logs.s3.enabled",
+    "access_logs.s3.bucket",
+    "access_logs.s3.prefix",
+    "dns_record.client_routing_policy",
+];
+
+/// Target-group attributes users may set.
+pub const TG_ATTRIBUTE_KEYS: &[&str] = &[
+    "deregistration_delay.timeout_seconds",
+    "deregistration_delay.connection_termination.enabled",
+    "proxy_protocol_v2.enabled",
+    "preserve_client_ip.enabled",
+    "stickiness.enabled",
+    "stickiness.type",
+    "load_balancing.cross_zone.enabled",
+];
+
+/// Where a raw value came from.
+#[derive(Clone, Debug)]
+struct Raw {
+    source: String,
+    value: String,
+}
+
+struct Parser<'a> {
+    raw: BTreeMap<&'static str, Raw>,
+    errors: Vec<ConfigError>,
+    svc: &'a Service,
+}
+
+fn err(source: &str, value: &str, allowed: impl Into<String>) -> ConfigError {
+    ConfigError {
+        source: source.to_string(),
+        value: value.to_string(),
+        allowed: allowed.into(),
+    }
+}
+
+fn list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+fn class_values(class_name: &str, aws: &AwsClassSpec) -> Vec<(&'static str, String, String)> {
+    let src = |f: &str| format!("LoadBalancerClass {class_name} spec.aws.{f}");
+    let kv = |m: &BTreeMap<String, String>| {
+        m.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut out = Vec::new();
+    let mut push = |name: &'static str, field: &str, v: Option<String>| {
+        if let Some(v) = v {
+            out.push((name, src(field), v));
+        }
+    };
+    push(keys::SCHEME, "scheme", aws.scheme.clone());
+    push(
+        keys::IP_ADDRESS_TYPE,
+        "ipAddressType",
+        aws.ip_address_type.clone(),
+    );
+    push(
+        keys::SUBNETS,
+        "subnets",
+        aws.subnets.as_ref().map(|v| v.join(",")),
+    );
+    push(keys::TARGET_TYPE, "targetType", aws.target_type.clone());
+    if let Some(hc) = &aws.health_check {
+        push(
+            keys::HC_PROTOCOL,
+            "healthCheck.protocol",
+            hc.protocol.clone(),
+        );
+        push(keys::HC_PORT, "healthCheck.port", hc.port.clone());
+        push(keys::HC_PATH, "healthCheck.path", hc.path.clone());
+        push(
+            keys::HC_INTERVAL,
+            "healthCheck.intervalSeconds",
+            hc.interval_seconds.map(|v| v.to_string()),
+        );
+        push(
+            keys::HC_TIMEOUT,
+            "healthCheck.timeoutSeconds",
+            hc.timeout_seconds.map(|v| v.to_string()),
+        );
+        push(
+            keys::HC_HEALTHY,
+            "healthCheck.healthyThreshold",
+            hc.healthy_threshold.map(|v| v.to_string()),
+        );
+        push(
+            keys::HC_UNHEALTHY,
+            "healthCheck.unhealthyThreshold",
+            hc.unhealthy_threshold.map(|v| v.to_string()),
+        );
+        push(
+            keys::HC_SUCCESS_CODES,
+            "healthCheck.successCodes",
+            hc.success_codes.clone(),
+        );
+    }
+    push(
+        keys::CROSS_ZONE,
+        "crossZoneLoadBalancing",
+        aws.cross_zone_load_balancing.map(|v| v.to_string()),
+    );
+    push(
+        keys::DELETION_PROTECTION,
+        "deletionProtection",
+        aws.deletion_protection.map(|v| v.to_string()),
+    );
+    push(
+        keys::PROXY_PROTOCOL,
+        "proxyProtocol",
+        aws.proxy_protocol.map(|v| v.to_string()),
+    );
+    push(
+        keys::LB_ATTRIBUTES,
+        "loadBalancerAttributes",
+        aws.load_balancer_attributes.as_ref().map(kv),
+    );
+    push(
+        keys::TG_ATTRIBUTES,
+        "targetGroupAttributes",
+        aws.target_group_attributes.as_ref().map(kv),
+    );
+    push(
+        keys::ADDITIONAL_TAGS,
+        "additionalTags",
+        aws.additional_tags.as_ref().map(kv),
+    );
+    push(
+        keys::SECURITY_GROUPS,
+        "securityGroups",
+        aws.security_groups.as_ref().map(|v| v.join(",")),
+    );
+    push(
+        keys::SOURCE_RANGES,
+        "sourceRanges",
+        aws.source_ranges.as_ref().map(|v| v.join(",")),
+    );
+    push(
+        keys::MANAGE_BACKEND_SG,
+        "manageBackendSecurityGroupRules",
+        aws.manage_backend_security_group_rules
+            .map(|v| v.to_string()),
+    );
+    push(
+        keys::TARGET_NODE_LABELS,
+        "targetNodeLabels",
+        aws.target_node_labels.as_ref().map(kv),
+    );
+    push(
+        keys::SSL_POLICY,
+        "sslNegotiationPolicy",
+        aws.ssl_negotiation_policy.clone(),
+    );
+    out
+}
+
+impl Parser<'_> {
+    fn get(&self, name: &str) -> Option<&Raw> {
+        self.raw.get(name)
+    }
+
+    fn parse_enum<T: Copy>(&mut self, name: &str, options: &[(&str, T)]) -> Option<T> {
+        let raw = self.get(name)?.clone();
+        let v = raw.value.trim().to_ascii_lowercase();
+        match options.iter().find(|(k, _)| *k == v) {
+            Some((_, t)) => Some(*t),
+            None => {
+                let allowed: Vec<_> = options.iter().map(|(k, _)| *k).collect();
+                self.errors.push(err(
+                    &raw.source,
+                    &raw.value,
+                    format!("allowed values: {}", allowed.join(", ")),
+                ));
+                None
+            }
+        }
+    }
+
+    fn parse_bool(&mut self, name: &str) -> Option<bool> {
+        let raw = self.get(name)?.clone();
+        match raw.value.trim().to_ascii_lowercase().as_str() {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => {
+                self.errors
+                    .push(err(&raw.source, &raw.value, "must be true or false"));
+                None
+            }
+        }
+    }
+
+    fn parse_u32(&mut self, name: &str, min: u32, max: u32) -> Option<u32> {
+        let raw = self.get(name)?.clone();
+        match raw.value.trim().parse::<u32>() {
+            Ok(n) if (min..=max).contains(&n) => Some(n),
+            _ => {
+                self.errors.push(err(
+                    &raw.source,
+                    &raw.value,
+                    format!("must be an integer from {min} to {max}"),
+                ));
+                None
+            }
+        }
+    }
+
+    fn parse_list(&mut self, name: &str) -> Option<(Raw, Vec<String>)> {
+        let raw = self.get(name)?.clone();
+        let l = list(&raw.value);
+        Some((raw, l))
+    }
+
+    fn parse_kv(&mut self, name: &str) -> Option<(Raw, BTreeMap<String, String>)> {
+        let raw = self.get(name)?.clone();
+        let mut out = BTreeMap::new();
+        for item in list(&raw.value) {
+            match item.split_once('=') {
+                Some((k, v)) if !k.trim().is_empty() => {
+                    out.insert(k.trim().to_string(), v.trim().to_string());
+                }
+                _ => self.errors.push(err(
+                    &raw.source,
+                    &raw.value,
+                    format!("{item:?} is not key=value; expected comma-separated key=value pairs"),
+                )),
+            }
+        }
+        Some((raw, out))
+    }
+
+    fn attributes(&mut self, name: &str, allowed: &[&str]) -> BTreeMap<String, String> {
+        let Some((raw, map)) = self.parse_kv(name) else {
+            return BTreeMap::new();
+        };
+        let mut out = BTreeMap::new();
+        for (k, v) in map {
+            if allowed.contains(&k.as_str()) {
+                out.insert(k, v);
+            } else {
+                self.errors.push(err(
+                    &raw.source,
+                    &raw.value,
+                    format!("unknown attribute {k:?}; allowed: {}", allowed.join(", ")),
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Collects the raw values: our annotation, then compatible aliases, then the class. Two keys of
+/// the same setting with different values is an error.
+fn collect_raw(
+    annotations: &BTreeMap<String, String>,
+    class: &LoadBalancerClass,
+    errors: &mut Vec<ConfigError>,
+) -> BTreeMap<&'static str, Raw> {
+    let class_name = class.metadata.name.clone().unwrap_or_default();
+    let mut raw: BTreeMap<&'static str, Raw> = BTreeMap::new();
+    if let Some(aws) = &class.spec.aws {
+        for (name, source, value) in class_values(&class_name, aws) {
+            raw.insert(name, Raw { source, value });
+        }
+    }
+    for s in keys::SETTINGS {
+        let ours = s.key();
+        let mut found: Option<Raw> = None;
+        for key in std::iter::once(ours.as_str()).chain(s.aliases.iter().copied()) {
+            let Some(value) = annotations.get(key) else {
+                continue;
+            };
+            let this = Raw {
+                source: format!("annotation {key}"),
+                value: value.clone(),
+            };
+            match &found {
+                None => found = Some(this),
+                Some(first) if first.value.trim() != value.trim() => errors.push(err(
+                    &this.source,
+                    value,
+                    format!(
+                        "conflicts with {} = {:?}; set only one of them",
+                        first.source, first.value
+                    ),
+                )),
+                Some(_) => {}
+            }
+        }
+        if let Some(f) = found {
+            raw.insert(s.name, f);
+        }
+    }
+    raw
+}
+
+fn is_cidr(s: &str) -> bool {
+    let Some((addr, len)) = s.split_once('/') else {
+        return false;
+    };
+    let Ok(len) = len.parse::<u8>() else {
+        return false;
+    };
+    match addr.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => len <= 32,
+        Ok(std::net::IpAddr::V6(_)) => len <= 128,
+        Err(_) => false,
+    }
+}
+
+fn valid_success_codes(s: &str) -> bool {
+    let code = |c: &str| c.len() == 3 && c.parse::<u16>().is_ok_and(|n| (200..=599).contains(&n));
+    if let Some((a, b)) = s.split_once('-') {
+        return code(a) && code(b) && a <= b;
+    }
+    s.split(',').all(code)
+}
+
+/// Merges the class defaults and the Service annotations into one validated config.
+pub fn resolve(class: &LoadBalancerClass, svc: &Service) -> Result<LbConfig, ConfigErrors> {
+    let empty = BTreeMap::new();
+    let annotations = svc.metadata.annotations.as_ref().unwrap_or(&empty);
+    let mut errors = Vec::new();
+    let raw = collect_raw(annotations, class, &mut errors);
+    let mut p = Parser { raw, errors, svc };
+    let cfg = p.build(class);
+    if p.errors.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ConfigErrors(p.errors))
+    }
+}
+
+impl Parser<'_> {
+    fn build(&mut self, class: &LoadBalancerClass) -> LbConfig {
+        let spec = self.svc.spec.clone().unwrap_or_default();
+        let ports = spec.ports.clone().unwrap_or_default();
+
+        let mut scheme = self.parse_enum(
+            keys::SCHEME,
+            &[
+                ("internet-facing", Scheme::InternetFacing),
+                ("internal", Scheme::Internal),
+            ],
+        );
+        if let Some(internal) = self.parse_bool(keys::INTERNAL) {
+            let from_internal = if internal {
+                Scheme::Internal
+            } else {
+                Scheme::InternetFacing
+            };
+            match (scheme, self.get(keys::SCHEME).cloned()) {
+                (Some(s), Some(src))
+                    if s != from_internal && src.source.starts_with("annotation") =>
+                {
+                    let raw = self.get(keys::INTERNAL).cloned();
+                    if let Some(raw) = raw {
+                        self.errors.push(err(
+                            &raw.source,
+                            &raw.value,
+                            format!(
+                                "conflicts with {} = {:?}; set only one of them",
+                                src.source, src.value
+                            ),
+                        ));
+                    }
+                }
+                _ => scheme = Some(from_internal),
+            }
+        }
+        let scheme = scheme.unwrap_or(Scheme::InternetFacing);
+        let ip_address_type = self
+            .parse_enum(
+                keys::IP_ADDRESS_TYPE,
+                &[
+                    ("ipv4", IpAddressType::Ipv4),
+                    ("dualstack", IpAddressType::Dualstack),
+                ],
+            )
+            .unwrap_or(IpAddressType::Ipv4);
+
+        let subnets = match self.parse_list(keys::SUBNETS) {
+            Some((_, l)) if !l.is_empty() => Subnets::Explicit(l),
+            _ => Subnets::Discover,
+        };
+        let subnet_count = match &subnets {
+            Subnets::Explicit(l) => Some(l.len()),
+            Subnets::Discover => None,
+        };
+        let per_subnet = |p: &mut Self, name: &str, want: Scheme, what: &str| -> Vec<String> {
+            let Some((raw, l)) = p.parse_list(name) else {
+                return vec![];
+            };
+            if scheme != want {
+                p.errors.push(err(
+                    &raw.source,
+                    &raw.value,
+                    format!("{what} require scheme {}", want.as_aws()),
+                ));
+            } else if subnet_count.is_none() {
+                p.errors.push(err(&raw.source, &raw.value, "requires explicit subnets (annotation cloudlb.io/subnets), one entry per subnet"));
+            } else if Some(l.len()) != subnet_count {
+                p.errors.push(err(
+                    &raw.source,
+                    &raw.value,
+                    format!(
+                        "needs exactly one entry per subnet: {} given, {} subnets",
+                        l.len(),
+                        subnet_count.unwrap_or(0)
+                    ),
+                ));
+            }
+            l
+        };
+        let eip_allocations = per_subnet(
+            self,
+            keys::EIP_ALLOCATIONS,
+            Scheme::InternetFacing,
+            "EIP allocations",
+        );
+        for (i, e) in eip_allocations.iter().enumerate() {
+            if !e.starts_with("eipalloc-") {
+                if let Some(raw) = self.get(keys::EIP_ALLOCATIONS).cloned() {
+                    self.errors.push(err(
+                        &raw.source,
+                        &raw.value,
+                        format!(
+                            "entry {} ({e:?}) is not an allocation id (eipalloc-…)",
+                            i + 1
+                        ),
+                    ));
+                }
+            }
+        }
+        let private_ipv4_addresses = per_subnet(
+            self,
+            keys::PRIVATE_IPV4,
+            Scheme::Internal,
+            "private IPv4 addresses",
+        );
+        for a in &private_ipv4_addresses {
+            if a.parse::<std::net::Ipv4Addr>().is_err() {
+                if let Some(raw) = self.get(keys::PRIVATE_IPV4).cloned() {
+                    self.errors.push(err(
+                        &raw.source,
+                        &raw.value,
+                        format!("{a:?} is not an IPv4 address"),
+                    ));
+                }
+            }
+        }
+
+        let target_type = self
+            .parse_enum(
+                keys::TARGET_TYPE,
+                &[("instance", TargetType::Instance), ("ip", TargetType::Ip)],
+            )
+            .unwrap_or(TargetType::Instance);
+
+        // Health check.
+        let protocol = self.parse_enum(
+            keys::HC_PROTOCOL,
+            &[
+                ("tcp", HealthCheckProtocol::Tcp),
+                ("http", HealthCheckProtocol::Http),
+                ("https", HealthCheckProtocol::Https),
+            ],
+        );
+        let port = self.get(keys::HC_PORT).cloned().and_then(|raw| {
+            let v = raw.value.trim();
+            if v == "traffic-port" {
+                return Some(None);
+            }
+            match v.parse::<u16>() {
+                Ok(n) if n > 0 => Some(Some(n)),
+                _ => {
+                    self.errors.push(err(
+                        &raw.source,
+                        &raw.value,
+                        "must be traffic-port or a port number 1-65535",
+                    ));
+                    None
+                }
+            }
+        });
+        let path = self.get(keys::HC_PATH).cloned().and_then(|raw| {
+            if raw.value.starts_with('/') && raw.value.len() <= 1024 && raw.value.is_ascii() {
+                Some(raw.value)
+            } else {
+                self.errors.push(err(
+                    &raw.source,
+                    &raw.value,
+                    "must be an ASCII path starting with / (at most 1024 characters)",
+                ));
+                None
+            }
+        });
+        let success_codes = self.get(keys::HC_SUCCESS_CODES).cloned().and_then(|raw| {
+            if valid_success_codes(raw.value.trim()) {
+                Some(raw.value.trim().to_string())
+            } else {
+                self.errors.push(err(
+                    &raw.source,
+                    &raw.value,
+                    "must be HTTP codes 200-599: 200, 200,202 or a range 200-399",
+                ));
+                None
+            }
+        });
+        let health_check = HealthCheckConfig {
+            protocol,
+            port,
+            path,
+            interval_seconds: self.parse_u32(keys::HC_INTERVAL, 5, 300),
+            timeout_seconds: self.parse_u32(keys::HC_TIMEOUT, 2, 120),
+            healthy_threshold: self.parse_u32(keys::HC_HEALTHY, 2, 10),
+            unhealthy_threshold: self.parse_u32(keys::HC_UNHEALTHY, 2, 10),
+            success_codes,
+        };
+        if health_check.protocol == Some(HealthCheckProtocol::Tcp) {
+            for name in [keys::HC_PATH, keys::HC_SUCCESS_CODES] {
+                if let Some(raw) = self.get(name).cloned() {
+                    self.errors.push(err(&raw.source, &raw.value, "only applies to http/https health checks, but the health-check protocol is tcp"));
+                }
+            }
+        }
+
+        // TLS.
+        let ssl_certificates = self
+            .parse_list(keys::SSL_CERT)
+            .map(|(_, l)| l)
+            .unwrap_or_default();
+        if let Some(raw) = self.get(keys::SSL_CERT).cloned() {
+            for c in &ssl_certificates {
+                if !c.starts_with("arn:") {
+                    self.errors.push(err(
+                        &raw.source,
+                        &raw.value,
+                        format!("{c:?} is not a certificate ARN (arn:aws:acm:… or arn:aws:iam:…)"),
+                    ));
+                }
+            }
+        }
+        let mut tls_ports = Vec::new();
+        match self.get(keys::SSL_PORTS).cloned() {
+            Some(raw) => {
+                if ssl_certificates.is_empty() {
+                    self.errors.push(err(
+                        &raw.source,
+                        &raw.value,
+                        "TLS ports need a certificate: set annotation cloudlb.io/ssl-cert",
+                    ));
+                }
+                let wanted = list(&raw.value);
+                for w in &wanted {
+                    if w == "*" {
+                        tls_ports.extend(
+                            ports
+                                .iter()
+                                .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+                                .filter_map(|p| u16::try_from(p.port).ok()),
+                        );
+                        continue;
+                    }
+                    let matched: Vec<_> = ports
+                        .iter()
+                        .filter(|p| {
+                            p.name.as_deref() == Some(w.as_str()) || p.port.to_string() == *w
+                        })
+                        .collect();
+                    if matched.is_empty() {
+                        let names: Vec<_> = ports
+                            .iter()
+                            .map(|p| {
+                                p.name
+                                    .clone()
+                                    .map_or(p.port.to_string(), |n| format!("{n} ({})", p.port))
+                            })
+                            .collect();
+                        self.errors.push(err(
+                            &raw.source,
+                            &raw.value,
+                            format!(
+                                "port {w:?} is not a port of this Service; its ports: {}",
+                                names.join(", ")
+                            ),
+                        ));
+                    }
+                    for p in matched {
+                        if p.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+                            self.errors.push(err(
+                                &raw.source,
+                                &raw.value,
+                                format!(
+                                    "port {w:?} is {}, TLS listeners need a TCP port",
+                                    p.protocol.as_deref().unwrap_or("TCP")
+                                ),
+                            ));
+                        } else {
+                            tls_ports.extend(u16::try_from(p.port).ok());
+                        }
+                    }
+                }
+            }
+            None if !ssl_certificates.is_empty() => {
+                tls_ports.extend(
+                    ports
+                        .iter()
+                        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+                        .filter_map(|p| u16::try_from(p.port).ok()),
+                );
+            }
+            None => {}
+        }
+        tls_ports.sort_unstable();
+        tls_ports.dedup();
+        // A TLS port shared with UDP cannot be one TCP_UDP listener.
+        for p in &tls_ports {
+            if ports
+                .iter()
+                .any(|sp| sp.port == i32::from(*p) && sp.protocol.as_deref() == Some("UDP"))
+            {
+                if let Some(raw) = self
+                    .get(keys::SSL_PORTS)
+                    .or(self.get(keys::SSL_CERT))
+                    .cloned()
+                {
+                    self.errors.push(err(
+                        &raw.source,
+                        &raw.value,
+                        format!("port {p} also serves UDP; a TLS listener cannot carry UDP"),
+                    ));
+                }
+            }
+        }
+        let ssl_policy = self
+            .get(keys::SSL_POLICY)
+            .map(|r| r.value.trim().to_string());
+        let backend_tls = self
+            .parse_enum(
+                keys::BACKEND_PROTOCOL,
+                &[("tcp", false), ("ssl", true), ("tls", true)],
+            )
+            .unwrap_or(false);
+
+        // Attributes.
+        let mut lb_attributes = self.attributes(keys::LB_ATTRIBUTES, LB_ATTRIBUTE_KEYS);
+        let mut tg_attributes = self.attributes(keys::TG_ATTRIBUTES, TG_ATTRIBUTE_KEYS);
+        if let Some(v) = self.parse_bool(keys::CROSS_ZONE) {
+            lb_attributes.insert("load_balancing.cross_zone.enabled".into(), v.to_string());
+        }
+        if let Some(v) = self.parse_bool(keys::DELETION_PROTECTION) {
+            lb_attributes.insert("deletion_protection.enabled".into(), v.to_string());
+        }
+        if let Some(raw) = self.get(keys::PROXY_PROTOCOL).cloned() {
+            let v = match raw.value.trim() {
+                "*" | "true" => Some(true),
+                "false" | "" => Some(false),
+                _ => {
+                    self.errors.push(err(
+                        &raw.source,
+                        &raw.value,
+                        "must be * (all ports), true or false",
+                    ));
+                    None
+                }
+            };
+            if let Some(v) = v {
+                tg_attributes.insert("proxy_protocol_v2.enabled".into(), v.to_string());
+            }
+        }
+        for (k, v) in lb_attributes.iter().chain(tg_attributes.iter()) {
+            let bool_key = k.ends_with(".enabled");
+            let bad = (bool_key && v != "true" && v != "false")
+                || (k == "deregistration_delay.timeout_seconds"
+                    && !v.parse::<u32>().is_ok_and(|n| n <= 3600));
+            if bad {
+                let raw = self
+                    .get(keys::LB_ATTRIBUTES)
+                    .or(self.get(keys::TG_ATTRIBUTES))
+                    .cloned();
+                let source = raw.map_or_else(|| "attributes".to_string(), |r| r.source);
+                let allowed = if bool_key {
+                    "must be true or false"
+                } else {
+                    "must be 0-3600 seconds"
+                };
+                self.errors.push(err(&source, &format!("{k}={v}"), allowed));
+            }
+        }
+        if lb_attributes
+            .get("access_logs.s3.enabled")
+            .map(String::as_str)
+            == Some("true")
+            && lb_attributes
+                .get("access_logs.s3.bucket")
+                .is_none_or(|b| b.is_empty())
+        {
+            let source = self
+                .get(keys::LB_ATTRIBUTES)
+                .map_or("attributes".to_string(), |r| r.source.clone());
+            self.errors.push(err(
+                &source,
+                "access_logs.s3.enabled=true",
+                "access logs need access_logs.s3.bucket",
+            ));
+        }
+
+        // Tags, node labels, security.
+        let additional_tags = self.parse_kv(keys::ADDITIONAL_TAGS).map(|(raw, m)| {
+            for (k, v) in &m {
+                if k.starts_with("cloudlb.io/") || k.starts_with("aws:") || k.starts_with("kubernetes.io/cluster/") || k.len() > 128 || v.len() > 256 {
+                    self.errors.push(err(&raw.source, &raw.value, format!("tag {k:?}: keys may not use the reserved prefixes cloudlb.io/, aws:, kubernetes.io/cluster/ and are at most 128 characters (values 256)")));
+                }
+            }
+            m
+        });
+        let mut tags = BTreeMap::new();
+        if let Some(aws) = &class.spec.aws {
+            tags.extend(aws.additional_tags.clone().unwrap_or_default());
+        }
+        tags.extend(additional_tags.unwrap_or_default());
+        if tags.len() > 40 {
+            self.errors.push(err(
+                "additional-resource-tags",
+                &tags.len().to_string(),
+                "at most 40 additional tags (AWS allows 50 per resource; cloudlb uses up to 10)",
+            ));
+        }
+        let target_node_labels = self
+            .parse_kv(keys::TARGET_NODE_LABELS)
+            .map(|(_, m)| m)
+            .unwrap_or_default();
+        let security_groups = self
+            .parse_list(keys::SECURITY_GROUPS)
+            .map(|(raw, l)| {
+                for g in &l {
+                    if !g.starts_with("sg-") {
+                        self.errors.push(err(
+                            &raw.source,
+                            &raw.value,
+                            format!("{g:?} is not a security-group id (sg-…)"),
+                        ));
+                    }
+                }
+                l
+            })
+            .unwrap_or_default();
+        if self.parse_bool(keys::MANAGE_BACKEND_SG) == Some(true) {
+            if let Some(raw) = self.get(keys::MANAGE_BACKEND_SG).cloned() {
+                self.errors.push(err(&raw.source, &raw.value, "managing node security-group rules is not supported yet; open the nodePort range to the load balancer's subnets yourself and remove this setting"));
+            }
+        }
+
+        // Source ranges: the spec field wins, then annotations, then the class.
+        let spec_ranges = spec.load_balancer_source_ranges.clone().unwrap_or_default();
+        let (ranges_source, ranges): (String, Vec<String>) = if !spec_ranges.is_empty() {
+            ("spec.loadBalancerSourceRanges".into(), spec_ranges)
+        } else if let Some((raw, l)) = self.parse_list(keys::SOURCE_RANGES) {
+            (raw.source, l)
+        } else {
+            (String::new(), vec![])
+        };
+        for r in &ranges {
+            if !is_cidr(r) {
+                self.errors.push(err(
+                    &ranges_source,
+                    r,
+                    "must be a CIDR such as 10.0.0.0/8 or 2001:db8::/32",
+                ));
+            }
+        }
+        if !ranges.is_empty() && !security_groups.is_empty() {
+            self.errors.push(err(
+                &ranges_source,
+                &ranges.join(","),
+                "cannot be enforced together with user security groups (cloudlb never edits groups it does not own); remove one of the two",
+            ));
+        }
+        if ranges.iter().any(|r| r.contains(':')) && ip_address_type == IpAddressType::Ipv4 {
+            self.errors.push(err(
+                &ranges_source,
+                &ranges.join(","),
+                "IPv6 ranges need ip-address-type dualstack",
+            ));
+        }
+        let source_ranges = if ranges.is_empty() && security_groups.is_empty() {
+            match ip_address_type {
+                IpAddressType::Ipv4 => vec!["0.0.0.0/0".to_string()],
+                IpAddressType::Dualstack => vec!["0.0.0.0/0".to_string(), "::/0".to_string()],
+            }
+        } else {
+            ranges
+        };
+
+        let name = self.get(keys::NAME).cloned().and_then(|raw| {
+            match crate::model::naming::validate_lb_name(raw.value.trim()) {
+                Ok(()) => Some(raw.value.trim().to_string()),
+                Err(why) => {
+                    self.errors.push(err(
+                        &raw.source,
+                        &raw.value,
+                        format!("not a valid load-balancer name: {why}"),
+                    ));
+                    None
+                }
+            }
+        });
+
+        // Service-level checks.
+        if spec.allocate_load_balancer_node_ports == Some(false) {
+            self.errors.push(err(
+                "spec.allocateLoadBalancerNodePorts",
+                "false",
+                "cloudlb forwards to nodePorts, so they must be allocated: remove the field or set it to true",
+            ));
+        }
+        if ports.is_empty() {
+            self.errors.push(err(
+                "spec.ports",
+                "[]",
+                "a LoadBalancer Service needs at least one port",
+            ));
+        }
+        for p in &ports {
+            let proto = p.protocol.as_deref().unwrap_or("TCP");
+            if proto != "TCP" && proto != "UDP" {
+                self.errors.push(err(
+                    "spec.ports",
+                    &format!("{} {proto}", p.port),
+                    "Network Load Balancers carry TCP and UDP only",
+                ));
+            }
+        }
+        if ports.len() > 50 {
+            self.errors.push(err(
+                "spec.ports",
+                &ports.len().to_string(),
+                "a Network Load Balancer has at most 50 listeners",
+            ));
+        }
+
+        LbConfig {
+            class_name: class.metadata.name.clone().unwrap_or_default(),
+            provider: class.spec.provider,
+            scheme,
+            ip_address_type,
+            subnets,
+            eip_allocations,
+            private_ipv4_addresses,
+            target_type,
+            health_check,
+            ssl_certificates,
+            tls_ports,
+            ssl_policy,
+            backend_tls,
+            lb_attributes,
+            tg_attributes,
+            additional_tags: tags,
+            target_node_labels,
+            security_groups,
+            source_ranges,
+            name,
+        }
+    }
+}
+
+/// Which class (if any) a Service belongs to: `spec.loadBalancerClass` `cloudlb.io/<class>`, or
+/// no class field and a default class exists. `None`: not ours.
+pub fn select_class<'a>(
+    svc: &Service,
+    classes: &'a [LoadBalancerClass],
+) -> Option<&'a LoadBalancerClass> {
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() != Some("LoadBalancer") {
+        return None;
+    }
+    match spec.load_balancer_class.as_deref() {
+        Some(c) => {
+            let name = c.strip_prefix(class::CLASS_PREFIX)?;
+            classes
+                .iter()
+                .find(|k| k.metadata.name.as_deref() == Some(name))
+        }
+        None => {
+            let mut defaults: Vec<_> = classes.iter().filter(|c| c.spec.default).collect();
+            // Several defaults: the oldest wins (like StorageClass admission picks deterministically).
+            defaults.sort_by(|a, b| {
+                a.metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| t.0)
+                    .cmp(&b.metadata.creation_timestamp.as_ref().map(|t| t.0))
+                    .then(a.metadata.name.cmp(&b.metadata.name))
+            });
+            defaults.first().copied()
+        }
+    }
+}
+
+/// Validates a class on its own (for its status condition): a dummy Service with one TCP port and
+/// no annotations must resolve.
+pub fn validate_class(class: &LoadBalancerClass) -> Result<(), ConfigErrors> {
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+    let svc = Service {
+        spec: Some(ServiceSpec {
+            type_: Some("LoadBalancer".into()),
+            ports: Some(vec![ServicePort {
+                port: 80,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    resolve(class, &svc).map(|_| ())
+}
+
+#[cfg(test)]
+mod crd_tests;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,603 @@
+use super::*;
+use crate::config::class::{AwsClassSpec, HealthCheckSpec, LoadBalancerClassSpec};
+use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+
+fn class(aws: Option<AwsClassSpec>) -> LoadBalancerClass {
+    let mut c = LoadBalancerClass::new(
+        "web",
+        LoadBalancerClassSpec {
+            provider: ProviderKind::Aws,
+            default: true,
+            aws,
+        },
+    );
+    c.metadata.name = Some("web".into());
+    c
+}
+
+fn port(name: &str, port: i32, proto: &str) -> ServicePort {
+    ServicePort {
+        name: Some(name.into()),
+        port,
+        protocol: Some(proto.into()),
+        node_port: Some(30000 + port),
+        ..Default::default()
+    }
+}
+
+fn svc(annotations: &[(&str, &str)], ports: Vec<ServicePort>) -> Service {
+    let mut s = Service {
+        spec: Some(ServiceSpec {
+            type_: Some("LoadBalancer".into()),
+            ports: Some(ports),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    s.metadata.annotations = Some(
+        annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    );
+    s
+}
+
+fn web() -> Vec<ServicePort> {
+    vec![port("http", 80, "TCP"), port("https", 443, "TCP")]
+}
+
+fn resolve_ok(c: &LoadBalancerClass, s: &Service) -> LbConfig {
+    resolve(c, s).unwrap_or_else(|e| panic!("expected valid config, got: {e}"))
+}
+
+fn resolve_err(c: &LoadBalancerClass, s: &Service) -> Vec<ConfigError> {
+    match resolve(c, s) {
+        Ok(cfg) => panic!("expected errors, got {cfg:?}"),
+        Err(e) => e.0,
+    }
+}
+
+#[test]
+fn defaults_without_annotations() {
+    let cfg = resolve_ok(&class(None), &svc(&[], web()));
+    assert_eq!(cfg.scheme, Scheme::InternetFacing);
+    assert_eq!(cfg.ip_address_type, IpAddressType::Ipv4);
+    assert_eq!(cfg.subnets, Subnets::Discover);
+    assert_eq!(cfg.target_type, TargetType::Instance);
+    assert_eq!(cfg.source_ranges, vec!["0.0.0.0/0"]);
+    assert!(cfg.tls_ports.is_empty());
+    assert_eq!(cfg.health_check, HealthCheckConfig::default());
+}
+
+#[test]
+fn our_keys_and_compatible_keys_mean_the_same() {
+    let ours = svc(
+        &[
+            ("cloudlb.io/scheme", "internal"),
+            ("cloudlb.io/target-type", "ip"),
+        ],
+        web(),
+    );
+    let alb = svc(
+        &[
+            (
+                "service.beta.kubernetes.io/aws-load-balancer-scheme",
+                "internal",
+            ),
+            (
+                "service.beta.kubernetes.io/aws-load-balancer-nlb-target-type",
+                "ip",
+            ),
+        ],
+        web(),
+    );
+    let legacy = svc(
+        &[
+            (
+                "service.beta.kubernetes.io/aws-load-balancer-internal",
+                "true",
+            ),
+            (
+                "service.beta.kubernetes.io/aws-load-balancer-nlb-target-type",
+                "ip",
+            ),
+        ],
+        web(),
+    );
+    let a = resolve_ok(&class(None), &ours);
+    assert_eq!(a.scheme, Scheme::Internal);
+    assert_eq!(a.target_type, TargetType::Ip);
+    assert_eq!(a, resolve_ok(&class(None), &alb));
+    assert_eq!(a, resolve_ok(&class(None), &legacy));
+}
+
+#[test]
+fn conflicting_keys_are_an_error() {
+    let s = svc(
+        &[
+            ("cloudlb.io/scheme", "internal"),
+            (
+                "service.beta.kubernetes.io/aws-load-balancer-scheme",
+                "internet-facing",
+            ),
+        ],
+        web(),
+    );
+    let errs = resolve_err(&class(None), &s);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0]
+            .allowed
+            .contains("conflicts with annotation cloudlb.io/scheme"),
+        "{}",
+        errs[0]
+    );
+
+    let s = svc(
+        &[
+            ("cloudlb.io/scheme", "internet-facing"),
+            (
+                "service.beta.kubernetes.io/aws-load-balancer-internal",
+                "true",
+            ),
+        ],
+        web(),
+    );
+    let errs = resolve_err(&class(None), &s);
+    assert!(
+        errs[0].source.contains("aws-load-balancer-internal"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn every_problem_is_reported_at_once_with_key_value_and_allowed() {
+    let s = svc(
+        &[
+            ("cloudlb.io/scheme", "public"),
+            ("cloudlb.io/target-type", "pod"),
+            ("cloudlb.io/healthcheck-interval", "1"),
+            ("cloudlb.io/healthcheck-timeout", "abc"),
+            ("cloudlb.io/healthcheck-healthy-threshold", "11"),
+            ("cloudlb.io/cross-zone-load-balancing-enabled", "yes"),
+            ("cloudlb.io/ssl-ports", "8443"),
+            ("cloudlb.io/target-group-attributes", "bogus.key=1"),
+            ("cloudlb.io/name", "-bad_name-"),
+        ],
+        web(),
+    );
+    let errs = resolve_err(&class(None), &s);
+    let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
+    let all = text.join("\n");
+    for needle in [
+        "annotation cloudlb.io/scheme = \"public\": allowed values: internet-facing, internal",
+        "annotation cloudlb.io/target-type = \"pod\": allowed values: instance, ip",
+        "annotation cloudlb.io/healthcheck-interval = \"1\": must be an integer from 5 to 300",
+        "annotation cloudlb.io/healthcheck-timeout = \"abc\": must be an integer from 2 to 120",
+        "annotation cloudlb.io/healthcheck-healthy-threshold = \"11\": must be an integer from 2 to 10",
+        "annotation cloudlb.io/cross-zone-load-balancing-enabled = \"yes\": must be true or false",
+        "port \"8443\" is not a port of this Service; its ports: http (80), https (443)",
+        "TLS ports need a certificate",
+        "unknown attribute \"bogus.key\"",
+        "annotation cloudlb.io/name = \"-bad_name-\": not a valid load-balancer name",
+    ] {
+        assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+    }
+}
+
+#[test]
+fn tls_ports_default_to_every_tcp_port_and_respect_names() {
+    let cert = "arn:aws:acm:us-east-1:123456789012:certificate/abc";
+    let cfg = resolve_ok(&class(None), &svc(&[("cloudlb.io/ssl-cert", cert)], web()));
+    assert_eq!(cfg.tls_ports, vec![80, 443]);
+    assert_eq!(cfg.ssl_certificates, vec![cert]);
+    let cfg = resolve_ok(
+        &class(None),
+        &svc(
+            &[
+                (
+                    "service.beta.kubernetes.io/aws-load-balancer-ssl-cert",
+                    cert,
+                ),
+                (
+                    "service.beta.kubernetes.io/aws-load-balancer-ssl-ports",
+                    "https",
+                ),
+            ],
+            web(),
+        ),
+    );
+    assert_eq!(cfg.tls_ports, vec![443]);
+}
+
+#[test]
+fn tls_on_a_udp_port_is_rejected() {
+    let cert = "arn:aws:acm:us-east-1:123456789012:certificate/abc";
+    let s = svc(
+        &[
+            ("cloudlb.io/ssl-cert", cert),
+            ("cloudlb.io/ssl-ports", "dns"),
+        ],
+        vec![port("dns", 53, "UDP")],
+    );
+    let errs = resolve_err(&class(None), &s);
+    assert!(
+        errs[0]
+            .allowed
+            .contains("is UDP, TLS listeners need a TCP port"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn eip_count_must_match_subnets_and_scheme() {
+    let s = svc(
+        &[
+            ("cloudlb.io/subnets", "subnet-1,subnet-2"),
+            ("cloudlb.io/eip-allocations", "eipalloc-1"),
+        ],
+        web(),
+    );
+    let errs = resolve_err(&class(None), &s);
+    assert!(errs[0].allowed.contains("1 given, 2 subnets"), "{errs:?}");
+
+    let s = svc(
+        &[("cloudlb.io/eip-allocations", "eipalloc-1,eipalloc-2")],
+        web(),
+    );
+    assert!(
+        resolve_err(&class(None), &s)[0]
+            .allowed
+            .contains("requires explicit subnets")
+    );
+
+    let s = svc(
+        &[
+            ("cloudlb.io/scheme", "internal"),
+            ("cloudlb.io/subnets", "subnet-1"),
+            ("cloudlb.io/eip-allocations", "eipalloc-1"),
+        ],
+        web(),
+    );
+    assert!(
+        resolve_err(&class(None), &s)[0]
+            .allowed
+            .contains("require scheme internet-facing")
+    );
+
+    let ok = svc(
+        &[
+            ("cloudlb.io/scheme", "internal"),
+            ("cloudlb.io/subnets", "subnet-1,subnet-2"),
+            ("cloudlb.io/private-ipv4-addresses", "10.0.1.10, 10.0.2.10"),
+        ],
+        web(),
+    );
+    assert_eq!(
+        resolve_ok(&class(None), &ok).private_ipv4_addresses,
+        vec!["10.0.1.10", "10.0.2.10"]
+    );
+}
+
+#[test]
+fn source_ranges_precedence_and_enforcement() {
+    let mut s = svc(
+        &[(
+            "service.beta.kubernetes.io/load-balancer-source-ranges",
+            "10.0.0.0/8",
+        )],
+        web(),
+    );
+    assert_eq!(
+        resolve_ok(&class(None), &s).source_ranges,
+        vec!["10.0.0.0/8"]
+    );
+    if let Some(spec) = s.spec.as_mut() {
+        spec.load_balancer_source_ranges = Some(vec!["192.168.0.0/16".into()]);
+    }
+    assert_eq!(
+        resolve_ok(&class(None), &s).source_ranges,
+        vec!["192.168.0.0/16"],
+        "spec wins"
+    );
+
+    let bad = svc(&[("cloudlb.io/source-ranges", "10.0.0.0/33,nope")], web());
+    assert_eq!(resolve_err(&class(None), &bad).len(), 2);
+
+    // Our own groups are never edited, so source ranges cannot be enforced with user groups.
+    let mixed = svc(
+        &[
+            ("cloudlb.io/source-ranges", "10.0.0.0/8"),
+            ("cloudlb.io/security-groups", "sg-1"),
+        ],
+        web(),
+    );
+    assert!(
+        resolve_err(&class(None), &mixed)[0]
+            .allowed
+            .contains("cannot be enforced")
+    );
+
+    let dual = svc(&[("cloudlb.io/ip-address-type", "dualstack")], web());
+    assert_eq!(
+        resolve_ok(&class(None), &dual).source_ranges,
+        vec!["0.0.0.0/0", "::/0"]
+    );
+}
+
+#[test]
+fn class_defaults_apply_and_annotations_override_them() {
+    let c = class(Some(AwsClassSpec {
+        scheme: Some("internal".into()),
+        target_type: Some("ip".into()),
+        health_check: Some(HealthCheckSpec {
+            interval_seconds: Some(30),
+            ..Default::default()
+        }),
+        additional_tags: Some(
+            [
+                ("team".to_string(), "a".to_string()),
+                ("env".to_string(), "dev".to_string()),
+            ]
+            .into(),
+        ),
+        deletion_protection: Some(true),
+        ..Default::default()
+    }));
+    let cfg = resolve_ok(&c, &svc(&[], web()));
+    assert_eq!(cfg.scheme, Scheme::Internal);
+    assert_eq!(cfg.target_type, TargetType::Ip);
+    assert_eq!(cfg.health_check.interval_seconds, Some(30));
+    assert_eq!(
+        cfg.lb_attributes
+            .get("deletion_protection.enabled")
+            .map(String::as_str),
+        Some("true")
+    );
+
+    let cfg = resolve_ok(
+        &c,
+        &svc(
+            &[
+                ("cloudlb.io/scheme", "internet-facing"),
+                ("cloudlb.io/additional-resource-tags", "team=b"),
+            ],
+            web(),
+        ),
+    );
+    assert_eq!(cfg.scheme, Scheme::InternetFacing);
+    assert_eq!(
+        cfg.additional_tags.get("team").map(String::as_str),
+        Some("b")
+    );
+    assert_eq!(
+        cfg.additional_tags.get("env").map(String::as_str),
+        Some("dev"),
+        "class tags merge"
+    );
+}
+
+#[test]
+fn invalid_class_values_name_the_class_field() {
+    let c = class(Some(AwsClassSpec {
+        scheme: Some("sideways".into()),
+        ..Default::default()
+    }));
+    let errs = validate_class(&c).expect_err("invalid class").0;
+    assert_eq!(errs[0].source, "LoadBalancerClass web spec.aws.scheme");
+}
+
+#[test]
+fn service_level_problems() {
+    let mut s = svc(&[], vec![port("sctp", 80, "SCTP")]);
+    if let Some(spec) = s.spec.as_mut() {
+        spec.allocate_load_balancer_node_ports = Some(false);
+    }
+    let all: Vec<String> = resolve_err(&class(None), &s)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        all.iter()
+            .any(|e| e.contains("spec.allocateLoadBalancerNodePorts")),
+        "{all:?}"
+    );
+    assert!(
+        all.iter().any(|e| e.contains("TCP and UDP only")),
+        "{all:?}"
+    );
+}
+
+#[test]
+fn proxy_protocol_and_attributes() {
+    let cfg = resolve_ok(
+        &class(None),
+        &svc(
+            &[
+                (
+                    "service.beta.kubernetes.io/aws-load-balancer-proxy-protocol",
+                    "*",
+                ),
+                (
+                    "cloudlb.io/target-group-attributes",
+                    "deregistration_delay.timeout_seconds=30",
+                ),
+                (
+                    "cloudlb.io/load-balancer-attributes",
+                    "access_logs.s3.enabled=true,access_logs.s3.bucket=logs",
+                ),
+            ],
+            web(),
+        ),
+    );
+    assert_eq!(
+        cfg.tg_attributes
+            .get("proxy_protocol_v2.enabled")
+            .map(String::as_str),
+        Some("true")
+    );
+    assert_eq!(
+        cfg.tg_attributes
+            .get("deregistration_delay.timeout_seconds")
+            .map(String::as_str),
+        Some("30")
+    );
+    assert_eq!(
+        cfg.lb_attributes
+            .get("access_logs.s3.bucket")
+            .map(String::as_str),
+        Some("logs")
+    );
+
+    let no_bucket = svc(
+        &[(
+            "cloudlb.io/load-balancer-attributes",
+            "access_logs.s3.enabled=true",
+        )],
+        web(),
+    );
+    assert!(
+        resolve_err(&class(None), &no_bucket)[0]
+            .allowed
+            .contains("access_logs.s3.bucket")
+    );
+}
+
+#[test]
+fn class_routing() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    let mut a = class(None);
+    a.metadata.name = Some("a".into());
+    a.spec.default = false;
+    let mut b = class(None);
+    b.metadata.name = Some("b".into());
+    b.spec.default = true;
+    b.metadata.creation_timestamp = Some(Time(
+        k8s_openapi::jiff::Timestamp::from_second(100).expect("ts"),
+    ));
+    let mut c = b.clone();
+    c.metadata.name = Some("c".into());
+    c.metadata.creation_timestamp = Some(Time(
+        k8s_openapi::jiff::Timestamp::from_second(200).expect("ts"),
+    ));
+    let classes = vec![a, c, b];
+
+    let mut s = svc(&[], web());
+    assert_eq!(
+        select_class(&s, &classes)
+            .and_then(|c| c.metadata.name.clone())
+            .as_deref(),
+        Some("b"),
+        "oldest default"
+    );
+    let set = |s: &mut Service, v: Option<&str>| {
+        if let Some(spec) = s.spec.as_mut() {
+            spec.load_balancer_class = v.map(String::from);
+        }
+    };
+    set(&mut s, Some("cloudlb.io/a"));
+    assert_eq!(
+        select_class(&s, &classes)
+            .and_then(|c| c.metadata.name.clone())
+            .as_deref(),
+        Some("a")
+    );
+    set(&mut s, Some("cloudlb.io/missing"));
+    assert!(select_class(&s, &classes).is_none());
+    set(&mut s, Some("service.k8s.aws/nlb"));
+    assert!(
+        select_class(&s, &classes).is_none(),
+        "other controllers' classes are never ours"
+    );
+    set(&mut s, None);
+    if let Some(spec) = s.spec.as_mut() {
+        spec.type_ = Some("NodePort".into());
+    }
+    assert!(select_class(&s, &classes).is_none());
+    assert!(
+        select_class(&svc(&[], web()), &[classes[0].clone()]).is_none(),
+        "no default class"
+    );
+}
+
+/// Random and hostile annotation values never panic, and every rejected value is reported.
+#[test]
+fn hostile_input_never_panics() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let pieces = [
+        "",
+        " ",
+        ",",
+        "=",
+        "*",
+        "-",
+        "/",
+        "0",
+        "65536",
+        "-1",
+        "true",
+        "tcp",
+        "internal",
+        "ip",
+        "😀",
+        "ä",
+        "\u{0}",
+        "a=b",
+        "10.0.0.0/8",
+        "::/0",
+        "subnet-1",
+        "eipalloc-1",
+        "sg-1",
+        "arn:aws:acm:x",
+        "4294967296",
+        "http",
+    ];
+    let keys: Vec<String> = annotations::SETTINGS
+        .iter()
+        .flat_map(|s| std::iter::once(s.key()).chain(s.aliases.iter().map(|a| a.to_string())))
+        .collect();
+    for _ in 0..3000 {
+        let n = rng.random_range(0..6);
+        let mut ann = Vec::new();
+        for _ in 0..n {
+            let k = keys[rng.random_range(0..keys.len())].clone();
+            let len = rng.random_range(0..5);
+            let v: String = (0..len)
+                .map(|_| pieces[rng.random_range(0..pieces.len())])
+                .collect::<Vec<_>>()
+                .join(",");
+            ann.push((k, v));
+        }
+        let refs: Vec<(&str, &str)> = ann.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let ports = (0..rng.random_range(0..4))
+            .map(|i| {
+                port(
+                    &format!("p{i}"),
+                    80 + i,
+                    if i % 2 == 0 { "TCP" } else { "UDP" },
+                )
+            })
+            .collect();
+        match resolve(&class(None), &svc(&refs, ports)) {
+            Ok(_) => {}
+            Err(e) => assert!(!e.0.is_empty() && e.to_string().contains("invalid setting")),
+        }
+    }
+}
+
+#[test]
+fn annotation_docs_are_current() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/annotations.md");
+    let committed = std::fs::read_to_string(path).unwrap_or_default();
+    let generated = annotations::markdown();
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(path, &generated).expect("write docs/annotations.md");
+        return;
+    }
+    assert!(
+        committed == generated,
+        "docs/annotations.md is stale: run `UPDATE_GOLDEN=1 cargo test --lib annotation_docs` or `cloudlb docs annotations > docs/annotations.md`"
+    );
+}

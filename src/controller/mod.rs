@@ -1,0 +1,330 @@
+//! kube-runtime glue: watch Services, Nodes and LoadBalancerClasses, run the pipeline, manage the
+//! finalizer, write status, record Events.
+
+pub mod class_status;
+pub mod events;
+pub mod service;
+pub mod status;
+
+use crate::config::class::{LoadBalancerClass, ProviderKind};
+use crate::provider::{Observed, Provider};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Service};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, Client};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Our finalizer on Services that have (or may have) cloud resources.
+pub const FINALIZER: &str = "cloudlb.io/load-balancer";
+
+/// Operator settings (flags).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Cluster name: in cloud names, ownership tags and subnet discovery.
+    pub cluster: String,
+    /// Watch only this namespace (default: all).
+    pub namespace: Option<String>,
+    /// Serve only these LoadBalancerClasses (default: all).
+    pub classes: Option<Vec<String>>,
+    /// Full re-verification against the cloud (drift repair) at this interval, jittered ±10%.
+    pub resync: Duration,
+    /// Requeue interval while a load balancer is provisioning.
+    pub provisioning_requeue: Duration,
+    /// Name reported on Events.
+    pub reporter: String,
+}
+
+impl Settings {
+    pub fn new(cluster: impl Into<String>) -> Self {
+        Settings {
+            cluster: cluster.into(),
+            namespace: None,
+            classes: None,
+            resync: Duration::from_secs(600),
+            provisioning_requeue: Duration::from_secs(5),
+            reporter: "cloudlb".into(),
+        }
+    }
+}
+
+/// The providers this operator instance can use.
+#[derive(Clone, Default)]
+pub struct Providers {
+    pub aws: Option<Arc<dyn Provider>>,
+}
+
+impl Providers {
+    pub fn get(&self, kind: ProviderKind) -> Option<Arc<dyn Provider>> {
+        match kind {
+            ProviderKind::Aws => self.aws.clone(),
+            ProviderKind::Local => None,
+        }
+    }
+}
+
+/// What the operator remembers about a Service between reconciles.
+#[derive(Clone, Debug)]
+pub struct CacheEntry {
+    /// Hash of the desired model that was last applied successfully.
+    pub fingerprint: String,
+    /// What exists, as of the last apply or observe.
+    pub observed: Observed,
+    pub provider: ProviderKind,
+    /// When `observed` was last read from the cloud (drift check).
+    pub verified_at: Instant,
+    /// Provisioning, or the last apply failed: read again before planning.
+    pub stale: bool,
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    pub providers: Providers,
+    pub recorder: Recorder,
+    pub nodes: Store<Node>,
+    pub classes: Store<LoadBalancerClass>,
+    pub cache: Mutex<HashMap<String, CacheEntry>>,
+    /// Consecutive failures per Service, for the exponential backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
+    /// Last invalid-configuration message per Service (Events only when it changes).
+    pub last_invalid: Mutex<HashMap<String, String>>,
+    pub metrics: Arc<crate::telemetry::Metrics>,
+}
+
+impl Context {
+    /// The classes this instance serves.
+    pub fn served_classes(&self) -> Vec<LoadBalancerClass> {
+        self.classes
+            .state()
+            .iter()
+            .filter(|c| match &self.settings.classes {
+                None => true,
+                Some(names) => c.metadata.name.as_ref().is_some_and(|n| names.contains(n)),
+            })
+            .map(|c| (**c).clone())
+            .collect()
+    }
+}
+
+/// The node fields that decide eligibility and targets; a change of anything else (heartbeats,
+/// conditions) triggers nothing.
+fn node_digest(nodes: &Store<Node>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut rows: Vec<String> = nodes
+        .state()
+        .iter()
+        .map(|n| {
+            format!(
+                "{}|{}|{:?}|{:?}|{:?}|{:?}",
+                n.metadata.name.as_deref().unwrap_or(""),
+                crate::build::node_eligible(n),
+                n.metadata.labels,
+                n.spec.as_ref().and_then(|s| s.provider_id.as_ref()),
+                crate::build::internal_ip(n),
+                n.spec
+                    .as_ref()
+                    .and_then(|s| s.taints.as_ref())
+                    .map(|t| t.iter().map(|t| t.key.clone()).collect::<Vec<_>>()),
+            )
+        })
+        .collect();
+    rows.sort();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    rows.hash(&mut h);
+    h.finish()
+}
+
+/// Runs the operator until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    providers: Providers,
+    metrics: Arc<crate::telemetry::Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let services: Api<Service> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let (nodes, node_writer) = reflector::store();
+    let (classes, class_writer) = reflector::store();
+    let (node_tx, node_rx) = futures::channel::mpsc::channel::<()>(1);
+    let (class_tx, class_rx) = futures::channel::mpsc::channel::<()>(1);
+
+    // Nodes: reconcile every Service when the eligible node set (or a target address) changes.
+    let node_stream = reflector::reflector(
+        node_writer,
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let node_store = nodes.clone();
+    let node_task = {
+        let mut tx = node_tx;
+        async move {
+            let mut last = None;
+            futures::pin_mut!(node_stream);
+            while let Some(ev) = node_stream.next().await {
+                if let Err(e) = ev {
+                    tracing::warn!(error = %e, "node watch error (retrying)");
+                    continue;
+                }
+                let d = node_digest(&node_store);
+                if last != Some(d) {
+                    if last.is_some() {
+                        let _ = tx.try_send(());
+                    }
+                    last = Some(d);
+                }
+            }
+        }
+    };
+    let class_stream = reflector::reflector(
+        class_writer,
+        watcher(
+            Api::<LoadBalancerClass>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+    let class_task = {
+        let mut tx = class_tx;
+        async move {
+            futures::pin_mut!(class_stream);
+            while let Some(ev) = class_stream.next().await {
+                match ev {
+                    Ok(_) => {
+                        let _ = tx.try_send(());
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "LoadBalancerClass watch error (retrying)")
+                    }
+                }
+            }
+        }
+    };
+
+    let reporter: Reporter = settings.reporter.as_str().into();
+    let recorder = Recorder::new(client.clone(), reporter);
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        settings,
+        providers,
+        recorder,
+        nodes: nodes.clone(),
+        classes: classes.clone(),
+        cache: Mutex::new(HashMap::new()),
+        failures: Mutex::new(HashMap::new()),
+        last_invalid: Mutex::new(HashMap::new()),
+        metrics,
+    });
+
+    let trigger = futures::stream::select(node_rx, class_rx);
+    let controller = Controller::new(services, watcher::Config::default())
+        .reconcile_all_on(trigger)
+        .graceful_shutdown_on(shutdown);
+    let svc_store = controller.store();
+    let status_task = class_status::run(ctx.clone(), svc_store);
+    let controller_task = controller
+        .run(service::reconcile, service::error_policy, ctx.clone())
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile dispatch");
+            }
+        });
+    // Wait for the node and class caches before the first reconcile can use them.
+    let ready = async {
+        let _ = nodes.wait_until_ready().await;
+        let _ = classes.wait_until_ready().await;
+    };
+    tokio::select! {
+        _ = node_task => {}
+        _ = class_task => {}
+        _ = status_task => {}
+        _ = async { ready.await; controller_task.await } => {}
+    }
+}
+
+/// `cloudlb plan`: for each Service, what reconciling it would change (read-only).
+pub async fn plan_all(
+    client: Client,
+    settings: &Settings,
+    providers: &Providers,
+) -> Result<String, kube::Error> {
+    use kube::ResourceExt;
+    use kube::api::ListParams;
+    use std::fmt::Write;
+    let services: Api<Service> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let classes: Vec<LoadBalancerClass> = Api::<LoadBalancerClass>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|c| {
+            settings
+                .classes
+                .as_ref()
+                .is_none_or(|n| n.contains(&c.name_any()))
+        })
+        .collect();
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let mut out = String::new();
+    for svc in services.list(&ListParams::default()).await?.items {
+        let key = format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any());
+        let Some(class) = crate::config::select_class(&svc, &classes) else {
+            if svc.finalizers().iter().any(|f| f == FINALIZER) {
+                let _ = writeln!(
+                    out,
+                    "{key}: no longer ours: its load balancer would be deleted"
+                );
+            }
+            continue;
+        };
+        let line = match plan_one(settings, providers, class, &svc, &nodes).await {
+            Ok(p) if p.is_empty() => "up to date".to_string(),
+            Ok(p) => {
+                let ops: Vec<String> = p
+                    .ops
+                    .iter()
+                    .map(|o| serde_json::to_string(o).unwrap_or_default())
+                    .collect();
+                format!("{} change(s):\n  {}", ops.len(), ops.join("\n  "))
+            }
+            Err(e) => format!("error: {e}"),
+        };
+        let _ = writeln!(out, "{key} (class {}): {line}", class.name_any());
+    }
+    Ok(out)
+}
+
+async fn plan_one(
+    settings: &Settings,
+    providers: &Providers,
+    class: &LoadBalancerClass,
+    svc: &Service,
+    nodes: &[Node],
+) -> Result<crate::plan::Plan, String> {
+    let provider = providers
+        .get(class.spec.provider)
+        .ok_or_else(|| format!("provider {} is not enabled", class.spec.provider))?;
+    let cfg = crate::config::resolve(class, svc).map_err(|e| e.to_string())?;
+    let built =
+        crate::build::build(&settings.cluster, svc, nodes, &cfg).map_err(|e| e.to_string())?;
+    let observed = provider
+        .observe(&built.desired)
+        .await
+        .map_err(|e| e.to_string())?;
+    crate::plan::plan(&built.desired, &observed).map_err(|e| e.to_string())
+}

@@ -1,0 +1,453 @@
+//! The Service reconciler: Service (+ class + annotations) → config → desired model → plan →
+//! apply → status, and the same path with the empty model to clean up.
+
+use super::events::{self, publish};
+use super::{CacheEntry, Context, FINALIZER, status};
+use crate::build::{self, BuildError};
+use crate::config::{self, annotations, class::ProviderKind};
+use crate::model::{Desired, ServiceRef, naming};
+use crate::plan::{self, PlanError};
+use crate::provider::{LbState, ProviderError};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Api, ResourceExt};
+use rand::Rng;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::Instrument;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API call failed: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+}
+
+impl Error {
+    /// Label for metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kubernetes",
+            Error::Provider(e) => e.category(),
+            Error::Plan(_) => "plan",
+        }
+    }
+}
+
+fn key(svc: &Service) -> String {
+    format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any())
+}
+
+fn jittered(d: Duration) -> Duration {
+    let f: f64 = rand::rng().random_range(0.9..1.1);
+    d.mul_f64(f)
+}
+
+pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let span = tracing::info_span!("reconcile", service = %key(&svc));
+    async move {
+        let started = Instant::now();
+        let result = reconcile_inner(&svc, &ctx).await;
+        let outcome = match &result {
+            Ok((_, outcome)) => *outcome,
+            Err(e) => e.category(),
+        };
+        ctx.metrics
+            .reconciled(outcome, started.elapsed().as_secs_f64());
+        if let Ok(cache) = ctx.cache.lock() {
+            let managed = cache.values().filter(|e| e.observed.lb.is_some()).count();
+            ctx.metrics
+                .set_managed_load_balancers(i64::try_from(managed).unwrap_or(i64::MAX));
+        }
+        let result = result.map(|(action, _)| action);
+        match &result {
+            Ok(_) => {
+                if let Ok(mut f) = ctx.failures.lock() {
+                    f.remove(&key(&svc));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reconcile failed");
+                let reason = if svc.metadata.deletion_timestamp.is_some() {
+                    events::DELETING
+                } else {
+                    events::SYNC_FAILED
+                };
+                publish(
+                    &ctx.recorder,
+                    &svc,
+                    true,
+                    reason,
+                    format!("Error syncing load balancer: {e}"),
+                )
+                .await;
+            }
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+/// Per-Service exponential backoff: 5 s, 10 s, … capped at 5 min.
+pub fn error_policy(svc: Arc<Service>, _err: &Error, ctx: Arc<Context>) -> Action {
+    let n = ctx
+        .failures
+        .lock()
+        .map(|mut f| {
+            let n = f.entry(key(&svc)).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        })
+        .unwrap_or(1);
+    let secs = 5u64
+        .saturating_mul(1u64 << n.saturating_sub(1).min(6))
+        .min(300);
+    Action::requeue(jittered(Duration::from_secs(secs)))
+}
+
+fn has_finalizer(svc: &Service) -> bool {
+    svc.finalizers().iter().any(|f| f == FINALIZER)
+}
+
+async fn set_finalizers(
+    api: &Api<Service>,
+    svc: &Service,
+    finalizers: Vec<String>,
+) -> Result<(), kube::Error> {
+    // resourceVersion makes this an optimistic-concurrency update of the list.
+    let patch =
+        json!({"metadata": {"finalizers": finalizers, "resourceVersion": svc.resource_version()}});
+    api.patch(
+        &svc.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Invalid input: one Warning Event listing every problem (only when the message changes), no
+/// cloud write, wait for the next edit.
+async fn invalid(ctx: &Context, svc: &Service, message: String) -> Action {
+    tracing::warn!(%message, "invalid configuration; nothing written");
+    let changed = ctx
+        .last_invalid
+        .lock()
+        .map(|mut m| m.insert(key(svc), message.clone()).as_deref() != Some(message.as_str()))
+        .unwrap_or(true);
+    if changed {
+        publish(&ctx.recorder, svc, true, events::INVALID, message).await;
+    }
+    Action::await_change()
+}
+
+/// How a reconcile ended (metrics label `result`).
+pub mod outcome {
+    /// Cloud changes were applied (or the status written).
+    pub const APPLIED: &str = "applied";
+    /// Nothing to do and no cloud call made.
+    pub const UNCHANGED: &str = "unchanged";
+    /// Read the cloud; it matched.
+    pub const VERIFIED: &str = "verified";
+    pub const INVALID: &str = "invalid";
+    pub const NOT_OURS: &str = "not_ours";
+    pub const CLEANED_UP: &str = "cleaned_up";
+    pub const PROTECTED: &str = "deletion_protected";
+}
+
+async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'static str), Error> {
+    let Ok(sref) = build::service_ref(svc) else {
+        return Ok((Action::await_change(), outcome::NOT_OURS));
+    };
+    let classes = ctx.served_classes();
+    let class = config::select_class(svc, &classes);
+    let deleting = svc.metadata.deletion_timestamp.is_some();
+    let Some(class) = class.filter(|_| !deleting) else {
+        if has_finalizer(svc) {
+            return cleanup(svc, sref, ctx).await;
+        }
+        return Ok((Action::await_change(), outcome::NOT_OURS));
+    };
+    let class_name = class.name_any();
+    let Some(provider) = ctx.providers.get(class.spec.provider) else {
+        let msg = format!(
+            "LoadBalancerClass {class_name} uses provider {}, which this operator instance does not run; start cloudlb with that provider enabled",
+            class.spec.provider
+        );
+        return Ok((invalid(ctx, svc, msg).await, outcome::INVALID));
+    };
+    let cfg = match config::resolve(class, svc) {
+        Ok(c) => c,
+        Err(errors) => {
+            let msg = format!(
+                "Not provisioning the load balancer (class {class_name}): {errors}. Nothing was changed."
+            );
+            return Ok((invalid(ctx, svc, msg).await, outcome::INVALID));
+        }
+    };
+    let nodes: Vec<_> = ctx.nodes.state().iter().map(|n| (**n).clone()).collect();
+    let built = match build::build(&ctx.settings.cluster, svc, &nodes, &cfg) {
+        Ok(b) => b,
+        Err(BuildError::Incomplete) => return Ok((Action::await_change(), outcome::NOT_OURS)),
+        Err(BuildError::Invalid(m)) => {
+            let msg = format!(
+                "Not provisioning the load balancer (class {class_name}): {m}. Nothing was changed."
+            );
+            return Ok((invalid(ctx, svc, msg).await, outcome::INVALID));
+        }
+    };
+    if let Ok(mut m) = ctx.last_invalid.lock() {
+        m.remove(&key(svc));
+    }
+    if !built.warnings.is_empty() {
+        tracing::warn!(warnings = ?built.warnings, "some nodes are not targets");
+    }
+
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &sref.namespace);
+    // The finalizer goes on before the first cloud write.
+    if !has_finalizer(svc) {
+        let mut f = svc.finalizers().to_vec();
+        f.push(FINALIZER.to_string());
+        set_finalizers(&api, svc, f).await?;
+    }
+
+    let desired = built.desired;
+    let fingerprint = desired.fingerprint();
+    let kind = class.spec.provider;
+    let entry = ctx
+        .cache
+        .lock()
+        .ok()
+        .and_then(|c| c.get(&sref.uid).cloned());
+    let now = Instant::now();
+    let cached = entry.filter(|e| {
+        !e.stale && e.provider == kind && now.duration_since(e.verified_at) < ctx.settings.resync
+    });
+
+    let (observed, verified_at, plan) = match cached {
+        Some(e) if e.fingerprint == fingerprint => {
+            // Unchanged resync: no cloud call at all.
+            write_status(&api, svc, &desired, &e.observed).await?;
+            let left = ctx
+                .settings
+                .resync
+                .saturating_sub(now.duration_since(e.verified_at));
+            return Ok((
+                Action::requeue(jittered(left.max(Duration::from_secs(1)))),
+                outcome::UNCHANGED,
+            ));
+        }
+        Some(e) => {
+            let plan = plan::plan(&desired, &e.observed)?;
+            (e.observed, e.verified_at, plan)
+        }
+        None => {
+            let observed = provider.observe(&desired).await?;
+            let plan = plan::plan(&desired, &observed)?;
+            (observed, now, plan)
+        }
+    };
+
+    let observed = if plan.is_empty() {
+        observed
+    } else {
+        tracing::info!(ops = ?plan.ops, "applying");
+        if !plan.ops.iter().all(plan::Op::is_target_change) {
+            publish(
+                &ctx.recorder,
+                svc,
+                false,
+                events::ENSURING,
+                format!("Ensuring load balancer ({} change(s))", plan.ops.len()),
+            )
+            .await;
+        }
+        match provider.apply(&desired, &observed, &plan).await {
+            Ok(o) => o,
+            Err(e) => {
+                if let Ok(mut c) = ctx.cache.lock() {
+                    c.remove(&sref.uid);
+                }
+                return Err(e.into());
+            }
+        }
+    };
+    let provisioning = observed
+        .lb
+        .as_ref()
+        .is_some_and(|lb| lb.state == LbState::Provisioning);
+    if let Ok(mut c) = ctx.cache.lock() {
+        c.insert(
+            sref.uid.clone(),
+            CacheEntry {
+                fingerprint,
+                observed: observed.clone(),
+                provider: kind,
+                verified_at,
+                stale: provisioning,
+            },
+        );
+    }
+    write_status(&api, svc, &desired, &observed).await?;
+    if !plan.is_empty() {
+        let dns = observed
+            .lb
+            .as_ref()
+            .map(|l| l.dns_name.clone())
+            .unwrap_or_default();
+        if plan.ops.iter().all(plan::Op::is_target_change) {
+            tracing::info!("targets updated");
+        } else {
+            publish(
+                &ctx.recorder,
+                svc,
+                false,
+                events::ENSURED,
+                format!("Ensured load balancer {dns}"),
+            )
+            .await;
+        }
+    }
+    let result = if plan.is_empty() {
+        outcome::VERIFIED
+    } else {
+        outcome::APPLIED
+    };
+    if provisioning {
+        return Ok((Action::requeue(ctx.settings.provisioning_requeue), result));
+    }
+    Ok((Action::requeue(jittered(ctx.settings.resync)), result))
+}
+
+async fn write_status(
+    api: &Api<Service>,
+    svc: &Service,
+    desired: &Desired,
+    observed: &crate::provider::Observed,
+) -> Result<(), kube::Error> {
+    let want = status::desired_ingress(desired.lb.as_ref(), observed);
+    if status::ingress_matches(svc, &want) {
+        return Ok(());
+    }
+    let ingress = if want.is_empty() {
+        serde_json::Value::Null
+    } else {
+        json!(want)
+    };
+    let patch = json!({"status": {"loadBalancer": {"ingress": ingress}}});
+    api.patch_status(
+        &svc.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    tracing::info!(ingress = ?want, "status updated");
+    Ok(())
+}
+
+/// The name the Service's load balancer has: the cached one, the `name` annotation, or the
+/// generated one.
+fn cleanup_name(
+    ctx: &Context,
+    svc: &Service,
+    sref: &ServiceRef,
+    cached: Option<&CacheEntry>,
+) -> String {
+    if let Some(lb) = cached.and_then(|e| e.observed.lb.as_ref()) {
+        return lb.name.clone();
+    }
+    let ann = svc.annotations();
+    let setting = annotations::setting(annotations::NAME);
+    let given = setting.and_then(|s| {
+        std::iter::once(s.key())
+            .chain(s.aliases.iter().map(|a| a.to_string()))
+            .find_map(|k| ann.get(&k).cloned())
+    });
+    match given {
+        Some(n) if naming::validate_lb_name(n.trim()).is_ok() => n.trim().to_string(),
+        _ => build::lb_name(&ctx.settings.cluster, sref, None),
+    }
+}
+
+/// The Service no longer wants our load balancer: apply the empty model, clear the status, drop
+/// the finalizer.
+async fn cleanup(
+    svc: &Service,
+    sref: ServiceRef,
+    ctx: &Context,
+) -> Result<(Action, &'static str), Error> {
+    let cached = ctx
+        .cache
+        .lock()
+        .ok()
+        .and_then(|c| c.get(&sref.uid).cloned());
+    let kind = cached.as_ref().map_or(ProviderKind::Aws, |e| e.provider);
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &sref.namespace);
+    if let Some(provider) = ctx.providers.get(kind) {
+        let desired = Desired::empty(sref.clone(), cleanup_name(ctx, svc, &sref, cached.as_ref()));
+        let mut observed = provider.observe(&desired).await?;
+        // Target groups the cache knows about but the load balancer no longer references.
+        if let Some(e) = &cached {
+            for tg in &e.observed.target_groups {
+                if !observed.target_groups.iter().any(|t| t.arn == tg.arn) {
+                    observed.target_groups.push(tg.clone());
+                }
+            }
+        }
+        let plan = match plan::plan(&desired, &observed) {
+            Ok(p) => p,
+            Err(e @ PlanError::DeletionProtected { .. }) => {
+                publish(&ctx.recorder, svc, true, events::DELETING, e.to_string()).await;
+                return Ok((
+                    Action::requeue(Duration::from_secs(300)),
+                    outcome::PROTECTED,
+                ));
+            }
+        };
+        if !plan.is_empty() {
+            publish(
+                &ctx.recorder,
+                svc,
+                false,
+                events::DELETING,
+                "Deleting load balancer".into(),
+            )
+            .await;
+            provider.apply(&desired, &observed, &plan).await?;
+        }
+        write_status(&api, svc, &desired, &Default::default()).await?;
+        if !plan.is_empty() {
+            publish(
+                &ctx.recorder,
+                svc,
+                false,
+                events::DELETED,
+                "Deleted load balancer".into(),
+            )
+            .await;
+        }
+    }
+    let remaining: Vec<String> = svc
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    match set_finalizers(&api, svc, remaining).await {
+        Ok(()) => {}
+        // Already gone: nothing left to release.
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    if let Ok(mut c) = ctx.cache.lock() {
+        c.remove(&sref.uid);
+    }
+    tracing::info!("load balancer cleaned up; finalizer removed");
+    Ok((Action::await_change(), outcome::CLEANED_UP))
+}

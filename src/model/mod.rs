@@ -1,0 +1,299 @@
+//! The desired state of one Service's load balancer: provider-neutral, pure data.
+//!
+//! Built by [`crate::build`] from a Service, the eligible Nodes and the merged config; compared with
+//! what exists by [`crate::plan`]. A Service that no longer wants a load balancer has the *empty*
+//! model (`lb: None`): deleting is applying the empty model.
+
+pub mod naming;
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Which Service a model belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+impl std::fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The whole desired state for one Service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Desired {
+    pub service: ServiceRef,
+    /// The name the load balancer has (or would have): how the provider finds it, also for the
+    /// empty model.
+    pub lb_name: String,
+    /// `None`: the Service wants no load balancer (deleted, no longer ours): remove everything.
+    pub lb: Option<LoadBalancer>,
+}
+
+impl Desired {
+    pub fn empty(service: ServiceRef, lb_name: String) -> Self {
+        Desired {
+            service,
+            lb_name,
+            lb: None,
+        }
+    }
+
+    /// Stable hash of the desired state; equal hashes mean nothing to do on a resync.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let digest = Sha256::digest(&json);
+        digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheme {
+    InternetFacing,
+    Internal,
+}
+
+impl Scheme {
+    pub fn as_aws(self) -> &'static str {
+        match self {
+            Scheme::InternetFacing => "internet-facing",
+            Scheme::Internal => "internal",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IpAddressType {
+    Ipv4,
+    Dualstack,
+}
+
+impl IpAddressType {
+    pub fn as_aws(self) -> &'static str {
+        match self {
+            IpAddressType::Ipv4 => "ipv4",
+            IpAddressType::Dualstack => "dualstack",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetType {
+    Instance,
+    Ip,
+}
+
+impl TargetType {
+    pub fn as_aws(self) -> &'static str {
+        match self {
+            TargetType::Instance => "instance",
+            TargetType::Ip => "ip",
+        }
+    }
+}
+
+/// Listener / target-group protocols (NLB).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    TcpUdp,
+    Tls,
+}
+
+impl Protocol {
+    pub fn as_aws(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::TcpUdp => "TCP_UDP",
+            Protocol::Tls => "TLS",
+        }
+    }
+    pub fn from_aws(s: &str) -> Option<Self> {
+        Some(match s {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            "TCP_UDP" => Protocol::TcpUdp,
+            "TLS" => Protocol::Tls,
+            _ => return None,
+        })
+    }
+}
+
+/// Subnets the load balancer is placed in.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Subnets {
+    /// Subnet ids or `Name` tags, as given by the user.
+    Explicit(Vec<String>),
+    /// Discover by the `kubernetes.io/role/elb` (internet-facing) or `kubernetes.io/role/internal-elb`
+    /// tag plus the cluster tag, one subnet per zone.
+    Discover,
+}
+
+/// One load balancer (an NLB on AWS; a set of sockets for the local provider).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancer {
+    pub name: String,
+    pub scheme: Scheme,
+    pub ip_address_type: IpAddressType,
+    pub subnets: Subnets,
+    /// EIP allocation ids, one per subnet, in subnet order (internet-facing only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub eip_allocations: Vec<String>,
+    /// Private IPv4 addresses, one per subnet, in subnet order (internal only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub private_ipv4_addresses: Vec<String>,
+    pub security: Security,
+    /// Load-balancer attributes that differ from the AWS defaults.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
+    /// Every tag: ownership tags plus user tags.
+    pub tags: BTreeMap<String, String>,
+    pub listeners: Vec<Listener>,
+    pub target_groups: Vec<TargetGroup>,
+    /// The scheme/address status the Service ends up with (ports listed in status).
+    pub status_ports: Vec<(u16, Protocol)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Security {
+    /// The security group we create and own for this load balancer, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frontend: Option<FrontendSecurityGroup>,
+    /// User-supplied security groups attached instead of (or, never in addition to) ours.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_security_groups: Vec<String>,
+    /// Manage ingress rules on the nodes' security groups so the LB can reach the nodePorts.
+    #[serde(default)]
+    pub manage_backend_rules: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FrontendSecurityGroup {
+    pub name: String,
+    pub description: String,
+    pub ingress: BTreeSet<IngressRule>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IngressRule {
+    /// `tcp`, `udp` (EC2 spelling).
+    pub protocol: String,
+    pub port: u16,
+    pub cidr: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Listener {
+    pub port: u16,
+    pub protocol: Protocol,
+    /// Key of the target group this listener forwards to.
+    pub target_group: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssl_policy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpn_policy: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetGroup {
+    /// Stable id inside this model (`tcp-80`); the listener refers to it.
+    pub key: String,
+    /// Cloud name; it embeds a hash of the immutable fields, so changing one makes a new group.
+    pub name: String,
+    pub protocol: Protocol,
+    /// The nodePort.
+    pub port: u16,
+    pub target_type: TargetType,
+    pub health_check: HealthCheck,
+    /// Target-group attributes that differ from the AWS defaults.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
+    pub targets: BTreeSet<Target>,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Target {
+    /// Instance id (`i-…`) or IP address.
+    pub id: String,
+    pub port: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HealthCheckProtocol {
+    Tcp,
+    Http,
+    Https,
+}
+
+impl HealthCheckProtocol {
+    pub fn as_aws(self) -> &'static str {
+        match self {
+            HealthCheckProtocol::Tcp => "TCP",
+            HealthCheckProtocol::Http => "HTTP",
+            HealthCheckProtocol::Https => "HTTPS",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthCheck {
+    pub protocol: HealthCheckProtocol,
+    /// `None` = the traffic port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// HTTP(S) only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    pub interval_seconds: u32,
+    pub timeout_seconds: u32,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+    /// HTTP(S) only, e.g. `200-399`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_codes: Option<String>,
+}
+
+impl HealthCheck {
+    pub fn port_string(&self) -> String {
+        self.port
+            .map_or_else(|| "traffic-port".to_string(), |p| p.to_string())
+    }
+}
+
+/// Ownership tag keys put on every cloud resource we create.
+pub mod tags {
+    pub const CLUSTER: &str = "cloudlb.io/cluster";
+    pub const SERVICE_NAMESPACE: &str = "cloudlb.io/service-namespace";
+    pub const SERVICE_NAME: &str = "cloudlb.io/service-name";
+    pub const SERVICE_UID: &str = "cloudlb.io/service-uid";
+    pub const RESOURCE: &str = "cloudlb.io/resource";
+    /// The tag the in-tree AWS provider and ALBC use to mark cluster ownership.
+    pub fn kubernetes_cluster(cluster: &str) -> String {
+        format!("kubernetes.io/cluster/{cluster}")
+    }
+}

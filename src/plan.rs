@@ -1,0 +1,390 @@
+//! Compare the desired model with what exists and produce the ordered operations that make them
+//! equal. Pure: no IO, table-tested.
+//!
+//! Order: security group first (an NLB only takes security groups at creation), then the load
+//! balancer, its attributes, target groups (create, health check, attributes, deregister before
+//! register), listeners (delete, modify, create), and last the target groups and security group
+//! nothing references any more. Immutable changes (scheme; target-group protocol/port/target
+//! type, which are part of the target-group name) replace the resource.
+
+use crate::model::{Desired, IngressRule, LoadBalancer, Target, TargetGroup};
+use crate::provider::{Observed, ObservedListener, ObservedTargetGroup};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "op", rename_all = "camelCase")]
+pub enum Op {
+    /// Create the frontend security group of the desired model.
+    CreateSecurityGroup,
+    AuthorizeIngress {
+        rules: Vec<IngressRule>,
+    },
+    RevokeIngress {
+        rules: Vec<IngressRule>,
+    },
+    DeleteLoadBalancer {
+        arn: String,
+        name: String,
+        reason: String,
+    },
+    /// Create the load balancer of the desired model.
+    CreateLoadBalancer,
+    SetIpAddressType,
+    /// Attach exactly the desired security groups (ours, resolved at apply time, and the user's).
+    SetSecurityGroups,
+    SetLoadBalancerAttributes {
+        attributes: BTreeMap<String, String>,
+    },
+    CreateTargetGroup {
+        key: String,
+    },
+    ModifyHealthCheck {
+        key: String,
+    },
+    SetTargetGroupAttributes {
+        key: String,
+        attributes: BTreeMap<String, String>,
+    },
+    DeregisterTargets {
+        key: String,
+        targets: Vec<Target>,
+    },
+    RegisterTargets {
+        key: String,
+        targets: Vec<Target>,
+    },
+    DeleteListener {
+        arn: String,
+        port: u16,
+    },
+    ModifyListener {
+        arn: String,
+        port: u16,
+    },
+    CreateListener {
+        port: u16,
+    },
+    DeleteTargetGroup {
+        arn: String,
+        name: String,
+    },
+    DeleteSecurityGroup {
+        id: String,
+    },
+}
+
+impl Op {
+    /// Writes that only (de)register targets: what a node change should produce.
+    pub fn is_target_change(&self) -> bool {
+        matches!(
+            self,
+            Op::RegisterTargets { .. } | Op::DeregisterTargets { .. }
+        )
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub ops: Vec<Op>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error(
+        "load balancer {name} has deletion protection enabled, so it was not deleted; set deletion_protection.enabled=false (annotation load-balancer-attributes) and delete again, or delete it by hand"
+    )]
+    DeletionProtected { name: String },
+}
+
+const DELETION_PROTECTION: &str = "deletion_protection.enabled";
+
+/// Attribute values a freshly created load balancer has.
+pub fn lb_attribute_default(key: &str) -> Option<&'static str> {
+    Some(match key {
+        DELETION_PROTECTION => "false",
+        "load_balancing.cross_zone.enabled" => "false",
+        "access_logs.s3.enabled" => "false",
+        "access_logs.s3.bucket" | "access_logs.s3.prefix" => "",
+        "dns_record.client_routing_policy" => "any_availability_zone",
+        _ => return None,
+    })
+}
+
+/// Attribute values a freshly created target group has.
+pub fn tg_attribute_default(key: &str, tg: &TargetGroup) -> Option<&'static str> {
+    use crate::model::{Protocol, TargetType};
+    Some(match key {
+        "deregistration_delay.timeout_seconds" => "300",
+        "deregistration_delay.connection_termination.enabled" => "false",
+        "proxy_protocol_v2.enabled" => "false",
+        "stickiness.enabled" => "false",
+        "stickiness.type" => "source_ip",
+        "load_balancing.cross_zone.enabled" => "use_load_balancer_configuration",
+        "preserve_client_ip.enabled" => {
+            let udp = matches!(tg.protocol, Protocol::Udp | Protocol::TcpUdp);
+            if tg.target_type == TargetType::Instance || udp {
+                "true"
+            } else {
+                "false"
+            }
+        }
+        _ => return None,
+    })
+}
+
+fn changed_attributes<'c>(
+    desired: &BTreeMap<String, String>,
+    current: impl Fn(&str) -> Option<&'c str>,
+) -> BTreeMap<String, String> {
+    desired
+        .iter()
+        .filter(|(k, v)| current(k) != Some(v.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Plans the operations that turn `observed` into `desired`.
+pub fn plan(desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
+    let mut ops = Vec::new();
+    match &desired.lb {
+        None => plan_delete(observed, &mut ops)?,
+        Some(lb) => plan_ensure(lb, observed, &mut ops),
+    }
+    Ok(Plan { ops })
+}
+
+fn plan_delete(observed: &Observed, ops: &mut Vec<Op>) -> Result<(), PlanError> {
+    if let Some(lb) = &observed.lb {
+        if lb.attributes.get(DELETION_PROTECTION).map(String::as_str) == Some("true") {
+            return Err(PlanError::DeletionProtected {
+                name: lb.name.clone(),
+            });
+        }
+        ops.push(Op::DeleteLoadBalancer {
+            arn: lb.arn.clone(),
+            name: lb.name.clone(),
+            reason: "the Service no longer wants a load balancer".into(),
+        });
+    }
+    for tg in &observed.target_groups {
+        ops.push(Op::DeleteTargetGroup {
+            arn: tg.arn.clone(),
+            name: tg.name.clone(),
+        });
+    }
+    if let Some(sg) = &observed.security_group {
+        ops.push(Op::DeleteSecurityGroup { id: sg.id.clone() });
+    }
+    Ok(())
+}
+
+fn plan_ensure(lb: &LoadBalancer, observed: &Observed, ops: &mut Vec<Op>) {
+    // 1. Frontend security group.
+    match (&lb.security.frontend, &observed.security_group) {
+        (Some(_), None) => {
+            ops.push(Op::CreateSecurityGroup);
+            let rules: Vec<_> = lb
+                .security
+                .frontend
+                .iter()
+                .flat_map(|f| f.ingress.iter().cloned())
+                .collect();
+            if !rules.is_empty() {
+                ops.push(Op::AuthorizeIngress { rules });
+            }
+        }
+        (Some(want), Some(have)) => {
+            let revoke: Vec<_> = have.ingress.difference(&want.ingress).cloned().collect();
+            let add: Vec<_> = want.ingress.difference(&have.ingress).cloned().collect();
+            if !add.is_empty() {
+                ops.push(Op::AuthorizeIngress { rules: add });
+            }
+            if !revoke.is_empty() {
+                ops.push(Op::RevokeIngress { rules: revoke });
+            }
+        }
+        (None, _) => {}
+    }
+
+    // 2. The load balancer itself.
+    let mut existing = observed.lb.as_ref();
+    if let Some(have) = existing {
+        if have.scheme != lb.scheme {
+            ops.push(Op::DeleteLoadBalancer {
+                arn: have.arn.clone(),
+                name: have.name.clone(),
+                reason: format!(
+                    "scheme changes from {} to {} (immutable)",
+                    have.scheme.as_aws(),
+                    lb.scheme.as_aws()
+                ),
+            });
+            existing = None;
+        }
+    }
+    let lb_attrs = match existing {
+        None => {
+            ops.push(Op::CreateLoadBalancer);
+            changed_attributes(&lb.attributes, lb_attribute_default)
+        }
+        Some(have) => {
+            if have.ip_address_type != lb.ip_address_type {
+                ops.push(Op::SetIpAddressType);
+            }
+            let want_ours = lb.security.frontend.is_some();
+            let ours_attached = observed
+                .security_group
+                .as_ref()
+                .is_some_and(|sg| have.security_groups.contains(&sg.id));
+            let extra_attached: Vec<_> = have
+                .security_groups
+                .iter()
+                .filter(|id| {
+                    observed
+                        .security_group
+                        .as_ref()
+                        .is_none_or(|sg| &sg.id != *id)
+                })
+                .collect();
+            let mut want_extra: Vec<_> = lb.security.extra_security_groups.iter().collect();
+            want_extra.sort();
+            let mut extra_sorted = extra_attached.clone();
+            extra_sorted.sort();
+            if want_ours != ours_attached || want_extra != extra_sorted {
+                ops.push(Op::SetSecurityGroups);
+            }
+            changed_attributes(&lb.attributes, |k| {
+                have.attributes.get(k).map(String::as_str)
+            })
+        }
+    };
+    if !lb_attrs.is_empty() {
+        ops.push(Op::SetLoadBalancerAttributes {
+            attributes: lb_attrs,
+        });
+    }
+
+    // 3. Target groups (matched by name, which embeds the immutable fields).
+    let observed_tg = |name: &str| observed.target_groups.iter().find(|t| t.name == name);
+    for tg in &lb.target_groups {
+        plan_target_group(tg, observed_tg(&tg.name), ops);
+    }
+
+    // 4. Listeners (matched by port). Observed listeners are gone when the LB is replaced.
+    let observed_listeners: &[ObservedListener] = if existing.is_some() {
+        &observed.listeners
+    } else {
+        &[]
+    };
+    for have in observed_listeners {
+        if !lb.listeners.iter().any(|l| l.port == have.port) {
+            ops.push(Op::DeleteListener {
+                arn: have.arn.clone(),
+                port: have.port,
+            });
+        }
+    }
+    for want in &lb.listeners {
+        match observed_listeners.iter().find(|l| l.port == want.port) {
+            None => ops.push(Op::CreateListener { port: want.port }),
+            Some(have) => {
+                let tg_arn = lb
+                    .target_groups
+                    .iter()
+                    .find(|t| t.key == want.target_group)
+                    .and_then(|t| observed_tg(&t.name))
+                    .map(|t| &t.arn);
+                let mut want_certs = want.certificates.clone();
+                want_certs.sort();
+                let mut have_certs = have.certificates.clone();
+                have_certs.sort();
+                let differs = have.protocol != want.protocol
+                    || tg_arn.is_none()
+                    || have.target_group_arn.as_ref() != tg_arn
+                    || want_certs != have_certs
+                    || (want.ssl_policy.is_some() && have.ssl_policy != want.ssl_policy)
+                    || have.alpn_policy != want.alpn_policy;
+                if differs {
+                    ops.push(Op::ModifyListener {
+                        arn: have.arn.clone(),
+                        port: want.port,
+                    });
+                }
+            }
+        }
+    }
+
+    // 5. Target groups no longer wanted, now that no listener forwards to them.
+    for have in &observed.target_groups {
+        if !lb.target_groups.iter().any(|t| t.name == have.name) {
+            ops.push(Op::DeleteTargetGroup {
+                arn: have.arn.clone(),
+                name: have.name.clone(),
+            });
+        }
+    }
+
+    // 6. Our security group, when the user switched to their own.
+    if lb.security.frontend.is_none() {
+        if let Some(sg) = &observed.security_group {
+            ops.push(Op::DeleteSecurityGroup { id: sg.id.clone() });
+        }
+    }
+}
+
+fn plan_target_group(tg: &TargetGroup, have: Option<&ObservedTargetGroup>, ops: &mut Vec<Op>) {
+    let key = tg.key.clone();
+    match have {
+        None => {
+            ops.push(Op::CreateTargetGroup { key: key.clone() });
+            let attrs = changed_attributes(&tg.attributes, |k| tg_attribute_default(k, tg));
+            if !attrs.is_empty() {
+                ops.push(Op::SetTargetGroupAttributes {
+                    key: key.clone(),
+                    attributes: attrs,
+                });
+            }
+            if !tg.targets.is_empty() {
+                ops.push(Op::RegisterTargets {
+                    key,
+                    targets: tg.targets.iter().cloned().collect(),
+                });
+            }
+        }
+        Some(have) => {
+            if have.health_check != tg.health_check {
+                ops.push(Op::ModifyHealthCheck { key: key.clone() });
+            }
+            let attrs = changed_attributes(&tg.attributes, |k| {
+                have.attributes.get(k).map(String::as_str)
+            });
+            if !attrs.is_empty() {
+                ops.push(Op::SetTargetGroupAttributes {
+                    key: key.clone(),
+                    attributes: attrs,
+                });
+            }
+            let gone: Vec<_> = have.targets.difference(&tg.targets).cloned().collect();
+            let new: Vec<_> = tg.targets.difference(&have.targets).cloned().collect();
+            if !gone.is_empty() {
+                ops.push(Op::DeregisterTargets {
+                    key: key.clone(),
+                    targets: gone,
+                });
+            }
+            if !new.is_empty() {
+                ops.push(Op::RegisterTargets { key, targets: new });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,368 @@
+//! Table tests for the planner: create, no-op, modify, replace, delete, and their order.
+
+use super::*;
+use crate::config::class::{LoadBalancerClass, LoadBalancerClassSpec, ProviderKind};
+use crate::model::{Protocol, Scheme};
+use crate::provider::{LbState, ObservedLb, ObservedSecurityGroup, ObservedTargetGroup};
+use k8s_openapi::api::core::v1::{Node, Service};
+
+fn desired_with(
+    annotations: serde_json::Value,
+    ports: serde_json::Value,
+    nodes: &[&str],
+) -> Desired {
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web", "namespace": "shop", "uid": "u-1", "annotations": annotations},
+        "spec": {"type": "LoadBalancer", "ports": ports}
+    }))
+    .expect("service");
+    let nodes: Vec<Node> = nodes
+        .iter()
+        .map(|id| {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": id},
+                "spec": {"providerID": format!("aws:///us-east-1a/{id}")}
+            }))
+            .expect("node")
+        })
+        .collect();
+    let mut class = LoadBalancerClass::new(
+        "c",
+        LoadBalancerClassSpec {
+            provider: ProviderKind::Aws,
+            default: true,
+            aws: None,
+        },
+    );
+    class.metadata.name = Some("c".into());
+    let cfg = crate::config::resolve(&class, &svc).expect("config");
+    crate::build::build("cl", &svc, &nodes, &cfg)
+        .expect("build")
+        .desired
+}
+
+fn web(nodes: &[&str]) -> Desired {
+    desired_with(
+        serde_json::json!({}),
+        serde_json::json!([
+            {"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080},
+            {"name": "https", "port": 443, "protocol": "TCP", "nodePort": 30443}
+        ]),
+        nodes,
+    )
+}
+
+/// What the cloud holds when it matches `d` exactly.
+fn observed_for(d: &Desired) -> Observed {
+    let Some(lb) = &d.lb else {
+        return Observed::default();
+    };
+    let tg_arn = |name: &str| format!("arn:tg/{name}");
+    Observed {
+        lb: Some(ObservedLb {
+            arn: "arn:lb".into(),
+            name: lb.name.clone(),
+            scheme: lb.scheme,
+            ip_address_type: lb.ip_address_type,
+            dns_name: "lb.example".into(),
+            state: LbState::Active,
+            security_groups: vec!["sg-ours".into()],
+            attributes: lb.attributes.clone(),
+        }),
+        listeners: lb
+            .listeners
+            .iter()
+            .map(|l| ObservedListener {
+                arn: format!("arn:listener/{}", l.port),
+                port: l.port,
+                protocol: l.protocol,
+                target_group_arn: lb
+                    .target_groups
+                    .iter()
+                    .find(|t| t.key == l.target_group)
+                    .map(|t| tg_arn(&t.name)),
+                certificates: l.certificates.clone(),
+                ssl_policy: l.ssl_policy.clone(),
+                alpn_policy: None,
+            })
+            .collect(),
+        target_groups: lb
+            .target_groups
+            .iter()
+            .map(|t| ObservedTargetGroup {
+                arn: tg_arn(&t.name),
+                name: t.name.clone(),
+                protocol: t.protocol,
+                port: t.port,
+                target_type: t.target_type,
+                health_check: t.health_check.clone(),
+                attributes: t.attributes.clone(),
+                targets: t.targets.clone(),
+            })
+            .collect(),
+        security_group: lb
+            .security
+            .frontend
+            .as_ref()
+            .map(|f| ObservedSecurityGroup {
+                id: "sg-ours".into(),
+                name: f.name.clone(),
+                ingress: f.ingress.clone(),
+            }),
+    }
+}
+
+fn names(p: &Plan) -> Vec<String> {
+    p.ops
+        .iter()
+        .map(|o| {
+            let v = serde_json::to_value(o).expect("op json");
+            v["op"].as_str().unwrap_or_default().to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn create_from_nothing_in_order_with_minimal_calls() {
+    let d = web(&["i-1", "i-2"]);
+    let p = plan(&d, &Observed::default()).expect("plan");
+    assert_eq!(
+        names(&p),
+        [
+            "createSecurityGroup",
+            "authorizeIngress",
+            "createLoadBalancer",
+            "createTargetGroup",
+            "registerTargets",
+            "createTargetGroup",
+            "registerTargets",
+            "createListener",
+            "createListener"
+        ],
+        "no attribute calls when every attribute is at its default"
+    );
+}
+
+#[test]
+fn unchanged_is_a_no_op() {
+    let d = web(&["i-1", "i-2"]);
+    assert!(plan(&d, &observed_for(&d)).expect("plan").is_empty());
+}
+
+#[test]
+fn node_added_or_removed_is_one_call_per_target_group() {
+    let before = web(&["i-1", "i-2"]);
+    let observed = observed_for(&before);
+    let added = plan(&web(&["i-1", "i-2", "i-3"]), &observed).expect("plan");
+    assert_eq!(names(&added), ["registerTargets", "registerTargets"]);
+    assert!(added.ops.iter().all(|o| matches!(o, Op::RegisterTargets { targets, .. } if targets.len() == 1 && targets[0].id == "i-3")));
+    let removed = plan(&web(&["i-1"]), &observed).expect("plan");
+    assert_eq!(names(&removed), ["deregisterTargets", "deregisterTargets"]);
+    let swapped = plan(&web(&["i-1", "i-9"]), &observed).expect("plan");
+    assert_eq!(
+        names(&swapped),
+        [
+            "deregisterTargets",
+            "registerTargets",
+            "deregisterTargets",
+            "registerTargets"
+        ],
+        "deregister before register"
+    );
+}
+
+#[test]
+fn health_check_and_attribute_changes_modify_in_place() {
+    let before = web(&["i-1"]);
+    let after = desired_with(
+        serde_json::json!({
+            "cloudlb.io/healthcheck-interval": "30",
+            "cloudlb.io/target-group-attributes": "deregistration_delay.timeout_seconds=30",
+            "cloudlb.io/cross-zone-load-balancing-enabled": "true"
+        }),
+        serde_json::json!([
+            {"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080},
+            {"name": "https", "port": 443, "protocol": "TCP", "nodePort": 30443}
+        ]),
+        &["i-1"],
+    );
+    let p = plan(&after, &observed_for(&before)).expect("plan");
+    assert_eq!(
+        names(&p),
+        [
+            "setLoadBalancerAttributes",
+            "modifyHealthCheck",
+            "setTargetGroupAttributes",
+            "modifyHealthCheck",
+            "setTargetGroupAttributes"
+        ]
+    );
+    match &p.ops[0] {
+        Op::SetLoadBalancerAttributes { attributes } => {
+            assert_eq!(attributes.len(), 1);
+            assert_eq!(
+                attributes
+                    .get("load_balancing.cross_zone.enabled")
+                    .map(String::as_str),
+                Some("true")
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn scheme_change_replaces_the_load_balancer_and_keeps_target_groups() {
+    let before = web(&["i-1"]);
+    let mut after = before.clone();
+    if let Some(lb) = after.lb.as_mut() {
+        lb.scheme = Scheme::Internal;
+    }
+    let p = plan(&after, &observed_for(&before)).expect("plan");
+    assert_eq!(
+        names(&p),
+        [
+            "deleteLoadBalancer",
+            "createLoadBalancer",
+            "createListener",
+            "createListener"
+        ]
+    );
+}
+
+#[test]
+fn port_removed_deletes_listener_before_its_target_group() {
+    let before = web(&["i-1"]);
+    let after = desired_with(
+        serde_json::json!({}),
+        serde_json::json!([{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}]),
+        &["i-1"],
+    );
+    let p = plan(&after, &observed_for(&before)).expect("plan");
+    assert_eq!(
+        names(&p),
+        ["revokeIngress", "deleteListener", "deleteTargetGroup"]
+    );
+    assert!(matches!(&p.ops[1], Op::DeleteListener { port: 443, .. }));
+}
+
+#[test]
+fn immutable_target_group_change_creates_new_switches_listener_then_deletes_old() {
+    let before = web(&["i-1"]);
+    let after = desired_with(
+        serde_json::json!({}),
+        serde_json::json!([
+            {"name": "http", "port": 80, "protocol": "TCP", "nodePort": 31080},
+            {"name": "https", "port": 443, "protocol": "TCP", "nodePort": 30443}
+        ]),
+        &["i-1"],
+    );
+    let p = plan(&after, &observed_for(&before)).expect("plan");
+    assert_eq!(
+        names(&p),
+        [
+            "createTargetGroup",
+            "registerTargets",
+            "modifyListener",
+            "deleteTargetGroup"
+        ]
+    );
+}
+
+#[test]
+fn protocol_change_of_a_port_modifies_the_listener() {
+    let before = web(&["i-1"]);
+    let after = desired_with(
+        serde_json::json!({"cloudlb.io/ssl-cert": "arn:aws:acm:us-east-1:1:certificate/x", "cloudlb.io/ssl-ports": "443"}),
+        serde_json::json!([
+            {"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080},
+            {"name": "https", "port": 443, "protocol": "TCP", "nodePort": 30443}
+        ]),
+        &["i-1"],
+    );
+    let tls = after
+        .lb
+        .as_ref()
+        .and_then(|l| l.listeners.iter().find(|l| l.port == 443))
+        .map(|l| l.protocol);
+    assert_eq!(tls, Some(Protocol::Tls));
+    let p = plan(&after, &observed_for(&before)).expect("plan");
+    assert_eq!(names(&p), ["modifyListener"]);
+}
+
+#[test]
+fn empty_model_deletes_everything_in_order() {
+    let before = web(&["i-1"]);
+    let empty = Desired::empty(before.service.clone(), before.lb_name.clone());
+    let p = plan(&empty, &observed_for(&before)).expect("plan");
+    assert_eq!(
+        names(&p),
+        [
+            "deleteLoadBalancer",
+            "deleteTargetGroup",
+            "deleteTargetGroup",
+            "deleteSecurityGroup"
+        ]
+    );
+    assert!(
+        plan(&empty, &Observed::default()).expect("plan").is_empty(),
+        "nothing left: nothing to do"
+    );
+}
+
+#[test]
+fn deletion_protection_stops_the_delete() {
+    let before = web(&["i-1"]);
+    let mut observed = observed_for(&before);
+    if let Some(lb) = observed.lb.as_mut() {
+        lb.attributes
+            .insert("deletion_protection.enabled".into(), "true".into());
+    }
+    let empty = Desired::empty(before.service.clone(), before.lb_name.clone());
+    assert!(matches!(
+        plan(&empty, &observed),
+        Err(PlanError::DeletionProtected { .. })
+    ));
+}
+
+#[test]
+fn drift_is_repaired() {
+    let d = web(&["i-1", "i-2"]);
+    let mut observed = observed_for(&d);
+    observed.listeners.retain(|l| l.port != 443);
+    if let Some(tg) = observed.target_groups.first_mut() {
+        tg.targets.clear();
+    }
+    if let Some(sg) = observed.security_group.as_mut() {
+        sg.ingress.clear();
+    }
+    if let Some(lb) = observed.lb.as_mut() {
+        lb.attributes
+            .insert("load_balancing.cross_zone.enabled".into(), "true".into());
+    }
+    let p = plan(&d, &observed).expect("plan");
+    assert_eq!(
+        names(&p),
+        [
+            "authorizeIngress",
+            "setLoadBalancerAttributes",
+            "registerTargets",
+            "createListener"
+        ]
+    );
+}
+
+#[test]
+fn switching_to_user_security_groups_detaches_and_deletes_ours() {
+    let before = web(&["i-1"]);
+    let after = desired_with(
+        serde_json::json!({"cloudlb.io/security-groups": "sg-user"}),
+        serde_json::json!([
+            {"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080},
+            {"name": "https", "port": 443, "protocol": "TCP", "nodePort": 30443}
+        ]),
+        &["i-1"],
+    );
+    let p = plan(&after, &observed_for(&before)).expect("plan");
+    assert_eq!(names(&p), ["setSecurityGroups", "deleteSecurityGroup"]);
+}

@@ -1,0 +1,180 @@
+//! SDK errors → [`ProviderError`].
+
+use crate::provider::ProviderError;
+use aws_sdk_elasticloadbalancingv2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+
+/// What a failed call means to us, decided by the AWS error code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ErrorKind {
+    NotFound,
+    Throttled,
+    /// `DependencyViolation`, `ResourceInUse`: retry later.
+    InUse,
+    /// `Duplicate…`, `InvalidPermission.Duplicate`.
+    Duplicate,
+    Other,
+}
+
+impl ErrorKind {
+    pub(crate) fn from_code(code: Option<&str>) -> ErrorKind {
+        let Some(code) = code else {
+            return ErrorKind::Other;
+        };
+        match code {
+            "Throttling" | "ThrottlingException" | "RequestLimitExceeded" => ErrorKind::Throttled,
+            "DependencyViolation" | "ResourceInUse" => ErrorKind::InUse,
+            _ if code.ends_with("NotFound")
+                || code.ends_with("NotFoundException")
+                || code.contains(".NotFound") =>
+            {
+                ErrorKind::NotFound
+            }
+            _ if code.starts_with("Duplicate") || code.ends_with(".Duplicate") => {
+                ErrorKind::Duplicate
+            }
+            _ => ErrorKind::Other,
+        }
+    }
+}
+
+/// A failed AWS call, classified.
+#[derive(Debug)]
+pub(crate) struct AwsError {
+    pub operation: &'static str,
+    pub kind: ErrorKind,
+    pub code: Option<String>,
+    pub message: String,
+}
+
+impl AwsError {
+    pub(crate) fn from_sdk<E, R>(operation: &'static str, err: SdkError<E, R>) -> Self
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug + Send + Sync + 'static,
+    {
+        let code = err.code().map(str::to_string);
+        let message = match (&err, err.message()) {
+            (SdkError::ServiceError(_), Some(m)) => m.to_string(),
+            _ => DisplayErrorContext(&err).to_string(),
+        };
+        AwsError {
+            operation,
+            kind: ErrorKind::from_code(code.as_deref()),
+            code,
+            message,
+        }
+    }
+
+    pub(crate) fn is_not_found(&self) -> bool {
+        self.kind == ErrorKind::NotFound
+    }
+
+    fn describe(&self) -> String {
+        match &self.code {
+            Some(code) => format!("{code}: {}", self.message),
+            None => self.message.clone(),
+        }
+    }
+
+    /// The generic mapping.
+    pub(crate) fn into_provider(self) -> ProviderError {
+        ProviderError::Api {
+            operation: self.operation,
+            message: self.describe(),
+            throttled: self.kind == ErrorKind::Throttled,
+        }
+    }
+
+    /// For a change to something we observed: NotFound (and a duplicate rule: the resource
+    /// changed under us) means re-observe.
+    pub(crate) fn gone(self, what: &'static str) -> ProviderError {
+        match self.kind {
+            ErrorKind::NotFound | ErrorKind::Duplicate => ProviderError::Gone {
+                what,
+                message: format!("{}: {}", self.operation, self.describe()),
+            },
+            _ => self.into_provider(),
+        }
+    }
+
+    /// For a delete: something still depends on it, retry later.
+    pub(crate) fn in_use(self, what: &'static str) -> ProviderError {
+        match self.kind {
+            ErrorKind::InUse => ProviderError::InUse {
+                what,
+                message: format!("{}: {}", self.operation, self.describe()),
+            },
+            _ => self.into_provider(),
+        }
+    }
+}
+
+impl From<AwsError> for ProviderError {
+    fn from(e: AwsError) -> Self {
+        e.into_provider()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes() {
+        use ErrorKind::*;
+        for (code, kind) in [
+            ("LoadBalancerNotFound", NotFound),
+            ("TargetGroupNotFound", NotFound),
+            ("ListenerNotFound", NotFound),
+            ("InvalidGroup.NotFound", NotFound),
+            ("InvalidPermission.NotFound", NotFound),
+            ("Throttling", Throttled),
+            ("ThrottlingException", Throttled),
+            ("RequestLimitExceeded", Throttled),
+            ("DependencyViolation", InUse),
+            ("ResourceInUse", InUse),
+            ("DuplicateTargetGroupName", Duplicate),
+            ("InvalidPermission.Duplicate", Duplicate),
+            ("ValidationError", Other),
+        ] {
+            assert_eq!(ErrorKind::from_code(Some(code)), kind, "{code}");
+        }
+        assert_eq!(ErrorKind::from_code(None), Other);
+    }
+
+    #[test]
+    fn provider_errors() {
+        let e = AwsError {
+            operation: "RegisterTargets",
+            kind: ErrorKind::Throttled,
+            code: Some("Throttling".into()),
+            message: "Rate exceeded".into(),
+        };
+        match e.gone("target group") {
+            ProviderError::Api {
+                operation,
+                message,
+                throttled,
+            } => {
+                assert_eq!(operation, "RegisterTargets");
+                assert_eq!(message, "Throttling: Rate exceeded");
+                assert!(throttled);
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = AwsError {
+            operation: "ModifyTargetGroup",
+            kind: ErrorKind::NotFound,
+            code: Some("TargetGroupNotFound".into()),
+            message: "gone".into(),
+        };
+        assert_eq!(e.gone("target group").category(), "gone");
+        let e = AwsError {
+            operation: "DeleteSecurityGroup",
+            kind: ErrorKind::InUse,
+            code: Some("DependencyViolation".into()),
+            message: "has a dependent object".into(),
+        };
+        assert_eq!(e.in_use("security group").category(), "in_use");
+    }
+}

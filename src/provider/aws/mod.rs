@@ -1,0 +1,127 @@
+//! The AWS provider: Network Load Balancers through ELBv2, frontend security groups and subnet
+//! discovery through EC2.
+//!
+//! Every SDK call goes through one helper ([`calls`]) that rate-limits it per call family
+//! (describe / write / targets) and counts it as `Operation/outcome`; [`AwsProvider::calls`]
+//! returns those counts. Retries on throttling are the SDK's standard retry.
+//!
+//! Not done yet: `Security::manage_backend_rules` (rules on the nodes' security groups) is ignored.
+
+mod apply;
+mod calls;
+mod convert;
+mod error;
+mod observe;
+mod subnets;
+
+use crate::model::Desired;
+use crate::plan::Plan;
+use crate::provider::{Observed, Provider, ProviderError};
+use std::collections::BTreeMap;
+
+/// Settings of the AWS provider.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AwsSettings {
+    /// The cluster name: ownership tag value and subnet discovery tag.
+    pub cluster: String,
+    /// The VPC of the cluster; when `None`, the VPC of the load balancer's subnets.
+    pub vpc_id: Option<String>,
+    /// Client-side limit of AWS calls per second, per call family (describe, write, targets).
+    /// Zero or less: no limit.
+    pub rate_limit_per_sec: f64,
+}
+
+impl AwsSettings {
+    pub const DEFAULT_RATE_LIMIT_PER_SEC: f64 = 10.0;
+
+    pub fn new(cluster: impl Into<String>) -> Self {
+        AwsSettings {
+            cluster: cluster.into(),
+            vpc_id: None,
+            rate_limit_per_sec: Self::DEFAULT_RATE_LIMIT_PER_SEC,
+        }
+    }
+}
+
+/// Provisions NLBs for Services; see the module docs.
+#[derive(Debug)]
+pub struct AwsProvider {
+    elbv2: aws_sdk_elasticloadbalancingv2::Client,
+    ec2: aws_sdk_ec2::Client,
+    settings: AwsSettings,
+    calls: calls::Calls,
+    subnet_cache: subnets::SubnetCache,
+}
+
+impl AwsProvider {
+    pub fn new(
+        elbv2: aws_sdk_elasticloadbalancingv2::Client,
+        ec2: aws_sdk_ec2::Client,
+        settings: AwsSettings,
+    ) -> Self {
+        AwsProvider {
+            elbv2,
+            ec2,
+            calls: calls::Calls::new(settings.rate_limit_per_sec),
+            settings,
+            subnet_cache: subnets::SubnetCache::default(),
+        }
+    }
+
+    /// Clients from the default AWS configuration chain (environment, profile, IMDS, ...;
+    /// `AWS_ENDPOINT_URL` points them at an emulator).
+    pub async fn from_env(settings: AwsSettings) -> Self {
+        let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        AwsProvider::new(
+            aws_sdk_elasticloadbalancingv2::Client::new(&config),
+            aws_sdk_ec2::Client::new(&config),
+            settings,
+        )
+    }
+
+    pub fn settings(&self) -> &AwsSettings {
+        &self.settings
+    }
+
+    /// AWS calls made so far, by `Operation/outcome` (`ok`, `not_found`, `throttled`, `in_use`,
+    /// `duplicate`, `error`), e.g. `CreateLoadBalancer/ok`.
+    pub fn calls(&self) -> BTreeMap<String, u64> {
+        self.calls.snapshot()
+    }
+
+    pub fn reset_calls(&self) {
+        self.calls.reset();
+    }
+
+    /// Calls whose operation is not a `Describe*` read.
+    pub fn write_calls(&self) -> u64 {
+        self.calls
+            .snapshot()
+            .iter()
+            .filter(|(k, _)| !k.starts_with("Describe"))
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+#[async_trait::async_trait]
+impl Provider for AwsProvider {
+    fn name(&self) -> &'static str {
+        "aws"
+    }
+
+    #[tracing::instrument(skip_all, fields(service = %desired.service))]
+    async fn observe(&self, desired: &Desired) -> Result<Observed, ProviderError> {
+        self.observe_impl(desired).await
+    }
+
+    #[tracing::instrument(skip_all, fields(service = %desired.service))]
+    async fn apply(
+        &self,
+        desired: &Desired,
+        observed: &Observed,
+        plan: &Plan,
+    ) -> Result<Observed, ProviderError> {
+        self.apply_impl(desired, observed, plan).await
+    }
+}

@@ -1,0 +1,435 @@
+//! Read what exists for one Service: the NLB found by name, its listeners and target groups
+//! (attached ones, plus desired ones found by name: created before a crash, not yet attached),
+//! and the frontend security group found by name. Everything is checked for our ownership tags.
+
+use super::AwsProvider;
+use super::convert::{self, is_ours, tag_map_ec2, tag_map_elb};
+use crate::model::{Desired, naming};
+use crate::provider::{Observed, ObservedSecurityGroup, ObservedTargetGroup, ProviderError};
+use aws_sdk_ec2::types::Filter;
+use aws_sdk_elasticloadbalancingv2::types as elb;
+use std::collections::BTreeMap;
+
+/// DescribeTags takes at most 20 ARNs.
+const TAGS_BATCH: usize = 20;
+
+impl AwsProvider {
+    pub(crate) async fn observe_impl(&self, desired: &Desired) -> Result<Observed, ProviderError> {
+        // The empty model deletes only what is ours; a foreign resource of the same name is left
+        // alone without blocking the Service's deletion.
+        let deleting = desired.lb.is_none();
+        let mut observed = Observed::default();
+
+        // 1. The load balancer, by name.
+        let lb = self.find_lb(desired, deleting).await?;
+        let mut attached: Vec<elb::TargetGroup> = Vec::new();
+        if let Some(lb) = &lb {
+            let arn = lb.load_balancer_arn.clone().unwrap_or_default();
+            let attrs = self
+                .calls
+                .run(
+                    "DescribeLoadBalancerAttributes",
+                    self.elbv2
+                        .describe_load_balancer_attributes()
+                        .load_balancer_arn(&arn)
+                        .send(),
+                )
+                .await?;
+            observed.lb = convert::observed_lb(
+                lb,
+                convert::lb_attributes(attrs.attributes.as_deref().unwrap_or_default()),
+            );
+            observed.listeners = self.describe_listeners(&arn).await?;
+            attached = self.describe_attached_target_groups(&arn).await?;
+        }
+
+        // 2. Target groups: attached, plus desired ones by name.
+        let wanted: Vec<&str> = desired
+            .lb
+            .iter()
+            .flat_map(|lb| lb.target_groups.iter().map(|t| t.name.as_str()))
+            .collect();
+        let mut candidates = attached;
+        for name in &wanted {
+            if candidates
+                .iter()
+                .any(|t| t.target_group_name.as_deref() == Some(*name))
+            {
+                continue;
+            }
+            let resp = self
+                .calls
+                .run(
+                    "DescribeTargetGroups",
+                    self.elbv2.describe_target_groups().names(*name).send(),
+                )
+                .await;
+            match resp {
+                Ok(out) => candidates.extend(
+                    out.target_groups
+                        .into_iter()
+                        .flatten()
+                        .filter(|t| t.target_group_name.as_deref() == Some(*name)),
+                ),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let arns: Vec<String> = candidates
+            .iter()
+            .filter_map(|t| t.target_group_arn.clone())
+            .collect();
+        let tags = self.describe_tags(&arns).await?;
+        let mut ours = Vec::new();
+        for tg in candidates {
+            let (Some(arn), Some(name)) =
+                (tg.target_group_arn.clone(), tg.target_group_name.clone())
+            else {
+                continue;
+            };
+            if ours_elb(&tags, &arn, &self.settings.cluster, &desired.service.uid) {
+                ours.push(tg);
+            } else if wanted.contains(&name.as_str()) && !deleting {
+                return Err(ProviderError::Foreign {
+                    kind: "target group",
+                    name,
+                });
+            } else {
+                tracing::debug!(target_group = %name, "target group without our tags: ignored");
+            }
+        }
+        let read = ours.iter().map(|tg| self.read_target_group(tg));
+        observed.target_groups = futures::future::try_join_all(read)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+
+        // 3. The frontend security group, by name.
+        let vpc = self
+            .settings
+            .vpc_id
+            .clone()
+            .or_else(|| lb.as_ref().and_then(|l| l.vpc_id.clone()));
+        observed.security_group = self.find_security_group(desired, vpc, deleting).await?;
+
+        observed
+            .listeners
+            .sort_by(|a, b| a.port.cmp(&b.port).then_with(|| a.arn.cmp(&b.arn)));
+        observed
+            .target_groups
+            .sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.arn.cmp(&b.arn)));
+        Ok(observed)
+    }
+
+    /// The load balancer named `desired.lb_name` that is ours. Several of that name can exist
+    /// (emulators do not reject a second create): ours wins.
+    async fn find_lb(
+        &self,
+        desired: &Desired,
+        deleting: bool,
+    ) -> Result<Option<elb::LoadBalancer>, ProviderError> {
+        let name = desired.lb_name.as_str();
+        let resp = self
+            .calls
+            .run(
+                "DescribeLoadBalancers",
+                self.elbv2.describe_load_balancers().names(name).send(),
+            )
+            .await;
+        let found: Vec<elb::LoadBalancer> = match resp {
+            Ok(out) => out
+                .load_balancers
+                .into_iter()
+                .flatten()
+                .filter(|lb| {
+                    lb.load_balancer_name.as_deref() == Some(name) && lb.load_balancer_arn.is_some()
+                })
+                .collect(),
+            Err(e) if e.is_not_found() => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        if found.is_empty() {
+            return Ok(None);
+        }
+        let arns: Vec<String> = found
+            .iter()
+            .filter_map(|l| l.load_balancer_arn.clone())
+            .collect();
+        let tags = self.describe_tags(&arns).await?;
+        let mut ours = found.into_iter().filter(|lb| {
+            lb.load_balancer_arn.as_deref().is_some_and(|arn| {
+                ours_elb(&tags, arn, &self.settings.cluster, &desired.service.uid)
+            })
+        });
+        match ours.next() {
+            Some(lb) => {
+                if ours.next().is_some() {
+                    tracing::warn!(
+                        load_balancer = name,
+                        "several load balancers of this name carry our tags; using the first"
+                    );
+                }
+                Ok(Some(lb))
+            }
+            None if deleting => {
+                tracing::info!(
+                    load_balancer = name,
+                    "a load balancer of this name exists but is not ours: left alone"
+                );
+                Ok(None)
+            }
+            None => Err(ProviderError::Foreign {
+                kind: "load balancer",
+                name: name.to_string(),
+            }),
+        }
+    }
+
+    /// Tags by ARN, in batches of 20.
+    pub(crate) async fn describe_tags(
+        &self,
+        arns: &[String],
+    ) -> Result<BTreeMap<String, BTreeMap<String, String>>, ProviderError> {
+        let mut out = BTreeMap::new();
+        for chunk in arns.chunks(TAGS_BATCH) {
+            let resp = self
+                .calls
+                .run(
+                    "DescribeTags",
+                    self.elbv2
+                        .describe_tags()
+                        .set_resource_arns(Some(chunk.to_vec()))
+                        .send(),
+                )
+                .await;
+            match resp {
+                Ok(resp) => {
+                    for d in resp.tag_descriptions.into_iter().flatten() {
+                        if let Some(arn) = d.resource_arn {
+                            out.insert(arn, tag_map_elb(d.tags.as_deref().unwrap_or_default()));
+                        }
+                    }
+                }
+                // Deleted meanwhile: no tags, so not ours.
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn describe_listeners(
+        &self,
+        lb_arn: &str,
+    ) -> Result<Vec<crate::provider::ObservedListener>, ProviderError> {
+        let mut listeners = Vec::new();
+        let mut marker = None;
+        loop {
+            let req = self
+                .elbv2
+                .describe_listeners()
+                .load_balancer_arn(lb_arn)
+                .set_marker(marker.take());
+            let resp = match self.calls.run("DescribeListeners", req.send()).await {
+                Ok(r) => r,
+                Err(e) if e.is_not_found() => break,
+                Err(e) => return Err(e.into()),
+            };
+            listeners.extend(resp.listeners.into_iter().flatten());
+            match resp.next_marker {
+                Some(m) if !m.is_empty() => marker = Some(m),
+                _ => break,
+            }
+        }
+        let mut out = Vec::with_capacity(listeners.len());
+        for l in &listeners {
+            // Only the default certificate is in the listener description: list them all.
+            let all_certs = if l.protocol.as_ref().is_some_and(|p| p.as_str() == "TLS")
+                && l.certificates.as_ref().is_some_and(|c| !c.is_empty())
+            {
+                Some(
+                    self.describe_listener_certificates(
+                        l.listener_arn.as_deref().unwrap_or_default(),
+                    )
+                    .await?,
+                )
+            } else {
+                None
+            };
+            match convert::observed_listener(l, all_certs.as_deref()) {
+                Some(o) => out.push(o),
+                None => tracing::warn!(
+                    listener = l.listener_arn.as_deref().unwrap_or_default(),
+                    "listener with a protocol or port cloudlb does not manage: ignored"
+                ),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn describe_listener_certificates(
+        &self,
+        listener_arn: &str,
+    ) -> Result<Vec<elb::Certificate>, ProviderError> {
+        let mut out = Vec::new();
+        let mut marker = None;
+        loop {
+            let req = self
+                .elbv2
+                .describe_listener_certificates()
+                .listener_arn(listener_arn)
+                .set_marker(marker.take());
+            let resp = self
+                .calls
+                .run("DescribeListenerCertificates", req.send())
+                .await?;
+            out.extend(resp.certificates.into_iter().flatten());
+            match resp.next_marker {
+                Some(m) if !m.is_empty() => marker = Some(m),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn describe_attached_target_groups(
+        &self,
+        lb_arn: &str,
+    ) -> Result<Vec<elb::TargetGroup>, ProviderError> {
+        let mut out = Vec::new();
+        let mut marker = None;
+        loop {
+            let req = self
+                .elbv2
+                .describe_target_groups()
+                .load_balancer_arn(lb_arn)
+                .set_marker(marker.take());
+            let resp = match self.calls.run("DescribeTargetGroups", req.send()).await {
+                Ok(r) => r,
+                // AWS returns an empty list; moto says TargetGroupNotFound.
+                Err(e) if e.is_not_found() => break,
+                Err(e) => return Err(e.into()),
+            };
+            out.extend(resp.target_groups.into_iter().flatten());
+            match resp.next_marker {
+                Some(m) if !m.is_empty() => marker = Some(m),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Attributes and registered targets of one of our target groups; `None` if it vanished.
+    async fn read_target_group(
+        &self,
+        tg: &elb::TargetGroup,
+    ) -> Result<Option<ObservedTargetGroup>, ProviderError> {
+        let arn = tg.target_group_arn.clone().unwrap_or_default();
+        let attrs = match self
+            .calls
+            .run(
+                "DescribeTargetGroupAttributes",
+                self.elbv2
+                    .describe_target_group_attributes()
+                    .target_group_arn(&arn)
+                    .send(),
+            )
+            .await
+        {
+            Ok(r) => convert::tg_attributes(r.attributes.as_deref().unwrap_or_default()),
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let targets = match self
+            .calls
+            .run(
+                "DescribeTargetHealth",
+                self.elbv2
+                    .describe_target_health()
+                    .target_group_arn(&arn)
+                    .send(),
+            )
+            .await
+        {
+            Ok(r) => convert::registered_targets(
+                r.target_health_descriptions.as_deref().unwrap_or_default(),
+            ),
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let observed = convert::observed_tg(tg, attrs, targets);
+        if observed.is_none() {
+            tracing::warn!(target_group = %arn, "target group of a kind cloudlb does not manage: ignored");
+        }
+        Ok(observed)
+    }
+
+    async fn find_security_group(
+        &self,
+        desired: &Desired,
+        vpc: Option<String>,
+        deleting: bool,
+    ) -> Result<Option<ObservedSecurityGroup>, ProviderError> {
+        let frontend = desired
+            .lb
+            .as_ref()
+            .and_then(|lb| lb.security.frontend.as_ref());
+        let name = frontend
+            .map(|f| f.name.clone())
+            .unwrap_or_else(|| naming::security_group_name(&desired.lb_name));
+        let mut filters = vec![Filter::builder().name("group-name").values(&name).build()];
+        if let Some(vpc) = vpc {
+            filters.push(Filter::builder().name("vpc-id").values(vpc).build());
+        }
+        let mut groups = Vec::new();
+        let mut token = None;
+        loop {
+            let req = self
+                .ec2
+                .describe_security_groups()
+                .set_filters(Some(filters.clone()))
+                .set_next_token(token.take());
+            let resp = self.calls.run("DescribeSecurityGroups", req.send()).await?;
+            groups.extend(resp.security_groups.into_iter().flatten());
+            match resp.next_token {
+                Some(t) if !t.is_empty() => token = Some(t),
+                _ => break,
+            }
+        }
+        let groups: Vec<_> = groups
+            .into_iter()
+            .filter(|g| g.group_name.as_deref() == Some(name.as_str()) && g.group_id.is_some())
+            .collect();
+        let ours = groups.iter().find(|g| {
+            is_ours(
+                &tag_map_ec2(g.tags.as_deref().unwrap_or_default()),
+                &self.settings.cluster,
+                &desired.service.uid,
+            )
+        });
+        match ours {
+            Some(g) => Ok(Some(ObservedSecurityGroup {
+                id: g.group_id.clone().unwrap_or_default(),
+                name,
+                ingress: convert::ingress_rules(g.ip_permissions.as_deref().unwrap_or_default()),
+            })),
+            None if !groups.is_empty() && frontend.is_some() && !deleting => {
+                Err(ProviderError::Foreign {
+                    kind: "security group",
+                    name,
+                })
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+fn ours_elb(
+    tags: &BTreeMap<String, BTreeMap<String, String>>,
+    arn: &str,
+    cluster: &str,
+    uid: &str,
+) -> bool {
+    tags.get(arn).is_some_and(|t| is_ours(t, cluster, uid))
+}

@@ -1,0 +1,364 @@
+//! Subnets for a new load balancer: explicit ids or `Name` tags, or discovery by the
+//! `kubernetes.io/role/elb` / `kubernetes.io/role/internal-elb` tags. Results are cached for a
+//! few minutes so a burst of new Services does not describe the subnets once each.
+
+use super::AwsProvider;
+use super::convert::tag_map_ec2;
+use crate::model::{Scheme, Subnets, tags};
+use crate::provider::ProviderError;
+use aws_sdk_ec2::types::{Filter, SubnetState};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub(crate) const CACHE_TTL: Duration = Duration::from_secs(300);
+pub(crate) const ROLE_ELB: &str = "kubernetes.io/role/elb";
+pub(crate) const ROLE_INTERNAL_ELB: &str = "kubernetes.io/role/internal-elb";
+
+/// Subnets of one load balancer, in the order their EIPs / private addresses are given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ResolvedSubnets {
+    pub ids: Vec<String>,
+    pub vpc_id: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum CacheKey {
+    Discover(Scheme),
+    Explicit(Vec<String>),
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct SubnetCache {
+    entries: Mutex<HashMap<CacheKey, (Instant, ResolvedSubnets)>>,
+}
+
+impl SubnetCache {
+    fn get(&self, key: &CacheKey) -> Option<ResolvedSubnets> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .get(key)
+            .filter(|(at, _)| at.elapsed() < CACHE_TTL)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn put(&self, key: CacheKey, value: ResolvedSubnets) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.retain(|_, (at, _)| at.elapsed() < CACHE_TTL);
+        entries.insert(key, (Instant::now(), value));
+    }
+}
+
+/// What discovery needs to know of one subnet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SubnetInfo {
+    pub id: String,
+    pub vpc_id: String,
+    pub zone: String,
+    pub tags: BTreeMap<String, String>,
+}
+
+fn role_tag(scheme: Scheme) -> &'static str {
+    match scheme {
+        Scheme::InternetFacing => ROLE_ELB,
+        Scheme::Internal => ROLE_INTERNAL_ELB,
+    }
+}
+
+/// Picks one subnet per availability zone, like the in-tree provider and the AWS Load Balancer
+/// Controller: subnets tagged for another cluster only are skipped; in each zone a subnet tagged
+/// for our cluster wins, then the lowest id. The result is ordered by zone.
+pub(crate) fn pick_subnets(
+    cluster: &str,
+    scheme: Scheme,
+    candidates: Vec<SubnetInfo>,
+) -> Result<ResolvedSubnets, String> {
+    let ours = tags::kubernetes_cluster(cluster);
+    let prefix = tags::kubernetes_cluster("");
+    let tagged_ours = |s: &SubnetInfo| s.tags.contains_key(&ours);
+    let eligible: Vec<SubnetInfo> = candidates
+        .into_iter()
+        .filter(|s| s.tags.contains_key(role_tag(scheme)))
+        .filter(|s| tagged_ours(s) || !s.tags.keys().any(|k| k.starts_with(&prefix)))
+        .collect();
+    let role = role_tag(scheme);
+    if eligible.is_empty() {
+        return Err(format!(
+            "no subnet found for a {} load balancer: tag the subnets it should use with \"{role}\" \
+             (value \"1\") and \"{ours}\" (value \"owned\" or \"shared\"), or list the subnets explicitly",
+            scheme.as_aws()
+        ));
+    }
+    // One VPC: the only one, or the only one with subnets tagged for our cluster.
+    let mut vpcs: Vec<&str> = eligible.iter().map(|s| s.vpc_id.as_str()).collect();
+    vpcs.sort_unstable();
+    vpcs.dedup();
+    let vpc = if let [one] = vpcs.as_slice() {
+        (*one).to_string()
+    } else {
+        let mut tagged: Vec<&str> = eligible
+            .iter()
+            .filter(|s| tagged_ours(s))
+            .map(|s| s.vpc_id.as_str())
+            .collect();
+        tagged.sort_unstable();
+        tagged.dedup();
+        match tagged.as_slice() {
+            [one] => (*one).to_string(),
+            _ => {
+                return Err(format!(
+                    "subnets tagged \"{role}\" were found in several VPCs ({}): set the VPC id of the \
+                     cluster in the operator's configuration, or list the subnets explicitly",
+                    vpcs.join(", ")
+                ));
+            }
+        }
+    };
+    let mut per_zone: BTreeMap<String, SubnetInfo> = BTreeMap::new();
+    for s in eligible.into_iter().filter(|s| s.vpc_id == vpc) {
+        let better = match per_zone.get(&s.zone) {
+            None => true,
+            Some(cur) => (!tagged_ours(&s), &s.id) < (!tagged_ours(cur), &cur.id),
+        };
+        if better {
+            per_zone.insert(s.zone.clone(), s);
+        }
+    }
+    Ok(ResolvedSubnets {
+        ids: per_zone.into_values().map(|s| s.id).collect(),
+        vpc_id: Some(vpc),
+    })
+}
+
+fn info(s: &aws_sdk_ec2::types::Subnet) -> Option<SubnetInfo> {
+    if s.state
+        .as_ref()
+        .is_some_and(|st| *st != SubnetState::Available)
+    {
+        return None;
+    }
+    Some(SubnetInfo {
+        id: s.subnet_id.clone()?,
+        vpc_id: s.vpc_id.clone().unwrap_or_default(),
+        zone: s.availability_zone.clone().unwrap_or_default(),
+        tags: tag_map_ec2(s.tags.as_deref().unwrap_or_default()),
+    })
+}
+
+fn filter(name: &str, values: impl IntoIterator<Item = String>) -> Filter {
+    Filter::builder()
+        .name(name)
+        .set_values(Some(values.into_iter().collect()))
+        .build()
+}
+
+impl AwsProvider {
+    /// The subnets a new load balancer of `scheme` goes into.
+    pub(crate) async fn resolve_subnets(
+        &self,
+        scheme: Scheme,
+        subnets: &Subnets,
+    ) -> Result<ResolvedSubnets, ProviderError> {
+        let key = match subnets {
+            Subnets::Discover => CacheKey::Discover(scheme),
+            Subnets::Explicit(list) => CacheKey::Explicit(list.clone()),
+        };
+        if let Some(hit) = self.subnet_cache.get(&key) {
+            return Ok(hit);
+        }
+        let resolved = match subnets {
+            Subnets::Discover => {
+                let mut filters = vec![filter("tag-key", [role_tag(scheme).to_string()])];
+                if let Some(vpc) = &self.settings.vpc_id {
+                    filters.push(filter("vpc-id", [vpc.clone()]));
+                }
+                let found = self.describe_subnets(filters, Vec::new()).await?;
+                pick_subnets(&self.settings.cluster, scheme, found)
+                    .map_err(ProviderError::InvalidConfig)?
+            }
+            Subnets::Explicit(list) => self.resolve_explicit(list).await?,
+        };
+        self.subnet_cache.put(key, resolved.clone());
+        Ok(resolved)
+    }
+
+    async fn resolve_explicit(&self, list: &[String]) -> Result<ResolvedSubnets, ProviderError> {
+        if list.is_empty() {
+            return Err(ProviderError::InvalidConfig(
+                "the list of subnets is empty: give at least one subnet id or Name tag, or let cloudlb discover them"
+                    .into(),
+            ));
+        }
+        let (ids, names): (Vec<String>, Vec<String>) =
+            list.iter().cloned().partition(|s| s.starts_with("subnet-"));
+        let mut found = Vec::new();
+        if !ids.is_empty() {
+            found.extend(self.describe_subnets(Vec::new(), ids).await?);
+        }
+        if !names.is_empty() {
+            let mut filters = vec![filter("tag:Name", names.iter().cloned())];
+            if let Some(vpc) = &self.settings.vpc_id {
+                filters.push(filter("vpc-id", [vpc.clone()]));
+            }
+            found.extend(self.describe_subnets(filters, Vec::new()).await?);
+        }
+        let mut out = Vec::with_capacity(list.len());
+        let mut vpc: Option<String> = None;
+        for want in list {
+            let matches: Vec<&SubnetInfo> = found
+                .iter()
+                .filter(|s| &s.id == want || s.tags.get("Name") == Some(want))
+                .collect();
+            let subnet = match matches.as_slice() {
+                [one] => *one,
+                [] => {
+                    return Err(ProviderError::InvalidConfig(format!(
+                        "subnet {want:?} was not found (by id, or by Name tag{}): check the subnet list",
+                        self.settings
+                            .vpc_id
+                            .as_ref()
+                            .map(|v| format!(" in {v}"))
+                            .unwrap_or_default()
+                    )));
+                }
+                _ => {
+                    return Err(ProviderError::InvalidConfig(format!(
+                        "several subnets are named {want:?}: list subnet ids instead"
+                    )));
+                }
+            };
+            match &vpc {
+                None => vpc = Some(subnet.vpc_id.clone()),
+                Some(v) if *v != subnet.vpc_id => {
+                    return Err(ProviderError::InvalidConfig(format!(
+                        "the subnets are in different VPCs ({v} and {}): a load balancer lives in one VPC",
+                        subnet.vpc_id
+                    )));
+                }
+                Some(_) => {}
+            }
+            out.push(subnet.id.clone());
+        }
+        Ok(ResolvedSubnets {
+            ids: out,
+            vpc_id: vpc,
+        })
+    }
+
+    async fn describe_subnets(
+        &self,
+        filters: Vec<Filter>,
+        ids: Vec<String>,
+    ) -> Result<Vec<SubnetInfo>, ProviderError> {
+        let mut out = Vec::new();
+        let mut token = None;
+        loop {
+            let req = self
+                .ec2
+                .describe_subnets()
+                .set_filters((!filters.is_empty()).then(|| filters.clone()))
+                .set_subnet_ids((!ids.is_empty()).then(|| ids.clone()))
+                .set_next_token(token.take());
+            let resp = match self.calls.run("DescribeSubnets", req.send()).await {
+                Ok(r) => r,
+                Err(e) if e.is_not_found() => {
+                    return Err(ProviderError::InvalidConfig(format!(
+                        "subnet not found ({}): check the subnet ids",
+                        e.message
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            out.extend(resp.subnets.iter().flatten().filter_map(info));
+            match resp.next_token {
+                Some(t) if !t.is_empty() => token = Some(t),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subnet(id: &str, vpc: &str, zone: &str, tags: &[&str]) -> SubnetInfo {
+        SubnetInfo {
+            id: id.into(),
+            vpc_id: vpc.into(),
+            zone: zone.into(),
+            tags: tags
+                .iter()
+                .map(|t| (t.to_string(), "1".to_string()))
+                .collect(),
+        }
+    }
+
+    const OURS: &str = "kubernetes.io/cluster/c1";
+    const OTHER: &str = "kubernetes.io/cluster/c2";
+
+    #[test]
+    fn one_per_zone_preferring_our_cluster_then_lowest_id() {
+        let got = pick_subnets(
+            "c1",
+            Scheme::InternetFacing,
+            vec![
+                subnet("subnet-b", "vpc-1", "az-a", &[ROLE_ELB]),
+                subnet("subnet-a", "vpc-1", "az-a", &[ROLE_ELB]),
+                subnet("subnet-z", "vpc-1", "az-b", &[ROLE_ELB, OURS]),
+                subnet("subnet-c", "vpc-1", "az-b", &[ROLE_ELB]),
+                subnet("subnet-d", "vpc-1", "az-c", &[ROLE_ELB, OTHER]),
+                subnet("subnet-e", "vpc-1", "az-c", &[ROLE_INTERNAL_ELB, OURS]),
+            ],
+        )
+        .expect("found");
+        assert_eq!(got.ids, vec!["subnet-a", "subnet-z"]);
+        assert_eq!(got.vpc_id.as_deref(), Some("vpc-1"));
+    }
+
+    #[test]
+    fn internal_uses_internal_role() {
+        let got = pick_subnets(
+            "c1",
+            Scheme::Internal,
+            vec![
+                subnet("subnet-a", "vpc-1", "az-a", &[ROLE_ELB]),
+                subnet("subnet-b", "vpc-1", "az-a", &[ROLE_INTERNAL_ELB]),
+            ],
+        )
+        .expect("found");
+        assert_eq!(got.ids, vec!["subnet-b"]);
+    }
+
+    #[test]
+    fn nothing_found_says_which_tags() {
+        let err = pick_subnets("c1", Scheme::Internal, vec![]).expect_err("none");
+        assert!(err.contains(ROLE_INTERNAL_ELB), "{err}");
+        assert!(err.contains(OURS), "{err}");
+    }
+
+    #[test]
+    fn several_vpcs_prefer_the_tagged_one_or_fail() {
+        let got = pick_subnets(
+            "c1",
+            Scheme::InternetFacing,
+            vec![
+                subnet("subnet-a", "vpc-1", "az-a", &[ROLE_ELB]),
+                subnet("subnet-b", "vpc-2", "az-a", &[ROLE_ELB, OURS]),
+            ],
+        )
+        .expect("found");
+        assert_eq!(got.ids, vec!["subnet-b"]);
+        let err = pick_subnets(
+            "c1",
+            Scheme::InternetFacing,
+            vec![
+                subnet("subnet-a", "vpc-1", "az-a", &[ROLE_ELB]),
+                subnet("subnet-b", "vpc-2", "az-a", &[ROLE_ELB]),
+            ],
+        )
+        .expect_err("ambiguous");
+        assert!(err.contains("several VPCs"), "{err}");
+    }
+}

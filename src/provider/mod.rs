@@ -1,0 +1,137 @@
+//! Providers execute a [`Plan`](crate::plan::Plan) against a cloud and report what exists.
+//!
+//! The trait speaks our own types (the desired model, [`Observed`], [`Op`](crate::plan::Op)),
+//! never SDK types. One folder per provider.
+
+pub mod aws;
+
+use crate::model::{
+    Desired, HealthCheck, IngressRule, IpAddressType, Protocol, Scheme, Target, TargetType,
+};
+use crate::plan::Plan;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// What exists in the cloud for one Service's load balancer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observed {
+    pub lb: Option<ObservedLb>,
+    pub listeners: Vec<ObservedListener>,
+    pub target_groups: Vec<ObservedTargetGroup>,
+    pub security_group: Option<ObservedSecurityGroup>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LbState {
+    Provisioning,
+    Active,
+    Failed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObservedLb {
+    pub arn: String,
+    pub name: String,
+    pub scheme: Scheme,
+    pub ip_address_type: IpAddressType,
+    pub dns_name: String,
+    pub state: LbState,
+    pub security_groups: Vec<String>,
+    /// Every attribute the cloud reports.
+    pub attributes: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObservedListener {
+    pub arn: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// ARN of the target group the default action forwards to.
+    pub target_group_arn: Option<String>,
+    pub certificates: Vec<String>,
+    pub ssl_policy: Option<String>,
+    pub alpn_policy: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObservedTargetGroup {
+    pub arn: String,
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub target_type: TargetType,
+    pub health_check: HealthCheck,
+    /// Every attribute the cloud reports.
+    pub attributes: BTreeMap<String, String>,
+    /// Registered targets (not draining / unused ones).
+    pub targets: BTreeSet<Target>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObservedSecurityGroup {
+    pub id: String,
+    pub name: String,
+    pub ingress: BTreeSet<IngressRule>,
+}
+
+/// Errors a provider reports; each says what, where and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error(
+        "{kind} {name:?} exists but does not carry our ownership tags for this Service: it is not ours, so it is left untouched; delete or rename it, or set another name"
+    )]
+    Foreign { kind: &'static str, name: String },
+    #[error("{0}")]
+    InvalidConfig(String),
+    #[error(
+        "load balancer {name} has deletion protection enabled: it was not deleted; disable deletion_protection.enabled to let cloudlb remove it"
+    )]
+    DeletionProtected { name: String },
+    #[error("{operation} failed: {message}")]
+    Api {
+        operation: &'static str,
+        message: String,
+        throttled: bool,
+    },
+    #[error("{what} disappeared while being changed (changed outside cloudlb?): {message}")]
+    Gone { what: &'static str, message: String },
+    #[error("{what} is still in use ({message}); will retry")]
+    InUse { what: &'static str, message: String },
+}
+
+impl ProviderError {
+    /// Short label for metrics and Event reasons.
+    pub fn category(&self) -> &'static str {
+        match self {
+            ProviderError::Foreign { .. } => "foreign",
+            ProviderError::InvalidConfig(_) => "invalid_config",
+            ProviderError::DeletionProtected { .. } => "deletion_protected",
+            ProviderError::Api {
+                throttled: true, ..
+            } => "throttled",
+            ProviderError::Api { .. } => "api",
+            ProviderError::Gone { .. } => "gone",
+            ProviderError::InUse { .. } => "in_use",
+        }
+    }
+}
+
+/// A cloud (or the local proxy) that can host load balancers.
+#[async_trait::async_trait]
+pub trait Provider: Send + Sync {
+    /// `aws`, `local`: used in metrics and logs.
+    fn name(&self) -> &'static str;
+
+    /// Reads what exists for `desired.service` (found by the names in the model, or for an empty
+    /// model by the names the Service would have). Read-only.
+    async fn observe(&self, desired: &Desired) -> Result<Observed, ProviderError>;
+
+    /// Executes `plan` in order and returns what exists afterwards, without re-reading what it
+    /// just wrote.
+    async fn apply(
+        &self,
+        desired: &Desired,
+        observed: &Observed,
+        plan: &Plan,
+    ) -> Result<Observed, ProviderError>;
+}

@@ -1,0 +1,146 @@
+//! Logging set-up: `--log-format json|text`, `--log-level` (or `RUST_LOG`).
+
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Installs the global subscriber. `RUST_LOG` wins over `level` when set.
+pub fn init(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = match format {
+        LogFormat::Json => registry
+            .with(fmt::layer().json().with_current_span(true))
+            .try_init(),
+        LogFormat::Text => registry.with(fmt::layer().with_target(false)).try_init(),
+    };
+    // A second init (tests) keeps the first subscriber.
+    let _ = result;
+}
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    provider: String,
+    operation: String,
+    outcome: String,
+}
+
+/// Prometheus metrics, prefix `cloudlb_`.
+pub struct Metrics {
+    registry: Registry,
+    reconcile_total: Family<ResultLabels, Counter>,
+    reconcile_duration: Histogram,
+    cloud_calls: Family<CallLabels, Counter>,
+    cloud_throttled: Counter,
+    managed_load_balancers: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("cloudlb");
+        let reconcile_total = Family::<ResultLabels, Counter>::default();
+        let reconcile_duration = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        let cloud_calls = Family::<CallLabels, Counter>::default();
+        let cloud_throttled = Counter::default();
+        let managed_load_balancers = Gauge::default();
+        registry.register(
+            "reconcile",
+            "Service reconciles by result (ok, invalid, or the error category)",
+            reconcile_total.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of Service reconciles",
+            reconcile_duration.clone(),
+        );
+        registry.register(
+            "cloud_api_calls",
+            "Cloud API calls by provider, operation and outcome",
+            cloud_calls.clone(),
+        );
+        registry.register(
+            "cloud_api_throttled",
+            "Cloud API calls answered with throttling",
+            cloud_throttled.clone(),
+        );
+        registry.register(
+            "managed_load_balancers",
+            "Load balancers this operator manages",
+            managed_load_balancers.clone(),
+        );
+        Metrics {
+            registry,
+            reconcile_total,
+            reconcile_duration,
+            cloud_calls,
+            cloud_throttled,
+            managed_load_balancers,
+        }
+    }
+
+    pub fn reconciled(&self, result: &str, seconds: f64) {
+        self.reconcile_total
+            .get_or_create(&ResultLabels {
+                result: result.to_string(),
+            })
+            .inc();
+        self.reconcile_duration.observe(seconds);
+    }
+
+    /// How many reconciles ended with `result` so far.
+    pub fn reconcile_count(&self, result: &str) -> u64 {
+        self.reconcile_total
+            .get_or_create(&ResultLabels {
+                result: result.to_string(),
+            })
+            .get()
+    }
+
+    pub fn cloud_call(&self, provider: &str, operation: &str, outcome: &str) {
+        self.cloud_calls
+            .get_or_create(&CallLabels {
+                provider: provider.to_string(),
+                operation: operation.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+        if outcome == "throttled" {
+            self.cloud_throttled.inc();
+        }
+    }
+
+    pub fn set_managed_load_balancers(&self, n: i64) {
+        self.managed_load_balancers.set(n);
+    }
+
+    /// OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

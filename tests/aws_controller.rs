@@ -1,0 +1,822 @@
+//! The operator end to end against the testbed: a real kube-apiserver + etcd and moto.
+//! Each test has its own namespace, LoadBalancerClass, Nodes (selected by a label), moto account
+//! and operator instance, so the tests run in parallel without seeing each other.
+
+mod support;
+
+use cloudlb::config::class::LoadBalancerClass;
+use cloudlb::controller::{self, Providers, Settings};
+use cloudlb::provider::aws::{AwsProvider, AwsSettings};
+use cloudlb::telemetry::Metrics;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, CustomResourceExt};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::{
+    AwsEmulator, Instance, Network, TestCluster, TestGuard, create_node, create_vpc_with_subnets,
+    ec2, elbv2, node_for, run_instances,
+};
+use tokio::sync::OnceCell;
+
+const LABEL: &str = "cloudlb.test/env";
+
+static CRD: OnceCell<()> = OnceCell::const_new();
+
+async fn install_crd(client: &Client) {
+    CRD.get_or_init(|| async {
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        match crds
+            .create(&PostParams::default(), &LoadBalancerClass::crd())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.is_already_exists() => {}
+            Err(e) => panic!("create CRD: {e}"),
+        }
+        let classes: Api<LoadBalancerClass> = Api::all(client.clone());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while classes.list(&ListParams::default()).await.is_err() {
+            assert!(Instant::now() < deadline, "CRD never became established");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+}
+
+struct Env {
+    cluster: &'static TestCluster,
+    client: Client,
+    ns: String,
+    elbv2: elbv2::Client,
+    ec2: ec2::Client,
+    network: Network,
+    instances: Vec<Instance>,
+    provider: Arc<AwsProvider>,
+    metrics: Arc<Metrics>,
+    resync: Duration,
+    operator: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Env {
+    async fn start(prefix: &str, resync: Duration) -> Env {
+        let cluster = TestCluster::shared().await;
+        let client = cluster.client();
+        install_crd(&client).await;
+        let ns = cluster.create_namespace(prefix).await;
+        let moto = AwsEmulator::shared().await;
+        let account = moto.new_account();
+        let (elbv2, ec2) = moto.clients(&account);
+        let network = create_vpc_with_subnets(&ec2, &ns).await;
+        let mut instances = Vec::new();
+        for subnet in &network.public_subnets {
+            instances.extend(run_instances(&ec2, &subnet.id, 1).await);
+        }
+        let class: LoadBalancerClass = serde_json::from_value(json!({
+            "apiVersion": "cloudlb.io/v1alpha1",
+            "kind": "LoadBalancerClass",
+            "metadata": {"name": ns},
+            "spec": {"provider": "aws", "default": true, "aws": {"targetNodeLabels": {LABEL: ns}}}
+        }))
+        .expect("class");
+        Api::<LoadBalancerClass>::all(client.clone())
+            .create(&PostParams::default(), &class)
+            .await
+            .expect("create class");
+        let provider = Arc::new(AwsProvider::new(
+            elbv2.clone(),
+            ec2.clone(),
+            AwsSettings::new(ns.clone()),
+        ));
+        let mut env = Env {
+            cluster,
+            client,
+            ns,
+            elbv2,
+            ec2,
+            network,
+            instances: vec![],
+            provider,
+            metrics: Arc::new(Metrics::new()),
+            resync,
+            operator: None,
+        };
+        for (i, instance) in instances.iter().enumerate() {
+            env.add_node(instance, i).await;
+        }
+        env.instances = instances;
+        env.start_operator();
+        env
+    }
+
+    fn start_operator(&mut self) {
+        let mut settings = Settings::new(self.ns.clone());
+        settings.namespace = Some(self.ns.clone());
+        settings.classes = Some(vec![self.ns.clone()]);
+        settings.resync = self.resync;
+        settings.provisioning_requeue = Duration::from_millis(500);
+        let providers = Providers {
+            aws: Some(self.provider.clone()),
+        };
+        let run = controller::run(
+            self.client.clone(),
+            settings,
+            providers,
+            self.metrics.clone(),
+            std::future::pending(),
+        );
+        self.operator = Some(tokio::spawn(run));
+    }
+
+    fn stop_operator(&mut self) {
+        if let Some(h) = self.operator.take() {
+            h.abort();
+        }
+    }
+
+    async fn add_node(&self, instance: &Instance, i: usize) -> String {
+        let name = format!("{}-node-{i}", self.ns);
+        let mut node = node_for(instance, &name);
+        node.metadata
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(LABEL.into(), self.ns.clone());
+        create_node(&self.client, &node).await;
+        name
+    }
+
+    async fn new_instance(&self) -> Instance {
+        run_instances(&self.ec2, &self.network.public_subnets[0].id, 1)
+            .await
+            .pop()
+            .expect("one instance")
+    }
+
+    fn services(&self) -> Api<Service> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    async fn create_service(
+        &self,
+        name: &str,
+        annotations: serde_json::Value,
+        ports: serde_json::Value,
+    ) {
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": annotations},
+            "spec": {"type": "LoadBalancer", "selector": {"app": name}, "ports": ports}
+        }))
+        .expect("service");
+        self.services()
+            .create(&PostParams::default(), &svc)
+            .await
+            .expect("create service");
+    }
+
+    async fn patch_service(&self, name: &str, patch: serde_json::Value) {
+        self.services()
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect("patch service");
+    }
+
+    async fn hostname(&self, name: &str) -> Option<String> {
+        let svc = self.services().get(name).await.ok()?;
+        svc.status?
+            .load_balancer?
+            .ingress?
+            .first()?
+            .hostname
+            .clone()
+    }
+
+    async fn wait_hostname(&self, name: &str) -> String {
+        wait_for(&format!("status hostname of {name}"), || async {
+            self.hostname(name).await
+        })
+        .await
+    }
+
+    async fn load_balancers(&self) -> Vec<elbv2::types::LoadBalancer> {
+        self.elbv2
+            .describe_load_balancers()
+            .send()
+            .await
+            .expect("describe load balancers")
+            .load_balancers()
+            .to_vec()
+    }
+
+    async fn target_groups(&self) -> Vec<elbv2::types::TargetGroup> {
+        self.elbv2
+            .describe_target_groups()
+            .send()
+            .await
+            .expect("describe target groups")
+            .target_groups()
+            .to_vec()
+    }
+
+    async fn listeners(&self, lb_arn: &str) -> Vec<elbv2::types::Listener> {
+        self.elbv2
+            .describe_listeners()
+            .load_balancer_arn(lb_arn)
+            .send()
+            .await
+            .expect("describe listeners")
+            .listeners()
+            .to_vec()
+    }
+
+    async fn targets(&self, tg_arn: &str) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .elbv2
+            .describe_target_health()
+            .target_group_arn(tg_arn)
+            .send()
+            .await
+            .expect("describe target health")
+            .target_health_descriptions()
+            .iter()
+            .filter(|d| {
+                d.target_health().and_then(|h| h.state()).is_none_or(|s| {
+                    !matches!(
+                        s,
+                        elbv2::types::TargetHealthStateEnum::Unused
+                            | elbv2::types::TargetHealthStateEnum::Draining
+                    )
+                })
+            })
+            .filter_map(|d| d.target().and_then(|t| t.id()).map(String::from))
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Security groups cloudlb made (carrying our cluster tag).
+    async fn our_security_groups(&self) -> Vec<String> {
+        self.ec2
+            .describe_security_groups()
+            .filters(
+                ec2::types::Filter::builder()
+                    .name("tag:cloudlb.io/cluster")
+                    .values(&self.ns)
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("describe security groups")
+            .security_groups()
+            .iter()
+            .filter_map(|g| g.group_id().map(String::from))
+            .collect()
+    }
+
+    async fn events(&self, reason: &str) -> Vec<String> {
+        Api::<Event>::namespaced(self.client.clone(), &self.ns)
+            .list(&ListParams::default())
+            .await
+            .expect("list events")
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .filter_map(|e| e.note)
+            .collect()
+    }
+
+    /// Waits until the operator has finished `n` more reconciles with `outcome` than `before`.
+    async fn wait_reconciles(&self, outcome: &str, before: u64) {
+        wait_for(&format!("a reconcile with outcome {outcome}"), || async {
+            (self.metrics.reconcile_count(outcome) > before).then_some(())
+        })
+        .await
+    }
+
+    fn calls_since(&self, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+        self.provider
+            .calls()
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let d = v - before.get(&k).copied().unwrap_or(0);
+                (d > 0).then_some((k, d))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.stop_operator();
+    }
+}
+
+async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn web_ports() -> serde_json::Value {
+    json!([
+        {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+        {"name": "https", "port": 443, "targetPort": 8443, "protocol": "TCP"}
+    ])
+}
+
+fn count(calls: &BTreeMap<String, u64>, key: &str) -> u64 {
+    calls.get(key).copied().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_lifecycle_create_update_nodes_delete() {
+    let _guard = TestGuard::new();
+    let env = Env::start("lifecycle", Duration::from_secs(3600)).await;
+
+    // Create: status shows the NLB's DNS name, and kubectl shows it as EXTERNAL-IP.
+    env.create_service("web", json!({}), web_ports()).await;
+    let hostname = env.wait_hostname("web").await;
+    let lbs = env.load_balancers().await;
+    assert_eq!(lbs.len(), 1);
+    assert_eq!(lbs[0].dns_name(), Some(hostname.as_str()));
+    let create_calls = env.provider.calls();
+    eprintln!("AWS calls for one create (P=2): {create_calls:?}");
+    assert_eq!(count(&create_calls, "CreateLoadBalancer/ok"), 1);
+    assert_eq!(count(&create_calls, "CreateTargetGroup/ok"), 2);
+    assert_eq!(count(&create_calls, "RegisterTargets/ok"), 2);
+    assert_eq!(count(&create_calls, "CreateListener/ok"), 2);
+    assert_eq!(
+        count(&create_calls, "ModifyLoadBalancerAttributes/ok"),
+        0,
+        "defaults need no attribute call"
+    );
+    assert_eq!(count(&create_calls, "ModifyTargetGroupAttributes/ok"), 0);
+    let out = env
+        .cluster
+        .kubectl(&["get", "svc", "-n", &env.ns, "web"])
+        .await;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains(&hostname), "kubectl get svc:\n{table}");
+    let svc = env.services().get("web").await.expect("get");
+    assert!(
+        svc.metadata
+            .finalizers
+            .unwrap_or_default()
+            .contains(&"cloudlb.io/load-balancer".to_string())
+    );
+    let lb_arn = lbs[0].load_balancer_arn().expect("arn").to_string();
+    let tgs = env.target_groups().await;
+    assert_eq!(tgs.len(), 2);
+    let mut want_targets: Vec<String> = env.instances.iter().map(|i| i.id.clone()).collect();
+    want_targets.sort();
+    for tg in &tgs {
+        assert_eq!(
+            env.targets(tg.target_group_arn().expect("arn")).await,
+            want_targets
+        );
+    }
+
+    // Unchanged resync: an edit that does not change the desired state makes no AWS call.
+    let before = env.provider.calls();
+    let unchanged = env.metrics.reconcile_count("unchanged");
+    env.patch_service(
+        "web",
+        json!({"metadata": {"annotations": {"unrelated": "edit"}}}),
+    )
+    .await;
+    env.wait_reconciles("unchanged", unchanged).await;
+    let delta = env.calls_since(&before);
+    eprintln!("AWS calls for one unchanged resync: {delta:?}");
+    assert!(delta.is_empty(), "unchanged resync made calls: {delta:?}");
+
+    // Node added: exactly one RegisterTargets per target group, nothing else.
+    let before = env.provider.calls();
+    let extra = env.new_instance().await;
+    let extra_node = env.add_node(&extra, 9).await;
+    let tg_arns: Vec<String> = tgs
+        .iter()
+        .filter_map(|t| t.target_group_arn().map(String::from))
+        .collect();
+    for arn in &tg_arns {
+        let arn = arn.clone();
+        wait_for("new node registered", || {
+            let arn = arn.clone();
+            let env = &env;
+            let extra = extra.id.clone();
+            async move { env.targets(&arn).await.contains(&extra).then_some(()) }
+        })
+        .await;
+    }
+    let delta = env.calls_since(&before);
+    eprintln!("AWS calls for one node added: {delta:?}");
+    assert_eq!(
+        delta,
+        BTreeMap::from([("RegisterTargets/ok".to_string(), 2)])
+    );
+
+    // Node excluded by label: one DeregisterTargets per target group.
+    let before = env.provider.calls();
+    Api::<Node>::all(env.client.clone())
+        .patch(
+            &extra_node,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"node.kubernetes.io/exclude-from-external-load-balancers": "true"}}})),
+        )
+        .await
+        .expect("label node");
+    for arn in &tg_arns {
+        let arn = arn.clone();
+        wait_for("excluded node deregistered", || {
+            let arn = arn.clone();
+            let env = &env;
+            let extra = extra.id.clone();
+            async move { (!env.targets(&arn).await.contains(&extra)).then_some(()) }
+        })
+        .await;
+    }
+    let delta = env.calls_since(&before);
+    assert_eq!(
+        delta,
+        BTreeMap::from([("DeregisterTargets/ok".to_string(), 2)])
+    );
+
+    // Node deleted: nothing changes (it was already excluded) - then port added / removed.
+    Api::<Node>::all(env.client.clone())
+        .delete(&extra_node, &DeleteParams::default())
+        .await
+        .expect("delete node");
+    let mut ports = web_ports();
+    if let Some(list) = ports.as_array_mut() {
+        list.push(json!({"name": "dns", "port": 53, "protocol": "UDP"}));
+    }
+    env.patch_service("web", json!({"spec": {"ports": ports}}))
+        .await;
+    wait_for("third listener", || async {
+        (env.listeners(&lb_arn).await.len() == 3).then_some(())
+    })
+    .await;
+    let listeners = env.listeners(&lb_arn).await;
+    assert!(listeners.iter().any(|l| l.port() == Some(53) && l.protocol() == Some(&elbv2::types::ProtocolEnum::Udp)));
+    env.patch_service("web", json!({"spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}}))
+        .await;
+    wait_for("one listener left", || async {
+        (env.listeners(&lb_arn).await.len() == 1).then_some(())
+    })
+    .await;
+    wait_for("one target group left", || async {
+        (env.target_groups().await.len() == 1).then_some(())
+    })
+    .await;
+
+    // externalTrafficPolicy Local: HTTP health check on the healthCheckNodePort at /healthz.
+    env.patch_service("web", json!({"spec": {"externalTrafficPolicy": "Local"}}))
+        .await;
+    let hc_port = wait_for("healthCheckNodePort", || async {
+        env.services()
+            .get("web")
+            .await
+            .ok()?
+            .spec?
+            .health_check_node_port
+    })
+    .await;
+    let tg = wait_for("HTTP health check", || async {
+        let tgs = env.target_groups().await;
+        let tg = tgs.first()?.clone();
+        (tg.health_check_protocol() == Some(&elbv2::types::ProtocolEnum::Http)).then_some(tg)
+    })
+    .await;
+    assert_eq!(tg.health_check_path(), Some("/healthz"));
+    assert_eq!(tg.health_check_port(), Some(hc_port.to_string().as_str()));
+
+    // Delete: every resource goes, then the finalizer, then the Service.
+    env.services()
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for("service gone", || async {
+        env.services()
+            .get_opt("web")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(env.load_balancers().await.is_empty());
+    assert!(env.target_groups().await.is_empty());
+    assert!(env.our_security_groups().await.is_empty());
+    assert!(!env.events("DeletedLoadBalancer").await.is_empty());
+    assert!(!env.events("EnsuredLoadBalancer").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn type_change_removes_everything_and_the_finalizer() {
+    let _guard = TestGuard::new();
+    let env = Env::start("typechange", Duration::from_secs(3600)).await;
+    env.create_service("web", json!({}), web_ports()).await;
+    env.wait_hostname("web").await;
+    assert_eq!(env.load_balancers().await.len(), 1);
+
+    // LoadBalancer -> ClusterIP: the API server needs the nodePorts dropped with the type.
+    let svc = env.services().get("web").await.expect("get");
+    let mut ports = svc.spec.and_then(|s| s.ports).unwrap_or_default();
+    for p in &mut ports {
+        p.node_port = None;
+    }
+    env.patch_service(
+        "web",
+        json!({"spec": {"type": "ClusterIP", "ports": ports}}),
+    )
+    .await;
+    wait_for("finalizer removed", || async {
+        let svc = env.services().get("web").await.ok()?;
+        (!svc
+            .metadata
+            .finalizers
+            .unwrap_or_default()
+            .iter()
+            .any(|f| f == "cloudlb.io/load-balancer"))
+        .then_some(())
+    })
+    .await;
+    assert!(env.load_balancers().await.is_empty());
+    assert!(env.target_groups().await.is_empty());
+    assert!(env.our_security_groups().await.is_empty());
+    assert_eq!(env.hostname("web").await, None, "status cleared");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_annotations_give_one_event_and_change_nothing() {
+    let _guard = TestGuard::new();
+    let env = Env::start("invalid", Duration::from_secs(3600)).await;
+
+    // A new Service with bad input: an Event naming every problem, and no AWS call at all.
+    env.create_service(
+        "bad",
+        json!({"cloudlb.io/scheme": "public", "service.beta.kubernetes.io/aws-load-balancer-healthcheck-interval": "1"}),
+        web_ports(),
+    )
+    .await;
+    let notes = wait_for("InvalidConfiguration event", || async {
+        let e = env.events("InvalidConfiguration").await;
+        (!e.is_empty()).then_some(e)
+    })
+    .await;
+    let note = &notes[0];
+    assert!(
+        note.contains(
+            "annotation cloudlb.io/scheme = \"public\": allowed values: internet-facing, internal"
+        ),
+        "{note}"
+    );
+    assert!(
+        note.contains("service.beta.kubernetes.io/aws-load-balancer-healthcheck-interval = \"1\""),
+        "{note}"
+    );
+    assert!(
+        env.provider.calls().is_empty(),
+        "no cloud call for invalid input: {:?}",
+        env.provider.calls()
+    );
+
+    // An existing load balancer stays exactly as it was when its Service turns invalid.
+    env.create_service("good", json!({}), web_ports()).await;
+    let hostname = env.wait_hostname("good").await;
+    let before = env.provider.calls();
+    let invalid = env.metrics.reconcile_count("invalid");
+    env.patch_service(
+        "good",
+        json!({"metadata": {"annotations": {"cloudlb.io/target-type": "pod"}}}),
+    )
+    .await;
+    env.wait_reconciles("invalid", invalid).await;
+    let delta = env.calls_since(&before);
+    assert!(delta.is_empty(), "invalid edit made AWS calls: {delta:?}");
+    assert_eq!(
+        env.hostname("good").await.as_deref(),
+        Some(hostname.as_str())
+    );
+    assert_eq!(env.load_balancers().await.len(), 1);
+    assert_eq!(env.target_groups().await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_named_foreign_nlb_is_never_touched() {
+    let _guard = TestGuard::new();
+    let env = Env::start("foreign", Duration::from_secs(3600)).await;
+    let foreign = env
+        .elbv2
+        .create_load_balancer()
+        .name("someone-elses")
+        .r#type(elbv2::types::LoadBalancerTypeEnum::Network)
+        .set_subnets(Some(env.network.public_subnet_ids()))
+        .send()
+        .await
+        .expect("create foreign NLB");
+    let foreign_arn = foreign.load_balancers()[0]
+        .load_balancer_arn()
+        .expect("arn")
+        .to_string();
+
+    env.create_service(
+        "web",
+        json!({"service.beta.kubernetes.io/aws-load-balancer-name": "someone-elses"}),
+        web_ports(),
+    )
+    .await;
+    let notes = wait_for("SyncLoadBalancerFailed event", || async {
+        let e = env.events("SyncLoadBalancerFailed").await;
+        (!e.is_empty()).then_some(e)
+    })
+    .await;
+    assert!(
+        notes[0].contains("someone-elses") && notes[0].contains("not ours"),
+        "{}",
+        notes[0]
+    );
+    let writes = env.provider.write_calls();
+    assert_eq!(
+        writes,
+        0,
+        "no write against a foreign resource: {:?}",
+        env.provider.calls()
+    );
+    assert!(env.listeners(&foreign_arn).await.is_empty());
+    assert_eq!(env.hostname("web").await, None);
+
+    // Deleting the Service leaves the foreign NLB alone.
+    env.services()
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for("service gone", || async {
+        env.services()
+            .get_opt("web")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let lbs = env.load_balancers().await;
+    assert_eq!(lbs.len(), 1);
+    assert_eq!(lbs[0].load_balancer_arn(), Some(foreign_arn.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_balancer_deleted_by_hand_is_recreated_by_the_drift_check() {
+    let _guard = TestGuard::new();
+    // A short re-verification interval so the drift check runs within the test.
+    let env = Env::start("drift", Duration::from_secs(3)).await;
+    env.create_service("web", json!({}), web_ports()).await;
+    env.wait_hostname("web").await;
+    let lbs = env.load_balancers().await;
+    let old_arn = lbs[0].load_balancer_arn().expect("arn").to_string();
+    env.elbv2
+        .delete_load_balancer()
+        .load_balancer_arn(&old_arn)
+        .send()
+        .await
+        .expect("console delete");
+    // Someone also removes a target.
+    let tg = env.target_groups().await[0]
+        .target_group_arn()
+        .expect("arn")
+        .to_string();
+    env.elbv2
+        .deregister_targets()
+        .target_group_arn(&tg)
+        .targets(
+            elbv2::types::TargetDescription::builder()
+                .id(&env.instances[0].id)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("deregister by hand");
+
+    let new_lb = wait_for("NLB recreated", || async {
+        let lbs = env.load_balancers().await;
+        lbs.into_iter()
+            .find(|l| l.load_balancer_arn() != Some(old_arn.as_str()))
+    })
+    .await;
+    let arn = new_lb.load_balancer_arn().expect("arn").to_string();
+    wait_for("listeners recreated", || async {
+        (env.listeners(&arn).await.len() == 2).then_some(())
+    })
+    .await;
+    wait_for("target re-registered", || async {
+        (env.targets(&tg).await.len() == env.instances.len()).then_some(())
+    })
+    .await;
+    assert_eq!(env.load_balancers().await.len(), 1);
+    assert_eq!(
+        env.target_groups().await.len(),
+        2,
+        "target groups reused, not duplicated"
+    );
+    let dns = new_lb.dns_name().expect("dns").to_string();
+    wait_for("status shows the new NLB", || async {
+        (env.hostname("web").await? == dns).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_restarted_mid_provisioning_makes_exactly_one_nlb() {
+    let _guard = TestGuard::new();
+    let mut env = Env::start("restart", Duration::from_secs(3600)).await;
+    env.create_service("web", json!({}), web_ports()).await;
+    // Stop the operator as soon as the NLB exists, before it finished the rest.
+    wait_for("CreateLoadBalancer", || async {
+        (env.provider
+            .calls()
+            .get("CreateLoadBalancer/ok")
+            .copied()
+            .unwrap_or(0)
+            > 0)
+        .then_some(())
+    })
+    .await;
+    env.stop_operator();
+    let partial = env.load_balancers().await;
+    assert_eq!(partial.len(), 1);
+
+    // A fresh operator (empty cache) picks up where the first one stopped.
+    env.provider = Arc::new(AwsProvider::new(
+        env.elbv2.clone(),
+        env.ec2.clone(),
+        AwsSettings::new(env.ns.clone()),
+    ));
+    env.start_operator();
+    env.wait_hostname("web").await;
+    let arn = partial[0].load_balancer_arn().expect("arn").to_string();
+    wait_for("two listeners", || async {
+        (env.listeners(&arn).await.len() == 2).then_some(())
+    })
+    .await;
+    assert_eq!(env.load_balancers().await.len(), 1, "exactly one NLB");
+    assert_eq!(
+        env.target_groups().await.len(),
+        2,
+        "no duplicate target groups"
+    );
+    assert_eq!(
+        env.provider
+            .calls()
+            .get("CreateLoadBalancer/ok")
+            .copied()
+            .unwrap_or(0),
+        0,
+        "the restarted operator created no second NLB"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_added_with_ten_services_is_one_register_call_per_target_group() {
+    let _guard = TestGuard::new();
+    let env = Env::start("tenservices", Duration::from_secs(3600)).await;
+    for i in 0..10 {
+        env.create_service(&format!("svc-{i}"), json!({}), web_ports())
+            .await;
+    }
+    for i in 0..10 {
+        env.wait_hostname(&format!("svc-{i}")).await;
+    }
+    // Let the provisioning requeues settle into the cache.
+    wait_for("all verified", || async {
+        let lbs = env.load_balancers().await;
+        (lbs.len() == 10).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = env.provider.calls();
+    let extra = env.new_instance().await;
+    env.add_node(&extra, 10).await;
+    wait_for("20 registrations", || async {
+        let d = env.calls_since(&before);
+        (d.get("RegisterTargets/ok").copied().unwrap_or(0) >= 20).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let delta = env.calls_since(&before);
+    eprintln!("AWS calls for one node added with 10 Services (P=2): {delta:?}");
+    assert_eq!(
+        delta,
+        BTreeMap::from([("RegisterTargets/ok".to_string(), 20)])
+    );
+}

@@ -1,0 +1,673 @@
+//! The AWS provider against a real moto server: create, resync, change, foreign resources,
+//! delete. Each test uses its own moto account.
+
+mod support;
+
+use cloudlb::model::{
+    Desired, FrontendSecurityGroup, HealthCheck, HealthCheckProtocol, IngressRule, IpAddressType,
+    Listener, LoadBalancer, Protocol, Scheme, Security, ServiceRef, Subnets, Target, TargetGroup,
+    TargetType, naming, tags,
+};
+use cloudlb::plan::{Op, plan};
+use cloudlb::provider::aws::{AwsProvider, AwsSettings};
+use cloudlb::provider::{LbState, Observed, Provider, ProviderError};
+use std::collections::{BTreeMap, BTreeSet};
+use support::ec2::types::Filter;
+use support::elbv2::types::{LoadBalancerSchemeEnum, LoadBalancerTypeEnum};
+use support::{AwsEmulator, TestGuard, create_vpc_with_subnets, run_instances};
+
+const CLUSTER: &str = "provider-test";
+
+fn service() -> ServiceRef {
+    ServiceRef {
+        namespace: "shop".into(),
+        name: "dns-web".into(),
+        uid: "8c1f6a43-0000-4000-8000-0000000000aa".into(),
+    }
+}
+
+fn lb_name(svc: &ServiceRef) -> String {
+    naming::load_balancer_name(CLUSTER, &svc.namespace, &svc.name, &svc.uid)
+}
+
+fn owner_tags(svc: &ServiceRef) -> BTreeMap<String, String> {
+    [
+        (tags::CLUSTER.to_string(), CLUSTER.to_string()),
+        (tags::SERVICE_NAMESPACE.to_string(), svc.namespace.clone()),
+        (tags::SERVICE_NAME.to_string(), svc.name.clone()),
+        (tags::SERVICE_UID.to_string(), svc.uid.clone()),
+        (tags::kubernetes_cluster(CLUSTER), "owned".to_string()),
+    ]
+    .into_iter()
+    .collect()
+}
+
+/// One listener of the test Service: (listener port, protocol, nodePort).
+type Port = (u16, Protocol, u16);
+
+const TCP_80: Port = (80, Protocol::Tcp, 30080);
+const UDP_53: Port = (53, Protocol::Udp, 30053);
+
+fn tg_name(lb_name: &str, svc: &ServiceRef, (port, protocol, node_port): Port) -> String {
+    naming::target_group_name(
+        lb_name,
+        &svc.namespace,
+        &svc.name,
+        port,
+        &format!("{}/{node_port}/instance", protocol.as_aws()),
+    )
+}
+
+/// The desired model, built by hand: instance targets on the nodePorts, a frontend security group
+/// open to the world on the listener ports, discovered subnets.
+fn desired(ports: &[Port], instances: &[String]) -> Desired {
+    let svc = service();
+    let name = lb_name(&svc);
+    let tags = owner_tags(&svc);
+    let mut listeners = Vec::new();
+    let mut target_groups = Vec::new();
+    let mut ingress = BTreeSet::new();
+    for &(port, protocol, node_port) in ports {
+        let key = format!("{}-{port}", protocol.as_aws().to_lowercase());
+        listeners.push(Listener {
+            port,
+            protocol,
+            target_group: key.clone(),
+            certificates: Vec::new(),
+            ssl_policy: None,
+            alpn_policy: None,
+        });
+        let mut tg_tags = tags.clone();
+        tg_tags.insert(tags::RESOURCE.into(), key.clone());
+        target_groups.push(TargetGroup {
+            key,
+            name: tg_name(&name, &svc, (port, protocol, node_port)),
+            protocol,
+            port: node_port,
+            target_type: TargetType::Instance,
+            health_check: HealthCheck {
+                protocol: HealthCheckProtocol::Tcp,
+                port: None,
+                path: None,
+                interval_seconds: 10,
+                timeout_seconds: 10,
+                healthy_threshold: 3,
+                unhealthy_threshold: 3,
+                success_codes: None,
+            },
+            attributes: [(
+                "deregistration_delay.timeout_seconds".to_string(),
+                "30".to_string(),
+            )]
+            .into_iter()
+            .collect(),
+            targets: instances
+                .iter()
+                .map(|id| Target {
+                    id: id.clone(),
+                    port: node_port,
+                })
+                .collect(),
+            tags: tg_tags,
+        });
+        ingress.insert(IngressRule {
+            protocol: protocol.as_aws().to_lowercase(),
+            port,
+            cidr: "0.0.0.0/0".into(),
+        });
+    }
+    Desired {
+        service: svc,
+        lb_name: name.clone(),
+        lb: Some(LoadBalancer {
+            name: name.clone(),
+            scheme: Scheme::InternetFacing,
+            ip_address_type: IpAddressType::Ipv4,
+            subnets: Subnets::Discover,
+            eip_allocations: Vec::new(),
+            private_ipv4_addresses: Vec::new(),
+            security: Security {
+                frontend: Some(FrontendSecurityGroup {
+                    name: naming::security_group_name(&name),
+                    description: format!("cloudlb frontend of {name}"),
+                    ingress,
+                }),
+                extra_security_groups: Vec::new(),
+                manage_backend_rules: false,
+            },
+            attributes: BTreeMap::new(),
+            tags,
+            listeners,
+            target_groups,
+            status_ports: ports.iter().map(|&(p, proto, _)| (p, proto)).collect(),
+        }),
+    }
+}
+
+/// The load-balancer state is the only thing a fresh observe may see differently.
+fn without_state(mut o: Observed) -> Observed {
+    if let Some(lb) = &mut o.lb {
+        lb.state = LbState::Active;
+    }
+    o
+}
+
+fn calls_of(provider: &AwsProvider, outcome_ok_only: bool) -> BTreeMap<String, u64> {
+    provider
+        .calls()
+        .into_iter()
+        .filter(|(k, _)| !outcome_ok_only || k.ends_with("/ok"))
+        .collect()
+}
+
+fn writes(provider: &AwsProvider) -> BTreeMap<String, u64> {
+    provider
+        .calls()
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("Describe"))
+        .collect()
+}
+
+fn expect(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
+    pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+fn has_our_tags(tags: &BTreeMap<String, String>) -> bool {
+    tags.get(tags::CLUSTER).map(String::as_str) == Some(CLUSTER)
+        && tags.get(tags::SERVICE_UID) == Some(&service().uid)
+}
+
+async fn elb_tags(elbv2: &support::elbv2::Client, arn: &str) -> BTreeMap<String, String> {
+    let out = elbv2
+        .describe_tags()
+        .resource_arns(arn)
+        .send()
+        .await
+        .expect("DescribeTags");
+    out.tag_descriptions()
+        .iter()
+        .flat_map(|d| d.tags())
+        .filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())))
+        .collect()
+}
+
+async fn security_groups_named(
+    ec2: &support::ec2::Client,
+    name: &str,
+) -> Vec<support::ec2::types::SecurityGroup> {
+    ec2.describe_security_groups()
+        .filters(Filter::builder().name("group-name").values(name).build())
+        .send()
+        .await
+        .expect("DescribeSecurityGroups")
+        .security_groups()
+        .to_vec()
+}
+
+/// observe → plan → apply, returning what apply reports and the plan's ops.
+async fn reconcile(provider: &AwsProvider, desired: &Desired) -> (Observed, Vec<Op>) {
+    let observed = provider.observe(desired).await.expect("observe");
+    let plan = plan(desired, &observed).expect("plan");
+    let ops = plan.ops.clone();
+    let result = provider
+        .apply(desired, &observed, &plan)
+        .await
+        .expect("apply");
+    (result, ops)
+}
+
+#[tokio::test]
+async fn create_resync_change_and_delete_an_nlb() {
+    let _guard = TestGuard::new();
+    let moto = AwsEmulator::shared().await;
+    let account = moto.new_account();
+    let (elbv2, ec2) = moto.clients(&account);
+    let network = create_vpc_with_subnets(&ec2, CLUSTER).await;
+    let instances: Vec<String> = run_instances(&ec2, &network.private_subnets[0].id, 3)
+        .await
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    let mut settings = AwsSettings::new(CLUSTER);
+    settings.rate_limit_per_sec = 100.0;
+    let provider = AwsProvider::new(elbv2.clone(), ec2.clone(), settings);
+    assert_eq!(provider.name(), "aws");
+
+    // ---- create
+    let want = desired(&[TCP_80, UDP_53], &instances);
+    let lb = want.lb.as_ref().expect("a load balancer");
+    let (created, ops) = reconcile(&provider, &want).await;
+    assert_eq!(ops.first(), Some(&Op::CreateSecurityGroup));
+    let create_calls = provider.calls();
+    eprintln!("create (P=2): {create_calls:#?}");
+    assert!(
+        create_calls
+            .keys()
+            .all(|k| k.ends_with("/ok") || k.ends_with("/not_found")),
+        "{create_calls:#?}"
+    );
+    assert_eq!(
+        writes(&provider),
+        expect(&[
+            ("CreateSecurityGroup/ok", 1),
+            ("AuthorizeSecurityGroupIngress/ok", 1),
+            ("CreateLoadBalancer/ok", 1),
+            ("CreateTargetGroup/ok", 2),
+            ("ModifyTargetGroupAttributes/ok", 2),
+            ("RegisterTargets/ok", 2),
+            ("CreateListener/ok", 2),
+        ])
+    );
+
+    // What exists, as the SDK sees it.
+    let lbs = elbv2
+        .describe_load_balancers()
+        .names(&want.lb_name)
+        .send()
+        .await
+        .expect("the NLB exists");
+    let [nlb] = lbs.load_balancers() else {
+        panic!("exactly one NLB named {}: {lbs:?}", want.lb_name);
+    };
+    assert_eq!(nlb.r#type(), Some(&LoadBalancerTypeEnum::Network));
+    assert_eq!(nlb.scheme(), Some(&LoadBalancerSchemeEnum::InternetFacing));
+    let nlb_arn = nlb.load_balancer_arn().expect("arn");
+    assert!(has_our_tags(&elb_tags(&elbv2, nlb_arn).await));
+    let public: BTreeSet<&str> = network
+        .public_subnets
+        .iter()
+        .map(|s| s.id.as_str())
+        .collect();
+    let azs: BTreeSet<&str> = nlb
+        .availability_zones()
+        .iter()
+        .filter_map(|z| z.subnet_id())
+        .collect();
+    assert_eq!(azs, public, "one discovered public subnet per zone");
+    for tg in &lb.target_groups {
+        let found = elbv2
+            .describe_target_groups()
+            .names(&tg.name)
+            .send()
+            .await
+            .expect("the target group exists");
+        let arn = found.target_groups()[0].target_group_arn().expect("arn");
+        assert!(has_our_tags(&elb_tags(&elbv2, arn).await), "{}", tg.name);
+    }
+    let listeners = elbv2
+        .describe_listeners()
+        .load_balancer_arn(nlb_arn)
+        .send()
+        .await
+        .expect("listeners");
+    let mut ports: Vec<i32> = listeners
+        .listeners()
+        .iter()
+        .filter_map(|l| l.port())
+        .collect();
+    ports.sort_unstable();
+    assert_eq!(ports, vec![53, 80]);
+    let sg_name = naming::security_group_name(&want.lb_name);
+    let sgs = security_groups_named(&ec2, &sg_name).await;
+    assert_eq!(sgs.len(), 1, "{sgs:?}");
+    let sg_tags: BTreeMap<String, String> = sgs[0]
+        .tags()
+        .iter()
+        .filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())))
+        .collect();
+    assert!(has_our_tags(&sg_tags), "{sg_tags:?}");
+    assert_eq!(sg_tags.get("Name"), Some(&sg_name));
+    assert_eq!(
+        nlb.security_groups(),
+        [sgs[0].group_id().expect("id").to_string()]
+    );
+
+    // apply's result is what a fresh observe sees.
+    assert!(
+        created
+            .lb
+            .as_ref()
+            .is_some_and(|l| l.dns_name.contains(&want.lb_name))
+    );
+    provider.reset_calls();
+    let fresh = provider.observe(&want).await.expect("observe");
+    let observe_calls = provider.calls();
+    eprintln!("observe (P=2): {observe_calls:#?}");
+    assert_eq!(
+        observe_calls,
+        expect(&[
+            ("DescribeLoadBalancers/ok", 1),
+            ("DescribeTags/ok", 2),
+            ("DescribeLoadBalancerAttributes/ok", 1),
+            ("DescribeListeners/ok", 1),
+            ("DescribeTargetGroups/ok", 1),
+            ("DescribeTargetGroupAttributes/ok", 2),
+            ("DescribeTargetHealth/ok", 2),
+            ("DescribeSecurityGroups/ok", 1),
+        ])
+    );
+    assert_eq!(provider.write_calls(), 0);
+    assert_eq!(without_state(created.clone()), without_state(fresh.clone()));
+    assert_eq!(fresh.target_groups.len(), 2);
+    assert!(fresh.target_groups.iter().all(|t| t.targets.len() == 3));
+
+    // An unchanged resync: empty plan, zero calls.
+    assert_eq!(plan(&want, &fresh).expect("plan").ops, Vec::<Op>::new());
+    let resync = plan(&want, &created).expect("plan");
+    assert!(resync.is_empty(), "{resync:?}");
+    provider.reset_calls();
+    let again = provider
+        .apply(&want, &created, &resync)
+        .await
+        .expect("apply");
+    assert_eq!(again, created);
+    assert!(provider.calls().is_empty(), "{:?}", provider.calls());
+
+    // ---- change: one node gone, the UDP listener removed.
+    let fewer = desired(&[TCP_80], &instances[..2]);
+    provider.reset_calls();
+    let (changed, ops) = reconcile(&provider, &fewer).await;
+    let udp_tg = fresh
+        .target_groups
+        .iter()
+        .find(|t| t.protocol == Protocol::Udp)
+        .expect("UDP target group");
+    let udp_listener = fresh
+        .listeners
+        .iter()
+        .find(|l| l.port == 53)
+        .expect("UDP listener");
+    assert_eq!(
+        ops,
+        vec![
+            Op::RevokeIngress {
+                rules: vec![IngressRule {
+                    protocol: "udp".into(),
+                    port: 53,
+                    cidr: "0.0.0.0/0".into()
+                }]
+            },
+            Op::DeregisterTargets {
+                key: "tcp-80".into(),
+                targets: vec![Target {
+                    id: instances[2].clone(),
+                    port: 30080
+                }]
+            },
+            Op::DeleteListener {
+                arn: udp_listener.arn.clone(),
+                port: 53
+            },
+            Op::DeleteTargetGroup {
+                arn: udp_tg.arn.clone(),
+                name: udp_tg.name.clone()
+            },
+        ]
+    );
+    assert_eq!(
+        writes(&provider),
+        expect(&[
+            ("RevokeSecurityGroupIngress/ok", 1),
+            ("DeregisterTargets/ok", 1),
+            ("DeleteListener/ok", 1),
+            ("DeleteTargetGroup/ok", 1),
+        ])
+    );
+    let fresh = provider.observe(&fewer).await.expect("observe");
+    assert_eq!(without_state(changed), without_state(fresh.clone()));
+    assert!(plan(&fewer, &fresh).expect("plan").is_empty());
+
+    // ---- delete: the empty model removes everything.
+    let empty = Desired::empty(service(), want.lb_name.clone());
+    provider.reset_calls();
+    let (deleted, ops) = reconcile(&provider, &empty).await;
+    assert_eq!(deleted, Observed::default());
+    assert_eq!(ops.len(), 3, "{ops:?}");
+    assert_eq!(
+        writes(&provider),
+        expect(&[
+            ("DeleteLoadBalancer/ok", 1),
+            ("DeleteTargetGroup/ok", 1),
+            ("DeleteSecurityGroup/ok", 1),
+        ])
+    );
+    let gone = elbv2
+        .describe_load_balancers()
+        .names(&want.lb_name)
+        .send()
+        .await;
+    assert!(
+        gone.as_ref()
+            .map_or(true, |o| o.load_balancers().is_empty()),
+        "{gone:?}"
+    );
+    for tg in &lb.target_groups {
+        let gone = elbv2.describe_target_groups().names(&tg.name).send().await;
+        assert!(
+            gone.as_ref().map_or(true, |o| o.target_groups().is_empty()),
+            "{gone:?}"
+        );
+    }
+    assert!(security_groups_named(&ec2, &sg_name).await.is_empty());
+    assert_eq!(
+        provider.observe(&empty).await.expect("observe"),
+        Observed::default()
+    );
+    assert!(
+        calls_of(&provider, false)
+            .keys()
+            .all(|k| !k.ends_with("/error"))
+    );
+}
+
+#[tokio::test]
+async fn same_named_resources_without_our_tags_are_foreign() {
+    let _guard = TestGuard::new();
+    let moto = AwsEmulator::shared().await;
+    let account = moto.new_account();
+    let (elbv2, ec2) = moto.clients(&account);
+    let network = create_vpc_with_subnets(&ec2, CLUSTER).await;
+    let provider = AwsProvider::new(elbv2.clone(), ec2.clone(), AwsSettings::new(CLUSTER));
+    let want = desired(&[TCP_80], &[]);
+
+    // A target group of the name we would use, made by someone else.
+    let tg = &want.lb.as_ref().expect("lb").target_groups[0];
+    elbv2
+        .create_target_group()
+        .name(&tg.name)
+        .protocol(support::elbv2::types::ProtocolEnum::Tcp)
+        .port(30080)
+        .vpc_id(&network.vpc_id)
+        .send()
+        .await
+        .expect("CreateTargetGroup by hand");
+    match provider.observe(&want).await {
+        Err(ProviderError::Foreign { kind, name }) => {
+            assert_eq!(kind, "target group");
+            assert_eq!(name, tg.name);
+        }
+        other => panic!("expected Foreign, got {other:?}"),
+    }
+
+    // A load balancer of our name, without tags.
+    elbv2
+        .create_load_balancer()
+        .name(&want.lb_name)
+        .r#type(LoadBalancerTypeEnum::Network)
+        .set_subnets(Some(network.public_subnet_ids()))
+        .send()
+        .await
+        .expect("CreateLoadBalancer by hand");
+    match provider.observe(&want).await {
+        Err(ProviderError::Foreign { kind, name }) => {
+            assert_eq!(kind, "load balancer");
+            assert_eq!(name, want.lb_name);
+        }
+        other => panic!("expected Foreign, got {other:?}"),
+    }
+    // Deleting the Service leaves them alone and is not blocked by them.
+    let empty = Desired::empty(service(), want.lb_name.clone());
+    assert_eq!(
+        provider.observe(&empty).await.expect("observe"),
+        Observed::default()
+    );
+    assert_eq!(provider.write_calls(), 0);
+}
+
+#[tokio::test]
+async fn no_tagged_subnets_is_invalid_config_naming_the_tags() {
+    let _guard = TestGuard::new();
+    let moto = AwsEmulator::shared().await;
+    let account = moto.new_account();
+    let (elbv2, ec2) = moto.clients(&account);
+    // Subnets tagged for another cluster only.
+    create_vpc_with_subnets(&ec2, "someone-else").await;
+    let provider = AwsProvider::new(elbv2, ec2, AwsSettings::new(CLUSTER));
+    let want = desired(&[TCP_80], &[]);
+    let observed = provider.observe(&want).await.expect("observe");
+    let plan = plan(&want, &observed).expect("plan");
+    match provider.apply(&want, &observed, &plan).await {
+        Err(ProviderError::InvalidConfig(msg)) => {
+            assert!(msg.contains("kubernetes.io/role/elb"), "{msg}");
+            assert!(msg.contains(&tags::kubernetes_cluster(CLUSTER)), "{msg}");
+        }
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    }
+    // Nothing was created: subnets are resolved before the first write.
+    assert_eq!(provider.write_calls(), 0, "{:?}", provider.calls());
+}
+
+/// Applies `want` and checks that apply's result is what a fresh observe sees and that a resync
+/// plans nothing. Returns the plan's ops and the write calls it made.
+async fn converge(provider: &AwsProvider, want: &Desired) -> (Vec<Op>, BTreeMap<String, u64>) {
+    provider.reset_calls();
+    let (result, ops) = reconcile(provider, want).await;
+    let made = writes(provider);
+    let fresh = provider.observe(want).await.expect("observe");
+    assert_eq!(without_state(result), without_state(fresh.clone()));
+    let again = plan(want, &fresh).expect("plan");
+    assert!(again.is_empty(), "resync after {ops:?} plans {again:?}");
+    (ops, made)
+}
+
+#[tokio::test]
+async fn explicit_subnets_modifications_and_scheme_replacement() {
+    let _guard = TestGuard::new();
+    let moto = AwsEmulator::shared().await;
+    let account = moto.new_account();
+    let (elbv2, ec2) = moto.clients(&account);
+    let network = create_vpc_with_subnets(&ec2, CLUSTER).await;
+    let instances: Vec<String> = run_instances(&ec2, &network.private_subnets[0].id, 2)
+        .await
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    let provider = AwsProvider::new(elbv2.clone(), ec2.clone(), AwsSettings::new(CLUSTER));
+
+    // Internal, in subnets given by Name tag, with a non-default LB attribute.
+    let mut want = desired(&[TCP_80], &instances);
+    let lb = want.lb.as_mut().expect("lb");
+    lb.scheme = Scheme::Internal;
+    lb.subnets = Subnets::Explicit(
+        support::aws::ZONES
+            .iter()
+            .map(|az| format!("{CLUSTER}-private-{az}"))
+            .collect(),
+    );
+    lb.attributes
+        .insert("load_balancing.cross_zone.enabled".into(), "true".into());
+    let (ops, made) = converge(&provider, &want).await;
+    assert!(ops.contains(&Op::CreateLoadBalancer), "{ops:?}");
+    assert_eq!(
+        made.get("ModifyLoadBalancerAttributes/ok"),
+        Some(&1),
+        "{made:?}"
+    );
+    let nlb = elbv2
+        .describe_load_balancers()
+        .names(&want.lb_name)
+        .send()
+        .await
+        .expect("NLB");
+    let subnets: BTreeSet<String> = nlb.load_balancers()[0]
+        .availability_zones()
+        .iter()
+        .filter_map(|z| z.subnet_id().map(str::to_string))
+        .collect();
+    assert_eq!(subnets, network.private_subnet_ids().into_iter().collect());
+
+    // Health check, target-group attribute and an extra security group change in place.
+    let extra = ec2
+        .create_security_group()
+        .group_name("user-supplied")
+        .description("attached by the user")
+        .vpc_id(&network.vpc_id)
+        .send()
+        .await
+        .expect("CreateSecurityGroup")
+        .group_id()
+        .expect("id")
+        .to_string();
+    let lb = want.lb.as_mut().expect("lb");
+    lb.security.extra_security_groups = vec![extra];
+    let tg = &mut lb.target_groups[0];
+    tg.health_check.interval_seconds = 30;
+    tg.health_check.healthy_threshold = 5;
+    tg.attributes
+        .insert("deregistration_delay.timeout_seconds".into(), "60".into());
+    let (ops, made) = converge(&provider, &want).await;
+    assert_eq!(
+        ops,
+        vec![
+            Op::SetSecurityGroups,
+            Op::ModifyHealthCheck {
+                key: "tcp-80".into()
+            },
+            Op::SetTargetGroupAttributes {
+                key: "tcp-80".into(),
+                attributes: [(
+                    "deregistration_delay.timeout_seconds".to_string(),
+                    "60".to_string()
+                )]
+                .into_iter()
+                .collect()
+            },
+        ]
+    );
+    assert_eq!(
+        made,
+        expect(&[
+            ("SetSecurityGroups/ok", 1),
+            ("ModifyTargetGroup/ok", 1),
+            ("ModifyTargetGroupAttributes/ok", 1),
+        ])
+    );
+
+    // The scheme is immutable: the load balancer is replaced, target groups are kept.
+    let lb = want.lb.as_mut().expect("lb");
+    lb.scheme = Scheme::InternetFacing;
+    lb.subnets = Subnets::Discover;
+    let (ops, made) = converge(&provider, &want).await;
+    assert!(matches!(ops[0], Op::DeleteLoadBalancer { .. }), "{ops:?}");
+    assert_eq!(
+        made,
+        expect(&[
+            ("DeleteLoadBalancer/ok", 1),
+            ("CreateLoadBalancer/ok", 1),
+            ("ModifyLoadBalancerAttributes/ok", 1),
+            ("CreateListener/ok", 1),
+        ])
+    );
+
+    // And everything goes away.
+    let empty = Desired::empty(service(), want.lb_name.clone());
+    let (_, made) = converge(&provider, &empty).await;
+    assert_eq!(
+        made,
+        expect(&[
+            ("DeleteLoadBalancer/ok", 1),
+            ("DeleteTargetGroup/ok", 1),
+            ("DeleteSecurityGroup/ok", 1),
+        ])
+    );
+}

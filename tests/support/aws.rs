@@ -1,0 +1,371 @@
+//! The AWS emulator (moto server), SDK clients pointed at it, and EC2 fixtures.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_ec2::config::interceptors::BeforeTransmitInterceptorContextMut;
+use aws_sdk_ec2::config::{
+    ConfigBag, Credentials, Intercept, RuntimeComponents, SharedCredentialsProvider,
+};
+use aws_sdk_ec2::types::{
+    InstanceType, ResourceType, Tag as Ec2Tag, TagSpecification as Ec2TagSpecification,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::OnceCell;
+
+use super::process::{ManagedProcess, TempDir, cache_dir, find_binary, free_port, lost_port_race};
+
+pub use aws_sdk_ec2 as ec2;
+pub use aws_sdk_elasticloadbalancingv2 as elbv2;
+
+pub const REGION: &str = "us-east-1";
+/// The two availability zones the fixtures use.
+pub const ZONES: [&str; 2] = ["us-east-1a", "us-east-1b"];
+/// An AMI id from moto's built-in image list (moto does not validate AMIs by default).
+pub const TEST_AMI: &str = "ami-12c6146b";
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const START_ATTEMPTS: usize = 3;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+static SHARED: OnceCell<AwsEmulator> = OnceCell::const_new();
+
+pub(crate) fn shared_if_started() -> Option<&'static AwsEmulator> {
+    SHARED.get()
+}
+
+/// Adds `x-moto-account-id: <account>` to every request, so each test gets its own, fully
+/// separate moto account (moto's `/moto-api/reset` would wipe every test's state at once).
+#[derive(Debug, Clone)]
+pub struct AccountHeader(pub String);
+
+impl Intercept for AccountHeader {
+    fn name(&self) -> &'static str {
+        "MotoAccountHeader"
+    }
+
+    fn modify_before_signing(
+        &self,
+        context: &mut BeforeTransmitInterceptorContextMut<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        context
+            .request_mut()
+            .headers_mut()
+            .try_insert("x-moto-account-id", self.0.clone())?;
+        Ok(())
+    }
+}
+
+/// SDK configuration for moto: region us-east-1, static test credentials carrying the account
+/// id, `endpoint_url = endpoint`. Clients built from it still need [`AccountHeader`] (see
+/// [`AwsEmulator::clients`]) for moto to put their resources in that account.
+pub fn aws_sdk_config(endpoint: &str, account_id: &str) -> SdkConfig {
+    let credentials = Credentials::builder()
+        .access_key_id("AKIACLOUDLBTEST00000")
+        .secret_access_key("cloudlb-test-secret")
+        .account_id(account_id)
+        .provider_name("cloudlb-testbed")
+        .build();
+    SdkConfig::builder()
+        .region(Region::new(REGION))
+        .credentials_provider(SharedCredentialsProvider::new(credentials))
+        .endpoint_url(endpoint)
+        .behavior_version(BehaviorVersion::latest())
+        .build()
+}
+
+/// One moto server per test process, on a free loopback port.
+pub struct AwsEmulator {
+    // Field order is drop order: the process first, then its directory.
+    process: ManagedProcess,
+    endpoint: String,
+    start_time: Duration,
+    dir: TempDir,
+}
+
+impl AwsEmulator {
+    /// The process-wide emulator, started on first use and killed when the test binary exits.
+    /// Tests sharing it isolate themselves with [`AwsEmulator::new_account`].
+    pub async fn shared() -> &'static AwsEmulator {
+        SHARED.get_or_init(AwsEmulator::start).await
+    }
+
+    /// A private moto server; killed when dropped.
+    pub async fn start() -> AwsEmulator {
+        let started = Instant::now();
+        let dir = TempDir::new().expect("create a scratch directory for moto");
+        let moto = find_binary("CLOUDLB_MOTO_SERVER", "moto-venv/bin/moto_server", &[]);
+        let mut last_failure = String::new();
+        for attempt in 1..=START_ATTEMPTS {
+            let port = free_port();
+            let args = vec![
+                "-H".to_string(),
+                "127.0.0.1".to_string(),
+                "-p".to_string(),
+                port.to_string(),
+            ];
+            let mut process = ManagedProcess::spawn("moto", &moto, &args, dir.path())
+                .unwrap_or_else(|e| panic!("start moto_server: {e}"));
+            let endpoint = format!("http://127.0.0.1:{port}");
+            match wait_ready(&mut process, port).await {
+                Ok(()) => {
+                    let emulator = AwsEmulator {
+                        process,
+                        endpoint,
+                        start_time: started.elapsed(),
+                        dir,
+                    };
+                    eprintln!(
+                        "moto server started in {} ms ({}; dir {})",
+                        emulator.start_time.as_millis(),
+                        emulator.endpoint,
+                        emulator.dir.path().display()
+                    );
+                    return emulator;
+                }
+                Err(log) => {
+                    last_failure = log;
+                    if !lost_port_race(&last_failure) {
+                        break;
+                    }
+                    eprintln!("testbed: moto lost a port race on attempt {attempt}, retrying");
+                }
+            }
+        }
+        super::process::mark_failed();
+        panic!(
+            "moto server did not start (venv {}; run scripts/install-test-deps):\n{last_failure}",
+            cache_dir().join("moto-venv").display()
+        );
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    pub fn start_time(&self) -> Duration {
+        self.start_time
+    }
+
+    /// A fresh 12-digit account id, unique per call (and per test process).
+    pub fn new_account(&self) -> String {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        format!("9{:05}{:06}", std::process::id() % 100_000, n % 1_000_000)
+    }
+
+    /// SDK configuration for `account` (see [`aws_sdk_config`]).
+    pub fn sdk_config(&self, account: &str) -> SdkConfig {
+        aws_sdk_config(&self.endpoint, account)
+    }
+
+    /// ELBv2 and EC2 clients that act in `account`.
+    pub fn clients(&self, account: &str) -> (elbv2::Client, ec2::Client) {
+        let sdk_config = self.sdk_config(account);
+        let header = AccountHeader(account.to_string());
+        let elbv2 = elbv2::Client::from_conf(
+            elbv2::config::Builder::from(&sdk_config)
+                .interceptor(header.clone())
+                .build(),
+        );
+        let ec2 = ec2::Client::from_conf(
+            ec2::config::Builder::from(&sdk_config)
+                .interceptor(header)
+                .build(),
+        );
+        (elbv2, ec2)
+    }
+
+    /// The last `n` lines of the moto log.
+    pub fn log_tail(&self, n: usize) -> String {
+        self.process.log_section(n)
+    }
+}
+
+async fn wait_ready(process: &mut ManagedProcess, port: u16) -> Result<(), String> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Some(status) = process.exited() {
+            return Err(format!(
+                "moto_server exited early ({status}):\n{}",
+                process.log_section(40)
+            ));
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "moto_server was not ready within {READY_TIMEOUT:?}:\n{}",
+                process.log_section(40)
+            ));
+        }
+        if http_get_ok(port, "/moto-api/data.json").await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A minimal HTTP/1.0 GET; true on a 200 answer.
+async fn http_get_ok(port: u16, path: &str) -> bool {
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+            .await?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await?;
+        Ok::<bool, std::io::Error>(head.starts_with(b"HTTP/1.") && &head[9..12] == b"200")
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), attempt).await,
+        Ok(Ok(true))
+    )
+}
+
+/// A subnet created by [`create_vpc_with_subnets`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subnet {
+    pub id: String,
+    pub az: String,
+    pub cidr: String,
+}
+
+/// A VPC 10.0.0.0/16 with one public and one private subnet in each of [`ZONES`].
+#[derive(Debug, Clone)]
+pub struct Network {
+    pub vpc_id: String,
+    /// Tagged `kubernetes.io/role/elb=1` and `kubernetes.io/cluster/<cluster>=owned`.
+    pub public_subnets: Vec<Subnet>,
+    /// Tagged `kubernetes.io/role/internal-elb=1` and `kubernetes.io/cluster/<cluster>=owned`.
+    pub private_subnets: Vec<Subnet>,
+}
+
+impl Network {
+    pub fn public_subnet_ids(&self) -> Vec<String> {
+        self.public_subnets.iter().map(|s| s.id.clone()).collect()
+    }
+
+    pub fn private_subnet_ids(&self) -> Vec<String> {
+        self.private_subnets.iter().map(|s| s.id.clone()).collect()
+    }
+}
+
+fn ec2_tags(resource: ResourceType, tags: &[(&str, &str)]) -> Ec2TagSpecification {
+    tags.iter()
+        .fold(
+            Ec2TagSpecification::builder().resource_type(resource),
+            |b, (k, v)| b.tags(Ec2Tag::builder().key(*k).value(*v).build()),
+        )
+        .build()
+}
+
+/// Creates the VPC and four subnets of a cluster called `cluster_name`.
+pub async fn create_vpc_with_subnets(ec2: &ec2::Client, cluster_name: &str) -> Network {
+    let vpc = ec2
+        .create_vpc()
+        .cidr_block("10.0.0.0/16")
+        .tag_specifications(ec2_tags(
+            ResourceType::Vpc,
+            &[("Name", &format!("{cluster_name}-vpc"))],
+        ))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("CreateVpc: {e:?}"));
+    let vpc_id = vpc
+        .vpc()
+        .and_then(|v| v.vpc_id())
+        .expect("CreateVpc returned a VPC id")
+        .to_string();
+    let cluster_tag = format!("kubernetes.io/cluster/{cluster_name}");
+    let mut public_subnets = Vec::new();
+    let mut private_subnets = Vec::new();
+    for (i, az) in ZONES.iter().enumerate() {
+        for (public, cidr) in [
+            (true, format!("10.0.{}.0/20", i * 16)),
+            (false, format!("10.0.{}.0/20", 128 + i * 16)),
+        ] {
+            let role = if public {
+                "kubernetes.io/role/elb"
+            } else {
+                "kubernetes.io/role/internal-elb"
+            };
+            let kind = if public { "public" } else { "private" };
+            let name = format!("{cluster_name}-{kind}-{az}");
+            let created = ec2
+                .create_subnet()
+                .vpc_id(&vpc_id)
+                .cidr_block(&cidr)
+                .availability_zone(*az)
+                .tag_specifications(ec2_tags(
+                    ResourceType::Subnet,
+                    &[("Name", &name), (role, "1"), (&cluster_tag, "owned")],
+                ))
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("CreateSubnet {cidr} in {az}: {e:?}"));
+            let subnet = Subnet {
+                id: created
+                    .subnet()
+                    .and_then(|s| s.subnet_id())
+                    .expect("CreateSubnet returned a subnet id")
+                    .to_string(),
+                az: az.to_string(),
+                cidr,
+            };
+            if public {
+                public_subnets.push(subnet);
+            } else {
+                private_subnets.push(subnet);
+            }
+        }
+    }
+    Network {
+        vpc_id,
+        public_subnets,
+        private_subnets,
+    }
+}
+
+/// An EC2 instance standing in for a Kubernetes node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub id: String,
+    pub az: String,
+    pub private_ip: String,
+}
+
+/// Launches `n` instances in `subnet_id`.
+pub async fn run_instances(ec2: &ec2::Client, subnet_id: &str, n: i32) -> Vec<Instance> {
+    let output = ec2
+        .run_instances()
+        .image_id(TEST_AMI)
+        .instance_type(InstanceType::T3Medium)
+        .min_count(n)
+        .max_count(n)
+        .subnet_id(subnet_id)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("RunInstances in {subnet_id}: {e:?}"));
+    output
+        .instances()
+        .iter()
+        .map(|i| Instance {
+            id: i
+                .instance_id()
+                .expect("RunInstances returned an instance id")
+                .to_string(),
+            az: i
+                .placement()
+                .and_then(|p| p.availability_zone())
+                .expect("RunInstances returned a placement")
+                .to_string(),
+            private_ip: i
+                .private_ip_address()
+                .expect("RunInstances returned a private IP")
+                .to_string(),
+        })
+        .collect()
+}
