@@ -10,6 +10,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// Label that keeps a node out of every external load balancer (Kubernetes service controller).
 pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+/// Local-provider settings carried in `LoadBalancer::attributes`.
+pub const LOCAL_POOL: &str = "local.address_pool";
+pub const LOCAL_ALGORITHM: &str = "local.algorithm";
+pub const LOCAL_DRAIN: &str = "local.drain_timeout_seconds";
+pub const LOCAL_REQUESTED_ADDRESS: &str = "local.requested_address";
+
 /// Taints of nodes that are going away.
 pub const DRAINING_TAINTS: &[&str] = &["ToBeDeletedByClusterAutoscaler", "karpenter.sh/disrupted"];
 
@@ -201,6 +207,13 @@ pub fn build(
         t
     };
 
+    // The local proxy reaches nodes by address.
+    let target_type = if cfg.local.is_some() {
+        TargetType::Ip
+    } else {
+        cfg.target_type
+    };
+
     // Targets: every eligible node passing the per-Service label selector.
     let mut hosts: BTreeSet<String> = BTreeSet::new();
     for node in nodes
@@ -208,7 +221,7 @@ pub fn build(
         .filter(|n| node_eligible(n) && matches_labels(n, &cfg.target_node_labels))
     {
         let node_name = node.metadata.name.clone().unwrap_or_default();
-        let id = match cfg.target_type {
+        let id = match target_type {
             TargetType::Instance => instance_id(node)
                 .ok_or("no spec.providerID of the form aws:///<zone>/<instance-id>"),
             TargetType::Ip => internal_ip(node).ok_or("no InternalIP address"),
@@ -240,15 +253,17 @@ pub fn build(
             "{}/{}/{}",
             tg_protocol.as_aws(),
             g.node_port,
-            cfg.target_type.as_aws()
+            target_type.as_aws()
         );
         let mut attributes = BTreeMap::new();
-        attributes.insert(
-            "deregistration_delay.timeout_seconds".to_string(),
-            "300".to_string(),
-        );
-        attributes.insert("proxy_protocol_v2.enabled".to_string(), "false".to_string());
-        attributes.extend(cfg.tg_attributes.clone());
+        if cfg.local.is_none() {
+            attributes.insert(
+                "deregistration_delay.timeout_seconds".to_string(),
+                "300".to_string(),
+            );
+            attributes.insert("proxy_protocol_v2.enabled".to_string(), "false".to_string());
+            attributes.extend(cfg.tg_attributes.clone());
+        }
         target_groups.push(TargetGroup {
             key: key.clone(),
             name: naming::target_group_name(
@@ -260,7 +275,7 @@ pub fn build(
             ),
             protocol: tg_protocol,
             port: g.node_port,
-            target_type: cfg.target_type,
+            target_type,
             health_check: hc.clone(),
             attributes,
             targets: hosts
@@ -301,25 +316,47 @@ pub fn build(
         }
     }
 
-    let frontend = cfg
-        .security_groups
-        .is_empty()
-        .then(|| FrontendSecurityGroup {
+    let frontend =
+        (cfg.security_groups.is_empty() && cfg.local.is_none()).then(|| FrontendSecurityGroup {
             name: naming::security_group_name(&name),
             description: format!("cloudlb frontend for Service {service} in cluster {cluster}"),
             ingress,
         });
     let mut attributes = BTreeMap::new();
-    attributes.insert(
-        "deletion_protection.enabled".to_string(),
-        "false".to_string(),
-    );
-    attributes.insert(
-        "load_balancing.cross_zone.enabled".to_string(),
-        "false".to_string(),
-    );
-    attributes.insert("access_logs.s3.enabled".to_string(), "false".to_string());
-    attributes.extend(cfg.lb_attributes.clone());
+    match &cfg.local {
+        None => {
+            attributes.insert(
+                "deletion_protection.enabled".to_string(),
+                "false".to_string(),
+            );
+            attributes.insert(
+                "load_balancing.cross_zone.enabled".to_string(),
+                "false".to_string(),
+            );
+            attributes.insert("access_logs.s3.enabled".to_string(), "false".to_string());
+            attributes.extend(cfg.lb_attributes.clone());
+        }
+        Some(local) => {
+            // Provider-specific settings travel as attributes; the address the Service already
+            // has is requested again, so it stays stable across operator restarts.
+            attributes.insert(LOCAL_POOL.to_string(), local.address_pool.clone());
+            attributes.insert(LOCAL_ALGORITHM.to_string(), local.algorithm.clone());
+            attributes.insert(
+                LOCAL_DRAIN.to_string(),
+                local.drain_timeout_seconds.to_string(),
+            );
+            let current_ip = svc
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref())
+                .and_then(|i| i.first())
+                .and_then(|i| i.ip.clone());
+            if let Some(ip) = current_ip {
+                attributes.insert(LOCAL_REQUESTED_ADDRESS.to_string(), ip);
+            }
+        }
+    }
 
     let status_ports = svc
         .spec

@@ -126,7 +126,22 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             let providers = providers(&common).await;
             tracing::info!(cluster = %s.cluster, "cloudlb starting");
             let metrics = Arc::new(cloudlb::telemetry::Metrics::new());
-            controller::run(client, s, providers, metrics, shutdown_signal()).await;
+            // First SIGTERM: stop taking new work and let running reconciles finish, but exit
+            // within a grace period even when the API server or the cloud does not answer.
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                let _ = tx.send(true);
+            });
+            let stopping = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            };
+            tokio::select! {
+                _ = controller::run(client, s, providers, metrics, stopping(rx.clone())) => {}
+                _ = async { stopping(rx).await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+                    tracing::warn!("shutdown grace period over; exiting");
+                }
+            }
             tracing::info!("cloudlb stopped");
         }
         Command::Plan { common } => {
@@ -138,6 +153,8 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     }
     Ok(())
 }
+
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Resolves on the first SIGTERM or Ctrl-C.
 async fn shutdown_signal() {

@@ -261,7 +261,11 @@ fn plan_ensure(lb: &LoadBalancer, observed: &Observed, ops: &mut Vec<Op>) {
                 ops.push(Op::SetSecurityGroups);
             }
             changed_attributes(&lb.attributes, |k| {
-                have.attributes.get(k).map(String::as_str)
+                // An attribute the cloud does not report is at its default.
+                have.attributes
+                    .get(k)
+                    .map(String::as_str)
+                    .or_else(|| lb_attribute_default(k))
             })
         }
     };
@@ -363,7 +367,10 @@ fn plan_target_group(tg: &TargetGroup, have: Option<&ObservedTargetGroup>, ops: 
                 ops.push(Op::ModifyHealthCheck { key: key.clone() });
             }
             let attrs = changed_attributes(&tg.attributes, |k| {
-                have.attributes.get(k).map(String::as_str)
+                have.attributes
+                    .get(k)
+                    .map(String::as_str)
+                    .or_else(|| tg_attribute_default(k, tg))
             });
             if !attrs.is_empty() {
                 ops.push(Op::SetTargetGroupAttributes {

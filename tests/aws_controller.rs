@@ -59,6 +59,9 @@ struct Env {
     provider: Arc<AwsProvider>,
     metrics: Arc<Metrics>,
     resync: Duration,
+    /// Orphan sweep interval: long, so call counts are not mixed with sweeps, unless a test
+    /// is about the sweep.
+    orphan_sweep: Duration,
     operator: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -103,6 +106,7 @@ impl Env {
             provider,
             metrics: Arc::new(Metrics::new()),
             resync,
+            orphan_sweep: Duration::from_secs(3600),
             operator: None,
         };
         for (i, instance) in instances.iter().enumerate() {
@@ -119,6 +123,7 @@ impl Env {
         settings.classes = Some(vec![self.ns.clone()]);
         settings.resync = self.resync;
         settings.provisioning_requeue = Duration::from_millis(500);
+        settings.orphan_sweep = self.orphan_sweep;
         let providers = Providers {
             aws: Some(self.provider.clone()),
         };
@@ -388,6 +393,18 @@ async fn service_lifecycle_create_update_nodes_delete() {
         );
     }
 
+    // The class reports how many Services use it and that it is valid.
+    let classes: Api<LoadBalancerClass> = Api::all(env.client.clone());
+    wait_for("class status", || async {
+        let status = classes.get(&env.ns).await.ok()?.status?;
+        let valid = status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Valid" && c.status == "True");
+        (status.service_count == 1 && valid).then_some(())
+    })
+    .await;
+
     // Unchanged resync: an edit that does not change the desired state makes no AWS call.
     let before = env.provider.calls();
     let unchanged = env.metrics.reconcile_count("unchanged");
@@ -595,6 +612,8 @@ async fn invalid_annotations_give_one_event_and_change_nothing() {
     // An existing load balancer stays exactly as it was when its Service turns invalid.
     env.create_service("good", json!({}), web_ports()).await;
     let hostname = env.wait_hostname("good").await;
+    // The NLB provisioned: the state poll saw it active.
+    env.wait_reconciles("verified", 0).await;
     let before = env.provider.calls();
     let invalid = env.metrics.reconcile_count("invalid");
     env.patch_service(
@@ -797,13 +816,12 @@ async fn node_added_with_ten_services_is_one_register_call_per_target_group() {
     for i in 0..10 {
         env.wait_hostname(&format!("svc-{i}")).await;
     }
-    // Let the provisioning requeues settle into the cache.
-    wait_for("all verified", || async {
-        let lbs = env.load_balancers().await;
-        (lbs.len() == 10).then_some(())
+    // Every NLB provisioned: each Service's state poll saw it active.
+    wait_for("all active", || async {
+        (env.metrics.reconcile_count("verified") >= 10).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(env.load_balancers().await.len(), 10);
     let before = env.provider.calls();
     let extra = env.new_instance().await;
     env.add_node(&extra, 10).await;
@@ -818,5 +836,61 @@ async fn node_added_with_ten_services_is_one_register_call_per_target_group() {
     assert_eq!(
         delta,
         BTreeMap::from([("RegisterTargets/ok".to_string(), 20)])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leftovers_of_a_service_that_is_gone_are_swept() {
+    let _guard = TestGuard::new();
+    let mut env = Env::start("orphans", Duration::from_secs(3600)).await;
+    env.stop_operator();
+    env.orphan_sweep = Duration::from_secs(2);
+    env.start_operator();
+    env.create_service("gone", json!({}), web_ports()).await;
+    env.create_service("kept", json!({}), web_ports()).await;
+    env.wait_hostname("gone").await;
+    env.wait_hostname("kept").await;
+    assert_eq!(env.load_balancers().await.len(), 2);
+
+    // The operator is down while someone force-deletes a Service (finalizer stripped by hand).
+    env.stop_operator();
+    env.patch_service("gone", json!({"metadata": {"finalizers": null}}))
+        .await;
+    env.services()
+        .delete("gone", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for("service gone", || async {
+        env.services()
+            .get_opt("gone")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+
+    // Back up: the sweep finds the resources tagged for the vanished Service and deletes them,
+    // and only them.
+    env.start_operator();
+    wait_for("orphaned NLB deleted", || async {
+        (env.load_balancers().await.len() == 1).then_some(())
+    })
+    .await;
+    wait_for("orphaned target groups deleted", || async {
+        (env.target_groups().await.len() == 2).then_some(())
+    })
+    .await;
+    wait_for("orphaned security group deleted", || async {
+        (env.our_security_groups().await.len() == 1).then_some(())
+    })
+    .await;
+    let kept = env
+        .hostname("kept")
+        .await
+        .expect("kept still has its address");
+    assert_eq!(
+        env.load_balancers().await[0].dns_name(),
+        Some(kept.as_str())
     );
 }

@@ -26,17 +26,17 @@ fn service() -> ServiceRef {
     }
 }
 
-fn lb_name(svc: &ServiceRef) -> String {
-    naming::load_balancer_name(CLUSTER, &svc.namespace, &svc.name, &svc.uid)
+fn lb_name_in(cluster: &str, svc: &ServiceRef) -> String {
+    naming::load_balancer_name(cluster, &svc.namespace, &svc.name, &svc.uid)
 }
 
-fn owner_tags(svc: &ServiceRef) -> BTreeMap<String, String> {
+fn owner_tags_in(cluster: &str, svc: &ServiceRef) -> BTreeMap<String, String> {
     [
-        (tags::CLUSTER.to_string(), CLUSTER.to_string()),
+        (tags::CLUSTER.to_string(), cluster.to_string()),
         (tags::SERVICE_NAMESPACE.to_string(), svc.namespace.clone()),
         (tags::SERVICE_NAME.to_string(), svc.name.clone()),
         (tags::SERVICE_UID.to_string(), svc.uid.clone()),
-        (tags::kubernetes_cluster(CLUSTER), "owned".to_string()),
+        (tags::kubernetes_cluster(cluster), "owned".to_string()),
     ]
     .into_iter()
     .collect()
@@ -61,9 +61,13 @@ fn tg_name(lb_name: &str, svc: &ServiceRef, (port, protocol, node_port): Port) -
 /// The desired model, built by hand: instance targets on the nodePorts, a frontend security group
 /// open to the world on the listener ports, discovered subnets.
 fn desired(ports: &[Port], instances: &[String]) -> Desired {
-    let svc = service();
-    let name = lb_name(&svc);
-    let tags = owner_tags(&svc);
+    desired_for(CLUSTER, service(), ports, instances)
+}
+
+/// [`desired`] for any Service of any cluster.
+fn desired_for(cluster: &str, svc: ServiceRef, ports: &[Port], instances: &[String]) -> Desired {
+    let name = lb_name_in(cluster, &svc);
+    let tags = owner_tags_in(cluster, &svc);
     let mut listeners = Vec::new();
     let mut target_groups = Vec::new();
     let mut ingress = BTreeSet::new();
@@ -670,4 +674,325 @@ async fn explicit_subnets_modifications_and_scheme_replacement() {
             ("DeleteSecurityGroup/ok", 1),
         ])
     );
+}
+
+/// `observed` as `owned()` reports it: target-group attributes and targets are not read.
+fn as_owned(mut o: Observed) -> Observed {
+    for tg in &mut o.target_groups {
+        tg.attributes.clear();
+        tg.targets.clear();
+    }
+    without_state(o)
+}
+
+fn other_service() -> ServiceRef {
+    ServiceRef {
+        namespace: "shop".into(),
+        name: "api".into(),
+        uid: "8c1f6a43-0000-4000-8000-0000000000bb".into(),
+    }
+}
+
+async fn load_balancer_exists(elbv2: &support::elbv2::Client, name: &str) -> bool {
+    elbv2
+        .describe_load_balancers()
+        .names(name)
+        .send()
+        .await
+        .is_ok_and(|o| !o.load_balancers().is_empty())
+}
+
+async fn target_group_exists(elbv2: &support::elbv2::Client, arn: &str) -> bool {
+    elbv2
+        .describe_target_groups()
+        .target_group_arns(arn)
+        .send()
+        .await
+        .is_ok_and(|o| !o.target_groups().is_empty())
+}
+
+async fn security_group_exists(ec2: &support::ec2::Client, id: &str) -> bool {
+    ec2.describe_security_groups()
+        .filters(Filter::builder().name("group-id").values(id).build())
+        .send()
+        .await
+        .is_ok_and(|o| !o.security_groups().is_empty())
+}
+
+/// A target group made by hand with `tags`.
+async fn tagged_target_group(
+    elbv2: &support::elbv2::Client,
+    vpc_id: &str,
+    name: &str,
+    tags: &BTreeMap<String, String>,
+) -> String {
+    let tags = tags
+        .iter()
+        .map(|(k, v)| {
+            support::elbv2::types::Tag::builder()
+                .key(k)
+                .value(v)
+                .build()
+        })
+        .collect();
+    elbv2
+        .create_target_group()
+        .name(name)
+        .protocol(support::elbv2::types::ProtocolEnum::Tcp)
+        .port(30999)
+        .vpc_id(vpc_id)
+        .set_tags(Some(tags))
+        .send()
+        .await
+        .expect("CreateTargetGroup by hand")
+        .target_groups()[0]
+        .target_group_arn()
+        .expect("arn")
+        .to_string()
+}
+
+#[tokio::test]
+async fn owned_finds_this_clusters_services_and_the_empty_plan_deletes_one() {
+    let _guard = TestGuard::new();
+    let moto = AwsEmulator::shared().await;
+    let account = moto.new_account();
+    let (elbv2, ec2) = moto.clients(&account);
+    let network = create_vpc_with_subnets(&ec2, CLUSTER).await;
+    let instances: Vec<String> = run_instances(&ec2, &network.private_subnets[0].id, 2)
+        .await
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    let mut settings = AwsSettings::new(CLUSTER);
+    settings.rate_limit_per_sec = 100.0;
+    let provider = AwsProvider::new(elbv2.clone(), ec2.clone(), settings);
+
+    // Two Services of this cluster, two ports each.
+    let a = desired(&[TCP_80, UDP_53], &instances);
+    let b = desired_for(CLUSTER, other_service(), &[TCP_80, UDP_53], &instances);
+    let (a_made, _) = reconcile(&provider, &a).await;
+    let (b_made, _) = reconcile(&provider, &b).await;
+    // A target group of b's created before a crash, never attached.
+    let b_loose = tagged_target_group(
+        &elbv2,
+        &network.vpc_id,
+        "k8s-shop-api-loose",
+        &owner_tags_in(CLUSTER, &other_service()),
+    )
+    .await;
+    // Tagged for this cluster but naming no Service: not ours to judge.
+    let partial = tagged_target_group(
+        &elbv2,
+        &network.vpc_id,
+        "k8s-partial-tags",
+        &[(tags::CLUSTER.to_string(), CLUSTER.to_string())]
+            .into_iter()
+            .collect(),
+    )
+    .await;
+
+    // A Service of another cluster in the same account (its subnets are given explicitly: the
+    // discovery tags are for our cluster).
+    const OTHER_CLUSTER: &str = "someone-else";
+    let other_provider =
+        AwsProvider::new(elbv2.clone(), ec2.clone(), AwsSettings::new(OTHER_CLUSTER));
+    let mut c = desired_for(OTHER_CLUSTER, service(), &[TCP_80], &instances);
+    c.lb.as_mut().expect("lb").subnets = Subnets::Explicit(network.public_subnet_ids());
+    let (c_made, _) = reconcile(&other_provider, &c).await;
+
+    // And an NLB without any tags.
+    elbv2
+        .create_load_balancer()
+        .name("hand-made")
+        .r#type(LoadBalancerTypeEnum::Network)
+        .set_subnets(Some(network.public_subnet_ids()))
+        .send()
+        .await
+        .expect("CreateLoadBalancer by hand");
+
+    // ---- the sweep
+    provider.reset_calls();
+    let owned = provider.owned().await.expect("owned");
+    let sweep_calls = provider.calls();
+    eprintln!("owned() with 2 Services (P=2), 4 NLBs and 7 TGs in the account: {sweep_calls:#?}");
+    assert_eq!(
+        sweep_calls,
+        expect(&[
+            ("DescribeLoadBalancers/ok", 1),
+            ("DescribeTargetGroups/ok", 1),
+            ("DescribeTags/ok", 1),
+            ("DescribeSecurityGroups/ok", 1),
+            ("DescribeLoadBalancerAttributes/ok", 2),
+            ("DescribeListeners/ok", 2),
+        ])
+    );
+    let services: Vec<&ServiceRef> = owned.iter().map(|(s, _)| s).collect();
+    assert_eq!(
+        services,
+        vec![&other_service(), &service()],
+        "sorted by Service"
+    );
+    let (_, b_owned) = &owned[0];
+    let (_, a_owned) = &owned[1];
+
+    // a: exactly what observe sees, minus what the empty plan does not need.
+    let a_fresh = provider.observe(&a).await.expect("observe");
+    assert_eq!(a_owned, &as_owned(a_fresh.clone()));
+    assert_eq!(as_owned(a_made.clone()), as_owned(a_fresh));
+    assert_eq!(a_owned.listeners.len(), 2);
+    assert_eq!(a_owned.target_groups.len(), 2);
+    assert!(a_owned.security_group.is_some());
+    // Deletion protection is visible to the planner.
+    assert_eq!(
+        a_owned
+            .lb
+            .as_ref()
+            .and_then(|l| l.attributes.get("deletion_protection.enabled"))
+            .map(String::as_str),
+        Some("false")
+    );
+
+    // b: its two attached target groups and the loose one.
+    let mut b_tgs: Vec<&str> = b_owned
+        .target_groups
+        .iter()
+        .map(|t| t.arn.as_str())
+        .collect();
+    b_tgs.sort_unstable();
+    let mut want: Vec<&str> = b_made
+        .target_groups
+        .iter()
+        .map(|t| t.arn.as_str())
+        .chain([b_loose.as_str()])
+        .collect();
+    want.sort_unstable();
+    assert_eq!(b_tgs, want);
+    assert_eq!(
+        b_owned.lb.as_ref().map(|l| &l.arn),
+        b_made.lb.as_ref().map(|l| &l.arn)
+    );
+    assert_eq!(
+        b_owned.security_group.as_ref().map(|s| &s.id),
+        b_made.security_group.as_ref().map(|s| &s.id)
+    );
+
+    // The other cluster sees only its own.
+    let theirs = other_provider.owned().await.expect("owned");
+    assert_eq!(theirs.len(), 1);
+    assert_eq!(
+        theirs[0].1.lb.as_ref().map(|l| &l.arn),
+        c_made.lb.as_ref().map(|l| &l.arn)
+    );
+
+    // ---- a's Service is gone: delete what it left, from the sweep's observation.
+    let empty = Desired::empty(service(), a.lb_name.clone());
+    let deletion = plan(&empty, a_owned).expect("plan");
+    assert_eq!(deletion.ops.len(), 4, "{deletion:?}");
+    provider.reset_calls();
+    let after = provider
+        .apply(&empty, a_owned, &deletion)
+        .await
+        .expect("apply");
+    assert_eq!(after, Observed::default());
+    assert_eq!(
+        writes(&provider),
+        expect(&[
+            ("DeleteLoadBalancer/ok", 1),
+            ("DeleteTargetGroup/ok", 2),
+            ("DeleteSecurityGroup/ok", 1),
+        ])
+    );
+
+    // Only a's resources are gone.
+    assert!(!load_balancer_exists(&elbv2, &a.lb_name).await);
+    for tg in &a_owned.target_groups {
+        assert!(!target_group_exists(&elbv2, &tg.arn).await, "{}", tg.name);
+    }
+    let a_sg = a_owned.security_group.as_ref().expect("sg");
+    assert!(!security_group_exists(&ec2, &a_sg.id).await);
+    assert!(load_balancer_exists(&elbv2, &b.lb_name).await);
+    for tg in &b_owned.target_groups {
+        assert!(target_group_exists(&elbv2, &tg.arn).await, "{}", tg.name);
+    }
+    let b_sg = b_owned.security_group.as_ref().expect("sg");
+    assert!(security_group_exists(&ec2, &b_sg.id).await);
+    assert!(load_balancer_exists(&elbv2, &c.lb_name).await);
+    for tg in &c_made.target_groups {
+        assert!(target_group_exists(&elbv2, &tg.arn).await, "{}", tg.name);
+    }
+    let c_sg = c_made.security_group.as_ref().expect("sg");
+    assert!(security_group_exists(&ec2, &c_sg.id).await);
+    assert!(load_balancer_exists(&elbv2, "hand-made").await);
+    assert!(target_group_exists(&elbv2, &partial).await);
+
+    // The next sweep finds b only; b's deletion protection stops its empty plan.
+    let b_arn = b_owned.lb.as_ref().expect("lb").arn.clone();
+    elbv2
+        .modify_load_balancer_attributes()
+        .load_balancer_arn(&b_arn)
+        .attributes(
+            support::elbv2::types::LoadBalancerAttribute::builder()
+                .key("deletion_protection.enabled")
+                .value("true")
+                .build(),
+        )
+        .send()
+        .await
+        .expect("enable deletion protection");
+    let owned = provider.owned().await.expect("owned");
+    assert_eq!(owned.len(), 1);
+    assert_eq!(owned[0].0, other_service());
+    assert_eq!(
+        plan(
+            &Desired::empty(other_service(), b.lb_name.clone()),
+            &owned[0].1
+        ),
+        Err(cloudlb::plan::PlanError::DeletionProtected {
+            name: b.lb_name.clone()
+        })
+    );
+}
+
+#[tokio::test]
+async fn with_metrics_counts_every_call() {
+    let _guard = TestGuard::new();
+    let moto = AwsEmulator::shared().await;
+    let account = moto.new_account();
+    let (elbv2, ec2) = moto.clients(&account);
+    let network = create_vpc_with_subnets(&ec2, CLUSTER).await;
+    let instances: Vec<String> = run_instances(&ec2, &network.private_subnets[0].id, 2)
+        .await
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    let metrics = std::sync::Arc::new(cloudlb::telemetry::Metrics::new());
+    let provider =
+        AwsProvider::new(elbv2, ec2, AwsSettings::new(CLUSTER)).with_metrics(metrics.clone());
+
+    let want = desired(&[TCP_80, UDP_53], &instances);
+    reconcile(&provider, &want).await;
+    provider.owned().await.expect("owned");
+    let empty = Desired::empty(service(), want.lb_name.clone());
+    reconcile(&provider, &empty).await;
+
+    let calls = provider.calls();
+    let text = metrics.encode();
+    assert!(
+        text.contains(
+            r#"cloudlb_cloud_api_calls_total{provider="aws",operation="CreateLoadBalancer",outcome="ok"} 1"#
+        ),
+        "{text}"
+    );
+    for (key, n) in &calls {
+        let (operation, outcome) = key.split_once('/').expect("Operation/outcome");
+        let line = format!(
+            r#"cloudlb_cloud_api_calls_total{{provider="aws",operation="{operation}",outcome="{outcome}"}} {n}"#
+        );
+        assert!(text.contains(&line), "missing {line}:\n{text}");
+    }
+    let series = text
+        .lines()
+        .filter(|l| l.starts_with("cloudlb_cloud_api_calls_total{"))
+        .count();
+    assert_eq!(series, calls.len(), "{text}");
 }

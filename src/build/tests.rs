@@ -14,6 +14,7 @@ fn default_class() -> LoadBalancerClass {
             provider: ProviderKind::Aws,
             default: true,
             aws: None,
+            local: None,
         },
     );
     c.metadata.name = Some("default".into());

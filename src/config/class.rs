@@ -47,6 +47,26 @@ pub struct LoadBalancerClassSpec {
     /// Defaults for AWS Network Load Balancers (provider `aws`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aws: Option<AwsClassSpec>,
+    /// Settings of the local provider (the operator serves the load balancer itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalClassSpec>,
+}
+
+/// Local provider settings.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalClassSpec {
+    /// Addresses handed to Services: a CIDR (`127.0.1.0/24`, routed to loopback on Linux with no
+    /// set-up) or a comma-separated list of addresses configured on the host. Default
+    /// `127.0.1.0/24`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address_pool: Option<String>,
+    /// `random` (default, like kube-proxy) or `round-robin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<String>,
+    /// How long connections to a removed node may finish. Default 30.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_timeout_seconds: Option<u32>,
 }
 
 /// AWS defaults; each field has the annotation of the same name (see docs/annotations.md).

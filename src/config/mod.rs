@@ -85,6 +85,71 @@ pub struct LbConfig {
     pub security_groups: Vec<String>,
     pub source_ranges: Vec<String>,
     pub name: Option<String>,
+    /// Settings of the local provider (`provider: local` only).
+    pub local: Option<LocalConfig>,
+}
+
+/// The local provider's settings, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalConfig {
+    pub address_pool: String,
+    /// `random` or `round-robin`.
+    pub algorithm: String,
+    pub drain_timeout_seconds: u32,
+}
+
+pub const DEFAULT_LOCAL_POOL: &str = "127.0.1.0/24";
+
+fn valid_pool(pool: &str) -> bool {
+    let items: Vec<&str> = pool
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    !items.is_empty()
+        && items.iter().all(|i| {
+            if i.contains('/') {
+                is_cidr(i)
+            } else {
+                i.parse::<std::net::IpAddr>().is_ok()
+            }
+        })
+}
+
+fn local_config(class: &LoadBalancerClass, errors: &mut Vec<ConfigError>) -> LocalConfig {
+    let name = class.metadata.name.clone().unwrap_or_default();
+    let spec = class.spec.local.clone().unwrap_or_default();
+    let address_pool = spec
+        .address_pool
+        .unwrap_or_else(|| DEFAULT_LOCAL_POOL.to_string());
+    if !valid_pool(&address_pool) {
+        errors.push(err(
+            &format!("LoadBalancerClass {name} spec.local.addressPool"),
+            &address_pool,
+            "must be a CIDR such as 127.0.1.0/24 or a comma-separated list of IP addresses",
+        ));
+    }
+    let algorithm = spec.algorithm.unwrap_or_else(|| "random".to_string());
+    if algorithm != "random" && algorithm != "round-robin" {
+        errors.push(err(
+            &format!("LoadBalancerClass {name} spec.local.algorithm"),
+            &algorithm,
+            "allowed values: random, round-robin",
+        ));
+    }
+    let drain_timeout_seconds = spec.drain_timeout_seconds.unwrap_or(30);
+    if drain_timeout_seconds > 3600 {
+        errors.push(err(
+            &format!("LoadBalancerClass {name} spec.local.drainTimeoutSeconds"),
+            &drain_timeout_seconds.to_string(),
+            "must be 0-3600 seconds",
+        ));
+    }
+    LocalConfig {
+        address_pool,
+        algorithm,
+        drain_timeout_seconds,
+    }
 }
 
 /// Load-balancer attributes users may set.
@@ -941,6 +1006,25 @@ impl Parser<'_> {
             ));
         }
 
+        let local = (class.spec.provider == ProviderKind::Local).then(|| {
+            // What the local proxy cannot do is refused, never silently dropped.
+            if !tls_ports.is_empty() {
+                let raw = self.get(keys::SSL_CERT).or(self.get(keys::SSL_PORTS)).cloned();
+                let (source, value) = raw.map_or(("ssl-cert".to_string(), String::new()), |r| (r.source, r.value));
+                self.errors.push(err(&source, &value, "the local provider does not terminate TLS; remove it or use an aws class"));
+            }
+            if !spec.load_balancer_source_ranges.clone().unwrap_or_default().is_empty()
+                || self.get(keys::SOURCE_RANGES).is_some()
+            {
+                self.errors.push(err(
+                    "source ranges",
+                    &source_ranges.join(","),
+                    "the local provider cannot enforce loadBalancerSourceRanges; remove them or use an aws class",
+                ));
+            }
+            local_config(class, &mut self.errors)
+        });
+
         LbConfig {
             class_name: class.metadata.name.clone().unwrap_or_default(),
             provider: class.spec.provider,
@@ -962,6 +1046,7 @@ impl Parser<'_> {
             security_groups,
             source_ranges,
             name,
+            local,
         }
     }
 }

@@ -9,6 +9,7 @@ fn class(aws: Option<AwsClassSpec>) -> LoadBalancerClass {
             provider: ProviderKind::Aws,
             default: true,
             aws,
+            local: None,
         },
     );
     c.metadata.name = Some("web".into());

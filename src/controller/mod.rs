@@ -3,6 +3,7 @@
 
 pub mod class_status;
 pub mod events;
+pub mod orphans;
 pub mod service;
 pub mod status;
 
@@ -34,6 +35,8 @@ pub struct Settings {
     pub resync: Duration,
     /// Requeue interval while a load balancer is provisioning.
     pub provisioning_requeue: Duration,
+    /// Orphan sweep interval (leftovers of Services that are gone).
+    pub orphan_sweep: Duration,
     /// Name reported on Events.
     pub reporter: String,
 }
@@ -46,6 +49,7 @@ impl Settings {
             classes: None,
             resync: Duration::from_secs(600),
             provisioning_requeue: Duration::from_secs(5),
+            orphan_sweep: Duration::from_secs(600),
             reporter: "cloudlb".into(),
         }
     }
@@ -58,6 +62,11 @@ pub struct Providers {
 }
 
 impl Providers {
+    /// Every configured provider.
+    pub fn all(&self) -> Vec<Arc<dyn Provider>> {
+        self.aws.iter().cloned().collect()
+    }
+
     pub fn get(&self, kind: ProviderKind) -> Option<Arc<dyn Provider>> {
         match kind {
             ProviderKind::Aws => self.aws.clone(),
@@ -76,8 +85,10 @@ pub struct CacheEntry {
     pub provider: ProviderKind,
     /// When `observed` was last read from the cloud (drift check).
     pub verified_at: Instant,
-    /// Provisioning, or the last apply failed: read again before planning.
+    /// The last apply failed: read everything again before planning.
     pub stale: bool,
+    /// The load balancer is provisioning: poll its state.
+    pub provisioning: bool,
 }
 
 /// Shared by every reconcile.
@@ -93,6 +104,8 @@ pub struct Context {
     pub failures: Mutex<HashMap<String, u32>>,
     /// Last invalid-configuration message per Service (Events only when it changes).
     pub last_invalid: Mutex<HashMap<String, String>>,
+    /// Last "nodes not targeted" message per Service.
+    pub last_warning: Mutex<HashMap<String, String>>,
     pub metrics: Arc<crate::telemetry::Metrics>,
 }
 
@@ -222,6 +235,7 @@ pub async fn run(
         cache: Mutex::new(HashMap::new()),
         failures: Mutex::new(HashMap::new()),
         last_invalid: Mutex::new(HashMap::new()),
+        last_warning: Mutex::new(HashMap::new()),
         metrics,
     });
 
@@ -231,6 +245,7 @@ pub async fn run(
         .graceful_shutdown_on(shutdown);
     let svc_store = controller.store();
     let status_task = class_status::run(ctx.clone(), svc_store);
+    let orphan_task = orphans::run(ctx.clone(), ctx.settings.orphan_sweep);
     let controller_task = controller
         .run(service::reconcile, service::error_policy, ctx.clone())
         .for_each(|res| async move {
@@ -239,15 +254,19 @@ pub async fn run(
             }
         });
     // Wait for the node and class caches before the first reconcile can use them.
-    let ready = async {
-        let _ = nodes.wait_until_ready().await;
-        let _ = classes.wait_until_ready().await;
+    let ready = || {
+        let (nodes, classes) = (nodes.clone(), classes.clone());
+        async move {
+            let _ = nodes.wait_until_ready().await;
+            let _ = classes.wait_until_ready().await;
+        }
     };
     tokio::select! {
         _ = node_task => {}
         _ = class_task => {}
         _ = status_task => {}
-        _ = async { ready.await; controller_task.await } => {}
+        _ = async { ready().await; controller_task.await } => {}
+        _ = async { ready().await; orphan_task.await } => {}
     }
 }
 

@@ -111,6 +111,13 @@ pub fn error_policy(svc: Arc<Service>, _err: &Error, ctx: Arc<Context>) -> Actio
     Action::requeue(jittered(Duration::from_secs(secs)))
 }
 
+fn is_provisioning(observed: &crate::provider::Observed) -> bool {
+    observed
+        .lb
+        .as_ref()
+        .is_some_and(|lb| lb.state == LbState::Provisioning)
+}
+
 fn has_finalizer(svc: &Service) -> bool {
     svc.finalizers().iter().any(|f| f == FINALIZER)
 }
@@ -205,8 +212,15 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'stat
     if let Ok(mut m) = ctx.last_invalid.lock() {
         m.remove(&key(svc));
     }
-    if !built.warnings.is_empty() {
-        tracing::warn!(warnings = ?built.warnings, "some nodes are not targets");
+    let warning = built.warnings.join("; ");
+    let warning_changed = ctx
+        .last_warning
+        .lock()
+        .map(|mut m| m.insert(key(svc), warning.clone()).as_deref() != Some(warning.as_str()))
+        .unwrap_or(false);
+    if !warning.is_empty() && warning_changed {
+        tracing::warn!(%warning, "some nodes are not targets");
+        publish(&ctx.recorder, svc, true, events::TARGETS_SKIPPED, warning).await;
     }
 
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &sref.namespace);
@@ -226,21 +240,46 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'stat
         .ok()
         .and_then(|c| c.get(&sref.uid).cloned());
     let now = Instant::now();
-    let cached = entry.filter(|e| {
+    let mut cached = entry.filter(|e| {
         !e.stale && e.provider == kind && now.duration_since(e.verified_at) < ctx.settings.resync
     });
+    // While provisioning, only the load balancer's state is read again (one call, not a full
+    // observe).
+    let mut refreshed = false;
+    if let Some(e) = cached.as_mut().filter(|e| e.provisioning) {
+        e.observed = provider.refresh_state(&desired, &e.observed).await?;
+        e.provisioning = is_provisioning(&e.observed);
+        refreshed = true;
+    }
 
     let (observed, verified_at, plan) = match cached {
         Some(e) if e.fingerprint == fingerprint => {
-            // Unchanged resync: no cloud call at all.
+            // Unchanged: no cloud call at all (beyond the state poll while provisioning).
             write_status(&api, svc, &desired, &e.observed).await?;
+            let provisioning = e.provisioning;
             let left = ctx
                 .settings
                 .resync
                 .saturating_sub(now.duration_since(e.verified_at));
+            if refreshed {
+                if let Ok(mut c) = ctx.cache.lock() {
+                    c.insert(sref.uid.clone(), e);
+                }
+            }
+            if provisioning {
+                return Ok((
+                    Action::requeue(ctx.settings.provisioning_requeue),
+                    outcome::VERIFIED,
+                ));
+            }
+            let result = if refreshed {
+                outcome::VERIFIED
+            } else {
+                outcome::UNCHANGED
+            };
             return Ok((
                 Action::requeue(jittered(left.max(Duration::from_secs(1)))),
-                outcome::UNCHANGED,
+                result,
             ));
         }
         Some(e) => {
@@ -278,10 +317,7 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'stat
             }
         }
     };
-    let provisioning = observed
-        .lb
-        .as_ref()
-        .is_some_and(|lb| lb.state == LbState::Provisioning);
+    let provisioning = is_provisioning(&observed);
     if let Ok(mut c) = ctx.cache.lock() {
         c.insert(
             sref.uid.clone(),
@@ -290,7 +326,8 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'stat
                 observed: observed.clone(),
                 provider: kind,
                 verified_at,
-                stale: provisioning,
+                stale: false,
+                provisioning,
             },
         );
     }

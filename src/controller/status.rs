@@ -26,8 +26,11 @@ pub fn desired_ingress(lb: Option<&LoadBalancer>, observed: &Observed) -> Vec<Lo
             error: None,
         })
         .collect();
+    // A provider that serves an address (the local one) reports an IP literal.
+    let is_ip = have.dns_name.parse::<std::net::IpAddr>().is_ok();
     vec![LoadBalancerIngress {
-        hostname: Some(have.dns_name.clone()),
+        hostname: (!is_ip).then(|| have.dns_name.clone()),
+        ip: is_ip.then(|| have.dns_name.clone()),
         ports: Some(ports),
         ..Default::default()
     }]

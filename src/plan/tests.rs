@@ -32,6 +32,7 @@ fn desired_with(
             provider: ProviderKind::Aws,
             default: true,
             aws: None,
+            local: None,
         },
     );
     class.metadata.name = Some("c".into());
@@ -365,4 +366,25 @@ fn switching_to_user_security_groups_detaches_and_deletes_ours() {
     );
     let p = plan(&after, &observed_for(&before)).expect("plan");
     assert_eq!(names(&p), ["setSecurityGroups", "deleteSecurityGroup"]);
+}
+
+#[test]
+fn attributes_the_cloud_does_not_report_count_as_defaults() {
+    let d = web(&["i-1"]);
+    let mut observed = observed_for(&d);
+    if let Some(lb) = observed.lb.as_mut() {
+        lb.attributes.remove("access_logs.s3.enabled");
+    }
+    for tg in &mut observed.target_groups {
+        tg.attributes.remove("proxy_protocol_v2.enabled");
+    }
+    assert!(plan(&d, &observed).expect("plan").is_empty());
+    if let Some(lb) = observed.lb.as_mut() {
+        lb.attributes
+            .insert("access_logs.s3.enabled".into(), "true".into());
+    }
+    assert_eq!(
+        names(&plan(&d, &observed).expect("plan")),
+        ["setLoadBalancerAttributes"]
+    );
 }

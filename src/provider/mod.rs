@@ -4,6 +4,7 @@
 //! never SDK types. One folder per provider.
 
 pub mod aws;
+pub mod local;
 
 use crate::model::{
     Desired, HealthCheck, IngressRule, IpAddressType, Protocol, Scheme, Target, TargetType,
@@ -97,6 +98,10 @@ pub enum ProviderError {
     Gone { what: &'static str, message: String },
     #[error("{what} is still in use ({message}); will retry")]
     InUse { what: &'static str, message: String },
+    /// Part of the load balancer could not be served (address pool exhausted, port in use); the
+    /// rest is served.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl ProviderError {
@@ -112,6 +117,7 @@ impl ProviderError {
             ProviderError::Api { .. } => "api",
             ProviderError::Gone { .. } => "gone",
             ProviderError::InUse { .. } => "in_use",
+            ProviderError::Conflict(_) => "conflict",
         }
     }
 }
@@ -126,6 +132,17 @@ pub trait Provider: Send + Sync {
     /// model by the names the Service would have). Read-only.
     async fn observe(&self, desired: &Desired) -> Result<Observed, ProviderError>;
 
+    /// `observed` with the load balancer's state (and address) read again: what the controller
+    /// polls while a load balancer is provisioning. Default: a full observe.
+    async fn refresh_state(
+        &self,
+        desired: &Desired,
+        observed: &Observed,
+    ) -> Result<Observed, ProviderError> {
+        let _ = observed;
+        self.observe(desired).await
+    }
+
     /// Executes `plan` in order and returns what exists afterwards, without re-reading what it
     /// just wrote.
     async fn apply(
@@ -134,4 +151,20 @@ pub trait Provider: Send + Sync {
         observed: &Observed,
         plan: &Plan,
     ) -> Result<Observed, ProviderError>;
+
+    /// Everything that carries our ownership tags for this cluster, grouped by the Service its
+    /// tags name (namespace, name, UID), one [`Observed`] per Service, sorted by Service; read-only.
+    /// Resources without all three Service tags are skipped: they are not ours to judge.
+    ///
+    /// For the orphan sweep: the controller deletes what a Service that no longer exists left
+    /// behind by applying `plan(&Desired::empty(..), &observed)`. Each [`Observed`] holds what
+    /// that plan needs: the load balancer (with its attributes, so deletion protection is seen),
+    /// its listeners, every target group (attached or not) and the frontend security group.
+    /// Target-group attributes and targets are left empty; do not plan anything but the empty
+    /// model against it.
+    ///
+    /// The default finds nothing.
+    async fn owned(&self) -> Result<Vec<(crate::model::ServiceRef, Observed)>, ProviderError> {
+        Ok(Vec::new())
+    }
 }

@@ -1,12 +1,14 @@
 //! Every AWS SDK call goes through [`Calls::run`]: it waits for a client-side rate-limit token of
 //! the call's family, sends the request, classifies the outcome and counts it as
-//! `Operation/outcome`.
+//! `Operation/outcome`, and, when metrics are attached, as
+//! `cloudlb_cloud_api_calls_total{provider="aws",operation,outcome}`.
 
 use super::error::{AwsError, ErrorKind};
+use crate::telemetry::Metrics;
 use aws_sdk_elasticloadbalancingv2::error::{ProvideErrorMetadata, SdkError};
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -85,19 +87,40 @@ impl TokenBucket {
 #[derive(Debug)]
 pub(crate) struct Calls {
     counts: Mutex<BTreeMap<String, u64>>,
+    metrics: MetricsSink,
     describe: TokenBucket,
     write: TokenBucket,
     targets: TokenBucket,
+}
+
+/// The Prometheus metrics calls are also counted in (`Metrics` is not `Debug`).
+#[derive(Default)]
+struct MetricsSink(Option<Arc<Metrics>>);
+
+impl std::fmt::Debug for MetricsSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Some(Metrics)"
+        } else {
+            "None"
+        })
+    }
 }
 
 impl Calls {
     pub(crate) fn new(rate_per_sec: f64) -> Self {
         Calls {
             counts: Mutex::new(BTreeMap::new()),
+            metrics: MetricsSink::default(),
             describe: TokenBucket::new(rate_per_sec),
             write: TokenBucket::new(rate_per_sec),
             targets: TokenBucket::new(rate_per_sec),
         }
+    }
+
+    /// Also count every call in `metrics` (label `provider="aws"`).
+    pub(crate) fn set_metrics(&mut self, metrics: Arc<Metrics>) {
+        self.metrics = MetricsSink(Some(metrics));
     }
 
     pub(crate) fn snapshot(&self) -> BTreeMap<String, u64> {
@@ -115,8 +138,13 @@ impl Calls {
     }
 
     fn count(&self, operation: &str, outcome: &str) {
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        *counts.entry(format!("{operation}/{outcome}")).or_insert(0) += 1;
+        {
+            let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+            *counts.entry(format!("{operation}/{outcome}")).or_insert(0) += 1;
+        }
+        if let Some(metrics) = &self.metrics.0 {
+            metrics.cloud_call(super::PROVIDER_NAME, operation, outcome);
+        }
     }
 
     /// Runs one SDK call: `send` is the (lazy) future of `builder.send()`.
@@ -195,6 +223,30 @@ mod tests {
         // 50 from the initial burst, 25 more at 50/s: about half a second.
         let elapsed = start.elapsed().as_secs_f64();
         assert!(elapsed >= 0.45, "{elapsed}");
+    }
+
+    #[test]
+    fn counts_also_go_to_metrics() {
+        let metrics = Arc::new(Metrics::new());
+        let mut calls = Calls::new(0.0);
+        calls.count("DescribeTags", "ok");
+        calls.set_metrics(metrics.clone());
+        calls.count("CreateLoadBalancer", "ok");
+        calls.count("RegisterTargets", "throttled");
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                r#"cloudlb_cloud_api_calls_total{provider="aws",operation="CreateLoadBalancer",outcome="ok"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("cloudlb_cloud_api_throttled_total 1"),
+            "{text}"
+        );
+        // Calls before the metrics were attached are only in the snapshot.
+        assert!(!text.contains("DescribeTags"), "{text}");
+        assert_eq!(calls.snapshot().len(), 3);
     }
 
     #[tokio::test]

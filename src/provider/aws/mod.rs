@@ -3,7 +3,11 @@
 //!
 //! Every SDK call goes through one helper ([`calls`]) that rate-limits it per call family
 //! (describe / write / targets) and counts it as `Operation/outcome`; [`AwsProvider::calls`]
-//! returns those counts. Retries on throttling are the SDK's standard retry.
+//! returns those counts, and [`AwsProvider::with_metrics`] also counts them in Prometheus
+//! (`cloudlb_cloud_api_calls_total`). Retries on throttling are the SDK's standard retry.
+//!
+//! [`Provider::owned`] sweeps the account for everything tagged for this cluster ([`owned`]), so
+//! the controller can delete what Services that no longer exist left behind.
 //!
 //! Not done yet: `Security::manage_backend_rules` (rules on the nodes' security groups) is ignored.
 
@@ -12,12 +16,18 @@ mod calls;
 mod convert;
 mod error;
 mod observe;
+mod owned;
 mod subnets;
 
-use crate::model::Desired;
+use crate::model::{Desired, ServiceRef};
 use crate::plan::Plan;
 use crate::provider::{Observed, Provider, ProviderError};
+use crate::telemetry::Metrics;
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// The provider label in logs and metrics.
+const PROVIDER_NAME: &str = "aws";
 
 /// Settings of the AWS provider.
 #[derive(Clone, Debug, PartialEq)]
@@ -79,6 +89,15 @@ impl AwsProvider {
         )
     }
 
+    /// Also count every AWS call in `metrics` as
+    /// `cloudlb_cloud_api_calls_total{provider="aws",operation,outcome}` (throttled calls also in
+    /// `cloudlb_cloud_api_throttled_total`). [`calls`](Self::calls) keeps counting as before;
+    /// [`reset_calls`](Self::reset_calls) does not reset the Prometheus counters.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.calls.set_metrics(metrics);
+        self
+    }
+
     pub fn settings(&self) -> &AwsSettings {
         &self.settings
     }
@@ -107,12 +126,53 @@ impl AwsProvider {
 #[async_trait::async_trait]
 impl Provider for AwsProvider {
     fn name(&self) -> &'static str {
-        "aws"
+        PROVIDER_NAME
     }
 
     #[tracing::instrument(skip_all, fields(service = %desired.service))]
     async fn observe(&self, desired: &Desired) -> Result<Observed, ProviderError> {
         self.observe_impl(desired).await
+    }
+
+    /// One DescribeLoadBalancers by ARN instead of a full observe.
+    #[tracing::instrument(skip_all, fields(service = %desired.service))]
+    async fn refresh_state(
+        &self,
+        desired: &Desired,
+        observed: &Observed,
+    ) -> Result<Observed, ProviderError> {
+        let Some(have) = observed.lb.as_ref() else {
+            return self.observe_impl(desired).await;
+        };
+        let resp = self
+            .calls
+            .run(
+                "DescribeLoadBalancers",
+                self.elbv2
+                    .describe_load_balancers()
+                    .load_balancer_arns(&have.arn)
+                    .send(),
+            )
+            .await;
+        let lb = match resp {
+            Ok(out) => out.load_balancers.into_iter().flatten().next(),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => return Err(e.into()),
+        };
+        match lb {
+            // Deleted meanwhile: read everything again.
+            None => self.observe_impl(desired).await,
+            Some(lb) => {
+                let mut refreshed = observed.clone();
+                if let Some(l) = refreshed.lb.as_mut() {
+                    l.state = convert::lb_state(lb.state.as_ref());
+                    if let Some(dns) = lb.dns_name {
+                        l.dns_name = dns;
+                    }
+                }
+                Ok(refreshed)
+            }
+        }
     }
 
     #[tracing::instrument(skip_all, fields(service = %desired.service))]
@@ -123,5 +183,10 @@ impl Provider for AwsProvider {
         plan: &Plan,
     ) -> Result<Observed, ProviderError> {
         self.apply_impl(desired, observed, plan).await
+    }
+
+    #[tracing::instrument(skip_all, fields(cluster = %self.settings.cluster))]
+    async fn owned(&self) -> Result<Vec<(ServiceRef, Observed)>, ProviderError> {
+        self.owned_impl().await
     }
 }

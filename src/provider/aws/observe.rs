@@ -39,7 +39,7 @@ impl AwsProvider {
                 lb,
                 convert::lb_attributes(attrs.attributes.as_deref().unwrap_or_default()),
             );
-            observed.listeners = self.describe_listeners(&arn).await?;
+            observed.listeners = self.describe_listeners(&arn, true).await?;
             attached = self.describe_attached_target_groups(&arn).await?;
         }
 
@@ -186,42 +186,63 @@ impl AwsProvider {
         }
     }
 
-    /// Tags by ARN, in batches of 20.
+    /// Tags by ARN, in batches of 20 (load balancers and target groups may be mixed). A resource
+    /// deleted meanwhile has no entry, so it is not ours.
     pub(crate) async fn describe_tags(
         &self,
         arns: &[String],
     ) -> Result<BTreeMap<String, BTreeMap<String, String>>, ProviderError> {
         let mut out = BTreeMap::new();
         for chunk in arns.chunks(TAGS_BATCH) {
-            let resp = self
-                .calls
-                .run(
-                    "DescribeTags",
-                    self.elbv2
-                        .describe_tags()
-                        .set_resource_arns(Some(chunk.to_vec()))
-                        .send(),
-                )
-                .await;
-            match resp {
-                Ok(resp) => {
-                    for d in resp.tag_descriptions.into_iter().flatten() {
-                        if let Some(arn) = d.resource_arn {
-                            out.insert(arn, tag_map_elb(d.tags.as_deref().unwrap_or_default()));
-                        }
-                    }
-                }
-                // Deleted meanwhile: no tags, so not ours.
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e.into()),
+            if self.describe_tags_batch(chunk, &mut out).await? || chunk.len() == 1 {
+                continue;
+            }
+            // AWS fails the whole batch when one ARN is gone: ask for the others one by one,
+            // so one deletion does not hide the tags (and the ownership) of 19 other resources.
+            for arn in chunk {
+                self.describe_tags_batch(std::slice::from_ref(arn), &mut out)
+                    .await?;
             }
         }
         Ok(out)
     }
 
-    async fn describe_listeners(
+    /// One DescribeTags call; `false` when it failed with NotFound.
+    async fn describe_tags_batch(
+        &self,
+        arns: &[String],
+        out: &mut BTreeMap<String, BTreeMap<String, String>>,
+    ) -> Result<bool, ProviderError> {
+        let resp = self
+            .calls
+            .run(
+                "DescribeTags",
+                self.elbv2
+                    .describe_tags()
+                    .set_resource_arns(Some(arns.to_vec()))
+                    .send(),
+            )
+            .await;
+        match resp {
+            Ok(resp) => {
+                for d in resp.tag_descriptions.into_iter().flatten() {
+                    if let Some(arn) = d.resource_arn {
+                        out.insert(arn, tag_map_elb(d.tags.as_deref().unwrap_or_default()));
+                    }
+                }
+                Ok(true)
+            }
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The listeners of a load balancer. `all_certificates`: list every certificate of a TLS
+    /// listener (one more call per TLS listener); otherwise only the default one is known.
+    pub(super) async fn describe_listeners(
         &self,
         lb_arn: &str,
+        all_certificates: bool,
     ) -> Result<Vec<crate::provider::ObservedListener>, ProviderError> {
         let mut listeners = Vec::new();
         let mut marker = None;
@@ -245,7 +266,8 @@ impl AwsProvider {
         let mut out = Vec::with_capacity(listeners.len());
         for l in &listeners {
             // Only the default certificate is in the listener description: list them all.
-            let all_certs = if l.protocol.as_ref().is_some_and(|p| p.as_str() == "TLS")
+            let all_certs = if all_certificates
+                && l.protocol.as_ref().is_some_and(|p| p.as_str() == "TLS")
                 && l.certificates.as_ref().is_some_and(|c| !c.is_empty())
             {
                 Some(

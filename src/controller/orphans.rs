@@ -1,0 +1,99 @@
+//! Orphan sweep: cloud resources tagged with our cluster whose Service is gone (or is another
+//! incarnation with a new UID) are deleted through the normal empty-model path, so a crash between
+//! two steps never leaks a load balancer, target group or security group.
+
+use super::{Context, FINALIZER};
+use crate::config;
+use crate::model::Desired;
+use crate::plan;
+use k8s_openapi::api::core::v1::Service;
+use kube::{Api, ResourceExt};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Whether the Service `sref` names is alive and still (or again) ours: then the reconciler owns
+/// its resources, not the sweep. Errors count as alive: never delete on a guess.
+async fn alive(ctx: &Context, sref: &crate::model::ServiceRef) -> bool {
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &sref.namespace);
+    match api.get_opt(&sref.name).await {
+        Ok(Some(svc)) => {
+            if svc.uid().as_deref() != Some(sref.uid.as_str()) {
+                return false;
+            }
+            let classes = ctx.served_classes();
+            svc.finalizers().iter().any(|f| f == FINALIZER)
+                || config::select_class(&svc, &classes).is_some()
+        }
+        Ok(None) => false,
+        Err(e) => {
+            tracing::warn!(service = %sref, error = %e, "orphan sweep: cannot read Service; skipping");
+            true
+        }
+    }
+}
+
+/// One sweep over every provider; returns how many Services' leftovers were deleted.
+pub async fn sweep_once(ctx: &Context) -> usize {
+    let mut deleted = 0;
+    for provider in ctx.providers.all() {
+        let owned = match provider.owned().await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(provider = provider.name(), error = %e, "orphan sweep: listing failed");
+                continue;
+            }
+        };
+        for (sref, observed) in owned {
+            if ctx
+                .settings
+                .namespace
+                .as_ref()
+                .is_some_and(|ns| ns != &sref.namespace)
+            {
+                continue;
+            }
+            if alive(ctx, &sref).await {
+                continue;
+            }
+            let name = observed
+                .lb
+                .as_ref()
+                .map(|l| l.name.clone())
+                .unwrap_or_default();
+            let desired = Desired::empty(sref.clone(), name);
+            let plan = match plan::plan(&desired, &observed) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(service = %sref, error = %e, "orphan sweep: not deleting");
+                    continue;
+                }
+            };
+            if plan.is_empty() {
+                continue;
+            }
+            match provider.apply(&desired, &observed, &plan).await {
+                Ok(_) => {
+                    tracing::info!(service = %sref, ops = ?plan.ops, "orphan sweep: deleted resources of a Service that is gone");
+                    deleted += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(service = %sref, error = %e, "orphan sweep: delete failed; will retry next sweep")
+                }
+            }
+        }
+    }
+    deleted
+}
+
+/// Sweeps every `interval` (jittered), the first time one interval after start, when the
+/// reconciles of the start-up wave have settled.
+pub async fn run(ctx: Arc<Context>, interval: Duration) {
+    loop {
+        let f: f64 = rand::Rng::random_range(&mut rand::rng(), 0.9..1.1);
+        tokio::time::sleep(interval.mul_f64(f)).await;
+        let n = sweep_once(&ctx).await;
+        if n > 0 {
+            tracing::info!(services = n, "orphan sweep finished");
+        }
+    }
+}
