@@ -422,24 +422,19 @@ impl<'a> Run<'a> {
             .flatten()
             .next()
             .ok_or_else(|| unexpected("CreateLoadBalancer", "no load balancer"))?;
-        let arn = created
-            .load_balancer_arn
-            .clone()
-            .ok_or_else(|| unexpected("CreateLoadBalancer", "no LoadBalancerArn"))?;
-        // The defaults of a new load balancer are not in the create response.
-        let attrs = self
-            .p
-            .calls
-            .run(
-                "DescribeLoadBalancerAttributes",
-                self.p
-                    .elbv2
-                    .describe_load_balancer_attributes()
-                    .load_balancer_arn(&arn)
-                    .send(),
-            )
-            .await?;
-        let attributes = convert::lb_attributes(attrs.attributes.as_deref().unwrap_or_default());
+        if created.load_balancer_arn.is_none() {
+            return Err(unexpected("CreateLoadBalancer", "no LoadBalancerArn"));
+        }
+        // A new load balancer has the default attributes: no read needed. Only the keys the
+        // model manages matter to the planner; a later SetLoadBalancerAttributes merges in.
+        let attributes = self
+            .lb()?
+            .attributes
+            .keys()
+            .filter_map(|k| {
+                crate::plan::lb_attribute_default(k).map(|v| (k.clone(), v.to_string()))
+            })
+            .collect();
         self.out.lb = convert::observed_lb(&created, attributes);
         self.out.listeners.clear();
         Ok(())
@@ -563,20 +558,15 @@ impl<'a> Run<'a> {
             .target_group_arn
             .clone()
             .ok_or_else(|| unexpected("CreateTargetGroup", "no TargetGroupArn"))?;
-        // The defaults of a new target group are not in the create response.
-        let attrs = self
-            .p
-            .calls
-            .run(
-                "DescribeTargetGroupAttributes",
-                self.p
-                    .elbv2
-                    .describe_target_group_attributes()
-                    .target_group_arn(&arn)
-                    .send(),
-            )
-            .await?;
-        let attributes = convert::tg_attributes(attrs.attributes.as_deref().unwrap_or_default());
+        // A new target group has the default attributes: no read needed (see create_lb).
+        let tg = self.target_group(key)?;
+        let attributes = tg
+            .attributes
+            .keys()
+            .filter_map(|k| {
+                crate::plan::tg_attribute_default(k, tg).map(|v| (k.clone(), v.to_string()))
+            })
+            .collect();
         let observed = convert::observed_tg(&created, attributes, BTreeSet::new())
             .ok_or_else(|| unexpected("CreateTargetGroup", "a target group cloudlb cannot read"))?;
         self.out.target_groups.retain(|t| t.name != observed.name);
