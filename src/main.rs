@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use cloudlb::config::class::LoadBalancerClass;
 use cloudlb::controller::{self, Providers, Settings};
 use cloudlb::provider::aws::{AwsProvider, AwsSettings};
-use cloudlb::telemetry::{self, LogFormat};
+use cloudlb::telemetry::{self, LogFormat, Metrics};
 use kube::CustomResourceExt;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -77,13 +77,15 @@ enum Command {
     },
 }
 
-async fn providers(common: &Common) -> Providers {
+async fn providers(common: &Common, metrics: &Arc<Metrics>) -> Providers {
     let mut p = Providers::default();
     if !common.no_aws {
         let mut s = AwsSettings::new(common.cluster_name.clone());
         s.vpc_id = common.aws_vpc_id.clone();
         s.rate_limit_per_sec = common.aws_rate_limit;
-        p.aws = Some(Arc::new(AwsProvider::from_env(s).await));
+        p.aws = Some(Arc::new(
+            AwsProvider::from_env(s).await.with_metrics(metrics.clone()),
+        ));
     }
     p
 }
@@ -123,9 +125,9 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             let client = kube::Client::try_default().await?;
             let mut s = settings(&common);
             s.resync = Duration::from_secs(resync_seconds.max(10));
-            let providers = providers(&common).await;
+            let metrics = Arc::new(Metrics::new());
+            let providers = providers(&common, &metrics).await;
             tracing::info!(cluster = %s.cluster, "cloudlb starting");
-            let metrics = Arc::new(cloudlb::telemetry::Metrics::new());
             // First SIGTERM: stop taking new work and let running reconciles finish, but exit
             // within a grace period even when the API server or the cloud does not answer.
             let (tx, rx) = tokio::sync::watch::channel(false);
@@ -146,7 +148,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Plan { common } => {
             let client = kube::Client::try_default().await?;
-            let providers = providers(&common).await;
+            let providers = providers(&common, &Arc::new(Metrics::new())).await;
             let out = cloudlb::controller::plan_all(client, &settings(&common), &providers).await?;
             print!("{out}");
         }

@@ -90,11 +90,11 @@ impl Env {
             .create(&PostParams::default(), &class)
             .await
             .expect("create class");
-        let provider = Arc::new(AwsProvider::new(
-            elbv2.clone(),
-            ec2.clone(),
-            AwsSettings::new(ns.clone()),
-        ));
+        let metrics = Arc::new(Metrics::new());
+        let provider = Arc::new(
+            AwsProvider::new(elbv2.clone(), ec2.clone(), AwsSettings::new(ns.clone()))
+                .with_metrics(metrics.clone()),
+        );
         let mut env = Env {
             cluster,
             client,
@@ -104,7 +104,7 @@ impl Env {
             network,
             instances: vec![],
             provider,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             resync,
             orphan_sweep: Duration::from_secs(3600),
             operator: None,

@@ -590,10 +590,8 @@ async fn failed_node_is_taken_out_and_put_back() {
     // Taken out within interval × unhealthy threshold (2 s), plus scheduling slack.
     let out_at = wait_health(&mut events, "tcp-8080", 2, Duration::from_secs(4)).await;
     let took = out_at - stopped_at;
-    assert!(
-        took <= Duration::from_millis(2_500),
-        "taken out after {took:?}"
-    );
+    eprintln!("taken out {took:?} after the node stopped (interval 1 s x threshold 2)");
+    assert!(took <= Duration::from_secs(3), "taken out after {took:?}");
     let counts = tcp_counts(lb, 20).await;
     assert_eq!(
         counts,
@@ -605,7 +603,7 @@ async fn failed_node_is_taken_out_and_put_back() {
     let back = TcpBackend::start("node1", node_addr(&nodes[1])).await;
     let started = Instant::now();
     let in_at = wait_health(&mut events, "tcp-8080", 3, Duration::from_secs(4)).await;
-    assert!(in_at - started <= Duration::from_millis(2_500));
+    assert!(in_at - started <= Duration::from_secs(3));
     let counts = tcp_counts(lb, 30).await;
     assert_eq!(counts.get("node1"), Some(&10), "put back: {counts:?}");
     drop(back);

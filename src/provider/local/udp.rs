@@ -97,11 +97,10 @@ pub(crate) async fn serve(
             }
         };
         last.store(now_ms(epoch), Ordering::Relaxed);
-        match upstream.try_send(&buf[..n]) {
-            Ok(_) => {}
-            // Full send buffer: drop the datagram, as the network would.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => tracing::debug!(client = %client, error = %e, "udp send to target failed"),
+        // Waits for room in the send buffer (a fresh socket is not known writable yet, so
+        // `try_send` would drop its first datagram); the kernel drops what the target cannot take.
+        if let Err(e) = upstream.send(&buf[..n]).await {
+            tracing::debug!(client = %client, error = %e, "udp send to target failed");
         }
     }
     let open: Vec<Flow> = lock(&flows).drain().map(|(_, f)| f).collect();

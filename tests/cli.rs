@@ -1,0 +1,166 @@
+//! The `cloudlb` binary: `plan` previews changes without making them; `crdgen` and `docs`
+//! print what is committed.
+
+mod support;
+
+use cloudlb::config::class::LoadBalancerClass;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ListParams, PostParams};
+use kube::{Api, CustomResourceExt};
+use serde_json::json;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use support::{AwsEmulator, TestCluster, TestGuard};
+
+fn cloudlb() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cloudlb"))
+}
+
+#[test]
+fn crdgen_and_docs_print_the_committed_files() {
+    let out = cloudlb().arg("crdgen").output().expect("run crdgen");
+    assert!(out.status.success());
+    let committed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/loadbalancerclasses.cloudlb.io.yaml"
+    ))
+    .expect("committed CRD");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), committed);
+    let out = cloudlb()
+        .args(["docs", "annotations"])
+        .output()
+        .expect("run docs");
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/annotations.md"))
+            .expect("docs");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), committed);
+}
+
+#[test]
+fn bad_flags_are_a_clear_error() {
+    let out = cloudlb().args(["run"]).output().expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--cluster-name"), "{err}");
+    let out = cloudlb()
+        .args(["run", "--cluster-name", "x", "--log-format", "xml"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("possible values: text, json"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_previews_changes_and_writes_nothing() {
+    let _guard = TestGuard::new();
+    let cluster = TestCluster::shared().await;
+    let client = cluster.client();
+    match Api::<CustomResourceDefinition>::all(client.clone())
+        .create(&PostParams::default(), &LoadBalancerClass::crd())
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.is_already_exists() => {}
+        Err(e) => panic!("create CRD: {e}"),
+    }
+    let classes: Api<LoadBalancerClass> = Api::all(client.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while classes.list(&ListParams::default()).await.is_err() {
+        assert!(Instant::now() < deadline, "CRD never became established");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ns = cluster.create_namespace("plan").await;
+    let class: LoadBalancerClass = serde_json::from_value(json!({
+        "metadata": {"name": ns},
+        "spec": {"provider": "aws", "default": true}
+    }))
+    .expect("class");
+    classes
+        .create(&PostParams::default(), &class)
+        .await
+        .expect("create class");
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    for (name, annotations) in [
+        ("web", json!({})),
+        ("broken", json!({"cloudlb.io/scheme": "sideways"})),
+    ] {
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": annotations},
+            "spec": {"type": "LoadBalancer", "ports": [{"port": 80, "protocol": "TCP"}]}
+        }))
+        .expect("service");
+        services
+            .create(&PostParams::default(), &svc)
+            .await
+            .expect("create service");
+    }
+
+    let moto = AwsEmulator::shared().await;
+    let out = tokio::task::spawn_blocking({
+        let kubeconfig = cluster.kubeconfig_path().to_path_buf();
+        let endpoint = moto.endpoint().to_string();
+        let ns = ns.clone();
+        move || {
+            cloudlb()
+                .args([
+                    "plan",
+                    "--cluster-name",
+                    &ns,
+                    "--namespace",
+                    &ns,
+                    "--classes",
+                    &ns,
+                ])
+                .env("KUBECONFIG", kubeconfig)
+                .env("AWS_ENDPOINT_URL", endpoint)
+                .env("AWS_ACCESS_KEY_ID", "AKIACLOUDLBTEST00000")
+                .env("AWS_SECRET_ACCESS_KEY", "cloudlb-test-secret")
+                .env("AWS_REGION", "us-east-1")
+                .output()
+                .expect("run cloudlb plan")
+        }
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "plan failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("{ns}/web (class {ns}): 6 change(s)")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\"op\":\"createLoadBalancer\""), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "{ns}/broken (class {ns}): error: 1 invalid setting"
+        )),
+        "{stdout}"
+    );
+
+    // Nothing was written: no load balancer in the account the binary used (moto's default
+    // account for these credentials) with this cluster's name, and no finalizer on the Services.
+    let default_account = support::aws_sdk_config(moto.endpoint(), "123456789012");
+    let elbv2 = support::elbv2::Client::new(&default_account);
+    let lbs = elbv2
+        .describe_load_balancers()
+        .send()
+        .await
+        .expect("describe");
+    assert!(
+        lbs.load_balancers()
+            .iter()
+            .all(|l| !l.load_balancer_name().unwrap_or_default().contains(&ns)),
+        "plan created a load balancer"
+    );
+    for name in ["web", "broken"] {
+        let svc = services.get(name).await.expect("get");
+        assert!(
+            svc.metadata.finalizers.unwrap_or_default().is_empty(),
+            "plan added a finalizer"
+        );
+    }
+}
