@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use cloudlb::config::class::LoadBalancerClass;
 use cloudlb::controller::{self, Providers, Settings};
 use cloudlb::provider::aws::{AwsProvider, AwsSettings};
+use cloudlb::provider::local::{LocalProvider, LocalSettings};
 use cloudlb::telemetry::{self, LogFormat, Metrics};
 use kube::CustomResourceExt;
 use std::process::ExitCode;
@@ -51,6 +52,9 @@ struct Common {
     /// Disable the AWS provider (classes with provider aws are then reported as unserved).
     #[arg(long, env = "CLOUDLB_NO_AWS")]
     no_aws: bool,
+    /// Disable the local provider (the operator serving load balancers itself).
+    #[arg(long, env = "CLOUDLB_NO_LOCAL")]
+    no_local: bool,
 }
 
 #[derive(Subcommand)]
@@ -86,6 +90,9 @@ async fn providers(common: &Common, metrics: &Arc<Metrics>) -> Providers {
         p.aws = Some(Arc::new(
             AwsProvider::from_env(s).await.with_metrics(metrics.clone()),
         ));
+    }
+    if !common.no_local {
+        p.local = Some(Arc::new(LocalProvider::new(LocalSettings::default())));
     }
     p
 }

@@ -126,6 +126,7 @@ impl Env {
         settings.orphan_sweep = self.orphan_sweep;
         let providers = Providers {
             aws: Some(self.provider.clone()),
+            local: None,
         };
         let run = controller::run(
             self.client.clone(),

@@ -928,3 +928,38 @@ async fn empty_model_and_drop_close_everything() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_flow_ends_after_idle_timeout() {
+    let nodes = nodes(20, 2);
+    let _tcp = start_tcp_nodes(&nodes).await;
+    let mut udp = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        udp.push(UdpBackend::start(&format!("node{i}"), node_addr(n), false).await);
+    }
+    let p = LocalProvider::new(LocalSettings {
+        udp_idle_timeout: Duration::from_millis(500),
+        ..LocalSettings::default()
+    });
+    let spec = Spec::new("idle", "127.0.20.0/28")
+        .attr("local.algorithm", "round-robin")
+        .listeners(&[(8053, Protocol::Udp)])
+        .nodes(&nodes);
+    let ip = lb_ip(&apply_ok(&p, &spec.desired()).await);
+    let s = UdpSocket::bind("127.0.0.1:0").await.expect("socket");
+    s.connect(SocketAddr::new(ip, 8053)).await.expect("connect");
+    let first = udp_ask(&s, "a").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        udp_ask(&s, "b").await,
+        first,
+        "within the idle timeout: same flow"
+    );
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    // The flow was forgotten: the next datagram is a new flow, and round-robin moves on.
+    assert_ne!(
+        udp_ask(&s, "c").await,
+        first,
+        "a new flow after the idle timeout"
+    );
+}

@@ -59,18 +59,21 @@ impl Settings {
 #[derive(Clone, Default)]
 pub struct Providers {
     pub aws: Option<Arc<dyn Provider>>,
+    /// The in-process load balancer (kept typed for its health events).
+    pub local: Option<Arc<crate::provider::local::LocalProvider>>,
 }
 
 impl Providers {
     /// Every configured provider.
     pub fn all(&self) -> Vec<Arc<dyn Provider>> {
-        self.aws.iter().cloned().collect()
+        let local = self.local.clone().map(|l| l as Arc<dyn Provider>);
+        self.aws.iter().cloned().chain(local).collect()
     }
 
     pub fn get(&self, kind: ProviderKind) -> Option<Arc<dyn Provider>> {
         match kind {
             ProviderKind::Aws => self.aws.clone(),
-            ProviderKind::Local => None,
+            ProviderKind::Local => self.local.clone().map(|l| l as Arc<dyn Provider>),
         }
     }
 }
@@ -246,6 +249,7 @@ pub async fn run(
     let svc_store = controller.store();
     let status_task = class_status::run(ctx.clone(), svc_store);
     let orphan_task = orphans::run(ctx.clone(), ctx.settings.orphan_sweep);
+    let health_task = local_health_events(ctx.clone());
     let controller_task = controller
         .run(service::reconcile, service::error_policy, ctx.clone())
         .for_each(|res| async move {
@@ -267,6 +271,7 @@ pub async fn run(
         _ = status_task => {}
         _ = async { ready().await; controller_task.await } => {}
         _ = async { ready().await; orphan_task.await } => {}
+        _ = health_task => {}
     }
 }
 
@@ -346,4 +351,52 @@ async fn plan_one(
         .await
         .map_err(|e| e.to_string())?;
     crate::plan::plan(&built.desired, &observed).map_err(|e| e.to_string())
+}
+
+/// Turns the local provider's health changes into Events on the Service: a Warning when a target
+/// group has no healthy target left (traffic still goes to all of them: fail open, like an NLB),
+/// a Normal one when it recovers.
+async fn local_health_events(ctx: Arc<Context>) {
+    let Some(local) = ctx.providers.local.clone() else {
+        return std::future::pending().await;
+    };
+    let mut rx = local.health_events();
+    let mut down: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
+    loop {
+        let ev = match rx.recv().await {
+            Ok(ev) => ev,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "missed local health events");
+                continue;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                return std::future::pending().await;
+            }
+        };
+        let key = (ev.service.uid.clone(), ev.target_group.clone());
+        let reference = events::service_ref(&ev.service);
+        if ev.healthy == 0 && ev.total > 0 {
+            if down.insert(key) {
+                let note = format!(
+                    "All {} targets of {} failed their health checks; traffic still goes to all of them (fail open)",
+                    ev.total, ev.target_group
+                );
+                events::publish_ref(&ctx.recorder, &reference, true, events::ALL_UNHEALTHY, note)
+                    .await;
+            }
+        } else if ev.healthy > 0 && down.remove(&key) {
+            let note = format!(
+                "{} of {} targets of {} are healthy again",
+                ev.healthy, ev.total, ev.target_group
+            );
+            events::publish_ref(
+                &ctx.recorder,
+                &reference,
+                false,
+                events::TARGETS_HEALTHY,
+                note,
+            )
+            .await;
+        }
+    }
 }

@@ -39,10 +39,12 @@ pub(crate) async fn serve(
     token: Token,
     connect_timeout: Duration,
 ) {
+    let cancelled = token.cancelled();
+    tokio::pin!(cancelled);
     loop {
         let accepted = tokio::select! {
             biased;
-            () = token.cancelled() => break,
+            () = &mut cancelled => break,
             r = listener.accept() => r,
         };
         match accepted {

@@ -56,10 +56,12 @@ pub(crate) async fn serve(
     let epoch = Instant::now();
     let mut next_id = 0u64;
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    let cancelled = token.cancelled();
+    tokio::pin!(cancelled);
     loop {
         let received = tokio::select! {
             biased;
-            () = token.cancelled() => break,
+            () = &mut cancelled => break,
             r = socket.recv_from(&mut buf) => r,
         };
         let (n, client) = match received {
@@ -184,12 +186,22 @@ async fn relay_back(
     let _active = target.track();
     let idle_ms = u64::try_from(idle_timeout.as_millis()).unwrap_or(u64::MAX);
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    let stop = async {
+        tokio::select! {
+            () = token.cancelled() => {}
+            () = target.kill.cancelled() => {}
+        }
+    };
+    tokio::pin!(stop);
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
     loop {
         let idle_for = now_ms(epoch).saturating_sub(last.load(Ordering::Relaxed));
         if idle_for >= idle_ms {
             break;
         }
-        let wait = Duration::from_millis(idle_ms - idle_for);
+        idle.as_mut()
+            .reset(tokio::time::Instant::now() + Duration::from_millis(idle_ms - idle_for));
         tokio::select! {
             r = upstream.recv(&mut buf) => match r {
                 Ok(n) => {
@@ -203,9 +215,8 @@ async fn relay_back(
                     break;
                 }
             },
-            () = tokio::time::sleep(wait) => {}
-            () = token.cancelled() => break,
-            () = target.kill.cancelled() => break,
+            () = &mut idle => {}
+            () = &mut stop => break,
         }
     }
     if let Some(flows) = flows.upgrade() {
