@@ -209,6 +209,7 @@ struct WrkResult {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// Connect errors, timeouts and non-2xx/3xx answers.
     errors: u64,
 }
 
@@ -312,11 +313,16 @@ fn parse_wrk(text: &str) -> Option<WrkResult> {
             Some("50%") => p50 = words.next().and_then(duration_ms),
             Some("99%") => p99 = words.next().and_then(duration_ms),
             Some("Socket") => {
-                // Socket errors: connect 0, read 0, write 0, timeout 0
-                r.errors += line
-                    .split([',', ':'])
-                    .filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok())
-                    .sum::<u64>();
+                // `Socket errors: connect 0, read 0, write 0, timeout 0`. Read errors are what
+                // wrk counts when the server closes after a `Connection: close` answer: not
+                // failures, so only connect and timeout count.
+                for part in line.split([',', ':']) {
+                    let mut kv = part.split_whitespace();
+                    if let (Some(k @ ("connect" | "timeout")), Some(v)) = (kv.next(), kv.next()) {
+                        let _ = k;
+                        r.errors += v.parse::<u64>().unwrap_or(0);
+                    }
+                }
             }
             Some("Non-2xx") => {
                 r.errors += line
