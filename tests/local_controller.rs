@@ -1,0 +1,502 @@
+//! The operator with the local provider, end to end: a real kube-apiserver + etcd, Nodes whose
+//! InternalIPs are loopback addresses with real backends on them, and real TCP/UDP traffic
+//! through the load balancer the operator serves itself.
+//!
+//! Each test has its own namespace, class (with its own address pool), node label, nodePorts and
+//! operator instance.
+
+mod support;
+
+use cloudlb::config::class::LoadBalancerClass;
+use cloudlb::controller::{self, Providers, Settings};
+use cloudlb::provider::local::{LocalProvider, LocalSettings};
+use cloudlb::telemetry::Metrics;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, CustomResourceExt};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::{TestCluster, TestGuard};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::OnceCell;
+
+const LABEL: &str = "cloudlb.test/env";
+static CRD: OnceCell<()> = OnceCell::const_new();
+
+async fn install_crd(client: &Client) {
+    CRD.get_or_init(|| async {
+        match Api::<CustomResourceDefinition>::all(client.clone())
+            .create(&PostParams::default(), &LoadBalancerClass::crd())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.is_already_exists() => {}
+            Err(e) => panic!("create CRD: {e}"),
+        }
+        let classes: Api<LoadBalancerClass> = Api::all(client.clone());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while classes.list(&ListParams::default()).await.is_err() {
+            assert!(Instant::now() < deadline, "CRD never became established");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+}
+
+async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A backend on `ip:tcp_port` (TCP) and `ip:udp_port` (UDP) that answers with its node's name;
+/// the returned handles stop it when aborted.
+async fn backend(
+    name: &str,
+    ip: &str,
+    tcp_port: u16,
+    udp_port: u16,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let addr: SocketAddr = format!("{ip}:{tcp_port}").parse().expect("addr");
+    let tcp = TcpListener::bind(addr).await.expect("bind backend tcp");
+    let addr: SocketAddr = format!("{ip}:{udp_port}").parse().expect("addr");
+    let udp = UdpSocket::bind(addr).await.expect("bind backend udp");
+    let n1 = name.to_string();
+    let n2 = name.to_string();
+    vec![
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = tcp.accept().await else {
+                    return;
+                };
+                let name = n1.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(name.as_bytes()).await;
+                });
+            }
+        }),
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            loop {
+                let Ok((_, from)) = udp.recv_from(&mut buf).await else {
+                    return;
+                };
+                let _ = udp.send_to(n2.as_bytes(), from).await;
+            }
+        }),
+    ]
+}
+
+async fn tcp_ask(addr: &str) -> Option<String> {
+    let mut s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    s.write_all(b"hi").await.ok()?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    (!out.is_empty()).then_some(out)
+}
+
+async fn udp_ask(addr: &str) -> Option<String> {
+    let s = UdpSocket::bind("127.0.0.1:0").await.ok()?;
+    s.send_to(b"hi", addr).await.ok()?;
+    let mut buf = [0u8; 64];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), s.recv_from(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).to_string())
+}
+
+async fn spread(n: usize, ask: impl AsyncFn() -> Option<String>) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        if let Some(who) = ask().await {
+            *seen.entry(who).or_insert(0) += 1;
+        }
+    }
+    seen
+}
+
+struct Env {
+    client: Client,
+    ns: String,
+    /// Third octet of this test's loopback addresses: nodes 127.<o>.0.2-4 … pool 127.<o>.1.0/28.
+    octet: u8,
+    node_port: u16,
+    nodes: Vec<String>,
+    backends: Vec<Vec<tokio::task::JoinHandle<()>>>,
+    local: Arc<LocalProvider>,
+    metrics: Arc<Metrics>,
+    operator: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Env {
+    /// `octet` and `node_port` must be unique per test.
+    async fn start(prefix: &str, octet: u8, node_port: u16, pool: &str) -> Env {
+        let cluster = TestCluster::shared().await;
+        let client = cluster.client();
+        install_crd(&client).await;
+        let ns = cluster.create_namespace(prefix).await;
+        let class: LoadBalancerClass = serde_json::from_value(json!({
+            "metadata": {"name": ns},
+            "spec": {"provider": "local", "default": true, "local": {"addressPool": pool, "algorithm": "round-robin"}}
+        }))
+        .expect("class");
+        Api::<LoadBalancerClass>::all(client.clone())
+            .create(&PostParams::default(), &class)
+            .await
+            .expect("create class");
+        let mut env = Env {
+            client,
+            ns,
+            octet,
+            node_port,
+            nodes: vec![],
+            backends: vec![],
+            local: Arc::new(LocalProvider::new(LocalSettings::default())),
+            metrics: Arc::new(Metrics::new()),
+            operator: None,
+        };
+        for i in 0..3u8 {
+            let name = format!("{}-node-{i}", env.ns);
+            let ip = format!("127.{octet}.0.{}", i + 2);
+            let node: Node = serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": {LABEL: env.ns}},
+            }))
+            .expect("node");
+            let nodes: Api<Node> = Api::all(env.client.clone());
+            nodes
+                .create(&PostParams::default(), &node)
+                .await
+                .expect("create node");
+            let status = json!({"status": {"addresses": [{"type": "InternalIP", "address": ip}]}});
+            nodes
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                .await
+                .expect("node status");
+            env.backends
+                .push(backend(&name, &ip, node_port, node_port + 100).await);
+            env.nodes.push(name);
+        }
+        env.start_operator();
+        env
+    }
+
+    fn start_operator(&mut self) {
+        let mut settings = Settings::new(self.ns.clone());
+        settings.namespace = Some(self.ns.clone());
+        settings.classes = Some(vec![self.ns.clone()]);
+        let providers = Providers {
+            aws: None,
+            local: Some(self.local.clone()),
+        };
+        let run = controller::run(
+            self.client.clone(),
+            settings,
+            providers,
+            self.metrics.clone(),
+            std::future::pending(),
+        );
+        self.operator = Some(tokio::spawn(run));
+    }
+
+    /// Stops the operator and everything its local provider serves (a process exit).
+    async fn stop_operator(&mut self) {
+        if let Some(h) = self.operator.take() {
+            h.abort();
+        }
+        self.local.shutdown().await;
+    }
+
+    fn services(&self) -> Api<Service> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    async fn create_service(&self, name: &str, ports: serde_json::Value) {
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": {"cloudlb.io/target-node-labels": format!("{LABEL}={}", self.ns)}},
+            "spec": {"type": "LoadBalancer", "ports": ports}
+        }))
+        .expect("service");
+        self.services()
+            .create(&PostParams::default(), &svc)
+            .await
+            .expect("create service");
+    }
+
+    async fn ip(&self, name: &str) -> Option<String> {
+        let svc = self.services().get(name).await.ok()?;
+        svc.status?.load_balancer?.ingress?.first()?.ip.clone()
+    }
+
+    async fn wait_ip(&self, name: &str) -> String {
+        wait_for(&format!("EXTERNAL-IP of {name}"), || async {
+            self.ip(name).await
+        })
+        .await
+    }
+
+    async fn events(&self, reason: &str) -> Vec<String> {
+        Api::<Event>::namespaced(self.client.clone(), &self.ns)
+            .list(&ListParams::default())
+            .await
+            .expect("list events")
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .filter_map(|e| e.note)
+            .collect()
+    }
+
+    /// Ports at this test's nodePorts, where its backends listen (UDP at nodePort + 100).
+    fn ports(&self, tcp: u16, udp: Option<u16>) -> serde_json::Value {
+        let mut ports = vec![
+            json!({"name": "tcp", "port": tcp, "protocol": "TCP", "nodePort": self.node_port}),
+        ];
+        if let Some(udp) = udp {
+            // Kubernetes 1.20 allocates a nodePort to one protocol only.
+            ports.push(json!({"name": "udp", "port": udp, "protocol": "UDP", "nodePort": self.node_port + 100}));
+        }
+        json!(ports)
+    }
+
+    /// A port with an allocated nodePort (no backend behind it: for Services that only need an
+    /// address and a listener).
+    fn any_port(tcp: u16) -> serde_json::Value {
+        json!([{"name": "tcp", "port": tcp, "protocol": "TCP"}])
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(h) = self.operator.take() {
+            h.abort();
+        }
+        for b in self.backends.iter().flatten() {
+            b.abort();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_and_udp_reach_every_node_and_follow_port_changes() {
+    let _guard = TestGuard::new();
+    let env = Env::start("traffic", 11, 31011, "127.11.1.0/28").await;
+    env.create_service("web", env.ports(8080, Some(5353))).await;
+    let ip = env.wait_ip("web").await;
+    assert!(
+        ip.starts_with("127.11.1."),
+        "address from the class pool: {ip}"
+    );
+    let out = TestCluster::shared()
+        .await
+        .kubectl(&["get", "svc", "-n", &env.ns, "web"])
+        .await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&ip),
+        "kubectl shows EXTERNAL-IP"
+    );
+
+    let tcp_addr = format!("{ip}:8080");
+    let tcp = spread(30, async || tcp_ask(&tcp_addr).await).await;
+    assert_eq!(tcp.len(), 3, "TCP reached every node: {tcp:?}");
+    assert_eq!(
+        tcp.values().sum::<usize>(),
+        30,
+        "no request failed: {tcp:?}"
+    );
+    let udp_addr = format!("{ip}:5353");
+    let udp = spread(30, async || udp_ask(&udp_addr).await).await;
+    assert_eq!(udp.len(), 3, "UDP reached every node: {udp:?}");
+
+    // Port change: served on the new port, the old one is closed.
+    env.services()
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"ports": env.ports(9090, None)}})),
+        )
+        .await
+        .expect("patch ports");
+    let new_addr = format!("{ip}:9090");
+    wait_for("new port served", || async { tcp_ask(&new_addr).await }).await;
+    wait_for("old port closed", || async {
+        TcpStream::connect(&tcp_addr).await.is_err().then_some(())
+    })
+    .await;
+    assert_eq!(
+        env.ip("web").await.as_deref(),
+        Some(ip.as_str()),
+        "address unchanged"
+    );
+
+    // Delete: the port and the address are released.
+    env.services()
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for("service gone", || async {
+        env.services()
+            .get_opt("web")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        TcpStream::connect(&new_addr).await.is_err(),
+        "port closed after delete"
+    );
+    env.create_service("again", env.ports(9090, None)).await;
+    let reused = env.wait_ip("again").await;
+    wait_for(
+        "the released address and port serve the new Service",
+        || async { TcpStream::connect(format!("{reused}:9090")).await.ok() },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn excluded_node_stops_receiving_new_connections() {
+    let _guard = TestGuard::new();
+    let env = Env::start("exclude", 12, 31012, "127.12.1.0/28").await;
+    env.create_service("web", env.ports(8080, None)).await;
+    let ip = env.wait_ip("web").await;
+    let addr = format!("{ip}:8080");
+    wait_for("all three nodes answer", || async {
+        (spread(9, async || tcp_ask(&addr).await).await.len() == 3).then_some(())
+    })
+    .await;
+    let excluded = env.nodes[0].clone();
+    Api::<Node>::all(env.client.clone())
+        .patch(
+            &excluded,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"node.kubernetes.io/exclude-from-external-load-balancers": "true"}}})),
+        )
+        .await
+        .expect("label node");
+    wait_for("excluded node gets no new connections", || async {
+        let seen = spread(12, async || tcp_ask(&addr).await).await;
+        (seen.len() == 2 && !seen.contains_key(&excluded) && seen.values().sum::<usize>() == 12)
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_restart_keeps_every_address() {
+    let _guard = TestGuard::new();
+    let mut env = Env::start("restart", 13, 31013, "127.13.1.0/28").await;
+    env.create_service("a", env.ports(8080, None)).await;
+    env.create_service("b", Env::any_port(8080)).await;
+    env.create_service("c", Env::any_port(8080)).await;
+    let mut before = BTreeMap::new();
+    for name in ["a", "b", "c"] {
+        before.insert(name, env.wait_ip(name).await);
+    }
+    env.stop_operator().await;
+    // A new process: a new provider with nothing in memory.
+    env.local = Arc::new(LocalProvider::new(LocalSettings::default()));
+    env.start_operator();
+    let a = format!("{}:8080", before["a"]);
+    wait_for("a serves traffic again", || async { tcp_ask(&a).await }).await;
+    for (name, ip) in &before {
+        let addr = format!("{ip}:8080");
+        wait_for(&format!("{name} listening again"), || async {
+            TcpStream::connect(&addr).await.ok()
+        })
+        .await;
+        assert_eq!(
+            env.ip(name).await.as_ref(),
+            Some(ip),
+            "{name} kept its address"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_pool_is_a_warning_event_and_others_keep_working() {
+    let _guard = TestGuard::new();
+    let env = Env::start("pool", 14, 31014, "127.14.1.7").await;
+    env.create_service("first", env.ports(8080, None)).await;
+    let ip = env.wait_ip("first").await;
+    assert_eq!(ip, "127.14.1.7");
+    env.create_service("second", Env::any_port(8080)).await;
+    let notes = wait_for("pool exhausted event", || async {
+        let e = env.events("SyncLoadBalancerFailed").await;
+        (!e.is_empty()).then_some(e)
+    })
+    .await;
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("second") || n.contains("pool")),
+        "{notes:?}"
+    );
+    assert_eq!(env.ip("second").await, None);
+    assert!(
+        tcp_ask(&format!("{ip}:8080")).await.is_some(),
+        "the first Service is undisturbed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_backends_down_is_a_warning_event() {
+    let _guard = TestGuard::new();
+    let env = Env::start("health", 15, 31015, "127.15.1.0/28").await;
+    env.create_service(
+        "web",
+        json!([{"name": "tcp", "port": 8080, "protocol": "TCP", "nodePort": env.node_port}]),
+    )
+    .await;
+    // Fast health checks through the usual annotations.
+    env.services()
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {
+                "cloudlb.io/healthcheck-interval": "5",
+                "cloudlb.io/healthcheck-timeout": "2",
+                "cloudlb.io/healthcheck-unhealthy-threshold": "2"
+            }}})),
+        )
+        .await
+        .expect("annotate");
+    let ip = env.wait_ip("web").await;
+    assert!(tcp_ask(&format!("{ip}:8080")).await.is_some());
+    for b in env.backends.iter().flatten() {
+        b.abort();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if !env.events("AllTargetsUnhealthy").await.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no AllTargetsUnhealthy event");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
