@@ -142,8 +142,6 @@ async fn spread(n: usize, ask: impl AsyncFn() -> Option<String>) -> BTreeMap<Str
 struct Env {
     client: Client,
     ns: String,
-    /// Third octet of this test's loopback addresses: nodes 127.<o>.0.2-4 … pool 127.<o>.1.0/28.
-    octet: u8,
     node_port: u16,
     nodes: Vec<String>,
     backends: Vec<Vec<tokio::task::JoinHandle<()>>>,
@@ -153,7 +151,7 @@ struct Env {
 }
 
 impl Env {
-    /// `octet` and `node_port` must be unique per test.
+    /// `octet` (nodes at 127.<octet>.0.2-4) and `node_port` must be unique per test.
     async fn start(prefix: &str, octet: u8, node_port: u16, pool: &str) -> Env {
         let cluster = TestCluster::shared().await;
         let client = cluster.client();
@@ -171,7 +169,6 @@ impl Env {
         let mut env = Env {
             client,
             ns,
-            octet,
             node_port,
             nodes: vec![],
             backends: vec![],
