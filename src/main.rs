@@ -7,6 +7,7 @@ use cloudlb::provider::aws::{AwsProvider, AwsSettings};
 use cloudlb::provider::local::{LocalProvider, LocalSettings};
 use cloudlb::telemetry::{self, LogFormat, Metrics};
 use kube::CustomResourceExt;
+use kube_lease_manager::LeaseManagerBuilder;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +58,36 @@ struct Common {
     no_local: bool,
 }
 
+#[derive(clap::Args, Clone)]
+struct LeaderArgs {
+    /// Only the holder of a Lease reconciles; other replicas stand by.
+    #[arg(long, env = "CLOUDLB_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Namespace of the Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    #[arg(long, env = "CLOUDLB_LEASE_NAME", default_value = "cloudlb-leader")]
+    lease_name: String,
+    /// Seconds a lease stays valid without renewal: how fast a standby takes over.
+    #[arg(long, env = "CLOUDLB_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    lease_duration_seconds: u64,
+    /// Seconds before expiry the holder renews.
+    #[arg(long, env = "CLOUDLB_LEASE_GRACE_SECONDS", default_value_t = 5)]
+    lease_grace_seconds: u64,
+    /// This replica's identity in the Lease (default: POD_NAME, else hostname and pid).
+    #[arg(long, env = "POD_NAME")]
+    lease_identity: Option<String>,
+}
+
+impl LeaderArgs {
+    fn identity(&self) -> String {
+        self.lease_identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the operator.
@@ -66,6 +97,11 @@ enum Command {
         /// Seconds between full re-verifications of each load balancer against the cloud (drift repair).
         #[arg(long, env = "CLOUDLB_RESYNC_SECONDS", default_value_t = 600)]
         resync_seconds: u64,
+        #[command(flatten)]
+        leader: LeaderArgs,
+        /// Address of the /metrics, /healthz and /readyz endpoint.
+        #[arg(long, env = "CLOUDLB_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+        metrics_addr: std::net::SocketAddr,
     },
     /// Print what reconciling each Service would change, without changing anything.
     Plan {
@@ -128,25 +164,29 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         Command::Run {
             common,
             resync_seconds,
+            leader,
+            metrics_addr,
         } => {
-            let client = kube::Client::try_default().await?;
-            let mut s = settings(&common);
-            s.resync = Duration::from_secs(resync_seconds.max(10));
-            let metrics = Arc::new(Metrics::new());
-            let providers = providers(&common, &metrics).await;
-            tracing::info!(cluster = %s.cluster, "cloudlb starting");
             // First SIGTERM: stop taking new work and let running reconciles finish, but exit
-            // within a grace period even when the API server or the cloud does not answer.
+            // within a grace period, also when the API server or the cloud does not answer.
             let (tx, rx) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
                 shutdown_signal().await;
                 let _ = tx.send(true);
             });
-            let stopping = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-                let _ = rx.wait_for(|stop| *stop).await;
-            };
+            let metrics = Arc::new(Metrics::new());
+            let listener = tokio::net::TcpListener::bind(metrics_addr)
+                .await
+                .map_err(|e| format!("--metrics-addr {metrics_addr}: {e}"))?;
+            tokio::spawn(cloudlb::http::serve(listener, metrics.clone()));
+            let client = kube::Client::try_default().await?;
+            let mut s = settings(&common);
+            s.resync = Duration::from_secs(resync_seconds.max(10));
+            let providers = providers(&common, &metrics).await;
+            tracing::info!(cluster = %s.cluster, leader_elect = leader.leader_elect, "cloudlb starting");
+            let work = operate(client, s, providers, metrics, leader, rx.clone());
             tokio::select! {
-                _ = controller::run(client, s, providers, metrics, stopping(rx.clone())) => {}
+                result = work => result?,
                 _ = async { stopping(rx).await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
                     tracing::warn!("shutdown grace period over; exiting");
                 }
@@ -164,6 +204,65 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+async fn stopping(mut rx: tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Runs the controller: at once, or with leader election only while holding the lease. Losing
+/// the lease stops all work at once and ends the process with an error (Kubernetes restarts it
+/// as a standby), so a former leader never writes concurrently with the new one.
+async fn operate(
+    client: kube::Client,
+    settings: Settings,
+    providers: Providers,
+    metrics: Arc<Metrics>,
+    leader: LeaderArgs,
+    rx: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if !leader.leader_elect {
+        metrics.set_leader(true);
+        controller::run(client, settings, providers, metrics, stopping(rx)).await;
+        return Ok(());
+    }
+    let namespace = leader.lease_namespace.clone().ok_or(
+        "--leader-elect needs --lease-namespace (or the POD_NAMESPACE environment variable)",
+    )?;
+    let identity = leader.identity();
+    let manager = LeaseManagerBuilder::new(client.clone(), leader.lease_name.clone())
+        .with_namespace(namespace.clone())
+        .with_identity(identity.clone())
+        .with_duration(leader.lease_duration_seconds)
+        .with_grace(leader.lease_grace_seconds)
+        .build()
+        .await?;
+    let (mut leading, lease_task) = manager.watch().await;
+    // A standby is ready: it serves probes and waits.
+    metrics.set_ready(true);
+    tracing::info!(%identity, lease = %format!("{namespace}/{}", leader.lease_name), "waiting for the leader lease");
+    tokio::select! {
+        r = leading.wait_for(|l| *l) => { r?; }
+        _ = stopping(rx.clone()) => return Ok(()),
+    }
+    tracing::info!(%identity, "acquired the leader lease; reconciling");
+    metrics.set_leader(true);
+    let lost = async {
+        let _ = leading.wait_for(|l| !*l).await;
+    };
+    let result = tokio::select! {
+        _ = controller::run(client, settings, providers, metrics.clone(), stopping(rx)) => Ok(()),
+        _ = lost => Err("lost the leader lease: stopped all work at once; exiting so a restart waits as a standby"),
+    };
+    metrics.set_leader(false);
+    // Closing the channel ends the lease task, which hands the manager back to release the lease.
+    drop(leading);
+    if let Ok(Ok(manager)) = lease_task.await {
+        if result.is_ok() {
+            let _ = manager.release().await;
+        }
+    }
+    Ok(result?)
+}
 
 /// Resolves on the first SIGTERM or Ctrl-C.
 async fn shutdown_signal() {

@@ -49,6 +49,8 @@ pub struct Metrics {
     cloud_calls: Family<CallLabels, Counter>,
     cloud_throttled: Counter,
     managed_load_balancers: Gauge,
+    leader: Gauge,
+    ready: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Metrics {
@@ -65,6 +67,7 @@ impl Metrics {
         let cloud_calls = Family::<CallLabels, Counter>::default();
         let cloud_throttled = Counter::default();
         let managed_load_balancers = Gauge::default();
+        let leader = Gauge::default();
         registry.register(
             "reconcile",
             "Service reconciles by result (ok, invalid, or the error category)",
@@ -90,8 +93,15 @@ impl Metrics {
             "Load balancers this operator manages",
             managed_load_balancers.clone(),
         );
+        registry.register(
+            "leader",
+            "1 while this instance holds the leader lease (or runs without leader election)",
+            leader.clone(),
+        );
         Metrics {
             registry,
+            leader,
+            ready: std::sync::atomic::AtomicBool::new(false),
             reconcile_total,
             reconcile_duration,
             cloud_calls,
@@ -133,6 +143,20 @@ impl Metrics {
 
     pub fn set_managed_load_balancers(&self, n: i64) {
         self.managed_load_balancers.set(n);
+    }
+
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+    }
+
+    /// `/readyz`: caches synced (or standing by for the lease).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready
+            .store(ready, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// OpenMetrics text.

@@ -163,6 +163,11 @@ pub async fn run(
     metrics: Arc<crate::telemetry::Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    use futures::FutureExt;
+    let shutdown = shutdown.boxed().shared();
+    // Set once the caches synced and the controller runs: from then on a shutdown lets the
+    // running reconciles finish; before, there is nothing to finish and we stop at once.
+    let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let services: Api<Service> = match &settings.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -245,7 +250,7 @@ pub async fn run(
     let trigger = futures::stream::select(node_rx, class_rx);
     let controller = Controller::new(services, watcher::Config::default())
         .reconcile_all_on(trigger)
-        .graceful_shutdown_on(shutdown);
+        .graceful_shutdown_on(shutdown.clone());
     let svc_store = controller.store();
     let status_task = class_status::run(ctx.clone(), svc_store);
     let orphan_task = orphans::run(ctx.clone(), ctx.settings.orphan_sweep);
@@ -269,7 +274,20 @@ pub async fn run(
         _ = node_task => {}
         _ = class_task => {}
         _ = status_task => {}
-        _ = async { ready().await; controller_task.await } => {}
+        _ = async {
+            ready().await;
+            ctx.metrics.set_ready(true);
+            started.store(true, std::sync::atomic::Ordering::SeqCst);
+            controller_task.await
+        } => {}
+        _ = async {
+            shutdown.clone().await;
+            if started.load(std::sync::atomic::Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            tracing::info!("shutdown before the caches synced: nothing in flight");
+        }
         _ = async { ready().await; orphan_task.await } => {}
         _ = health_task => {}
     }
