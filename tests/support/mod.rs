@@ -6,6 +6,7 @@
 
 pub mod aws;
 pub mod cluster;
+pub mod env;
 pub mod nodes;
 pub mod process;
 

@@ -1,0 +1,957 @@
+//! The Helm chart `charts/cloudlb`: it lints and renders offline (scripts/render-chart, the Helm v4
+//! engine from PyPI helm-python-sdk), its values schema catches typos, its manifests apply to a
+//! real API server, and its RBAC is proven: the operator runs with the chart's ServiceAccount
+//! token only and passes the AWS lifecycle against moto; without one permission it says which.
+
+mod support;
+
+use cloudlb::config::class::LoadBalancerClass;
+use cloudlb::controller::{self, Providers, Settings};
+use cloudlb::provider::aws::{AwsProvider, AwsSettings};
+use cloudlb::telemetry::Metrics;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::{
+    AwsEmulator, Instance, Network, TestCluster, TestGuard, create_node, create_vpc_with_subnets,
+    ec2, elbv2, node_for, run_instances,
+};
+use tokio::sync::OnceCell;
+
+const LABEL: &str = "cloudlb.test/env";
+const CRD_FILE: &str = "crds/loadbalancerclasses.cloudlb.io.yaml";
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn chart_dir() -> PathBuf {
+    root().join("charts/cloudlb")
+}
+
+/// `scripts/render-chart ARGS`: Ok(stdout) or Err(stderr). Panics, saying what to do, when the
+/// Helm engine is not installed: this test never skips.
+async fn render_chart(args: &[&str]) -> Result<String, String> {
+    let out = tokio::process::Command::new(root().join("scripts/render-chart"))
+        .args(args)
+        .output()
+        .await
+        .expect("run scripts/render-chart");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if out.status.code() == Some(2) && stderr.contains("install-test-deps") {
+        panic!(
+            "scripts/render-chart cannot run: {stderr}\nInstall PyPI helm-python-sdk and yamllint with scripts/install-test-deps"
+        );
+    }
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).expect("rendered YAML is UTF-8"))
+    } else {
+        Err(stderr)
+    }
+}
+
+async fn render_ok(args: &[&str]) -> String {
+    match render_chart(args).await {
+        Ok(s) => s,
+        Err(e) => panic!("scripts/render-chart {args:?} failed:\n{e}"),
+    }
+}
+
+async fn render_err(args: &[&str]) -> String {
+    match render_chart(args).await {
+        Ok(out) => panic!("scripts/render-chart {args:?} should have failed, but rendered:\n{out}"),
+        Err(e) => e,
+    }
+}
+
+/// The objects of a multi-document YAML stream.
+fn objects(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .filter_map(|doc| {
+            let v: Value = serde::Deserialize::deserialize(doc).expect("valid YAML document");
+            (!v.is_null()).then_some(v)
+        })
+        .collect()
+}
+
+fn kind(o: &Value) -> &str {
+    o["kind"].as_str().unwrap_or_default()
+}
+
+fn to_yaml_stream(objs: &[Value]) -> String {
+    objs.iter()
+        .map(|o| format!("---\n{}", serde_yaml::to_string(o).expect("serialize")))
+        .collect()
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `kubectl ARGS` against the testbed; panics with its output when it fails.
+async fn kubectl_ok(cluster: &TestCluster, args: &[&str]) -> String {
+    let out = cluster.kubectl(args).await;
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed:\n{}\n{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout(&out)
+}
+
+/// Writes `objs` to a file in the cluster's scratch dir and `kubectl apply`s it (extra args such
+/// as `--dry-run=server` go first).
+async fn apply(cluster: &TestCluster, name: &str, objs: &[Value], extra: &[&str]) -> String {
+    let file = cluster.dir().join(format!("{name}.yaml"));
+    std::fs::write(&file, to_yaml_stream(objs)).expect("write manifest");
+    let file = file.to_str().expect("UTF-8 path").to_string();
+    let mut args = vec!["apply"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["-f", &file]);
+    kubectl_ok(cluster, &args).await
+}
+
+static CRD: OnceCell<()> = OnceCell::const_new();
+
+/// The chart's CRD, applied with kubectl once per test process, then established.
+async fn install_chart_crd(cluster: &TestCluster) {
+    CRD.get_or_init(|| async {
+        let file = chart_dir().join(CRD_FILE);
+        kubectl_ok(
+            cluster,
+            &["apply", "-f", file.to_str().expect("UTF-8 path")],
+        )
+        .await;
+        let classes: Api<LoadBalancerClass> = Api::all(cluster.client());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while classes.list(&ListParams::default()).await.is_err() {
+            assert!(Instant::now() < deadline, "CRD never became established");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+}
+
+/// The testbed API server's version, for `--kube-version` (e.g. the PDB's API version).
+async fn server_version(client: &Client) -> String {
+    client
+        .apiserver_version()
+        .await
+        .expect("server version")
+        .git_version
+}
+
+async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// ------------------------------------------------------------------ static checks + apply
+
+#[test]
+fn chart_version_is_the_crate_version() {
+    let text = std::fs::read_to_string(chart_dir().join("Chart.yaml")).expect("Chart.yaml");
+    let chart: Value = serde_yaml::from_str(&text).expect("Chart.yaml is YAML");
+    let crate_version = env!("CARGO_PKG_VERSION");
+    assert_eq!(chart["apiVersion"], "v2", "a Helm 3+ chart");
+    assert_eq!(
+        chart["version"].as_str(),
+        Some(crate_version),
+        "charts/cloudlb/Chart.yaml version must be the crate version in Cargo.toml"
+    );
+    assert_eq!(
+        chart["appVersion"].as_str(),
+        Some(crate_version),
+        "charts/cloudlb/Chart.yaml appVersion must be the crate version in Cargo.toml"
+    );
+}
+
+#[test]
+fn chart_crd_is_the_top_level_crd() {
+    let top = std::fs::read(root().join(CRD_FILE)).expect("top-level CRD");
+    let chart = std::fs::read(chart_dir().join(CRD_FILE)).expect("chart CRD");
+    assert!(
+        top == chart,
+        "charts/cloudlb/{CRD_FILE} differs from {CRD_FILE}: cp {CRD_FILE} charts/cloudlb/{CRD_FILE}"
+    );
+}
+
+/// The schema's `defaultClass.aws` / `defaultClass.local` (strict, so typos fail at install)
+/// name exactly the fields of the CRD's `spec.aws` / `spec.local`, nested ones too.
+#[test]
+fn values_schema_class_settings_match_the_crd() {
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(chart_dir().join("values.schema.json")).expect("schema"),
+    )
+    .expect("schema is JSON");
+    let crd: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(root().join(CRD_FILE)).expect("crd"))
+            .expect("crd YAML");
+    let crd_spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+    let values_class = &schema["properties"]["defaultClass"]["properties"];
+    fn keys(v: &Value) -> Vec<String> {
+        let mut k: Vec<String> = v
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        k.sort();
+        k
+    }
+    for section in ["aws", "local"] {
+        let ours = &values_class[section];
+        assert_eq!(ours["additionalProperties"], false, "{section} is strict");
+        assert_eq!(
+            keys(&ours["properties"]),
+            keys(&crd_spec[section]["properties"]),
+            "values.schema.json defaultClass.{section} vs the CRD's spec.{section}"
+        );
+    }
+    assert_eq!(
+        keys(&values_class["aws"]["properties"]["healthCheck"]["properties"]),
+        keys(&crd_spec["aws"]["properties"]["healthCheck"]["properties"]),
+        "healthCheck fields"
+    );
+    assert_eq!(
+        keys(&schema["properties"]),
+        {
+            let values: Value = serde_yaml::from_str(
+                &std::fs::read_to_string(chart_dir().join("values.yaml")).expect("values"),
+            )
+            .expect("values.yaml");
+            let mut k = keys(&values);
+            k.push("clusterName".into()); // required, so it has no default in values.yaml
+            k.sort();
+            k
+        },
+        "every top-level value is in the schema and every schema key in values.yaml"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_lints_renders_and_rejects_bad_values() {
+    let _guard = TestGuard::new();
+    // Defaults + the required clusterName; every option at once.
+    let out = render_ok(&["--set", "clusterName=prod"]).await;
+    let objs = objects(&out);
+    let kinds: Vec<&str> = objs.iter().map(kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            "PodDisruptionBudget",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "Deployment",
+            "LoadBalancerClass"
+        ],
+        "rendered:\n{out}"
+    );
+    let deploy = objs
+        .iter()
+        .find(|o| kind(o) == "Deployment")
+        .expect("Deployment");
+    assert_eq!(deploy["spec"]["replicas"], 2);
+    let pod = &deploy["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for want in [
+        "run",
+        "--cluster-name=prod",
+        "--leader-elect",
+        "--metrics-addr=0.0.0.0:8080",
+        "--log-format=json",
+        "--log-level=info",
+        "--no-local",
+    ] {
+        assert!(args.contains(&want), "{want} missing from {args:?}");
+    }
+    assert!(!args.contains(&"--no-aws"), "{args:?}");
+    assert_eq!(container["image"], "ghcr.io/cloudlb/cloudlb:0.1.0");
+    let sc = &container["securityContext"];
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    let env: Vec<&str> = container["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert_eq!(env, ["POD_NAMESPACE", "POD_NAME"]);
+    assert!(pod["topologySpreadConstraints"].is_array());
+
+    let everything = chart_dir().join("ci/everything-values.yaml");
+    let out = render_ok(&["-f", everything.to_str().expect("path")]).await;
+    let objs = objects(&out);
+    assert!(objs.iter().any(|o| kind(o) == "ServiceMonitor"));
+    let deploy = objs
+        .iter()
+        .find(|o| kind(o) == "Deployment")
+        .expect("Deployment");
+    let container = &deploy["spec"]["template"]["spec"]["containers"][0];
+    assert!(
+        container["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .any(|e| e["name"] == "AWS_REGION" && e["value"] == "eu-west-1")
+    );
+    let sa = objs
+        .iter()
+        .find(|o| kind(o) == "ServiceAccount")
+        .expect("SA");
+    assert_eq!(
+        sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
+        "arn:aws:iam::111122223333:role/cloudlb"
+    );
+
+    // A typo in a value name fails at render time, naming it.
+    let e = render_err(&["--set", "clusterName=prod", "--set", "replica=3"]).await;
+    assert!(
+        e.contains("additional properties 'replica' not allowed"),
+        "{e}"
+    );
+    let e = render_err(&["--set", "clusterNme=prod"]).await;
+    assert!(e.contains("'clusterNme' not allowed"), "{e}");
+    assert!(e.contains("missing property 'clusterName'"), "{e}");
+    let e = render_err(&[
+        "--set",
+        "clusterName=prod",
+        "--set",
+        "defaultClass.aws.schme=internal",
+    ])
+    .await;
+    assert!(e.contains("'schme' not allowed"), "{e}");
+    // clusterName: required and validated.
+    let e = render_err(&[]).await;
+    assert!(e.contains("missing property 'clusterName'"), "{e}");
+    let e = render_err(&["--set", "clusterName=-bad"]).await;
+    assert!(
+        e.contains("/clusterName") && e.contains("does not match pattern"),
+        "{e}"
+    );
+    let e = render_err(&["--set", "clusterName="]).await;
+    assert!(e.contains("/clusterName"), "{e}");
+    // Wrong types and values.
+    let e = render_err(&["--set", "clusterName=prod", "--set", "replicas=two"]).await;
+    assert!(e.contains("/replicas"), "{e}");
+    let e = render_err(&["--set", "clusterName=prod", "--set", "logFormat=xml"]).await;
+    assert!(e.contains("/logFormat"), "{e}");
+    // Settings that cannot work fail with a message saying why.
+    let e = render_err(&[
+        "--set",
+        "clusterName=prod",
+        "--set",
+        "leaderElection.enabled=false",
+    ])
+    .await;
+    assert!(
+        e.contains("replicas > 1 needs leaderElection.enabled=true"),
+        "{e}"
+    );
+    let e = render_err(&[
+        "--set",
+        "clusterName=prod",
+        "--set",
+        "defaultClass.provider=local",
+    ])
+    .await;
+    assert!(e.contains("providers.local.enabled is false"), "{e}");
+}
+
+/// The exact ClusterRole rules: a new permission must be added here on purpose (and proven by
+/// the RBAC tests below).
+fn expected_cluster_rules() -> Value {
+    json!([
+        {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "patch"]},
+        {"apiGroups": [""], "resources": ["services/status"], "verbs": ["patch"]},
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+        {"apiGroups": ["cloudlb.io"], "resources": ["loadbalancerclasses"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["cloudlb.io"], "resources": ["loadbalancerclasses/status"], "verbs": ["patch"]},
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendered_chart_applies_to_a_real_api_server() {
+    let _guard = TestGuard::new();
+    let cluster = TestCluster::shared().await;
+    let client = cluster.client();
+    install_chart_crd(cluster).await;
+    let version = server_version(&client).await;
+    let ns = cluster.create_namespace("chart-apply").await;
+
+    let out = render_ok(&[
+        "--release",
+        &ns,
+        "--namespace",
+        &ns,
+        "--kube-version",
+        &version,
+        "--set",
+        "clusterName=testbed",
+        "--set",
+        &format!("defaultClass.name={ns}"),
+        "--set",
+        "defaultClass.default=false",
+    ])
+    .await;
+    let objs = objects(&out);
+    let dry = apply(cluster, &format!("{ns}-dry"), &objs, &["--dry-run=server"]).await;
+    assert!(dry.contains("(server dry run)"), "{dry}");
+    let applied = apply(cluster, &ns, &objs, &[]).await;
+    eprintln!("kubectl apply:\n{applied}");
+    let fullname = format!("{ns}-cloudlb");
+    for (resource, namespaced) in [
+        ("deployment", true),
+        ("serviceaccount", true),
+        ("service", true),
+        ("poddisruptionbudget", true),
+        ("role", true),
+        ("rolebinding", true),
+        ("clusterrole", false),
+        ("clusterrolebinding", false),
+    ] {
+        let name = match resource {
+            "service" => format!("{fullname}-metrics"),
+            "role" | "rolebinding" => format!("{fullname}-leader-election"),
+            _ => fullname.clone(),
+        };
+        let mut args = vec!["get", resource, name.as_str(), "-o", "name"];
+        if namespaced {
+            args.extend_from_slice(&["-n", &ns]);
+        }
+        kubectl_ok(cluster, &args).await;
+    }
+    kubectl_ok(cluster, &["get", "loadbalancerclass", &ns]).await;
+    let role: Value = serde_json::from_str(
+        &kubectl_ok(cluster, &["get", "clusterrole", &fullname, "-o", "json"]).await,
+    )
+    .expect("clusterrole JSON");
+    assert_eq!(role["rules"], expected_cluster_rules());
+    let lease_role: Value = serde_json::from_str(
+        &kubectl_ok(
+            cluster,
+            &[
+                "get",
+                "role",
+                "-n",
+                &ns,
+                &format!("{fullname}-leader-election"),
+                "-o",
+                "json",
+            ],
+        )
+        .await,
+    )
+    .expect("role JSON");
+    assert_eq!(
+        lease_role["rules"],
+        json!([{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "patch"]}])
+    );
+
+    // Every option at once (the ServiceMonitor needs prometheus-operator's CRD, not here).
+    let everything = chart_dir().join("ci/everything-values.yaml");
+    let out = render_ok(&[
+        "--release",
+        &format!("{ns}-all"),
+        "--namespace",
+        &ns,
+        "--kube-version",
+        &version,
+        "-f",
+        everything.to_str().expect("path"),
+        "--set",
+        "metrics.serviceMonitor.enabled=false",
+        "--set",
+        &format!("defaultClass.name={ns}-all"),
+        "--set",
+        "defaultClass.default=false",
+    ])
+    .await;
+    let dry = apply(
+        cluster,
+        &format!("{ns}-all"),
+        &objects(&out),
+        &["--dry-run=server"],
+    )
+    .await;
+    assert!(dry.contains("(server dry run)"), "{dry}");
+}
+
+// ------------------------------------------------------------------ RBAC proven
+
+/// One test's world: namespace, chart RBAC applied, a client acting as the chart's
+/// ServiceAccount only, a moto account with a VPC and instances, Nodes for them, a class.
+struct Env {
+    /// Admin: creates the class, Nodes and Services (what users and kubelets do).
+    admin: Client,
+    /// The chart's ServiceAccount: the operator runs with this and nothing else.
+    operator_client: Client,
+    ns: String,
+    sa: String,
+    elbv2: elbv2::Client,
+    ec2: ec2::Client,
+    network: Network,
+    provider: Arc<AwsProvider>,
+    operator: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Env {
+    /// `edit` may change the rendered RBAC objects before they are applied.
+    async fn start(prefix: &str, edit: impl FnOnce(&mut Vec<Value>)) -> Env {
+        let cluster = TestCluster::shared().await;
+        let admin = cluster.client();
+        install_chart_crd(cluster).await;
+        let ns = cluster.create_namespace(prefix).await;
+        let version = server_version(&admin).await;
+        let out = render_ok(&[
+            "--release",
+            &ns,
+            "--namespace",
+            &ns,
+            "--kube-version",
+            &version,
+            "--set",
+            &format!("clusterName={ns}"),
+        ])
+        .await;
+        let mut rbac: Vec<Value> = objects(&out)
+            .into_iter()
+            .filter(|o| {
+                matches!(
+                    kind(o),
+                    "ServiceAccount"
+                        | "ClusterRole"
+                        | "ClusterRoleBinding"
+                        | "Role"
+                        | "RoleBinding"
+                )
+            })
+            .collect();
+        assert_eq!(rbac.len(), 5, "SA, ClusterRole(+Binding), Role(+Binding)");
+        edit(&mut rbac);
+        apply(cluster, &format!("{ns}-rbac"), &rbac, &[]).await;
+        let sa = rbac
+            .iter()
+            .find(|o| kind(o) == "ServiceAccount")
+            .and_then(|o| o["metadata"]["name"].as_str())
+            .expect("the chart's ServiceAccount")
+            .to_string();
+        let operator_client = cluster.service_account_client(&ns, &sa).await;
+
+        let moto = AwsEmulator::shared().await;
+        let account = moto.new_account();
+        let (elbv2, ec2) = moto.clients(&account);
+        let network = create_vpc_with_subnets(&ec2, &ns).await;
+        let class: LoadBalancerClass = serde_json::from_value(json!({
+            "apiVersion": "cloudlb.io/v1alpha1",
+            "kind": "LoadBalancerClass",
+            "metadata": {"name": ns},
+            "spec": {"provider": "aws", "default": true, "aws": {"targetNodeLabels": {LABEL: ns}}}
+        }))
+        .expect("class");
+        Api::<LoadBalancerClass>::all(admin.clone())
+            .create(&PostParams::default(), &class)
+            .await
+            .expect("create class");
+        let provider = Arc::new(AwsProvider::new(
+            elbv2.clone(),
+            ec2.clone(),
+            AwsSettings::new(ns.clone()),
+        ));
+        let mut env = Env {
+            admin,
+            operator_client,
+            ns,
+            sa,
+            elbv2,
+            ec2,
+            network,
+            provider,
+            operator: None,
+        };
+        let instances = run_instances(&env.ec2, &env.network.public_subnets[0].id, 2).await;
+        for (i, instance) in instances.iter().enumerate() {
+            env.add_node(instance, i).await;
+        }
+        env.start_operator();
+        env
+    }
+
+    fn start_operator(&mut self) {
+        let mut settings = Settings::new(self.ns.clone());
+        settings.namespace = Some(self.ns.clone());
+        settings.classes = Some(vec![self.ns.clone()]);
+        settings.resync = Duration::from_secs(3600);
+        settings.provisioning_requeue = Duration::from_millis(500);
+        settings.orphan_sweep = Duration::from_secs(3600);
+        let providers = Providers {
+            aws: Some(self.provider.clone()),
+            local: None,
+        };
+        self.operator = Some(tokio::spawn(controller::run(
+            self.operator_client.clone(),
+            settings,
+            providers,
+            Arc::new(Metrics::new()),
+            std::future::pending(),
+        )));
+    }
+
+    async fn add_node(&self, instance: &Instance, i: usize) {
+        let name = format!("{}-node-{i}", self.ns);
+        let mut node = node_for(instance, &name);
+        node.metadata
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(LABEL.into(), self.ns.clone());
+        create_node(&self.admin, &node).await;
+    }
+
+    fn services(&self) -> Api<Service> {
+        Api::namespaced(self.admin.clone(), &self.ns)
+    }
+
+    async fn create_service(&self, name: &str, ports: Value) {
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"type": "LoadBalancer", "selector": {"app": name}, "ports": ports}
+        }))
+        .expect("service");
+        self.services()
+            .create(&PostParams::default(), &svc)
+            .await
+            .expect("create service");
+    }
+
+    async fn hostname(&self, name: &str) -> Option<String> {
+        let svc = self.services().get(name).await.ok()?;
+        svc.status?
+            .load_balancer?
+            .ingress?
+            .first()?
+            .hostname
+            .clone()
+    }
+
+    async fn load_balancers(&self) -> Vec<elbv2::types::LoadBalancer> {
+        self.elbv2
+            .describe_load_balancers()
+            .send()
+            .await
+            .expect("describe load balancers")
+            .load_balancers()
+            .to_vec()
+    }
+
+    async fn target_groups(&self) -> Vec<elbv2::types::TargetGroup> {
+        self.elbv2
+            .describe_target_groups()
+            .send()
+            .await
+            .expect("describe target groups")
+            .target_groups()
+            .to_vec()
+    }
+
+    async fn listeners(&self, lb_arn: &str) -> usize {
+        self.elbv2
+            .describe_listeners()
+            .load_balancer_arn(lb_arn)
+            .send()
+            .await
+            .expect("describe listeners")
+            .listeners()
+            .len()
+    }
+
+    async fn targets(&self, tg_arn: &str) -> Vec<String> {
+        self.elbv2
+            .describe_target_health()
+            .target_group_arn(tg_arn)
+            .send()
+            .await
+            .expect("describe target health")
+            .target_health_descriptions()
+            .iter()
+            .filter(|d| {
+                d.target_health()
+                    .and_then(|h| h.state())
+                    .is_none_or(|s| *s != elbv2::types::TargetHealthStateEnum::Unused)
+            })
+            .filter_map(|d| d.target().and_then(|t| t.id()).map(String::from))
+            .collect()
+    }
+
+    async fn our_security_groups(&self) -> usize {
+        self.ec2
+            .describe_security_groups()
+            .filters(
+                ec2::types::Filter::builder()
+                    .name("tag:cloudlb.io/cluster")
+                    .values(&self.ns)
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("describe security groups")
+            .security_groups()
+            .len()
+    }
+
+    /// (type, reason, note) of the Events in the namespace.
+    async fn events(&self) -> Vec<(String, String, String)> {
+        Api::<Event>::namespaced(self.admin.clone(), &self.ns)
+            .list(&ListParams::default())
+            .await
+            .expect("list events")
+            .items
+            .into_iter()
+            .map(|e| {
+                (
+                    e.type_.unwrap_or_default(),
+                    e.reason.unwrap_or_default(),
+                    e.note.unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    async fn notes(&self, reason: &str) -> Vec<String> {
+        self.events()
+            .await
+            .into_iter()
+            .filter(|(_, r, _)| r == reason)
+            .map(|(_, _, n)| n)
+            .collect()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(h) = self.operator.take() {
+            h.abort();
+        }
+    }
+}
+
+fn web_ports() -> Value {
+    json!([
+        {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+        {"name": "https", "port": 443, "targetPort": 8443, "protocol": "TCP"}
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_rbac_suffices_for_the_aws_lifecycle() {
+    let _guard = TestGuard::new();
+    let env = Env::start("chart-rbac", |_| {}).await;
+    let sa_user = format!("system:serviceaccount:{}:{}", env.ns, env.sa);
+
+    // What the Deployment does by default (all namespaces) is allowed too.
+    Api::<Service>::all(env.operator_client.clone())
+        .list(&ListParams::default().limit(1))
+        .await
+        .unwrap_or_else(|e| panic!("{sa_user} cannot list Services cluster-wide: {e}"));
+
+    // Create: finalizer, NLB, status.
+    env.create_service("web", web_ports()).await;
+    let hostname = wait_for("status hostname of web", || env.hostname("web")).await;
+    let lbs = env.load_balancers().await;
+    assert_eq!(lbs.len(), 1);
+    assert_eq!(lbs[0].dns_name(), Some(hostname.as_str()));
+    let lb_arn = lbs[0].load_balancer_arn().expect("arn").to_string();
+    let svc = env.services().get("web").await.expect("get web");
+    assert!(
+        svc.metadata
+            .finalizers
+            .unwrap_or_default()
+            .contains(&controller::FINALIZER.to_string())
+    );
+    // The class status (loadbalancerclasses/status) and Events (events.k8s.io) were written.
+    let classes: Api<LoadBalancerClass> = Api::all(env.admin.clone());
+    wait_for("class status serviceCount 1", || async {
+        (classes.get(&env.ns).await.ok()?.status?.service_count == 1).then_some(())
+    })
+    .await;
+    wait_for("EnsuredLoadBalancer event", || async {
+        (!env.notes("EnsuredLoadBalancer").await.is_empty()).then_some(())
+    })
+    .await;
+
+    // Update: a third port → a third listener.
+    let mut ports = web_ports();
+    if let Some(list) = ports.as_array_mut() {
+        list.push(json!({"name": "dns", "port": 53, "protocol": "UDP"}));
+    }
+    env.services()
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"ports": ports}})),
+        )
+        .await
+        .expect("patch ports");
+    wait_for("third listener", || async {
+        (env.listeners(&lb_arn).await == 3).then_some(())
+    })
+    .await;
+
+    // Node change: a new Node with an instance is registered in every target group.
+    let extra = run_instances(&env.ec2, &env.network.public_subnets[0].id, 1)
+        .await
+        .pop()
+        .expect("an instance");
+    env.add_node(&extra, 9).await;
+    let tg_arns: Vec<String> = env
+        .target_groups()
+        .await
+        .iter()
+        .filter_map(|t| t.target_group_arn().map(String::from))
+        .collect();
+    assert_eq!(tg_arns.len(), 3);
+    for arn in &tg_arns {
+        wait_for("new node registered", || async {
+            env.targets(arn).await.contains(&extra.id).then_some(())
+        })
+        .await;
+    }
+
+    // Delete: everything goes, then the finalizer, then the Service.
+    env.services()
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete web");
+    wait_for("web gone", || async {
+        env.services()
+            .get_opt("web")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(env.load_balancers().await.is_empty(), "load balancers left");
+    assert!(env.target_groups().await.is_empty(), "target groups left");
+    assert_eq!(env.our_security_groups().await, 0, "security groups left");
+    let failures: Vec<_> = env
+        .events()
+        .await
+        .into_iter()
+        .filter(|(t, _, _)| t == "Warning")
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "warnings with the chart's RBAC: {failures:?}"
+    );
+
+    // Leader election with the chart's Role: acquire and release the Lease as the operator does.
+    let manager =
+        kube_lease_manager::LeaseManagerBuilder::new(env.operator_client.clone(), "cloudlb-leader")
+            .with_namespace(env.ns.clone())
+            .with_identity("chart-test")
+            .with_duration(5)
+            .with_grace(2)
+            .build()
+            .await
+            .unwrap_or_else(|e| panic!("{sa_user} cannot set up the Lease: {e}"));
+    let (mut leading, task) = manager.watch().await;
+    tokio::time::timeout(Duration::from_secs(20), leading.wait_for(|l| *l))
+        .await
+        .unwrap_or_else(|_| panic!("{sa_user} never acquired the Lease"))
+        .expect("lease channel");
+    drop(leading);
+    let manager = task
+        .await
+        .expect("lease task")
+        .unwrap_or_else(|e| panic!("lease task failed: {e}"));
+    manager
+        .release()
+        .await
+        .unwrap_or_else(|e| panic!("{sa_user} cannot release the Lease: {e}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_services_status_permission_is_reported() {
+    let _guard = TestGuard::new();
+    let env = Env::start("chart-norbac", |objs| {
+        let role = objs
+            .iter_mut()
+            .find(|o| kind(o) == "ClusterRole")
+            .expect("ClusterRole");
+        let rules = role["rules"].as_array_mut().expect("rules");
+        let before = rules.len();
+        rules.retain(|r| r["resources"] != json!(["services/status"]));
+        assert_eq!(rules.len(), before - 1, "removed the services/status rule");
+    })
+    .await;
+
+    env.create_service("web", web_ports()).await;
+    let note = wait_for("SyncLoadBalancerFailed event", || async {
+        env.notes("SyncLoadBalancerFailed").await.into_iter().next()
+    })
+    .await;
+    eprintln!("SyncLoadBalancerFailed: {note}");
+    assert!(
+        note.contains("cannot patch resource \"services/status\""),
+        "the Event must name the verb and the resource: {note}"
+    );
+    assert!(
+        note.contains(&format!("system:serviceaccount:{}:{}", env.ns, env.sa)),
+        "and who was refused: {note}"
+    );
+    assert_eq!(env.hostname("web").await, None, "no status was written");
+    let (type_, _, _) = env
+        .events()
+        .await
+        .into_iter()
+        .find(|(_, r, _)| r == "SyncLoadBalancerFailed")
+        .expect("event");
+    assert_eq!(type_, "Warning");
+
+    // Deleting still works: the status was never written, so cleanup needs no status patch.
+    env.services()
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete web");
+    wait_for("web gone", || async {
+        env.services()
+            .get_opt("web")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(env.load_balancers().await.is_empty(), "load balancers left");
+}
