@@ -125,3 +125,85 @@ fn eligibility_follows_the_service_controller() {
     assert!(!node_eligible(&deleting));
     assert_eq!(instance_id(&node("x")).as_deref(), Some("i-x"));
 }
+
+mod hostile {
+    use super::*;
+    use crate::model::naming::validate_lb_name;
+
+    fn svc(
+        name: &str,
+        ns: &str,
+        annotations: serde_json::Value,
+        ports: serde_json::Value,
+    ) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": ns, "uid": "u", "annotations": annotations},
+            "spec": {"type": "LoadBalancer", "ports": ports}
+        }))
+        .expect("service")
+    }
+
+    fn resolve_and_build(s: &Service) -> Result<Built, String> {
+        let cfg = crate::config::resolve(&default_class(), s).map_err(|e| e.to_string())?;
+        build("c", s, &[node("a")], &cfg).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_hundred_ports_is_a_clear_error() {
+        let ports: Vec<_> = (0..100)
+            .map(|i| serde_json::json!({"name": format!("p{i}"), "port": 1000 + i, "protocol": "TCP", "nodePort": 30000 + i}))
+            .collect();
+        let err = resolve_and_build(&svc(
+            "web",
+            "ns",
+            serde_json::json!({}),
+            serde_json::json!(ports),
+        ))
+        .expect_err("too many");
+        assert!(
+            err.contains("spec.ports = \"100\": a Network Load Balancer has at most 50 listeners"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn names_at_the_length_limits_give_valid_cloud_names() {
+        let long = "a".repeat(63);
+        let built = resolve_and_build(&svc(
+            &long,
+            &long,
+            serde_json::json!({}),
+            serde_json::json!([{"port": 80, "nodePort": 30080}]),
+        ))
+        .expect("build");
+        let lb = built.desired.lb.expect("lb");
+        validate_lb_name(&lb.name).expect("lb name");
+        for tg in &lb.target_groups {
+            validate_lb_name(&tg.name).expect("tg name");
+        }
+    }
+
+    #[test]
+    fn huge_tag_maps_and_unicode_are_reported_not_panicked_on() {
+        let tags: Vec<String> = (0..100).map(|i| format!("k{i}=v{i}")).collect();
+        let err = resolve_and_build(&svc(
+            "web",
+            "ns",
+            serde_json::json!({"cloudlb.io/additional-resource-tags": tags.join(",")}),
+            serde_json::json!([{"port": 80, "nodePort": 30080}]),
+        ))
+        .expect_err("too many tags");
+        assert!(err.contains("at most 40 additional tags"), "{err}");
+        let err = resolve_and_build(&svc(
+            "web",
+            "ns",
+            serde_json::json!({"cloudlb.io/scheme": "ïntérnal 😀", "cloudlb.io/healthcheck-path": "/santé"}),
+            serde_json::json!([{"port": 80, "nodePort": 30080}]),
+        ))
+        .expect_err("unicode");
+        assert!(
+            err.contains("\"ïntérnal 😀\"") && err.contains("\"/santé\""),
+            "{err}"
+        );
+    }
+}

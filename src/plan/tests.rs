@@ -388,3 +388,62 @@ fn attributes_the_cloud_does_not_report_count_as_defaults() {
         ["setLoadBalancerAttributes"]
     );
 }
+
+/// Property: for random Services (ports, protocols, nodes, annotations), planning against what
+/// exactly matches is empty, and planning from nothing creates each resource exactly once.
+#[test]
+fn random_models_plan_idempotently() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    for round in 0..500 {
+        let n_ports = rng.random_range(1..8);
+        let mut ports = Vec::new();
+        let mut used = std::collections::BTreeSet::new();
+        for i in 0..n_ports {
+            let port: u16 = rng.random_range(1..2000);
+            let proto = if rng.random_bool(0.3) { "UDP" } else { "TCP" };
+            if !used.insert((port, proto)) {
+                continue;
+            }
+            ports.push(serde_json::json!({"name": format!("p{i}"), "port": port, "protocol": proto, "nodePort": 30000 + i}));
+        }
+        // TCP+UDP on one port needs one nodePort: give such pairs the same one.
+        let mut by_port: std::collections::BTreeMap<u64, i64> = std::collections::BTreeMap::new();
+        for p in &mut ports {
+            let port = p["port"].as_u64().unwrap_or_default();
+            let np = p["nodePort"].as_i64().unwrap_or_default();
+            let chosen = *by_port.entry(port).or_insert(np);
+            p["nodePort"] = serde_json::json!(chosen);
+        }
+        let nodes: Vec<String> = (0..rng.random_range(0..6))
+            .map(|i| format!("i-{round}-{i}"))
+            .collect();
+        let node_refs: Vec<&str> = nodes.iter().map(String::as_str).collect();
+        let mut annotations = serde_json::json!({});
+        if rng.random_bool(0.3) {
+            annotations["cloudlb.io/healthcheck-interval"] =
+                serde_json::json!(rng.random_range(5..300).to_string());
+        }
+        if rng.random_bool(0.3) {
+            annotations["cloudlb.io/cross-zone-load-balancing-enabled"] = serde_json::json!("true");
+        }
+        if rng.random_bool(0.2) {
+            annotations["cloudlb.io/scheme"] = serde_json::json!("internal");
+        }
+        let d = desired_with(annotations, serde_json::Value::Array(ports), &node_refs);
+        let lb = d.lb.as_ref().expect("lb");
+        assert!(
+            plan(&d, &observed_for(&d)).expect("plan").is_empty(),
+            "round {round}"
+        );
+        let create = plan(&d, &Observed::default()).expect("plan");
+        let count = |name: &str| names(&create).iter().filter(|n| *n == name).count();
+        assert_eq!(count("createLoadBalancer"), 1);
+        assert_eq!(count("createTargetGroup"), lb.target_groups.len());
+        assert_eq!(count("createListener"), lb.listeners.len());
+        assert!(
+            !names(&create).iter().any(|n| n.starts_with("delete")),
+            "round {round}"
+        );
+    }
+}
