@@ -17,11 +17,14 @@
 //! - **Deterministic.** A request's fate is a function of the seed, its action and body, and how
 //!   many identical requests came before it; not of arrival order or timing. (Bodies that embed
 //!   per-run values, such as Service UIDs in tags, differ between runs.)
-//! - **AWS idempotency for lost creates** ([`FaultConfig::replay_lost_creates`]): AWS answers a
-//!   repeated identical `CreateLoadBalancer`/`CreateTargetGroup`/`CreateListener` with the
-//!   resource it already created; moto creates a second one. When a `Create*` response was lost,
-//!   the next identical request (the SDK's retry) is answered with the lost response instead of
-//!   being applied again, as AWS would. Duplicates that remain are then the operator's doing.
+//! - **AWS idempotency for lost creates** ([`FaultConfig::replay_lost_creates`]): AWS documents
+//!   `CreateLoadBalancer`, `CreateTargetGroup` and `CreateListener` as idempotent (a repeated
+//!   identical request returns what the first one created); moto creates a second load balancer
+//!   or listener. When the response of one of these was lost, the next identical request (the
+//!   SDK's retry) is answered with the lost response instead of being applied again, as AWS
+//!   would. EC2 `CreateSecurityGroup` is not idempotent on AWS either, so its retry reaches moto
+//!   and fails with `InvalidGroup.Duplicate`, as on AWS. Duplicates that remain are then the
+//!   operator's doing.
 //!
 //! The listener side is a small HTTP/1.1 server (keep-alive, `Content-Length` bodies, as the AWS
 //! SDK sends them); upstream requests go through a pooled hyper client.
@@ -44,8 +47,11 @@ use tokio::net::{TcpListener, TcpStream};
 const MAX_HEAD: usize = 64 * 1024;
 /// Largest request body accepted.
 const MAX_BODY: usize = 16 * 1024 * 1024;
-/// How long a lost `Create*` response is kept for the retry that AWS would answer with it.
+/// How long a lost create response is kept for the retry that AWS would answer with it.
 const REPLAY_TTL: Duration = Duration::from_secs(600);
+/// The creates AWS documents as idempotent (see the module docs).
+pub const IDEMPOTENT_CREATES: [&str; 3] =
+    ["CreateLoadBalancer", "CreateTargetGroup", "CreateListener"];
 /// Upstream requests that take longer fail with 504.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -119,7 +125,7 @@ pub enum Outcome {
     Reset,
     /// Forwarded and applied upstream; the response was discarded and the connection hung.
     Lost,
-    /// A retry of a lost `Create*`, answered with the lost response (AWS idempotency).
+    /// A retry of a lost idempotent create, answered with the lost response (AWS idempotency).
     Replayed,
 }
 
@@ -167,7 +173,7 @@ pub struct FaultConfig {
     pub hang: Duration,
     /// Only these actions get faults (latency included); `None`: every action.
     pub actions: Option<Vec<String>>,
-    /// Answer the retry of a lost `Create*` with the lost response (see the module docs).
+    /// Answer the retry of a lost idempotent create with the lost response (see the module docs).
     pub replay_lost_creates: bool,
 }
 
@@ -291,6 +297,9 @@ pub struct Counts {
     pub total: u64,
     /// Requests that got added latency.
     pub delayed: u64,
+    /// `DescribeLoadBalancers`/`DescribeTargetGroups` without names or ARNs: account-wide
+    /// listings (what the operator's orphan sweep does, not a per-Service reconcile).
+    pub listings: u64,
     pub lost: LostStats,
 }
 
@@ -368,7 +377,7 @@ struct State {
     stats: Mutex<Stats>,
     /// How many requests with this (action, body) came before.
     seen: Mutex<HashMap<Key, u64>>,
-    /// Lost `Create*` answers by (action, body).
+    /// Lost answers of idempotent creates, by (action, body).
     lost: Mutex<HashMap<Key, (Instant, Answer)>>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
@@ -401,12 +410,13 @@ impl FaultProxy {
         {
             return Err(ProxyError::Upstream(config.upstream));
         }
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| ProxyError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ProxyError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         let addr = listener.local_addr().map_err(|source| ProxyError::Bind {
             addr: config.listen,
             source,
@@ -708,18 +718,21 @@ fn query_params(body: &[u8]) -> (Option<String>, Option<String>) {
 }
 
 fn percent_decode(s: &str) -> String {
-    let hex = |b: u8| char::from(b).to_digit(16).and_then(|d| u8::try_from(d).ok());
     let bytes = s.as_bytes();
+    let digit = |i: usize| bytes.get(i).and_then(|b| char::from(*b).to_digit(16));
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
-            (b'+', _, _) => out.push(b' '),
-            (b'%', Some(h), Some(l)) if hex(*h).is_some() && hex(*l).is_some() => {
-                out.push(hex(*h).unwrap_or(0) * 16 + hex(*l).unwrap_or(0));
-                i += 2;
-            }
-            (b, _, _) => out.push(b),
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => match (digit(i + 1), digit(i + 2)) {
+                (Some(h), Some(l)) => {
+                    out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
         }
         i += 1;
     }
@@ -802,26 +815,26 @@ fn decide(state: &State, action: &str, body: &[u8]) -> Decision {
         (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
     };
     let (u, v, w, x) = (unit(0), unit(1), unit(2), unit(3));
-    let mut edge = faults.throttle;
-    let fate = if u < edge {
-        Fate::Throttle
-    } else if u < {
-        edge += faults.server_error;
-        edge
-    } {
-        Fate::ServerError {
-            unavailable: x < 0.5,
+    let table = [
+        (faults.throttle, Fate::Throttle),
+        (
+            faults.server_error,
+            Fate::ServerError {
+                unavailable: x < 0.5,
+            },
+        ),
+        (faults.reset, Fate::Reset),
+        (faults.lost_response, Fate::Lost),
+    ];
+    let mut edge = 0.0;
+    let mut fate = Fate::Pass;
+    for (rate, f) in table {
+        edge += rate;
+        if u < edge {
+            fate = f;
+            break;
         }
-    } else if u < {
-        edge += faults.reset;
-        edge
-    } {
-        Fate::Reset
-    } else if u < edge + faults.lost_response {
-        Fate::Lost
-    } else {
-        Fate::Pass
-    };
+    }
     let delay = (v < faults.latency).then(|| {
         let (lo, hi) = faults.latency_range;
         lo + hi.saturating_sub(lo).mul_f64(w)
@@ -834,7 +847,29 @@ fn decide(state: &State, action: &str, body: &[u8]) -> Decision {
     }
 }
 
-fn record(state: &State, action: &str, outcome: Outcome, arrived: Instant, delayed: bool) {
+/// An account-wide listing: no names, ARNs or load balancer to narrow it.
+fn is_listing(action: &str, body: &[u8]) -> bool {
+    if action != "DescribeLoadBalancers" && action != "DescribeTargetGroups" {
+        return false;
+    }
+    let body = String::from_utf8_lossy(body);
+    !body.split('&').any(|p| {
+        p.starts_with("Names.")
+            || p.starts_with("LoadBalancerArns.")
+            || p.starts_with("TargetGroupArns.")
+            || p.starts_with("LoadBalancerArn=")
+    })
+}
+
+fn record(
+    state: &State,
+    req: &Request,
+    action: &str,
+    outcome: Outcome,
+    arrived: Instant,
+    delayed: bool,
+) {
+    let listing = is_listing(action, &req.body);
     let mut stats = lock(&state.stats);
     let since = arrived.saturating_duration_since(state.started);
     stats.arrivals.push((Family::of(action), since));
@@ -843,6 +878,9 @@ fn record(state: &State, action: &str, outcome: Outcome, arrived: Instant, delay
     counts.total += 1;
     if delayed {
         counts.delayed += 1;
+    }
+    if listing {
+        counts.listings += 1;
     }
     *counts
         .by_action
@@ -899,7 +937,7 @@ async fn serve_connection(mut stream: TcpStream, state: Arc<State>) -> std::io::
         let delayed = d.delay.is_some();
         match d.fate {
             Fate::Throttle => {
-                record(&state, &action, Outcome::Throttled, arrived, delayed);
+                record(&state, &req, &action, Outcome::Throttled, arrived, delayed);
                 let answer = if ec2 {
                     aws_error(
                         true,
@@ -914,7 +952,14 @@ async fn serve_connection(mut stream: TcpStream, state: Arc<State>) -> std::io::
                 write_response(&mut stream, &answer, close).await?;
             }
             Fate::ServerError { unavailable } => {
-                record(&state, &action, Outcome::ServerError, arrived, delayed);
+                record(
+                    &state,
+                    &req,
+                    &action,
+                    Outcome::ServerError,
+                    arrived,
+                    delayed,
+                );
                 let answer = if unavailable {
                     aws_error(
                         ec2,
@@ -935,15 +980,18 @@ async fn serve_connection(mut stream: TcpStream, state: Arc<State>) -> std::io::
                 write_response(&mut stream, &answer, close).await?;
             }
             Fate::Reset => {
-                record(&state, &action, Outcome::Reset, arrived, delayed);
+                record(&state, &req, &action, Outcome::Reset, arrived, delayed);
                 stream.set_zero_linger()?;
                 return Ok(());
             }
             Fate::Lost => {
-                record(&state, &action, Outcome::Lost, arrived, delayed);
+                record(&state, &req, &action, Outcome::Lost, arrived, delayed);
                 let answer = apply_once(&state, &req, &action, d.key).await;
                 let keep = lock(&state.faults).replay_lost_creates;
-                if keep && action.starts_with("Create") && (200..300).contains(&answer.status) {
+                if keep
+                    && IDEMPOTENT_CREATES.contains(&action.as_str())
+                    && (200..300).contains(&answer.status)
+                {
                     lock(&state.lost).insert(d.key, (Instant::now(), answer));
                 }
                 let hang = lock(&state.faults).hang;
@@ -974,7 +1022,7 @@ async fn serve_connection(mut stream: TcpStream, state: Arc<State>) -> std::io::
                         (a, outcome)
                     }
                 };
-                record(&state, &action, outcome, arrived, delayed);
+                record(&state, &req, &action, outcome, arrived, delayed);
                 write_response(&mut stream, &answer, close).await?;
             }
         }
@@ -985,10 +1033,10 @@ async fn serve_connection(mut stream: TcpStream, state: Arc<State>) -> std::io::
     Ok(())
 }
 
-/// Forwards, unless this is the retry of a lost create (then the lost answer is used and the
-/// request is not applied again).
+/// Forwards, unless this is the retry of a lost idempotent create (then the lost answer is used
+/// and the request is not applied again).
 async fn apply_once(state: &State, req: &Request, action: &str, key: Key) -> Answer {
-    if action.starts_with("Create") {
+    if IDEMPOTENT_CREATES.contains(&action) {
         if let Some((_, a)) = lock(&state.lost).remove(&key) {
             return a;
         }
@@ -1010,7 +1058,9 @@ fn proxy_failure(status: u16, message: String) -> Answer {
 
 async fn forward(state: &State, req: &Request) -> Answer {
     let uri = format!("{}{}", state.upstream, req.target);
-    let mut builder = hyper::Request::builder().method(req.method.as_str()).uri(uri);
+    let mut builder = hyper::Request::builder()
+        .method(req.method.as_str())
+        .uri(uri);
     for (k, v) in &req.headers {
         let lower = k.to_ascii_lowercase();
         if HOP_BY_HOP.contains(&lower.as_str()) || lower == "host" {
@@ -1026,13 +1076,13 @@ async fn forward(state: &State, req: &Request) -> Answer {
         Err(e) => return proxy_failure(502, format!("fault proxy: bad request: {e}")),
     };
     let call = async {
-        let response = state.client.request(request).await.map_err(|e| e.to_string())?;
-        let (parts, body) = response.into_parts();
-        let body = body
-            .collect()
+        let response = state
+            .client
+            .request(request)
             .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
+            .map_err(|e| e.to_string())?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
         let headers = parts
             .headers
             .iter()
@@ -1065,11 +1115,30 @@ mod tests {
 
     #[test]
     fn params_and_decoding() {
-        let (a, v) = query_params(b"Action=DescribeLoadBalancers&Version=2015-12-01&Names.member.1=a%2Db");
+        let (a, v) =
+            query_params(b"Action=DescribeLoadBalancers&Version=2015-12-01&Names.member.1=a%2Db");
         assert_eq!(a.as_deref(), Some("DescribeLoadBalancers"));
         assert_eq!(v.as_deref(), Some("2015-12-01"));
         assert_eq!(percent_decode("a%2Db+c%"), "a-b c%");
         assert_eq!(percent_decode("%4"), "%4");
+        assert_eq!(percent_decode("%C3%A9%zz"), "é%zz");
+    }
+
+    #[test]
+    fn listings() {
+        assert!(is_listing(
+            "DescribeLoadBalancers",
+            b"Action=DescribeLoadBalancers&Version=2015-12-01&PageSize=400"
+        ));
+        assert!(!is_listing(
+            "DescribeLoadBalancers",
+            b"Action=DescribeLoadBalancers&Names.member.1=x"
+        ));
+        assert!(!is_listing(
+            "DescribeTargetGroups",
+            b"Action=DescribeTargetGroups&LoadBalancerArn=arn"
+        ));
+        assert!(!is_listing("DescribeTags", b"Action=DescribeTags"));
     }
 
     #[test]

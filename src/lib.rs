@@ -8,6 +8,7 @@
 pub mod build;
 pub mod config;
 pub mod controller;
+pub mod faultproxy;
 pub mod http;
 pub mod model;
 pub mod plan;

@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("Kubernetes API call failed: {0}")]
+    #[error("Kubernetes API call failed: {}", kube_message(.0))]
     Kube(#[from] kube::Error),
     #[error(transparent)]
     Provider(#[from] ProviderError),
@@ -127,16 +127,36 @@ async fn set_finalizers(
     svc: &Service,
     finalizers: Vec<String>,
 ) -> Result<(), kube::Error> {
-    // resourceVersion makes this an optimistic-concurrency update of the list.
-    let patch =
-        json!({"metadata": {"finalizers": finalizers, "resourceVersion": svc.resource_version()}});
-    api.patch(
-        &svc.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
+    let current = svc.finalizers();
+    let patch = if current.is_empty() {
+        // Nothing to compare with: the resourceVersion makes this an optimistic update.
+        Patch::Merge(
+            json!({"metadata": {"finalizers": finalizers, "resourceVersion": svc.resource_version()}}),
+        )
+    } else {
+        // Conflicts only when the finalizer list itself changed meanwhile (our own status
+        // write changes the resourceVersion, not the list).
+        let ops = json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": current},
+            {"op": "replace", "path": "/metadata/finalizers", "value": finalizers},
+        ]);
+        let ops: json_patch::Patch =
+            serde_json::from_value(ops).map_err(kube::Error::SerdeError)?;
+        Patch::Json(ops)
+    };
+    api.patch(&svc.name_any(), &PatchParams::default(), &patch)
+        .await?;
     Ok(())
+}
+
+/// A Kubernetes error for humans: the API server's message, not the whole Status object.
+fn kube_message(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) => {
+            format!("{} ({} {})", status.message, status.code, status.reason)
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Invalid input: one Warning Event listing every problem (only when the message changes), no

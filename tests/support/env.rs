@@ -186,7 +186,7 @@ impl Env {
         self.services()
             .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
-            .expect("patch service");
+            .unwrap_or_else(|e| panic!("patch service {name} with {patch}: {e}"));
     }
 
     pub async fn hostname(&self, name: &str) -> Option<String> {

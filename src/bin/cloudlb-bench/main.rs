@@ -1,0 +1,792 @@
+//! `cloudlb-bench`: the operator at scale against a real API server and moto, with the operator as
+//! a separate process (`cloudlb run`) whose AWS calls go through a counting proxy
+//! ([`cloudlb::faultproxy`], no faults). See `docs/benchmarks.md`.
+//!
+//! ```text
+//! cargo build --release --bin cloudlb --bin cloudlb-bench
+//! target/release/cloudlb-bench --services 1000 --nodes 200
+//! ```
+//!
+//! Phases: create N LoadBalancer Services (1 or 2 ports) over M Nodes and wait for every status;
+//! touch every Service with a no-op annotation (an unchanged resync of everything); add one Node;
+//! remove it; delete every Service. Per phase: wall time, cloud calls by operation (counted at the
+//! proxy), the operator's own call count, its RSS. Prints goal vs measured and writes JSON.
+//! Asserts nothing about timings.
+
+mod report;
+mod testbed;
+
+use clap::Parser;
+use cloudlb::config::class::LoadBalancerClass;
+use cloudlb::faultproxy::{FaultProxy, ProxyConfig};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use kube::{Api, Client, CustomResourceExt};
+use report::{Phase, Report};
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use testbed::{Proc, Testbed, http_get};
+
+const CLUSTER: &str = "bench";
+const NAMESPACE: &str = "bench";
+const REGION: &str = "us-east-1";
+const ZONES: [&str; 2] = ["us-east-1a", "us-east-1b"];
+/// An AMI from moto's built-in list.
+const AMI: &str = "ami-12c6146b";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("YAML: {0}")]
+    Yaml(#[from] serde_yaml::Error),
+    #[error("JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Proxy(#[from] cloudlb::faultproxy::ProxyError),
+    #[error("AWS emulator: {0}")]
+    Aws(String),
+    #[error("testbed: {0}")]
+    Testbed(String),
+    #[error("operator: {0}")]
+    Operator(String),
+}
+
+fn aws_err(what: &str, e: impl std::fmt::Display) -> BenchError {
+    BenchError::Aws(format!("{what}: {e}"))
+}
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "cloudlb-bench",
+    about = "Benchmark the operator (a separate `cloudlb run` process) against a real API server and moto"
+)]
+pub struct Args {
+    /// LoadBalancer Services to create (every second one has two ports).
+    #[arg(long, default_value_t = 1000)]
+    services: usize,
+    /// Nodes (EC2 instances in moto), all targets of every Service.
+    #[arg(long, default_value_t = 200)]
+    nodes: usize,
+    /// The operator's `--aws-rate-limit` (calls per second per call family; 0: unlimited).
+    #[arg(long, default_value_t = 10.0)]
+    aws_rate_limit: f64,
+    /// A phase is over when the operator made no cloud call for this long (it requeues
+    /// provisioning load balancers every 5 s).
+    #[arg(long, default_value_t = 8)]
+    quiet_secs: u64,
+    /// Give up waiting for a phase after this long.
+    #[arg(long, default_value_t = 3600)]
+    phase_timeout_secs: u64,
+    /// API writes in flight when creating, touching and deleting Services and Nodes.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Where to write the JSON results.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// The `cloudlb` binary (default: next to this one).
+    #[arg(long)]
+    operator: Option<PathBuf>,
+    /// The operator's `--log-level`.
+    #[arg(long, default_value = "info")]
+    operator_log_level: String,
+    /// Keep the scratch directory (logs, kubeconfig) afterwards.
+    #[arg(long)]
+    keep: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cloudlb-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn say(start: Instant, msg: impl std::fmt::Display) {
+    eprintln!("[{:>7.1}s] {msg}", start.elapsed().as_secs_f64());
+}
+
+/// The `cloudlb run` child.
+struct Operator {
+    proc: Proc,
+    metrics_port: u16,
+}
+
+impl Operator {
+    async fn metrics(&self) -> String {
+        http_get(self.metrics_port, "/metrics")
+            .await
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+
+    /// Sum of a metric's samples whose line contains `filter`.
+    async fn metric(&self, name: &str, filter: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .filter(|l| l.starts_with(name) && l.contains(filter))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// `result` label → reconciles.
+    async fn reconciles(&self) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        for line in self.metrics().await.lines() {
+            let Some(rest) = line.strip_prefix("cloudlb_reconcile_total{result=\"") else {
+                continue;
+            };
+            let Some((result, tail)) = rest.split_once('"') else {
+                continue;
+            };
+            if let Some(v) = tail.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+                *out.entry(result.to_string()).or_insert(0.0) += v;
+            }
+        }
+        out
+    }
+
+    /// (VmRSS, VmHWM) in KiB.
+    fn memory(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.pid()))
+            .unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+struct Aws {
+    elbv2: aws_sdk_elasticloadbalancingv2::Client,
+    ec2: aws_sdk_ec2::Client,
+}
+
+impl Aws {
+    fn new(endpoint: &str) -> Aws {
+        let credentials = aws_sdk_ec2::config::Credentials::new(
+            "AKIACLOUDLBBENCH0000",
+            "cloudlb-bench-secret",
+            None,
+            None,
+            "cloudlb-bench",
+        );
+        let config = aws_config::SdkConfig::builder()
+            .region(aws_config::Region::new(REGION))
+            .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(
+                credentials,
+            ))
+            .endpoint_url(endpoint)
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .build();
+        Aws {
+            elbv2: aws_sdk_elasticloadbalancingv2::Client::new(&config),
+            ec2: aws_sdk_ec2::Client::new(&config),
+        }
+    }
+
+    /// A VPC with a public and a private subnet per zone, tagged for the cluster.
+    async fn network(&self) -> Result<Vec<(String, String)>, BenchError> {
+        use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
+        let tags = |kind: ResourceType, pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .fold(
+                    TagSpecification::builder().resource_type(kind),
+                    |b, (k, v)| b.tags(Tag::builder().key(*k).value(*v).build()),
+                )
+                .build()
+        };
+        let vpc = self
+            .ec2
+            .create_vpc()
+            .cidr_block("10.0.0.0/16")
+            .send()
+            .await
+            .map_err(|e| aws_err("CreateVpc", e))?;
+        let vpc_id = vpc
+            .vpc()
+            .and_then(|v| v.vpc_id())
+            .ok_or_else(|| BenchError::Aws("CreateVpc returned no id".into()))?
+            .to_string();
+        let cluster_tag = format!("kubernetes.io/cluster/{CLUSTER}");
+        let mut public = Vec::new();
+        for (i, az) in ZONES.iter().enumerate() {
+            for (role, cidr, is_public) in [
+                (
+                    "kubernetes.io/role/elb",
+                    format!("10.0.{}.0/20", i * 16),
+                    true,
+                ),
+                (
+                    "kubernetes.io/role/internal-elb",
+                    format!("10.0.{}.0/20", 128 + i * 16),
+                    false,
+                ),
+            ] {
+                let out = self
+                    .ec2
+                    .create_subnet()
+                    .vpc_id(&vpc_id)
+                    .cidr_block(cidr)
+                    .availability_zone(*az)
+                    .tag_specifications(tags(
+                        ResourceType::Subnet,
+                        &[(role, "1"), (&cluster_tag, "owned")],
+                    ))
+                    .send()
+                    .await
+                    .map_err(|e| aws_err("CreateSubnet", e))?;
+                let id = out
+                    .subnet()
+                    .and_then(|s| s.subnet_id())
+                    .ok_or_else(|| BenchError::Aws("CreateSubnet returned no id".into()))?;
+                if is_public {
+                    public.push((id.to_string(), az.to_string()));
+                }
+            }
+        }
+        Ok(public)
+    }
+
+    /// `n` instances in `subnet`: (id, az, private IP).
+    async fn instances(
+        &self,
+        subnet: &str,
+        n: usize,
+    ) -> Result<Vec<(String, String, String)>, BenchError> {
+        let n = i32::try_from(n).map_err(|_| BenchError::Aws("too many instances".into()))?;
+        let out = self
+            .ec2
+            .run_instances()
+            .image_id(AMI)
+            .instance_type(aws_sdk_ec2::types::InstanceType::T3Medium)
+            .min_count(n)
+            .max_count(n)
+            .subnet_id(subnet)
+            .send()
+            .await
+            .map_err(|e| aws_err("RunInstances", e))?;
+        Ok(out
+            .instances()
+            .iter()
+            .filter_map(|i| {
+                Some((
+                    i.instance_id()?.to_string(),
+                    i.placement()?.availability_zone()?.to_string(),
+                    i.private_ip_address()?.to_string(),
+                ))
+            })
+            .collect())
+    }
+
+    /// (load balancers, target groups, our security groups) in the account.
+    async fn leftovers(&self) -> Result<(usize, usize, usize), BenchError> {
+        let lbs = self
+            .elbv2
+            .describe_load_balancers()
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| aws_err("DescribeLoadBalancers", e))?
+            .len();
+        let tgs = match self.elbv2.describe_target_groups().send().await {
+            Ok(out) => out.target_groups().len(),
+            // moto answers TargetGroupNotFound when there are none.
+            Err(e) if format!("{e:?}").contains("TargetGroupNotFound") => 0,
+            Err(e) => return Err(aws_err("DescribeTargetGroups", e)),
+        };
+        let sgs = self
+            .ec2
+            .describe_security_groups()
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name("tag:cloudlb.io/cluster")
+                    .values(CLUSTER)
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| aws_err("DescribeSecurityGroups", e))?
+            .security_groups()
+            .len();
+        Ok((lbs, tgs, sgs))
+    }
+}
+
+fn node(name: &str, id: &str, az: &str, ip: &str) -> Result<Node, BenchError> {
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {
+            "kubernetes.io/hostname": name,
+            "topology.kubernetes.io/zone": az,
+            "topology.kubernetes.io/region": REGION,
+        }},
+        "spec": {"providerID": format!("aws:///{az}/{id}")},
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}],
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                "message": "bench node", "lastHeartbeatTime": "2024-01-01T00:00:00Z",
+                "lastTransitionTime": "2024-01-01T00:00:00Z"}],
+        },
+    }))?)
+}
+
+/// Creates the Node and writes its status (a create drops it).
+async fn create_node(client: &Client, node: Node) -> Result<(), BenchError> {
+    let api: Api<Node> = Api::all(client.clone());
+    let name = node.metadata.name.clone().unwrap_or_default();
+    let status = json!({"status": node.status});
+    api.create(&PostParams::default(), &node).await?;
+    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    Ok(())
+}
+
+fn service(i: usize) -> Result<Service, BenchError> {
+    let mut ports = vec![json!({"name": "http", "port": 80, "protocol": "TCP"})];
+    if i % 2 == 1 {
+        ports.push(json!({"name": "https", "port": 443, "protocol": "TCP"}));
+    }
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": service_name(i)},
+        "spec": {"type": "LoadBalancer", "ports": ports, "selector": {"app": "bench"}},
+    }))?)
+}
+
+fn service_name(i: usize) -> String {
+    format!("svc-{i:05}")
+}
+
+/// Target groups of `n` benchmark Services (one per port).
+fn target_groups(n: usize) -> usize {
+    n + n / 2
+}
+
+async fn setup_kube(client: &Client) -> Result<(), BenchError> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.create(&PostParams::default(), &LoadBalancerClass::crd())
+        .await?;
+    let classes: Api<LoadBalancerClass> = Api::all(client.clone());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while classes.list(&ListParams::default()).await.is_err() {
+        if Instant::now() > deadline {
+            return Err(BenchError::Testbed(
+                "the CRD was not established in 60 s".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let class: LoadBalancerClass = serde_json::from_value(json!({
+        "metadata": {"name": "bench"},
+        "spec": {"provider": "aws", "default": true},
+    }))?;
+    classes.create(&PostParams::default(), &class).await?;
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NAMESPACE}}))?;
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await?;
+    Ok(())
+}
+
+/// When each Service was created and first seen with a status.
+#[derive(Default)]
+struct Track {
+    created: HashMap<String, Instant>,
+    status: HashMap<String, Instant>,
+}
+
+fn lock(t: &Mutex<Track>) -> std::sync::MutexGuard<'_, Track> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn watch_status(client: Client, track: Arc<Mutex<Track>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let api: Api<Service> = Api::namespaced(client, NAMESPACE);
+        let stream = watcher(api, watcher::Config::default());
+        futures::pin_mut!(stream);
+        while let Some(ev) = stream.next().await {
+            let svc = match ev {
+                Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => s,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "status watch (retrying)");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let has_status = svc
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|l| l.ingress.as_ref())
+                .is_some_and(|i| !i.is_empty());
+            if let (true, Some(name)) = (has_status, svc.metadata.name) {
+                lock(&track).status.entry(name).or_insert_with(Instant::now);
+            }
+        }
+    })
+}
+
+/// Waits until `done()` or the deadline; `false` on timeout.
+async fn wait_until<F, Fut>(deadline: Instant, mut done: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    loop {
+        if done().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Waits until the operator made no cloud call for `quiet`.
+async fn settle(proxy: &FaultProxy, quiet: Duration, deadline: Instant) -> bool {
+    wait_until(deadline, || async { proxy.idle_for() >= quiet }).await
+}
+
+/// Runs `f(i)` for `0..n` with `concurrency` in flight; the first error wins.
+async fn for_each<F, Fut>(n: usize, concurrency: usize, f: F) -> Result<(), BenchError>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<(), BenchError>>,
+{
+    futures::stream::iter(0..n)
+        .map(f)
+        .buffer_unordered(concurrency.max(1))
+        .try_collect::<Vec<()>>()
+        .await
+        .map(|_| ())
+}
+
+async fn run(args: Args) -> Result<(), BenchError> {
+    let start = Instant::now();
+    let operator_bin = match &args.operator {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("cloudlb"),
+    };
+    if !operator_bin.is_file() {
+        return Err(BenchError::Operator(format!(
+            "{} not found: build it (cargo build --release --bin cloudlb) or pass --operator",
+            operator_bin.display()
+        )));
+    }
+    let tgs = target_groups(args.services);
+    // Every port needs a nodePort.
+    let range_end = (30000 + (tgs + 1000).max(2767)).min(65535);
+    let bed = Testbed::start(&format!("30000-{range_end}"), args.keep).await?;
+    say(
+        start,
+        format!(
+            "testbed up: kube-apiserver + etcd + moto (scratch {})",
+            bed.dir.display()
+        ),
+    );
+    let client = bed.client().await?;
+    setup_kube(&client).await?;
+
+    // Nodes: instances in moto (directly, not through the proxy) and Node objects.
+    let aws = Aws::new(&bed.moto_endpoint);
+    let subnets = aws.network().await?;
+    let mut instances = Vec::new();
+    let mut i = 0;
+    while instances.len() < args.nodes {
+        let (subnet, _) = &subnets[i % subnets.len()];
+        let batch = (args.nodes - instances.len()).min(100);
+        instances.extend(aws.instances(subnet, batch).await?);
+        i += 1;
+    }
+    let instances = Arc::new(instances);
+    for_each(instances.len(), args.concurrency, |i| {
+        let (client, instances) = (client.clone(), instances.clone());
+        async move {
+            let (id, az, ip) = &instances[i];
+            create_node(&client, node(&format!("node-{i:05}"), id, az, ip)?).await
+        }
+    })
+    .await?;
+    say(start, format!("{} Nodes and instances created", args.nodes));
+
+    // The operator, through the counting proxy.
+    let proxy = FaultProxy::start(ProxyConfig::new(bed.moto_endpoint.clone())).await?;
+    let metrics_port = testbed::free_port()?;
+    let env = [
+        ("KUBECONFIG", bed.kubeconfig.display().to_string()),
+        ("AWS_ENDPOINT_URL", proxy.endpoint()),
+        ("AWS_ACCESS_KEY_ID", "AKIACLOUDLBBENCH0000".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", "cloudlb-bench-secret".to_string()),
+        ("AWS_REGION", REGION.to_string()),
+        ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
+    ];
+    let op_args: Vec<String> = [
+        "run",
+        "--cluster-name",
+        CLUSTER,
+        "--no-local",
+        "--aws-rate-limit",
+        &args.aws_rate_limit.to_string(),
+        // Drift re-verification off for the run (a day), so it does not mix into the phases.
+        "--resync-seconds",
+        "86400",
+        "--metrics-addr",
+        &format!("127.0.0.1:{metrics_port}"),
+        "--log-level",
+        &args.operator_log_level,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut op = Operator {
+        proc: Proc::spawn("operator", &operator_bin, &op_args, &env, &bed.dir)?,
+        metrics_port,
+    };
+    let operator_started = Instant::now();
+    let ready = wait_until(Instant::now() + Duration::from_secs(60), || async {
+        matches!(http_get(metrics_port, "/readyz").await, Some((200, _)))
+    })
+    .await;
+    if !ready {
+        let log = op.proc.tail(40);
+        return Err(BenchError::Operator(format!(
+            "not ready within 60 s:\n{log}"
+        )));
+    }
+    say(
+        start,
+        format!("operator ready ({})", operator_bin.display()),
+    );
+
+    let mut report = Report::new(&args, tgs, operator_bin.display().to_string());
+    let quiet = Duration::from_secs(args.quiet_secs);
+    let timeout = Duration::from_secs(args.phase_timeout_secs);
+    let services: Api<Service> = Api::namespaced(client.clone(), NAMESPACE);
+    let track = Arc::new(Mutex::new(Track::default()));
+    let watch = watch_status(client.clone(), track.clone());
+
+    // 1. The create wave.
+    proxy.reset_counts();
+    let calls_before = op.metric("cloudlb_cloud_api_calls_total", "").await;
+    let t0 = Instant::now();
+    for_each(args.services, args.concurrency, |i| {
+        let (services, track) = (services.clone(), track.clone());
+        async move {
+            let svc = service(i)?;
+            lock(&track).created.insert(service_name(i), Instant::now());
+            services.create(&PostParams::default(), &svc).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    say(
+        start,
+        format!(
+            "{} Services created in {:.1} s; waiting for every status",
+            args.services,
+            t0.elapsed().as_secs_f64()
+        ),
+    );
+    let mut last_log = Instant::now();
+    let converged = wait_until(t0 + timeout, || {
+        let n = lock(&track).status.len();
+        if last_log.elapsed() > Duration::from_secs(30) {
+            say(start, format!("  {n}/{} statuses written", args.services));
+            last_log = Instant::now();
+        }
+        async move { n >= args.services }
+    })
+    .await;
+    let (latencies, wave_secs) = {
+        let t = lock(&track);
+        let mut lat: Vec<f64> = t
+            .status
+            .iter()
+            .filter_map(|(name, at)| {
+                Some(
+                    at.saturating_duration_since(*t.created.get(name)?)
+                        .as_secs_f64(),
+                )
+            })
+            .collect();
+        lat.sort_by(f64::total_cmp);
+        let first = t.created.values().min().copied().unwrap_or(t0);
+        let last = t.status.values().max().copied().unwrap_or(first);
+        (lat, last.saturating_duration_since(first).as_secs_f64())
+    };
+    let statuses = lock(&track).status.len();
+    say(
+        start,
+        format!(
+            "create wave: {statuses}/{} statuses in {wave_secs:.1} s",
+            args.services
+        ),
+    );
+    settle(&proxy, quiet, Instant::now() + timeout).await;
+    let mut phase = Phase::new("create wave", wave_secs, proxy.counts(), &op, calls_before).await;
+    phase.note(format!(
+        "{statuses}/{} Services got a status{}",
+        args.services,
+        if converged { "" } else { " (timed out)" }
+    ));
+    report.wave(phase, &latencies, statuses);
+
+    // 2. An unchanged resync of everything: a no-op annotation on every Service makes the
+    //    operator reconcile each one with an unchanged desired state.
+    proxy.reset_counts();
+    let calls_before = op.metric("cloudlb_cloud_api_calls_total", "").await;
+    let reconciles_before: f64 = op.reconciles().await.values().sum();
+    let t0 = Instant::now();
+    let stamp = format!("{}", start.elapsed().as_millis());
+    for_each(args.services, args.concurrency, |i| {
+        let (services, stamp) = (services.clone(), stamp.clone());
+        async move {
+            let patch = json!({"metadata": {"annotations": {"bench.cloudlb.io/touched": stamp}}});
+            services
+                .patch(
+                    &service_name(i),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let want = reconciles_before + args.services as f64;
+    wait_until(t0 + timeout, || async {
+        op.reconciles().await.values().sum::<f64>() >= want
+    })
+    .await;
+    let secs = t0.elapsed().as_secs_f64();
+    settle(&proxy, quiet, Instant::now() + timeout).await;
+    let mut phase = Phase::new("unchanged resync", secs, proxy.counts(), &op, calls_before).await;
+    let after = op.reconciles().await;
+    phase.note(format!(
+        "reconciles after the touch, by result: {:?} (before: {reconciles_before} in total)",
+        after
+    ));
+    say(start, format!("unchanged resync: {} calls", phase.total));
+    report.phase(phase);
+
+    // 3. One node added, 4. and removed.
+    let extra = aws.instances(&subnets[0].0, 1).await?;
+    let Some((id, az, ip)) = extra.first().cloned() else {
+        return Err(BenchError::Aws("RunInstances returned nothing".into()));
+    };
+    proxy.reset_counts();
+    let calls_before = op.metric("cloudlb_cloud_api_calls_total", "").await;
+    let t0 = Instant::now();
+    create_node(&client, node("node-extra", &id, &az, &ip)?).await?;
+    wait_until(t0 + timeout, || async {
+        proxy.counts().action("RegisterTargets") >= tgs as u64
+    })
+    .await;
+    let secs = t0.elapsed().as_secs_f64();
+    settle(&proxy, quiet, Instant::now() + timeout).await;
+    let phase = Phase::new("node added", secs, proxy.counts(), &op, calls_before).await;
+    say(start, format!("node added: {} calls", phase.total));
+    report.phase(phase);
+
+    proxy.reset_counts();
+    let calls_before = op.metric("cloudlb_cloud_api_calls_total", "").await;
+    let t0 = Instant::now();
+    Api::<Node>::all(client.clone())
+        .delete("node-extra", &DeleteParams::default())
+        .await?;
+    wait_until(t0 + timeout, || async {
+        proxy.counts().action("DeregisterTargets") >= tgs as u64
+    })
+    .await;
+    let secs = t0.elapsed().as_secs_f64();
+    settle(&proxy, quiet, Instant::now() + timeout).await;
+    let phase = Phase::new("node removed", secs, proxy.counts(), &op, calls_before).await;
+    say(start, format!("node removed: {} calls", phase.total));
+    report.phase(phase);
+
+    // 5. Delete everything.
+    proxy.reset_counts();
+    let calls_before = op.metric("cloudlb_cloud_api_calls_total", "").await;
+    let t0 = Instant::now();
+    for_each(args.services, args.concurrency, |i| {
+        let services = services.clone();
+        async move {
+            services
+                .delete(&service_name(i), &DeleteParams::default())
+                .await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let remaining = || async {
+        services
+            .list_metadata(&ListParams::default())
+            .await
+            .map_or(usize::MAX, |l| l.items.len())
+    };
+    let gone = wait_until(t0 + timeout, || async { remaining().await == 0 }).await;
+    let remaining = remaining().await;
+    let secs = t0.elapsed().as_secs_f64();
+    settle(&proxy, quiet, Instant::now() + timeout).await;
+    let mut phase = Phase::new("delete all", secs, proxy.counts(), &op, calls_before).await;
+    let (lbs, tgs_left, sgs) = aws.leftovers().await?;
+    phase.note(format!(
+        "{} Services left{}; left in moto: {lbs} load balancers, {tgs_left} target groups, {sgs} security groups tagged for the cluster",
+        remaining,
+        if gone { "" } else { " (timed out)" }
+    ));
+    say(
+        start,
+        format!("delete all: {} calls in {secs:.1} s", phase.total),
+    );
+    report.phase(phase);
+    report.leftovers(lbs, tgs_left, sgs);
+    watch.abort();
+
+    let (_, hwm) = op.memory();
+    report.finish(
+        hwm,
+        operator_started.elapsed().as_secs_f64(),
+        op.proc.exited().map(|s| s.to_string()),
+    );
+    print!("{}", report.table());
+    let path = args.json.clone().unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "cloudlb-bench-{}x{}.json",
+            args.services, args.nodes
+        ))
+    });
+    std::fs::write(&path, serde_json::to_string_pretty(&report.json())?)?;
+    say(start, format!("results written to {}", path.display()));
+    Ok(())
+}

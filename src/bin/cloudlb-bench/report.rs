@@ -1,0 +1,306 @@
+//! Results: per-phase numbers, the goal-vs-measured table and the JSON file.
+
+use crate::{Args, Operator};
+use cloudlb::faultproxy::{Counts, Outcome};
+use serde_json::{Value, json};
+use std::fmt::Write as _;
+
+/// One phase of the run.
+pub struct Phase {
+    pub name: String,
+    pub seconds: f64,
+    pub counts: Counts,
+    /// Cloud calls counted at the proxy (HTTP requests, SDK retries included).
+    pub total: u64,
+    /// Cloud calls the operator counted itself (`cloudlb_cloud_api_calls_total` delta).
+    pub operator_calls: f64,
+    pub rss_kb: u64,
+    pub hwm_kb: u64,
+    pub notes: Vec<String>,
+}
+
+impl Phase {
+    pub async fn new(
+        name: &str,
+        seconds: f64,
+        counts: Counts,
+        op: &Operator,
+        calls_before: f64,
+    ) -> Phase {
+        let operator_calls = op.metric("cloudlb_cloud_api_calls_total", "").await - calls_before;
+        let (rss_kb, hwm_kb) = op.memory();
+        Phase {
+            name: name.to_string(),
+            seconds,
+            total: counts.total,
+            counts,
+            operator_calls,
+            rss_kb,
+            hwm_kb,
+            notes: Vec::new(),
+        }
+    }
+
+    pub fn note(&mut self, note: String) {
+        self.notes.push(note);
+    }
+
+    fn not_ok(&self) -> u64 {
+        self.total - self.counts.outcome(Outcome::Ok)
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "name": self.name,
+            "seconds": round(self.seconds),
+            "cloud_calls": self.total,
+            "cloud_calls_by_operation": self.counts.totals(),
+            "cloud_calls_by_operation_and_outcome": self.counts.by_action,
+            "account_wide_listings": self.counts.listings,
+            "operator_reported_calls": self.operator_calls,
+            "operator_rss_mib": mib(self.rss_kb),
+            "operator_peak_rss_mib": mib(self.hwm_kb),
+            "notes": self.notes,
+        })
+    }
+}
+
+fn mib(kb: u64) -> f64 {
+    round(kb as f64 / 1024.0)
+}
+
+fn round(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+pub struct Report {
+    services: usize,
+    nodes: usize,
+    rate_limit: f64,
+    target_groups: usize,
+    operator: String,
+    cores: usize,
+    phases: Vec<Phase>,
+    latency: (f64, f64, f64),
+    statuses: usize,
+    leftovers: (usize, usize, usize),
+    peak_rss_kb: u64,
+    operator_uptime: f64,
+    operator_exit: Option<String>,
+}
+
+impl Report {
+    pub fn new(args: &Args, target_groups: usize, operator: String) -> Report {
+        Report {
+            services: args.services,
+            nodes: args.nodes,
+            rate_limit: args.aws_rate_limit,
+            target_groups,
+            operator,
+            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            phases: Vec::new(),
+            latency: (f64::NAN, f64::NAN, f64::NAN),
+            statuses: 0,
+            leftovers: (0, 0, 0),
+            peak_rss_kb: 0,
+            operator_uptime: 0.0,
+            operator_exit: None,
+        }
+    }
+
+    pub fn wave(&mut self, phase: Phase, sorted_latencies: &[f64], statuses: usize) {
+        self.latency = (
+            percentile(sorted_latencies, 0.5),
+            percentile(sorted_latencies, 0.99),
+            sorted_latencies.last().copied().unwrap_or(f64::NAN),
+        );
+        self.statuses = statuses;
+        self.phases.push(phase);
+    }
+
+    pub fn phase(&mut self, phase: Phase) {
+        self.phases.push(phase);
+    }
+
+    pub fn leftovers(&mut self, lbs: usize, tgs: usize, sgs: usize) {
+        self.leftovers = (lbs, tgs, sgs);
+    }
+
+    pub fn finish(&mut self, peak_rss_kb: u64, uptime: f64, exit: Option<String>) {
+        self.peak_rss_kb = peak_rss_kb;
+        self.operator_uptime = uptime;
+        self.operator_exit = exit;
+    }
+
+    fn get(&self, name: &str) -> Option<&Phase> {
+        self.phases.iter().find(|p| p.name == name)
+    }
+
+    /// (goal, measured, verdict) rows.
+    fn goals(&self) -> Vec<(String, String, String)> {
+        let mut rows = Vec::new();
+        let verdict = |met: bool| if met { "met" } else { "NOT MET" }.to_string();
+        if let Some(w) = self.get("create wave") {
+            let all = self.statuses == self.services;
+            let v = if self.services != 1000 {
+                format!("not comparable ({} Services)", self.services)
+            } else if self.cores != 2 {
+                format!(
+                    "{} ({} cores, not 2)",
+                    verdict(all && w.seconds < 60.0),
+                    self.cores
+                )
+            } else {
+                verdict(all && w.seconds < 60.0)
+            };
+            rows.push((
+                "1000 Services converge < 60 s on 2 cores".into(),
+                format!(
+                    "{:.1} s for {}/{} Services ({} calls, rate limit {}/s per family)",
+                    w.seconds, self.statuses, self.services, w.total, self.rate_limit
+                ),
+                v,
+            ));
+            rows.push((
+                "create→status latency (informative)".into(),
+                format!(
+                    "p50 {:.1} s, p99 {:.1} s, max {:.1} s",
+                    self.latency.0, self.latency.1, self.latency.2
+                ),
+                "-".into(),
+            ));
+        }
+        if let Some(p) = self.get("unchanged resync") {
+            rows.push((
+                "unchanged resync: 0 cloud calls".into(),
+                format!("{} calls", p.total),
+                verdict(p.total == 0),
+            ));
+        }
+        for (phase, op) in [
+            ("node added", "RegisterTargets"),
+            ("node removed", "DeregisterTargets"),
+        ] {
+            if let Some(p) = self.get(phase) {
+                let n = p.counts.action(op);
+                let other = p.total - n;
+                let tgs = self.target_groups as u64;
+                rows.push((
+                    format!("{phase}: exactly 1 {op} per target group ({tgs}), nothing else"),
+                    format!("{op} {n}, other calls {other}, in {:.1} s", p.seconds),
+                    verdict(n == tgs && other == 0),
+                ));
+            }
+        }
+        if let Some(p) = self.get("delete all") {
+            let (l, t, s) = self.leftovers;
+            rows.push((
+                "delete everything: 0 resources left".into(),
+                format!(
+                    "{l} LBs, {t} TGs, {s} SGs left; {} calls in {:.1} s",
+                    p.total, p.seconds
+                ),
+                verdict(l + t + s == 0),
+            ));
+        }
+        let mb = self.peak_rss_kb as f64 / 1024.0;
+        let comparable = self.services >= 2000 && self.nodes >= 1000;
+        rows.push((
+            "operator peak RSS < 50 MB at 2000 Services / 1000 Nodes".into(),
+            format!(
+                "VmHWM {mb:.1} MiB at {} Services / {} Nodes",
+                self.services, self.nodes
+            ),
+            if comparable {
+                verdict(mb < 50.0)
+            } else {
+                format!("not comparable ({} MiB now)", round(mb))
+            },
+        ));
+        rows
+    }
+
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "\ncloudlb-bench: {} Services ({} target groups) over {} Nodes, operator --aws-rate-limit {}, {} cores\n",
+            self.services, self.target_groups, self.nodes, self.rate_limit, self.cores
+        );
+        let _ = writeln!(
+            out,
+            "{:<18} {:>9} {:>8} {:>8} {:>9}  calls by operation",
+            "phase", "seconds", "calls", "not ok", "RSS MiB"
+        );
+        for p in &self.phases {
+            let ops: Vec<String> = p
+                .counts
+                .totals()
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "{:<18} {:>9.1} {:>8} {:>8} {:>9.1}  {}",
+                p.name,
+                p.seconds,
+                p.total,
+                p.not_ok(),
+                p.rss_kb as f64 / 1024.0,
+                if ops.is_empty() {
+                    "-".to_string()
+                } else {
+                    ops.join(" ")
+                }
+            );
+            if p.counts.listings > 0 {
+                let _ = writeln!(
+                    out,
+                    "{:<18} includes {} account-wide listings (the orphan sweep ran)",
+                    "", p.counts.listings
+                );
+            }
+        }
+        let _ = writeln!(out, "\n{:<72} {:<58} verdict", "goal", "measured");
+        for (goal, measured, verdict) in self.goals() {
+            let _ = writeln!(out, "{goal:<72} {measured:<58} {verdict}");
+        }
+        if let Some(exit) = &self.operator_exit {
+            let _ = writeln!(out, "\nthe operator exited during the run: {exit}");
+        }
+        out
+    }
+
+    pub fn json(&self) -> Value {
+        json!({
+            "services": self.services,
+            "nodes": self.nodes,
+            "target_groups": self.target_groups,
+            "aws_rate_limit_per_family": self.rate_limit,
+            "cores": self.cores,
+            "operator": self.operator,
+            "create_to_status_seconds": {
+                "p50": round(self.latency.0), "p99": round(self.latency.1), "max": round(self.latency.2),
+            },
+            "statuses_written": self.statuses,
+            "phases": self.phases.iter().map(Phase::json).collect::<Vec<_>>(),
+            "left_after_delete": {
+                "load_balancers": self.leftovers.0,
+                "target_groups": self.leftovers.1,
+                "security_groups": self.leftovers.2,
+            },
+            "operator_peak_rss_mib": mib(self.peak_rss_kb),
+            "operator_uptime_seconds": round(self.operator_uptime),
+            "operator_exited": self.operator_exit,
+            "goals": self.goals().into_iter().map(|(g, m, v)| json!({"goal": g, "measured": m, "verdict": v})).collect::<Vec<_>>(),
+        })
+    }
+}
