@@ -146,6 +146,13 @@ fn main() -> Result<(), BoxError> {
         haproxy.version
     );
 
+    let clk_tck = clk_tck();
+    let haproxy_pid = haproxy.child.id();
+    let cpu = move |t: &Target3<'_>| match t {
+        Target3::Local(_) => threads_cpu_seconds("local-lb", clk_tck),
+        Target3::Haproxy(_) => stat_cpu_seconds(&format!("/proc/{haproxy_pid}/stat"), clk_tck),
+        Target3::Direct(_) => 0.0,
+    };
     let mut scenarios = vec![("keep-alive", false)];
     if args.with_close {
         scenarios.push(("connection: close", true));
@@ -157,7 +164,7 @@ fn main() -> Result<(), BoxError> {
             Target3::Haproxy(ha),
             Target3::Local(local),
         ] {
-            run_wrk(&args, &target, close, Some(2))?;
+            run_wrk(&args, &target, close, Some(2), &cpu)?;
         }
         let mut results: BTreeMap<&str, Vec<WrkResult>> = BTreeMap::new();
         for round in 0..args.rounds {
@@ -166,14 +173,15 @@ fn main() -> Result<(), BoxError> {
                 Target3::Haproxy(ha),
                 Target3::Local(local),
             ] {
-                let r = run_wrk(&args, &target, close, None)?;
+                let r = run_wrk(&args, &target, close, None, &cpu)?;
                 eprintln!(
-                    "  round {} {:<8} {:>10.0} req/s  p50 {:>8.3} ms  p99 {:>8.3} ms  errors {}",
+                    "  round {} {:<8} {:>10.0} req/s  p50 {:>8.3} ms  p99 {:>8.3} ms  proxy cpu {:>6.2} us/req  errors {}",
                     round + 1,
                     target.label(),
                     r.rps,
                     r.p50_ms,
                     r.p99_ms,
+                    r.cpu_us_per_req,
                     r.errors
                 );
                 results.entry(target.label()).or_default().push(r);
@@ -211,6 +219,9 @@ struct WrkResult {
     p99_ms: f64,
     /// Connect errors, timeouts and non-2xx/3xx answers.
     errors: u64,
+    /// CPU time the proxy used per request (µs; 0 for direct).
+    cpu_us_per_req: f64,
+    requests: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -230,6 +241,8 @@ fn print_report(scenario: &str, results: &BTreeMap<&str, Vec<WrkResult>>) {
             p50_ms: median(rs.iter().map(|r| r.p50_ms).collect()),
             p99_ms: median(rs.iter().map(|r| r.p99_ms).collect()),
             errors: rs.iter().map(|r| r.errors).sum(),
+            cpu_us_per_req: median(rs.iter().map(|r| r.cpu_us_per_req).collect()),
+            requests: 0.0,
         }
     };
     let (a, b, c) = (med("local"), med("haproxy"), med("direct"));
@@ -237,8 +250,8 @@ fn print_report(scenario: &str, results: &BTreeMap<&str, Vec<WrkResult>>) {
     let _ = writeln!(out, "\n== {scenario} (median of rounds) ==");
     let _ = writeln!(
         out,
-        "{:<22} {:>12} {:>10} {:>10} {:>8}",
-        "target", "req/s", "p50 ms", "p99 ms", "errors"
+        "{:<22} {:>12} {:>10} {:>10} {:>16} {:>8}",
+        "target", "req/s", "p50 ms", "p99 ms", "proxy cpu us/req", "errors"
     );
     for (label, r) in [
         ("(a) local provider", &a),
@@ -247,8 +260,8 @@ fn print_report(scenario: &str, results: &BTreeMap<&str, Vec<WrkResult>>) {
     ] {
         let _ = writeln!(
             out,
-            "{:<22} {:>12.0} {:>10.3} {:>10.3} {:>8}",
-            label, r.rps, r.p50_ms, r.p99_ms, r.errors
+            "{:<22} {:>12.0} {:>10.3} {:>10.3} {:>16.2} {:>8}",
+            label, r.rps, r.p50_ms, r.p99_ms, r.cpu_us_per_req, r.errors
         );
     }
     let _ = writeln!(
@@ -257,6 +270,11 @@ fn print_report(scenario: &str, results: &BTreeMap<&str, Vec<WrkResult>>) {
         100.0 * a.rps / b.rps,
         a.p50_ms / b.p50_ms,
         a.p99_ms / b.p99_ms
+    );
+    let _ = writeln!(
+        out,
+        "(a)/(b): proxy CPU per request {:.2}x",
+        a.cpu_us_per_req / b.cpu_us_per_req
     );
     let _ = writeln!(
         out,
@@ -273,7 +291,9 @@ fn run_wrk(
     target: &Target3<'_>,
     close: bool,
     duration: Option<u64>,
+    cpu: &dyn Fn(&Target3<'_>) -> f64,
 ) -> Result<WrkResult, BoxError> {
+    let cpu_before = cpu(target);
     let mut cmd = Command::new("wrk");
     cmd.arg(format!("-t{}", args.wrk_threads))
         .arg(format!("-c{}", args.connections))
@@ -292,12 +312,23 @@ fn run_wrk(
         }
     };
     cmd.arg(url);
+    let started = Instant::now();
     let out = cmd.stderr(Stdio::inherit()).output()?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu_used = cpu(target) - cpu_before;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         return Err(format!("wrk failed ({}): {text}", out.status).into());
     }
-    parse_wrk(&text).ok_or_else(|| format!("cannot parse wrk output:\n{text}").into())
+    let mut r = parse_wrk(&text).ok_or_else(|| format!("cannot parse wrk output:\n{text}"))?;
+    let _ = elapsed;
+    let requests = r.requests;
+    r.cpu_us_per_req = if requests > 0.0 {
+        cpu_used * 1e6 / requests
+    } else {
+        f64::NAN
+    };
+    Ok(r)
 }
 
 /// Reads `Requests/sec:`, the 50% and 99% lines of `--latency`, and the error lines.
@@ -310,6 +341,9 @@ fn parse_wrk(text: &str) -> Option<WrkResult> {
         let mut words = line.split_whitespace();
         match words.next() {
             Some("Requests/sec:") => rps = words.next().and_then(|v| v.parse().ok()),
+            Some(n) if line.contains(" requests in ") => {
+                r.requests = n.parse().unwrap_or(0.0);
+            }
             Some("50%") => p50 = words.next().and_then(duration_ms),
             Some("99%") => p99 = words.next().and_then(duration_ms),
             Some("Socket") => {
@@ -549,4 +583,45 @@ async fn http_conn(mut stream: TcpStream, response: std::sync::Arc<[u8]>) {
             return;
         }
     }
+}
+
+/// Clock ticks per second of `/proc/*/stat` times.
+fn clk_tck() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// utime + stime of a `/proc/.../stat` file, in seconds.
+fn stat_cpu_seconds(path: &str, clk_tck: f64) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(path) else {
+        return 0.0;
+    };
+    // Fields after the `(comm)`: state is field 3, utime 14, stime 15.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (tick(11) + tick(12)) / clk_tck
+}
+
+/// CPU seconds of this process's threads called `name`.
+fn threads_cpu_seconds(name: &str, clk_tck: f64) -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .map(|t| stat_cpu_seconds(&t.path().join("stat").to_string_lossy(), clk_tck))
+        .sum()
 }
