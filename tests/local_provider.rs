@@ -938,7 +938,7 @@ async fn udp_flow_ends_after_idle_timeout() {
         udp.push(UdpBackend::start(&format!("node{i}"), node_addr(n), false).await);
     }
     let p = LocalProvider::new(LocalSettings {
-        udp_idle_timeout: Duration::from_millis(500),
+        udp_idle_timeout: Duration::from_secs(1),
         ..LocalSettings::default()
     });
     let spec = Spec::new("idle", "127.0.20.0/28")
@@ -949,13 +949,13 @@ async fn udp_flow_ends_after_idle_timeout() {
     let s = UdpSocket::bind("127.0.0.1:0").await.expect("socket");
     s.connect(SocketAddr::new(ip, 8053)).await.expect("connect");
     let first = udp_ask(&s, "a").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         udp_ask(&s, "b").await,
         first,
         "within the idle timeout: same flow"
     );
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
     // The flow was forgotten: the next datagram is a new flow, and round-robin moves on.
     assert_ne!(
         udp_ask(&s, "c").await,

@@ -38,6 +38,8 @@ const CLUSTER: &str = "bench";
 const NAMESPACE: &str = "bench";
 const REGION: &str = "us-east-1";
 const ZONES: [&str; 2] = ["us-east-1a", "us-east-1b"];
+/// The Node added and removed in the node phases.
+const EXTRA_NODE: &str = "node-extra";
 /// An AMI from moto's built-in list.
 const AMI: &str = "ami-12c6146b";
 
@@ -102,6 +104,19 @@ pub struct Args {
     /// Keep the scratch directory (logs, kubeconfig) afterwards.
     #[arg(long)]
     keep: bool,
+    /// Stop after this phase (e.g. `node-remove` to skip the slow delete at large sizes).
+    #[arg(long, value_enum, default_value = "delete")]
+    stop_after: StopAfter,
+}
+
+/// The phases, in order.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum StopAfter {
+    Wave,
+    Resync,
+    NodeAdd,
+    NodeRemove,
+    Delete,
 }
 
 #[tokio::main]
@@ -180,6 +195,21 @@ impl Operator {
                 .unwrap_or(0)
         };
         (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+/// The state at the start of a phase.
+pub struct Mark {
+    pub calls: f64,
+    pub reconciles: BTreeMap<String, f64>,
+}
+
+/// Resets the proxy's counts and remembers the operator's counters.
+async fn mark(proxy: &FaultProxy, op: &Operator) -> Mark {
+    proxy.reset_counts();
+    Mark {
+        calls: op.metric("cloudlb_cloud_api_calls_total", "").await,
+        reconciles: op.reconciles().await,
     }
 }
 
@@ -520,6 +550,9 @@ async fn run(args: Args) -> Result<(), BenchError> {
     // Nodes: instances in moto (directly, not through the proxy) and Node objects.
     let aws = Aws::new(&bed.moto_endpoint);
     let subnets = aws.network().await?;
+    if subnets.is_empty() {
+        return Err(BenchError::Aws("no public subnet was created".into()));
+    }
     let mut instances = Vec::new();
     let mut i = 0;
     while instances.len() < args.nodes {
@@ -589,188 +622,36 @@ async fn run(args: Args) -> Result<(), BenchError> {
     );
 
     let mut report = Report::new(&args, tgs, operator_bin.display().to_string());
-    let quiet = Duration::from_secs(args.quiet_secs);
-    let timeout = Duration::from_secs(args.phase_timeout_secs);
-    let services: Api<Service> = Api::namespaced(client.clone(), NAMESPACE);
     let track = Arc::new(Mutex::new(Track::default()));
     let watch = watch_status(client.clone(), track.clone());
-
-    // 1. The create wave.
-    proxy.reset_counts();
-    let calls_before = op.metric("cloudlb_cloud_api_calls_total", "").await;
-    let t0 = Instant::now();
-    for_each(args.services, args.concurrency, |i| {
-        let (services, track) = (services.clone(), track.clone());
-        async move {
-            let svc = service(i)?;
-            lock(&track).created.insert(service_name(i), Instant::now());
-            services.create(&PostParams::default(), &svc).await?;
-            Ok(())
-        }
-    })
-    .await?;
-    say(
+    let bench = Bench {
+        args: &args,
         start,
-        format!(
-            "{} Services created in {:.1} s; waiting for every status",
-            args.services,
-            t0.elapsed().as_secs_f64()
-        ),
-    );
-    let mut last_log = Instant::now();
-    let converged = wait_until(t0 + timeout, || {
-        let n = lock(&track).status.len();
-        if last_log.elapsed() > Duration::from_secs(30) {
-            say(start, format!("  {n}/{} statuses written", args.services));
-            last_log = Instant::now();
-        }
-        async move { n >= args.services }
-    })
-    .await;
-    let (latencies, wave_secs) = {
-        let t = lock(&track);
-        let mut lat: Vec<f64> = t
-            .status
-            .iter()
-            .filter_map(|(name, at)| {
-                Some(
-                    at.saturating_duration_since(*t.created.get(name)?)
-                        .as_secs_f64(),
-                )
-            })
-            .collect();
-        lat.sort_by(f64::total_cmp);
-        let first = t.created.values().min().copied().unwrap_or(t0);
-        let last = t.status.values().max().copied().unwrap_or(first);
-        (lat, last.saturating_duration_since(first).as_secs_f64())
+        proxy: &proxy,
+        op: &op,
+        client: client.clone(),
+        services: Api::namespaced(client.clone(), NAMESPACE),
+        aws: &aws,
+        subnet: subnets[0].0.clone(),
+        track,
+        tgs,
+        quiet: Duration::from_secs(args.quiet_secs),
+        timeout: Duration::from_secs(args.phase_timeout_secs),
     };
-    let statuses = lock(&track).status.len();
-    say(
-        start,
-        format!(
-            "create wave: {statuses}/{} statuses in {wave_secs:.1} s",
-            args.services
-        ),
-    );
-    settle(&proxy, quiet, Instant::now() + timeout).await;
-    let mut phase = Phase::new("create wave", wave_secs, proxy.counts(), &op, calls_before).await;
-    phase.note(format!(
-        "{statuses}/{} Services got a status{}",
-        args.services,
-        if converged { "" } else { " (timed out)" }
-    ));
-    report.wave(phase, &latencies, statuses);
-
-    // 2. An unchanged resync of everything: a no-op annotation on every Service makes the
-    //    operator reconcile each one with an unchanged desired state.
-    proxy.reset_counts();
-    let calls_before = op.metric("cloudlb_cloud_api_calls_total", "").await;
-    let reconciles_before: f64 = op.reconciles().await.values().sum();
-    let t0 = Instant::now();
-    let stamp = format!("{}", start.elapsed().as_millis());
-    for_each(args.services, args.concurrency, |i| {
-        let (services, stamp) = (services.clone(), stamp.clone());
-        async move {
-            let patch = json!({"metadata": {"annotations": {"bench.cloudlb.io/touched": stamp}}});
-            services
-                .patch(
-                    &service_name(i),
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
-                )
-                .await?;
-            Ok(())
-        }
-    })
-    .await?;
-    let want = reconciles_before + args.services as f64;
-    wait_until(t0 + timeout, || async {
-        op.reconciles().await.values().sum::<f64>() >= want
-    })
-    .await;
-    let secs = t0.elapsed().as_secs_f64();
-    settle(&proxy, quiet, Instant::now() + timeout).await;
-    let mut phase = Phase::new("unchanged resync", secs, proxy.counts(), &op, calls_before).await;
-    let after = op.reconciles().await;
-    phase.note(format!(
-        "reconciles after the touch, by result: {:?} (before: {reconciles_before} in total)",
-        after
-    ));
-    say(start, format!("unchanged resync: {} calls", phase.total));
-    report.phase(phase);
-
-    // 3. One node added, 4. and removed.
-    let extra = aws.instances(&subnets[0].0, 1).await?;
-    let Some((id, az, ip)) = extra.first().cloned() else {
-        return Err(BenchError::Aws("RunInstances returned nothing".into()));
-    };
-    proxy.reset_counts();
-    let calls_before = op.metric("cloudlb_cloud_api_calls_total", "").await;
-    let t0 = Instant::now();
-    create_node(&client, node("node-extra", &id, &az, &ip)?).await?;
-    wait_until(t0 + timeout, || async {
-        proxy.counts().action("RegisterTargets") >= tgs as u64
-    })
-    .await;
-    let secs = t0.elapsed().as_secs_f64();
-    settle(&proxy, quiet, Instant::now() + timeout).await;
-    let phase = Phase::new("node added", secs, proxy.counts(), &op, calls_before).await;
-    say(start, format!("node added: {} calls", phase.total));
-    report.phase(phase);
-
-    proxy.reset_counts();
-    let calls_before = op.metric("cloudlb_cloud_api_calls_total", "").await;
-    let t0 = Instant::now();
-    Api::<Node>::all(client.clone())
-        .delete("node-extra", &DeleteParams::default())
-        .await?;
-    wait_until(t0 + timeout, || async {
-        proxy.counts().action("DeregisterTargets") >= tgs as u64
-    })
-    .await;
-    let secs = t0.elapsed().as_secs_f64();
-    settle(&proxy, quiet, Instant::now() + timeout).await;
-    let phase = Phase::new("node removed", secs, proxy.counts(), &op, calls_before).await;
-    say(start, format!("node removed: {} calls", phase.total));
-    report.phase(phase);
-
-    // 5. Delete everything.
-    proxy.reset_counts();
-    let calls_before = op.metric("cloudlb_cloud_api_calls_total", "").await;
-    let t0 = Instant::now();
-    for_each(args.services, args.concurrency, |i| {
-        let services = services.clone();
-        async move {
-            services
-                .delete(&service_name(i), &DeleteParams::default())
-                .await?;
-            Ok(())
-        }
-    })
-    .await?;
-    let remaining = || async {
-        services
-            .list_metadata(&ListParams::default())
-            .await
-            .map_or(usize::MAX, |l| l.items.len())
-    };
-    let gone = wait_until(t0 + timeout, || async { remaining().await == 0 }).await;
-    let remaining = remaining().await;
-    let secs = t0.elapsed().as_secs_f64();
-    settle(&proxy, quiet, Instant::now() + timeout).await;
-    let mut phase = Phase::new("delete all", secs, proxy.counts(), &op, calls_before).await;
-    let (lbs, tgs_left, sgs) = aws.leftovers().await?;
-    phase.note(format!(
-        "{} Services left{}; left in moto: {lbs} load balancers, {tgs_left} target groups, {sgs} security groups tagged for the cluster",
-        remaining,
-        if gone { "" } else { " (timed out)" }
-    ));
-    say(
-        start,
-        format!("delete all: {} calls in {secs:.1} s", phase.total),
-    );
-    report.phase(phase);
-    report.leftovers(lbs, tgs_left, sgs);
+    let stop = args.stop_after;
+    bench.wave(&mut report).await?;
+    if stop > StopAfter::Wave {
+        bench.resync(&mut report).await?;
+    }
+    if stop > StopAfter::Resync {
+        bench.node_added(&mut report).await?;
+    }
+    if stop > StopAfter::NodeAdd {
+        bench.node_removed(&mut report).await?;
+    }
+    if stop > StopAfter::NodeRemove {
+        bench.delete_all(&mut report).await?;
+    }
     watch.abort();
 
     let (_, hwm) = op.memory();
@@ -789,4 +670,228 @@ async fn run(args: Args) -> Result<(), BenchError> {
     std::fs::write(&path, serde_json::to_string_pretty(&report.json())?)?;
     say(start, format!("results written to {}", path.display()));
     Ok(())
+}
+
+/// What the phases share.
+struct Bench<'a> {
+    args: &'a Args,
+    start: Instant,
+    proxy: &'a FaultProxy,
+    op: &'a Operator,
+    client: Client,
+    services: Api<Service>,
+    aws: &'a Aws,
+    /// Where the extra node's instance goes.
+    subnet: String,
+    track: Arc<Mutex<Track>>,
+    /// Target groups of all Services.
+    tgs: usize,
+    quiet: Duration,
+    timeout: Duration,
+}
+
+impl Bench<'_> {
+    /// Creates every Service and waits for every status.
+    async fn wave(&self, report: &mut Report) -> Result<(), BenchError> {
+        let (args, start, track) = (self.args, self.start, &self.track);
+        let m = mark(self.proxy, self.op).await;
+        let t0 = Instant::now();
+        for_each(args.services, args.concurrency, |i| {
+            let (services, track) = (self.services.clone(), track.clone());
+            async move {
+                let svc = service(i)?;
+                lock(&track).created.insert(service_name(i), Instant::now());
+                services.create(&PostParams::default(), &svc).await?;
+                Ok(())
+            }
+        })
+        .await?;
+        say(
+            start,
+            format!(
+                "{} Services created in {:.1} s; waiting for every status",
+                args.services,
+                t0.elapsed().as_secs_f64()
+            ),
+        );
+        let mut last_log = Instant::now();
+        let converged = wait_until(t0 + self.timeout, || {
+            let n = lock(track).status.len();
+            if last_log.elapsed() > Duration::from_secs(30) {
+                say(start, format!("  {n}/{} statuses written", args.services));
+                last_log = Instant::now();
+            }
+            async move { n >= args.services }
+        })
+        .await;
+        let (latencies, wave_secs, statuses) = {
+            let t = lock(track);
+            let mut lat: Vec<f64> = t
+                .status
+                .iter()
+                .filter_map(|(name, at)| {
+                    Some(
+                        at.saturating_duration_since(*t.created.get(name)?)
+                            .as_secs_f64(),
+                    )
+                })
+                .collect();
+            lat.sort_by(f64::total_cmp);
+            let first = t.created.values().min().copied().unwrap_or(t0);
+            let last = t.status.values().max().copied().unwrap_or(first);
+            (
+                lat,
+                last.saturating_duration_since(first).as_secs_f64(),
+                t.status.len(),
+            )
+        };
+        say(
+            start,
+            format!(
+                "create wave: {statuses}/{} statuses in {wave_secs:.1} s",
+                args.services
+            ),
+        );
+        settle(self.proxy, self.quiet, Instant::now() + self.timeout).await;
+        let mut phase =
+            Phase::new("create wave", wave_secs, self.proxy.counts(), self.op, &m).await;
+        phase.note(format!(
+            "{statuses}/{} Services got a status{}",
+            args.services,
+            if converged { "" } else { " (timed out)" }
+        ));
+        report.wave(phase, &latencies, statuses);
+        Ok(())
+    }
+
+    /// An unchanged resync of everything: a no-op annotation on every Service makes the
+    /// operator reconcile each one with an unchanged desired state.
+    async fn resync(&self, report: &mut Report) -> Result<(), BenchError> {
+        let args = self.args;
+        let m = mark(self.proxy, self.op).await;
+        let want = m.reconciles.values().sum::<f64>() + args.services as f64;
+        let t0 = Instant::now();
+        let stamp = format!("{}", self.start.elapsed().as_millis());
+        for_each(args.services, args.concurrency, |i| {
+            let (services, stamp) = (self.services.clone(), stamp.clone());
+            async move {
+                let patch =
+                    json!({"metadata": {"annotations": {"bench.cloudlb.io/touched": stamp}}});
+                services
+                    .patch(
+                        &service_name(i),
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await?;
+                Ok(())
+            }
+        })
+        .await?;
+        let all = wait_until(t0 + self.timeout, || async {
+            self.op.reconciles().await.values().sum::<f64>() >= want
+        })
+        .await;
+        let secs = t0.elapsed().as_secs_f64();
+        settle(self.proxy, self.quiet, Instant::now() + self.timeout).await;
+        let mut phase =
+            Phase::new("unchanged resync", secs, self.proxy.counts(), self.op, &m).await;
+        if !all {
+            phase.note("timed out before every Service was reconciled".into());
+        }
+        say(
+            self.start,
+            format!("unchanged resync: {} calls", phase.total),
+        );
+        report.phase(phase);
+        Ok(())
+    }
+
+    /// Waits until `action` was called once per target group (or the timeout), then for quiet.
+    async fn node_phase(
+        &self,
+        name: &str,
+        action: &str,
+        m: Mark,
+        t0: Instant,
+    ) -> Result<Phase, BenchError> {
+        let want = self.tgs as u64;
+        wait_until(t0 + self.timeout, || async {
+            self.proxy.counts().action(action) >= want
+        })
+        .await;
+        let secs = t0.elapsed().as_secs_f64();
+        settle(self.proxy, self.quiet, Instant::now() + self.timeout).await;
+        let phase = Phase::new(name, secs, self.proxy.counts(), self.op, &m).await;
+        say(self.start, format!("{name}: {} calls", phase.total));
+        Ok(phase)
+    }
+
+    async fn node_added(&self, report: &mut Report) -> Result<(), BenchError> {
+        let extra = self.aws.instances(&self.subnet, 1).await?;
+        let Some((id, az, ip)) = extra.first().cloned() else {
+            return Err(BenchError::Aws("RunInstances returned nothing".into()));
+        };
+        let m = mark(self.proxy, self.op).await;
+        let t0 = Instant::now();
+        create_node(&self.client, node(EXTRA_NODE, &id, &az, &ip)?).await?;
+        report.phase(
+            self.node_phase("node added", "RegisterTargets", m, t0)
+                .await?,
+        );
+        Ok(())
+    }
+
+    async fn node_removed(&self, report: &mut Report) -> Result<(), BenchError> {
+        let m = mark(self.proxy, self.op).await;
+        let t0 = Instant::now();
+        Api::<Node>::all(self.client.clone())
+            .delete(EXTRA_NODE, &DeleteParams::default())
+            .await?;
+        report.phase(
+            self.node_phase("node removed", "DeregisterTargets", m, t0)
+                .await?,
+        );
+        Ok(())
+    }
+
+    /// Deletes every Service, waits until they are gone, counts what is left in moto.
+    async fn delete_all(&self, report: &mut Report) -> Result<(), BenchError> {
+        let args = self.args;
+        let m = mark(self.proxy, self.op).await;
+        let t0 = Instant::now();
+        for_each(args.services, args.concurrency, |i| {
+            let services = self.services.clone();
+            async move {
+                services
+                    .delete(&service_name(i), &DeleteParams::default())
+                    .await?;
+                Ok(())
+            }
+        })
+        .await?;
+        let remaining = || async {
+            self.services
+                .list_metadata(&ListParams::default())
+                .await
+                .map_or(usize::MAX, |l| l.items.len())
+        };
+        let gone = wait_until(t0 + self.timeout, || async { remaining().await == 0 }).await;
+        let remaining = remaining().await;
+        let secs = t0.elapsed().as_secs_f64();
+        settle(self.proxy, self.quiet, Instant::now() + self.timeout).await;
+        let mut phase = Phase::new("delete all", secs, self.proxy.counts(), self.op, &m).await;
+        let (lbs, tgs, sgs) = self.aws.leftovers().await?;
+        phase.note(format!(
+            "{remaining} Services left{}; left in moto: {lbs} load balancers, {tgs} target groups, {sgs} security groups tagged for the cluster",
+            if gone { "" } else { " (timed out)" }
+        ));
+        say(
+            self.start,
+            format!("delete all: {} calls in {secs:.1} s", phase.total),
+        );
+        report.phase(phase);
+        report.leftovers(lbs, tgs, sgs);
+        Ok(())
+    }
 }

@@ -1,8 +1,9 @@
 //! Results: per-phase numbers, the goal-vs-measured table and the JSON file.
 
-use crate::{Args, Operator};
+use crate::{Args, Mark, Operator};
 use cloudlb::faultproxy::{Counts, Outcome};
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 /// One phase of the run.
@@ -16,6 +17,8 @@ pub struct Phase {
     pub operator_calls: f64,
     pub rss_kb: u64,
     pub hwm_kb: u64,
+    /// Reconciles during the phase by result (`cloudlb_reconcile_total` delta).
+    pub reconciles: BTreeMap<String, f64>,
     pub notes: Vec<String>,
 }
 
@@ -25,9 +28,14 @@ impl Phase {
         seconds: f64,
         counts: Counts,
         op: &Operator,
-        calls_before: f64,
+        mark: &Mark,
     ) -> Phase {
-        let operator_calls = op.metric("cloudlb_cloud_api_calls_total", "").await - calls_before;
+        let operator_calls = op.metric("cloudlb_cloud_api_calls_total", "").await - mark.calls;
+        let mut reconciles = op.reconciles().await;
+        for (result, n) in reconciles.iter_mut() {
+            *n -= mark.reconciles.get(result).copied().unwrap_or(0.0);
+        }
+        reconciles.retain(|_, n| *n > 0.0);
         let (rss_kb, hwm_kb) = op.memory();
         Phase {
             name: name.to_string(),
@@ -37,6 +45,7 @@ impl Phase {
             operator_calls,
             rss_kb,
             hwm_kb,
+            reconciles,
             notes: Vec::new(),
         }
     }
@@ -45,6 +54,7 @@ impl Phase {
         self.notes.push(note);
     }
 
+    /// Calls that did not succeed (mostly NotFound answers to lookups by name).
     fn not_ok(&self) -> u64 {
         self.total - self.counts.outcome(Outcome::Ok)
     }
@@ -58,6 +68,7 @@ impl Phase {
             "cloud_calls_by_operation_and_outcome": self.counts.by_action,
             "account_wide_listings": self.counts.listings,
             "operator_reported_calls": self.operator_calls,
+            "reconciles_by_result": self.reconciles,
             "operator_rss_mib": mib(self.rss_kb),
             "operator_peak_rss_mib": mib(self.hwm_kb),
             "notes": self.notes,
@@ -95,6 +106,14 @@ pub struct Report {
     peak_rss_kb: u64,
     operator_uptime: f64,
     operator_exit: Option<String>,
+    load: Vec<String>,
+}
+
+/// `/proc/loadavg` (the machine is shared: other work skews timings).
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 impl Report {
@@ -113,6 +132,7 @@ impl Report {
             peak_rss_kb: 0,
             operator_uptime: 0.0,
             operator_exit: None,
+            load: Vec::new(),
         }
     }
 
@@ -123,10 +143,12 @@ impl Report {
             sorted_latencies.last().copied().unwrap_or(f64::NAN),
         );
         self.statuses = statuses;
-        self.phases.push(phase);
+        self.phase(phase);
     }
 
     pub fn phase(&mut self, phase: Phase) {
+        self.load
+            .push(format!("after {}: {}", phase.name, loadavg()));
         self.phases.push(phase);
     }
 
@@ -238,7 +260,7 @@ impl Report {
         let _ = writeln!(
             out,
             "{:<18} {:>9} {:>8} {:>8} {:>9}  calls by operation",
-            "phase", "seconds", "calls", "not ok", "RSS MiB"
+            "phase", "seconds", "calls", "errors", "RSS MiB"
         );
         for p in &self.phases {
             let ops: Vec<String> = p
@@ -261,6 +283,12 @@ impl Report {
                     ops.join(" ")
                 }
             );
+            let reconciles: Vec<String> = p
+                .reconciles
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let _ = writeln!(out, "{:<18} reconciles: {}", "", reconciles.join(" "));
             if p.counts.listings > 0 {
                 let _ = writeln!(
                     out,
@@ -273,6 +301,7 @@ impl Report {
         for (goal, measured, verdict) in self.goals() {
             let _ = writeln!(out, "{goal:<72} {measured:<58} {verdict}");
         }
+        let _ = writeln!(out, "\nload average (1/5/15 min) {}", self.load.join("; "));
         if let Some(exit) = &self.operator_exit {
             let _ = writeln!(out, "\nthe operator exited during the run: {exit}");
         }
@@ -300,6 +329,7 @@ impl Report {
             "operator_peak_rss_mib": mib(self.peak_rss_kb),
             "operator_uptime_seconds": round(self.operator_uptime),
             "operator_exited": self.operator_exit,
+            "load_average": self.load,
             "goals": self.goals().into_iter().map(|(g, m, v)| json!({"goal": g, "measured": m, "verdict": v})).collect::<Vec<_>>(),
         })
     }
