@@ -185,10 +185,11 @@ fn health_check(svc: &Service, cfg: &LbConfig) -> HealthCheck {
 }
 
 /// Builds the desired model for a Service that wants a load balancer of ours.
-pub fn build(
+/// `nodes` may be owned Nodes or the `Arc`s of a reflector store: no Node is cloned.
+pub fn build<N: std::borrow::Borrow<Node>>(
     cluster: &str,
     svc: &Service,
-    nodes: &[Node],
+    nodes: &[N],
     cfg: &LbConfig,
 ) -> Result<Built, BuildError> {
     let service = service_ref(svc)?;
@@ -218,6 +219,7 @@ pub fn build(
     let mut hosts: BTreeSet<String> = BTreeSet::new();
     for node in nodes
         .iter()
+        .map(|n| n.borrow())
         .filter(|n| node_eligible(n) && matches_labels(n, &cfg.target_node_labels))
     {
         let node_name = node.metadata.name.clone().unwrap_or_default();

@@ -50,6 +50,9 @@ struct Common {
     /// Client-side limit on AWS calls per second, per call family.
     #[arg(long, env = "CLOUDLB_AWS_RATE_LIMIT", default_value_t = 10.0)]
     aws_rate_limit: f64,
+    /// Reconciles running at once.
+    #[arg(long, env = "CLOUDLB_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: u16,
     /// Disable the AWS provider (classes with provider aws are then reported as unserved).
     #[arg(long, env = "CLOUDLB_NO_AWS")]
     no_aws: bool,
@@ -137,6 +140,7 @@ fn settings(common: &Common) -> Settings {
     let mut s = Settings::new(common.cluster_name.clone());
     s.namespace = common.namespace.clone();
     s.classes = common.classes.clone();
+    s.concurrency = common.concurrency;
     s
 }
 

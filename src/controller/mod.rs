@@ -37,6 +37,8 @@ pub struct Settings {
     pub provisioning_requeue: Duration,
     /// Orphan sweep interval (leftovers of Services that are gone).
     pub orphan_sweep: Duration,
+    /// Reconciles running at once (bounds memory; the cloud rate limits bound throughput).
+    pub concurrency: u16,
     /// Name reported on Events.
     pub reporter: String,
 }
@@ -50,6 +52,7 @@ impl Settings {
             resync: Duration::from_secs(600),
             provisioning_requeue: Duration::from_secs(5),
             orphan_sweep: Duration::from_secs(600),
+            concurrency: 32,
             reporter: "cloudlb".into(),
         }
     }
@@ -249,6 +252,11 @@ pub async fn run(
 
     let trigger = futures::stream::select(node_rx, class_rx);
     let controller = Controller::new(services, watcher::Config::default())
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .concurrency(ctx.settings.concurrency)
+                .debounce(Duration::from_millis(200)),
+        )
         .reconcile_all_on(trigger)
         .graceful_shutdown_on(shutdown.clone());
     let svc_store = controller.store();

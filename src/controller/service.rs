@@ -218,7 +218,8 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'stat
             return Ok((invalid(ctx, svc, msg).await, outcome::INVALID));
         }
     };
-    let nodes: Vec<_> = ctx.nodes.state().iter().map(|n| (**n).clone()).collect();
+    // The store's Arcs: a reconcile never copies the Node objects.
+    let nodes = ctx.nodes.state();
     let built = match build::build(&ctx.settings.cluster, svc, &nodes, &cfg) {
         Ok(b) => b,
         Err(BuildError::Incomplete) => return Ok((Action::await_change(), outcome::NOT_OURS)),
