@@ -88,6 +88,7 @@ where
 struct Operator {
     child: Child,
     log: std::path::PathBuf,
+    metrics_port: u16,
 }
 
 impl Operator {
@@ -114,7 +115,30 @@ impl Operator {
             .stderr(file)
             .spawn()
             .expect("start cloudlb");
-        Operator { child, log }
+        Operator {
+            child,
+            log,
+            metrics_port,
+        }
+    }
+
+    /// The sum of a metric's samples whose line contains `filter`.
+    async fn metric(&self, name: &str, filter: &str) -> f64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await
+        else {
+            return f64::NAN;
+        };
+        let mut out = String::new();
+        if s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.is_err()
+            || s.read_to_string(&mut out).await.is_err()
+        {
+            return f64::NAN;
+        }
+        out.lines()
+            .filter(|l| l.starts_with(name) && l.contains(filter))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 }
 
@@ -590,12 +614,18 @@ async fn heavy_throttling_never_exceeds_the_operators_rate_limit() {
     let _guard = TestGuard::new();
     let env = Env::start("throttled").await;
     let proxy = env.proxy(FaultConfig::throttling(0.7, 7)).await;
-    let _op = Operator::start(&env, &proxy, &["--aws-rate-limit", &RATE_LIMIT.to_string()]);
+    let op = Operator::start(&env, &proxy, &["--aws-rate-limit", &RATE_LIMIT.to_string()]);
     env.create_services(THROTTLED_SERVICES, false).await;
     // Long enough for the token buckets to run dry and the SDK's retries to pile up.
     tokio::time::sleep(Duration::from_secs(45)).await;
     let counts = proxy.counts();
     print_counts("under 70% throttling", &counts);
+    // The operator counts a call once however many HTTP attempts the SDK made for it.
+    let own = op.metric("cloudlb_cloud_api_calls_total", "").await;
+    eprintln!(
+        "the operator counted {own} calls; the proxy saw {} HTTP requests",
+        counts.total
+    );
     assert!(
         counts.outcome(Outcome::Throttled) > 50,
         "too little throttling to prove anything"

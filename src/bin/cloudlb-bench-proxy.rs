@@ -45,7 +45,7 @@ struct Args {
     /// wrk threads.
     #[arg(long, default_value_t = 2)]
     wrk_threads: usize,
-    /// Worker threads of the local provider's runtime, and HAProxy's nbthread (default: CPUs).
+    /// Worker threads of the local provider's data plane, and HAProxy's nbthread (default: CPUs).
     #[arg(long)]
     proxy_threads: Option<usize>,
     /// Worker threads of the backends' runtime (default: CPUs).
@@ -103,13 +103,17 @@ fn main() -> Result<(), BoxError> {
         backend_rt.spawn(serve_http(listener, body.clone()));
     }
 
-    // (a) The local provider: its own runtime.
+    // (a) The local provider: its data plane runs on its own worker threads (`cloudlb-lb-N`);
+    // health checks and applies on a small control runtime, as in the operator.
     let proxy_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(proxy_threads)
-        .thread_name("local-lb")
+        .worker_threads(1)
+        .thread_name("local-ctl")
         .enable_all()
         .build()?;
-    let provider = LocalProvider::new(LocalSettings::default());
+    let provider = LocalProvider::new(LocalSettings {
+        workers: proxy_threads,
+        ..LocalSettings::default()
+    });
     let desired = desired(args.backends);
     proxy_rt.block_on(async {
         let observed = provider.observe(&desired).await?;
@@ -133,7 +137,7 @@ fn main() -> Result<(), BoxError> {
         wait_ready(addr)?;
     }
     println!(
-        "cloudlb proxy benchmark: {} backends, wrk -t{} -c{} -d{}s, {} rounds, {} CPUs, proxy threads {} (local runtime workers = HAProxy nbthread), backend threads {}, body {} B, {}",
+        "cloudlb proxy benchmark: {} backends, wrk -t{} -c{} -d{}s, {} rounds, {} CPUs, proxy threads {} (local provider workers = HAProxy nbthread), backend threads {}, body {} B, {}",
         args.backends,
         args.wrk_threads,
         args.connections,
@@ -149,7 +153,7 @@ fn main() -> Result<(), BoxError> {
     let clk_tck = clk_tck();
     let haproxy_pid = haproxy.child.id();
     let cpu = move |t: &Target3<'_>| match t {
-        Target3::Local(_) => threads_cpu_seconds("local-lb", clk_tck),
+        Target3::Local(_) => threads_cpu_seconds(&["cloudlb-lb-", "local-ctl"], clk_tck),
         Target3::Haproxy(_) => stat_cpu_seconds(&format!("/proc/{haproxy_pid}/stat"), clk_tck),
         Target3::Direct(_) => 0.0,
     };
@@ -614,14 +618,17 @@ fn stat_cpu_seconds(path: &str, clk_tck: f64) -> f64 {
     (tick(11) + tick(12)) / clk_tck
 }
 
-/// CPU seconds of this process's threads called `name`.
-fn threads_cpu_seconds(name: &str, clk_tck: f64) -> f64 {
+/// CPU seconds of this process's threads whose name starts with one of `prefixes`.
+fn threads_cpu_seconds(prefixes: &[&str], clk_tck: f64) -> f64 {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return 0.0;
     };
     tasks
         .filter_map(Result::ok)
-        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| prefixes.iter().any(|p| c.trim().starts_with(p)))
+        })
         .map(|t| stat_cpu_seconds(&t.path().join("stat").to_string_lossy(), clk_tck))
         .sum()
 }

@@ -449,15 +449,27 @@ async fn cleanup(
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &sref.namespace);
     if let Some(provider) = ctx.providers.get(kind) {
         let desired = Desired::empty(sref.clone(), cleanup_name(ctx, svc, &sref, cached.as_ref()));
-        let mut observed = provider.observe(&desired).await?;
-        // Target groups the cache knows about but the load balancer no longer references.
-        if let Some(e) = &cached {
-            for tg in &e.observed.target_groups {
-                if !observed.target_groups.iter().any(|t| t.arn == tg.arn) {
-                    observed.target_groups.push(tg.clone());
+        // What this process applied and still trusts needs no re-read (a delete wave would
+        // otherwise cost a full observe per Service); after a restart, a failed apply or a due
+        // drift check, read the cloud.
+        let trusted = cached.as_ref().filter(|e| {
+            !e.stale && !e.provisioning && e.verified_at.elapsed() < ctx.settings.resync
+        });
+        let observed = match trusted {
+            Some(e) => e.observed.clone(),
+            None => {
+                let mut observed = provider.observe(&desired).await?;
+                // Target groups the cache knows about but the load balancer no longer references.
+                if let Some(e) = &cached {
+                    for tg in &e.observed.target_groups {
+                        if !observed.target_groups.iter().any(|t| t.arn == tg.arn) {
+                            observed.target_groups.push(tg.clone());
+                        }
+                    }
                 }
+                observed
             }
-        }
+        };
         let plan = match plan::plan(&desired, &observed) {
             Ok(p) => p,
             Err(e @ PlanError::DeletionProtected { .. }) => {
@@ -477,7 +489,13 @@ async fn cleanup(
                 "Deleting load balancer".into(),
             )
             .await;
-            provider.apply(&desired, &observed, &plan).await?;
+            if let Err(e) = provider.apply(&desired, &observed, &plan).await {
+                // Read the cloud again next time.
+                if let Ok(mut c) = ctx.cache.lock() {
+                    c.remove(&sref.uid);
+                }
+                return Err(e.into());
+            }
         }
         write_status(&api, svc, &desired, &Default::default()).await?;
         if !plan.is_empty() {

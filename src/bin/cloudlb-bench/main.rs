@@ -61,6 +61,8 @@ pub enum BenchError {
     Testbed(String),
     #[error("operator: {0}")]
     Operator(String),
+    #[error("the operator died: {0}")]
+    OperatorDied(String),
 }
 
 fn aws_err(what: &str, e: impl std::fmt::Display) -> BenchError {
@@ -104,6 +106,10 @@ pub struct Args {
     /// Keep the scratch directory (logs, kubeconfig) afterwards.
     #[arg(long)]
     keep: bool,
+    /// Kill the operator when its RSS exceeds this many MiB (protects a shared machine); the
+    /// run then ends and reports how far it got.
+    #[arg(long, default_value_t = 4096)]
+    max_operator_rss_mib: u64,
     /// Stop after this phase (e.g. `node-remove` to skip the slow delete at large sizes).
     #[arg(long, value_enum, default_value = "delete")]
     stop_after: StopAfter,
@@ -146,6 +152,64 @@ fn say(start: Instant, msg: impl std::fmt::Display) {
 struct Operator {
     proc: Proc,
     metrics_port: u16,
+    dog: Arc<Watchdog>,
+}
+
+/// Samples the operator's RSS twice a second; kills it above the cap.
+#[derive(Default)]
+pub struct Watchdog {
+    max_kb: std::sync::atomic::AtomicU64,
+    death: Mutex<Option<String>>,
+}
+
+impl Watchdog {
+    fn spawn(pid: u32, cap_kb: u64) -> Arc<Watchdog> {
+        let dog = Arc::new(Watchdog::default());
+        let d = dog.clone();
+        tokio::spawn(async move {
+            use std::sync::atomic::Ordering;
+            loop {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                let rss = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok());
+                let Some(rss) = rss else {
+                    // Gone, or a zombie (no VmRSS line).
+                    d.die("it exited".into());
+                    return;
+                };
+                d.max_kb.fetch_max(rss, Ordering::Relaxed);
+                if rss > cap_kb {
+                    let _ = std::process::Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .status();
+                    d.die(format!(
+                        "killed by the benchmark at RSS {} MiB (cap --max-operator-rss-mib {})",
+                        rss / 1024,
+                        cap_kb / 1024
+                    ));
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        dog
+    }
+
+    fn die(&self, why: String) {
+        let mut death = self.death.lock().unwrap_or_else(|p| p.into_inner());
+        death.get_or_insert(why);
+    }
+
+    pub fn death(&self) -> Option<String> {
+        self.death.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn max_kb(&self) -> u64 {
+        self.max_kb.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Operator {
@@ -502,11 +566,6 @@ where
     }
 }
 
-/// Waits until the operator made no cloud call for `quiet`.
-async fn settle(proxy: &FaultProxy, quiet: Duration, deadline: Instant) -> bool {
-    wait_until(deadline, || async { proxy.idle_for() >= quiet }).await
-}
-
 /// Runs `f(i)` for `0..n` with `concurrency` in flight; the first error wins.
 async fn for_each<F, Fut>(n: usize, concurrency: usize, f: F) -> Result<(), BenchError>
 where
@@ -601,9 +660,12 @@ async fn run(args: Args) -> Result<(), BenchError> {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    let proc = Proc::spawn("operator", &operator_bin, &op_args, &env, &bed.dir)?;
+    let dog = Watchdog::spawn(proc.pid(), args.max_operator_rss_mib.saturating_mul(1024));
     let mut op = Operator {
-        proc: Proc::spawn("operator", &operator_bin, &op_args, &env, &bed.dir)?,
+        proc,
         metrics_port,
+        dog,
     };
     let operator_started = Instant::now();
     let ready = wait_until(Instant::now() + Duration::from_secs(60), || async {
@@ -622,6 +684,7 @@ async fn run(args: Args) -> Result<(), BenchError> {
     );
 
     let mut report = Report::new(&args, tgs, operator_bin.display().to_string());
+    report.baseline(op.memory().0);
     let track = Arc::new(Mutex::new(Track::default()));
     let watch = watch_status(client.clone(), track.clone());
     let bench = Bench {
@@ -638,25 +701,19 @@ async fn run(args: Args) -> Result<(), BenchError> {
         quiet: Duration::from_secs(args.quiet_secs),
         timeout: Duration::from_secs(args.phase_timeout_secs),
     };
-    let stop = args.stop_after;
-    bench.wave(&mut report).await?;
-    if stop > StopAfter::Wave {
-        bench.resync(&mut report).await?;
-    }
-    if stop > StopAfter::Resync {
-        bench.node_added(&mut report).await?;
-    }
-    if stop > StopAfter::NodeAdd {
-        bench.node_removed(&mut report).await?;
-    }
-    if stop > StopAfter::NodeRemove {
-        bench.delete_all(&mut report).await?;
+    match bench.phases(&mut report, args.stop_after).await {
+        Ok(()) => {}
+        Err(BenchError::OperatorDied(why)) => {
+            say(start, format!("the operator died: {why}"));
+            report.died(why);
+        }
+        Err(e) => return Err(e),
     }
     watch.abort();
 
     let (_, hwm) = op.memory();
     report.finish(
-        hwm,
+        hwm.max(op.dog.max_kb()),
         operator_started.elapsed().as_secs_f64(),
         op.proc.exited().map(|s| s.to_string()),
     );
@@ -691,6 +748,48 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
+    async fn phases(&self, report: &mut Report, stop: StopAfter) -> Result<(), BenchError> {
+        self.wave(report).await?;
+        if stop > StopAfter::Wave {
+            self.resync(report).await?;
+        }
+        if stop > StopAfter::Resync {
+            self.node_added(report).await?;
+        }
+        if stop > StopAfter::NodeAdd {
+            self.node_removed(report).await?;
+        }
+        if stop > StopAfter::NodeRemove {
+            self.delete_all(report).await?;
+        }
+        Ok(())
+    }
+
+    /// [`wait_until`], but ends at once with [`BenchError::OperatorDied`] when the operator dies.
+    async fn wait<F, Fut>(&self, deadline: Instant, mut done: F) -> Result<bool, BenchError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let dog = &self.op.dog;
+        let ok = wait_until(deadline, || {
+            let fut = done();
+            async move { dog.death().is_some() || fut.await }
+        })
+        .await;
+        match dog.death() {
+            Some(why) => Err(BenchError::OperatorDied(why)),
+            None => Ok(ok),
+        }
+    }
+
+    /// Waits until the operator made no cloud call for `quiet`.
+    async fn settle(&self) -> Result<bool, BenchError> {
+        let deadline = Instant::now() + self.timeout;
+        self.wait(deadline, || async { self.proxy.idle_for() >= self.quiet })
+            .await
+    }
+
     /// Creates every Service and waits for every status.
     async fn wave(&self, report: &mut Report) -> Result<(), BenchError> {
         let (args, start, track) = (self.args, self.start, &self.track);
@@ -715,15 +814,16 @@ impl Bench<'_> {
             ),
         );
         let mut last_log = Instant::now();
-        let converged = wait_until(t0 + self.timeout, || {
-            let n = lock(track).status.len();
-            if last_log.elapsed() > Duration::from_secs(30) {
-                say(start, format!("  {n}/{} statuses written", args.services));
-                last_log = Instant::now();
-            }
-            async move { n >= args.services }
-        })
-        .await;
+        let waited = self
+            .wait(t0 + self.timeout, || {
+                let n = lock(track).status.len();
+                if last_log.elapsed() > Duration::from_secs(30) {
+                    say(start, format!("  {n}/{} statuses written", args.services));
+                    last_log = Instant::now();
+                }
+                async move { n >= args.services }
+            })
+            .await;
         let (latencies, wave_secs, statuses) = {
             let t = lock(track);
             let mut lat: Vec<f64> = t
@@ -752,15 +852,22 @@ impl Bench<'_> {
                 args.services
             ),
         );
-        settle(self.proxy, self.quiet, Instant::now() + self.timeout).await;
+        // A dead operator: record how far the wave got, then end the run.
+        let settled = match &waited {
+            Ok(_) => self.settle().await,
+            Err(_) => Ok(false),
+        };
         let mut phase =
             Phase::new("create wave", wave_secs, self.proxy.counts(), self.op, &m).await;
+        let converged = matches!(waited, Ok(true));
         phase.note(format!(
             "{statuses}/{} Services got a status{}",
             args.services,
-            if converged { "" } else { " (timed out)" }
+            if converged { "" } else { " (not all)" }
         ));
         report.wave(phase, &latencies, statuses);
+        waited?;
+        settled?;
         Ok(())
     }
 
@@ -788,12 +895,13 @@ impl Bench<'_> {
             }
         })
         .await?;
-        let all = wait_until(t0 + self.timeout, || async {
-            self.op.reconciles().await.values().sum::<f64>() >= want
-        })
-        .await;
+        let all = self
+            .wait(t0 + self.timeout, || async {
+                self.op.reconciles().await.values().sum::<f64>() >= want
+            })
+            .await?;
         let secs = t0.elapsed().as_secs_f64();
-        settle(self.proxy, self.quiet, Instant::now() + self.timeout).await;
+        self.settle().await?;
         let mut phase =
             Phase::new("unchanged resync", secs, self.proxy.counts(), self.op, &m).await;
         if !all {
@@ -816,12 +924,12 @@ impl Bench<'_> {
         t0: Instant,
     ) -> Result<Phase, BenchError> {
         let want = self.tgs as u64;
-        wait_until(t0 + self.timeout, || async {
+        self.wait(t0 + self.timeout, || async {
             self.proxy.counts().action(action) >= want
         })
-        .await;
+        .await?;
         let secs = t0.elapsed().as_secs_f64();
-        settle(self.proxy, self.quiet, Instant::now() + self.timeout).await;
+        self.settle().await?;
         let phase = Phase::new(name, secs, self.proxy.counts(), self.op, &m).await;
         say(self.start, format!("{name}: {} calls", phase.total));
         Ok(phase)
@@ -876,10 +984,12 @@ impl Bench<'_> {
                 .await
                 .map_or(usize::MAX, |l| l.items.len())
         };
-        let gone = wait_until(t0 + self.timeout, || async { remaining().await == 0 }).await;
+        let gone = self
+            .wait(t0 + self.timeout, || async { remaining().await == 0 })
+            .await?;
         let remaining = remaining().await;
         let secs = t0.elapsed().as_secs_f64();
-        settle(self.proxy, self.quiet, Instant::now() + self.timeout).await;
+        self.settle().await?;
         let mut phase = Phase::new("delete all", secs, self.proxy.counts(), self.op, &m).await;
         let (lbs, tgs, sgs) = self.aws.leftovers().await?;
         phase.note(format!(

@@ -1,7 +1,7 @@
 //! Results: per-phase numbers, the goal-vs-measured table and the JSON file.
 
 use crate::{Args, Mark, Operator};
-use cloudlb::faultproxy::{Counts, Outcome};
+use cloudlb::faultproxy::{Counts, Family, Outcome};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -59,9 +59,34 @@ impl Phase {
         self.total - self.counts.outcome(Outcome::Ok)
     }
 
+    /// Calls per rate-limit family, and per second of the phase.
+    fn families(&self) -> Value {
+        let mut out = serde_json::Map::new();
+        for family in Family::ALL {
+            let n: u64 = self
+                .counts
+                .totals()
+                .iter()
+                .filter(|(a, _)| Family::of(a) == family)
+                .map(|(_, n)| n)
+                .sum();
+            let rate = if self.seconds > 0.0 {
+                round(n as f64 / self.seconds)
+            } else {
+                0.0
+            };
+            out.insert(
+                family.as_str().into(),
+                json!({"calls": n, "per_second": rate}),
+            );
+        }
+        Value::Object(out)
+    }
+
     fn json(&self) -> Value {
         json!({
             "name": self.name,
+            "calls_by_family": self.families(),
             "seconds": round(self.seconds),
             "cloud_calls": self.total,
             "cloud_calls_by_operation": self.counts.totals(),
@@ -104,9 +129,12 @@ pub struct Report {
     statuses: usize,
     leftovers: (usize, usize, usize),
     peak_rss_kb: u64,
+    /// RSS of the ready operator before the first Service.
+    baseline_rss_kb: u64,
     operator_uptime: f64,
     operator_exit: Option<String>,
     load: Vec<String>,
+    died: Option<String>,
 }
 
 /// `/proc/loadavg` (the machine is shared: other work skews timings).
@@ -130,10 +158,20 @@ impl Report {
             statuses: 0,
             leftovers: (0, 0, 0),
             peak_rss_kb: 0,
+            baseline_rss_kb: 0,
             operator_uptime: 0.0,
             operator_exit: None,
             load: Vec::new(),
+            died: None,
         }
+    }
+
+    pub fn died(&mut self, why: String) {
+        self.died = Some(why);
+    }
+
+    pub fn baseline(&mut self, rss_kb: u64) {
+        self.baseline_rss_kb = rss_kb;
     }
 
     pub fn wave(&mut self, phase: Phase, sorted_latencies: &[f64], statuses: usize) {
@@ -238,8 +276,10 @@ impl Report {
         rows.push((
             "operator peak RSS < 50 MB at 2000 Services / 1000 Nodes".into(),
             format!(
-                "VmHWM {mb:.1} MiB at {} Services / {} Nodes",
-                self.services, self.nodes
+                "VmHWM {mb:.1} MiB at {} Services / {} Nodes (idle: {:.1} MiB)",
+                self.services,
+                self.nodes,
+                self.baseline_rss_kb as f64 / 1024.0
             ),
             if comparable {
                 verdict(mb < 50.0)
@@ -302,6 +342,9 @@ impl Report {
             let _ = writeln!(out, "{goal:<72} {measured:<58} {verdict}");
         }
         let _ = writeln!(out, "\nload average (1/5/15 min) {}", self.load.join("; "));
+        if let Some(why) = &self.died {
+            let _ = writeln!(out, "\nTHE OPERATOR DIED: {why}; the run ended there");
+        }
         if let Some(exit) = &self.operator_exit {
             let _ = writeln!(out, "\nthe operator exited during the run: {exit}");
         }
@@ -327,8 +370,10 @@ impl Report {
                 "security_groups": self.leftovers.2,
             },
             "operator_peak_rss_mib": mib(self.peak_rss_kb),
+            "operator_idle_rss_mib": mib(self.baseline_rss_kb),
             "operator_uptime_seconds": round(self.operator_uptime),
             "operator_exited": self.operator_exit,
+            "operator_died": self.died,
             "load_average": self.load,
             "goals": self.goals().into_iter().map(|(g, m, v)| json!({"goal": g, "measured": m, "verdict": v})).collect::<Vec<_>>(),
         })

@@ -355,12 +355,10 @@ impl Testbed {
     pub async fn client(&self) -> Result<kube::Client, BenchError> {
         let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig)
             .map_err(|e| BenchError::Testbed(format!("kubeconfig: {e}")))?;
-        let mut config =
+        let config =
             kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
                 .await
                 .map_err(|e| BenchError::Testbed(format!("kubeconfig: {e}")))?;
-        // Thousands of objects are written concurrently: do not time out under load.
-        config.read_timeout = Some(Duration::from_secs(120));
         Ok(kube::Client::try_from(config)?)
     }
 }

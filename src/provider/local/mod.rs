@@ -5,11 +5,14 @@
 //!   when missing). `local.requested_address` (the address the Service had) is honoured when it is
 //!   in the pool and free; otherwise the first free address from a position derived from the
 //!   Service UID, so a Service tends to get its address back after an operator restart anyway.
-//! - **Listeners**: TCP ([`tcp`]), UDP ([`udp`]), TCP_UDP (both) on `address:port`. TLS listeners
-//!   are not served (a conflict is reported for them).
-//! - **Target groups** ([`group`]): IP targets, `random` (default) or `round-robin` among the
+//!   An address, once given, is kept while it stays in the pool.
+//! - **Listeners**: TCP (`tcp.rs`), UDP (`udp.rs`), TCP_UDP (both) on `address:port`. TLS listeners
+//!   are not served (a conflict is reported for them). Traffic runs on the provider's own worker
+//!   threads (`workers.rs`, [`LocalSettings::workers`]), one single-threaded runtime each, started
+//!   with the first listener; health checks and drain timers run on the caller's runtime.
+//! - **Target groups** (`group.rs`): IP targets, `random` (default) or `round-robin` among the
 //!   healthy ones, all of them when none is healthy (fail open, like an NLB). Health checks
-//!   ([`health`]) take failing targets out and put recovered ones back; every change of a group's
+//!   (`health.rs`) take failing targets out and put recovered ones back; every change of a group's
 //!   healthy/registered count is sent to [`LocalProvider::health_events`]. New targets start
 //!   healthy and are probed at once.
 //! - **Changes** converge in place: targets and listeners that stay keep their connections;
@@ -22,7 +25,8 @@
 //!
 //! [`Observed`] mirrors the model the provider was last applied with, restricted to what is really
 //! served, so planning the same model against it is empty. Security groups (source ranges) are
-//! mirrored but not enforced; subnets and tags are ignored.
+//! mirrored but not enforced; subnets, tags and the AWS attributes (e.g.
+//! `deregistration_delay.timeout_seconds`) are mirrored and otherwise ignored.
 
 pub mod config;
 mod error;
@@ -31,6 +35,7 @@ mod health;
 mod tcp;
 mod token;
 mod udp;
+mod workers;
 
 pub use config::{AddressPool, Algorithm};
 pub use error::LocalError;
@@ -64,6 +69,9 @@ pub struct LocalSettings {
     pub drain_timeout: Duration,
     /// A UDP flow without traffic for this long is forgotten.
     pub udp_idle_timeout: Duration,
+    /// Threads of the data plane (each a single-threaded runtime accepting on every TCP
+    /// listener); 0: one per CPU. Started with the first listener.
+    pub workers: usize,
 }
 
 impl Default for LocalSettings {
@@ -72,6 +80,7 @@ impl Default for LocalSettings {
             connect_timeout: Duration::from_secs(3),
             drain_timeout: Duration::from_secs(30),
             udp_idle_timeout: Duration::from_secs(60),
+            workers: 0,
         }
     }
 }
@@ -89,16 +98,16 @@ pub struct HealthEvent {
 /// Which target group a listener forwards to; swapped in place when the model changes.
 pub(crate) type GroupSlot = Arc<RwLock<Arc<Group>>>;
 
-/// One protocol half of a listener: its accept/receive task.
+/// One protocol half of a listener: its accept (one per worker) or receive task.
 struct Part {
     token: Token,
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Part {
-    fn close(self) -> JoinHandle<()> {
+    fn close(self) -> Vec<JoinHandle<()>> {
         self.token.cancel();
-        self.task
+        self.tasks
     }
 }
 
@@ -110,7 +119,7 @@ struct ListenerRt {
 
 impl ListenerRt {
     fn close(self) -> impl Iterator<Item = JoinHandle<()>> {
-        self.tcp.into_iter().chain(self.udp).map(Part::close)
+        self.tcp.into_iter().chain(self.udp).flat_map(Part::close)
     }
 }
 
@@ -235,6 +244,8 @@ impl ServiceLb {
 struct State {
     /// By Service UID.
     services: BTreeMap<String, ServiceLb>,
+    /// The data plane's threads, started with the first listener.
+    workers: Option<Arc<workers::Workers>>,
     shut_down: bool,
 }
 
@@ -287,10 +298,30 @@ impl LocalProvider {
     fn close_all(&self) -> Vec<JoinHandle<()>> {
         let mut state = self.lock();
         state.shut_down = true;
-        std::mem::take(&mut state.services)
+        let handles = std::mem::take(&mut state.services)
             .into_values()
             .flat_map(ServiceLb::close)
-            .collect()
+            .collect();
+        // Stops the worker threads (once the listener tasks holding them are gone).
+        state.workers = None;
+        handles
+    }
+
+    fn workers(&self, state: &mut State) -> Result<Arc<workers::Workers>, ProviderError> {
+        if let Some(w) = &state.workers {
+            return Ok(w.clone());
+        }
+        let n = match self.settings.workers {
+            0 => workers::default_count(),
+            n => n,
+        };
+        let w = Arc::new(workers::Workers::start(n).map_err(|e| ProviderError::Api {
+            operation: "local: start worker threads",
+            message: e.to_string(),
+            throttled: false,
+        })?);
+        state.workers = Some(w.clone());
+        Ok(w)
     }
 
     /// Makes what is served for `desired.service` equal to `desired`, as far as possible.
@@ -319,6 +350,10 @@ impl LocalProvider {
         ) {
             Ok(s) => s,
             Err(e) => return (Err(e.into()), closing),
+        };
+        let workers = match self.workers(&mut state) {
+            Ok(w) => w,
+            Err(e) => return (Err(e), closing),
         };
         let taken: BTreeSet<IpAddr> = state
             .services
@@ -483,18 +518,13 @@ impl LocalProvider {
             let addr = SocketAddr::new(address, l.port);
             let (want_tcp, want_udp) = sockets;
             if !want_tcp {
-                closing.extend(rt.tcp.take().map(Part::close));
+                closing.extend(rt.tcp.take().into_iter().flat_map(Part::close));
             } else if rt.tcp.is_none() {
-                match tcp::bind(addr) {
-                    Ok(listener) => {
-                        let token = Token::default();
-                        let task = tokio::spawn(tcp::serve(
-                            listener,
-                            rt.slot.clone(),
-                            token.clone(),
-                            self.settings.connect_timeout,
-                        ));
-                        rt.tcp = Some(Part { token, task });
+                match tcp::bind(addr)
+                    .and_then(|l| start_tcp(&workers, l, &rt.slot, self.settings.connect_timeout))
+                {
+                    Ok(part) => {
+                        rt.tcp = Some(part);
                         tracing::info!(service = %desired.service, %addr, "listening (tcp)");
                     }
                     Err(source) => errors.push(LocalError::Bind {
@@ -506,18 +536,13 @@ impl LocalProvider {
                 }
             }
             if !want_udp {
-                closing.extend(rt.udp.take().map(Part::close));
+                closing.extend(rt.udp.take().into_iter().flat_map(Part::close));
             } else if rt.udp.is_none() {
-                match udp::bind(addr) {
-                    Ok(socket) => {
-                        let token = Token::default();
-                        let task = tokio::spawn(udp::serve(
-                            socket,
-                            rt.slot.clone(),
-                            token.clone(),
-                            self.settings.udp_idle_timeout,
-                        ));
-                        rt.udp = Some(Part { token, task });
+                match udp::bind(addr).and_then(|socket| {
+                    start_udp(&workers, socket, &rt.slot, self.settings.udp_idle_timeout)
+                }) {
+                    Ok(part) => {
+                        rt.udp = Some(part);
                         tracing::info!(service = %desired.service, %addr, "listening (udp)");
                     }
                     Err(source) => errors.push(LocalError::Bind {
@@ -543,6 +568,70 @@ impl LocalProvider {
             }
         }
     }
+}
+
+/// Accepts on `listener` in every worker (each on its own duplicate of the socket).
+fn start_tcp(
+    workers: &workers::Workers,
+    listener: std::net::TcpListener,
+    slot: &GroupSlot,
+    connect_timeout: Duration,
+) -> std::io::Result<Part> {
+    let token = Token::default();
+    let mut tasks = Vec::new();
+    let pool = workers.pool();
+    let mut started = || -> std::io::Result<()> {
+        for me in 0..pool.len() {
+            let handle = pool.handle(me);
+            let dup = listener.try_clone()?;
+            let registered = {
+                let _in_worker = handle.enter();
+                tokio::net::TcpListener::from_std(dup)?
+            };
+            tasks.push(handle.spawn(tcp::serve(
+                registered,
+                me,
+                pool.clone(),
+                slot.clone(),
+                token.clone(),
+                connect_timeout,
+            )));
+        }
+        Ok(())
+    };
+    match started() {
+        Ok(()) => Ok(Part { token, tasks }),
+        Err(e) => {
+            token.cancel();
+            Err(e)
+        }
+    }
+}
+
+/// Receives on `socket` in one worker.
+fn start_udp(
+    workers: &workers::Workers,
+    socket: std::net::UdpSocket,
+    slot: &GroupSlot,
+    idle_timeout: Duration,
+) -> std::io::Result<Part> {
+    let token = Token::default();
+    let pool = workers.pool();
+    let handle = pool.handle(pool.next());
+    let registered = {
+        let _in_worker = handle.enter();
+        tokio::net::UdpSocket::from_std(socket)?
+    };
+    let task = handle.spawn(udp::serve(
+        registered,
+        slot.clone(),
+        token.clone(),
+        idle_timeout,
+    ));
+    Ok(Part {
+        token,
+        tasks: vec![task],
+    })
 }
 
 /// Waits (bounded) until closed listeners have released their sockets.

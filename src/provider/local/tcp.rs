@@ -6,6 +6,7 @@
 use super::GroupSlot;
 use super::group::Group;
 use super::token::Token;
+use super::workers::{LoadGuard, Pool};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError};
@@ -19,9 +20,10 @@ const RELAY_BUFFER: usize = 16 * 1024;
 const MAX_CONNECT_ATTEMPTS: usize = 3;
 const BACKLOG: u32 = 1024;
 
-/// Binds `addr` (SO_REUSEADDR, so a port freed a moment ago can be bound again at once; a port
-/// another socket listens on still fails with "address in use").
-pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+/// Binds and listens on `addr` (SO_REUSEADDR, so a port freed a moment ago can be bound again at
+/// once; a port another socket listens on still fails with "address in use"). The socket is
+/// returned unregistered, for each worker to register a duplicate of it.
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -29,12 +31,15 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
-    socket.listen(BACKLOG)
+    socket.listen(BACKLOG)?.into_std()
 }
 
-/// The accept loop of one listener; returns (closing the socket) when `token` is cancelled.
+/// The accept loop of one listener on worker `me`; returns (closing this duplicate of the
+/// socket) when `token` is cancelled. Each connection goes to the least loaded worker.
 pub(crate) async fn serve(
     listener: TcpListener,
+    me: usize,
+    pool: Arc<Pool>,
     slot: GroupSlot,
     token: Token,
     connect_timeout: Duration,
@@ -47,16 +52,36 @@ pub(crate) async fn serve(
             () = &mut cancelled => break,
             r = listener.accept() => r,
         };
-        match accepted {
-            Ok((client, peer)) => {
-                let group = slot.read().unwrap_or_else(PoisonError::into_inner).clone();
-                tokio::spawn(handle(client, peer, group, token.clone(), connect_timeout));
-            }
+        let (client, peer) = match accepted {
+            Ok(c) => c,
             Err(e) => {
                 // EMFILE and friends: back off a little instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
             }
+        };
+        let group = slot.read().unwrap_or_else(PoisonError::into_inner).clone();
+        let worker = pool.least_loaded(me);
+        let load = pool.track(worker);
+        let token = token.clone();
+        if worker == me {
+            tokio::spawn(handle(client, peer, group, token, connect_timeout, load));
+            continue;
+        }
+        // Hand over: leave this worker's reactor, join the other one's.
+        match client.into_std() {
+            Ok(std_stream) => {
+                pool.handle(worker).spawn(async move {
+                    match TcpStream::from_std(std_stream) {
+                        Ok(client) => {
+                            handle(client, peer, group, token, connect_timeout, load).await;
+                        }
+                        Err(e) => tracing::warn!(client = %peer, error = %e, "hand-over failed"),
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(client = %peer, error = %e, "hand-over failed"),
         }
     }
 }
@@ -67,6 +92,7 @@ async fn handle(
     group: Arc<Group>,
     listener_token: Token,
     connect_timeout: Duration,
+    _load: LoadGuard,
 ) {
     let _ = client.set_nodelay(true);
     let connect = async {

@@ -17,11 +17,11 @@ use tokio::task::JoinHandle;
 
 const MAX_DATAGRAM: usize = 65_536;
 
-/// Binds `addr` (no SO_REUSEADDR: a port in use must fail).
-pub(crate) fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+/// Binds `addr` (no SO_REUSEADDR: a port in use must fail); unregistered, for a worker to take.
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let socket = std::net::UdpSocket::bind(addr)?;
     socket.set_nonblocking(true)?;
-    UdpSocket::from_std(socket)
+    Ok(socket)
 }
 
 struct Flow {
