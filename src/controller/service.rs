@@ -490,9 +490,12 @@ async fn cleanup(
             )
             .await;
             if let Err(e) = provider.apply(&desired, &observed, &plan).await {
-                // Read the cloud again next time.
+                // Read the cloud again next time, but keep what the cache knows: target groups
+                // whose load balancer is already gone are found only through it.
                 if let Ok(mut c) = ctx.cache.lock() {
-                    c.remove(&sref.uid);
+                    if let Some(entry) = c.get_mut(&sref.uid) {
+                        entry.stale = true;
+                    }
                 }
                 return Err(e.into());
             }

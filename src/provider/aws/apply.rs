@@ -271,7 +271,11 @@ impl<'a> Run<'a> {
             .description(&frontend.description)
             .vpc_id(vpc)
             .tag_specifications(spec);
-        let resp = self.p.calls.run("CreateSecurityGroup", req.send()).await?;
+        let resp = self
+            .p
+            .calls
+            .run("CreateSecurityGroup", || req.clone().send())
+            .await?;
         let id = resp
             .group_id
             .ok_or_else(|| unexpected("CreateSecurityGroup", "no GroupId"))?;
@@ -296,7 +300,7 @@ impl<'a> Run<'a> {
             .set_ip_permissions(Some(ip_permissions(rules)));
         self.p
             .calls
-            .run("AuthorizeSecurityGroupIngress", req.send())
+            .run("AuthorizeSecurityGroupIngress", || req.clone().send())
             .await
             .map_err(|e| e.gone("security group"))?;
         if let Some(sg) = &mut self.out.security_group {
@@ -318,7 +322,7 @@ impl<'a> Run<'a> {
             .set_ip_permissions(Some(ip_permissions(rules)));
         self.p
             .calls
-            .run("RevokeSecurityGroupIngress", req.send())
+            .run("RevokeSecurityGroupIngress", || req.clone().send())
             .await
             .map_err(|e| e.gone("security group"))?;
         if let Some(sg) = &mut self.out.security_group {
@@ -331,8 +335,13 @@ impl<'a> Run<'a> {
 
     async fn delete_security_group(&mut self, id: &str) -> Result<(), ProviderError> {
         let req = self.p.ec2.delete_security_group().group_id(id);
-        gone_is_ok(self.p.calls.run("DeleteSecurityGroup", req.send()).await)
-            .map_err(|e| e.in_use("security group"))?;
+        gone_is_ok(
+            self.p
+                .calls
+                .run("DeleteSecurityGroup", || req.clone().send())
+                .await,
+        )
+        .map_err(|e| e.in_use("security group"))?;
         if self.out.security_group.as_ref().is_some_and(|s| s.id == id) {
             self.out.security_group = None;
         }
@@ -349,7 +358,12 @@ impl<'a> Run<'a> {
     ) -> Result<(), ProviderError> {
         tracing::info!(load_balancer = name, reason, "deleting load balancer");
         let req = self.p.elbv2.delete_load_balancer().load_balancer_arn(arn);
-        match gone_is_ok(self.p.calls.run("DeleteLoadBalancer", req.send()).await) {
+        match gone_is_ok(
+            self.p
+                .calls
+                .run("DeleteLoadBalancer", || req.clone().send())
+                .await,
+        ) {
             Ok(_) => {}
             Err(e) if e.code.as_deref() == Some("OperationNotPermitted") => {
                 return Err(ProviderError::DeletionProtected {
@@ -415,7 +429,11 @@ impl<'a> Run<'a> {
                 .collect();
             req = req.set_subnet_mappings(Some(mappings));
         }
-        let resp = self.p.calls.run("CreateLoadBalancer", req.send()).await?;
+        let resp = self
+            .p
+            .calls
+            .run("CreateLoadBalancer", || req.clone().send())
+            .await?;
         let created = resp
             .load_balancers
             .into_iter()
@@ -451,7 +469,7 @@ impl<'a> Run<'a> {
         let resp = self
             .p
             .calls
-            .run("SetIpAddressType", req.send())
+            .run("SetIpAddressType", || req.clone().send())
             .await
             .map_err(|e| e.gone("load balancer"))?;
         if let Some(o) = &mut self.out.lb {
@@ -474,7 +492,7 @@ impl<'a> Run<'a> {
         let resp = self
             .p
             .calls
-            .run("SetSecurityGroups", req.send())
+            .run("SetSecurityGroups", || req.clone().send())
             .await
             .map_err(|e| e.gone("load balancer"))?;
         if let Some(o) = &mut self.out.lb {
@@ -506,7 +524,7 @@ impl<'a> Run<'a> {
         let resp = self
             .p
             .calls
-            .run("ModifyLoadBalancerAttributes", req.send())
+            .run("ModifyLoadBalancerAttributes", || req.clone().send())
             .await
             .map_err(|e| e.gone("load balancer"))?;
         let reported = convert::lb_attributes(resp.attributes.as_deref().unwrap_or_default());
@@ -547,7 +565,11 @@ impl<'a> Run<'a> {
                     .map(|c| elb::Matcher::builder().http_code(c).build()),
             )
             .set_tags(Some(elb_tags(&tg.tags)));
-        let resp = self.p.calls.run("CreateTargetGroup", req.send()).await?;
+        let resp = self
+            .p
+            .calls
+            .run("CreateTargetGroup", || req.clone().send())
+            .await?;
         let created = resp
             .target_groups
             .into_iter()
@@ -602,7 +624,7 @@ impl<'a> Run<'a> {
         let resp = self
             .p
             .calls
-            .run("ModifyTargetGroup", req.send())
+            .run("ModifyTargetGroup", || req.clone().send())
             .await
             .map_err(|e| e.gone("target group"))?;
         let reported = resp
@@ -637,7 +659,7 @@ impl<'a> Run<'a> {
         let resp = self
             .p
             .calls
-            .run("ModifyTargetGroupAttributes", req.send())
+            .run("ModifyTargetGroupAttributes", || req.clone().send())
             .await
             .map_err(|e| e.gone("target group"))?;
         let reported = convert::tg_attributes(resp.attributes.as_deref().unwrap_or_default());
@@ -658,7 +680,7 @@ impl<'a> Run<'a> {
                 .set_targets(Some(elb_targets(chunk)));
             self.p
                 .calls
-                .run("DeregisterTargets", req.send())
+                .run("DeregisterTargets", || req.clone().send())
                 .await
                 .map_err(|e| match e.code.as_deref() {
                     // Already not registered.
@@ -685,7 +707,7 @@ impl<'a> Run<'a> {
                 .set_targets(Some(elb_targets(chunk)));
             self.p
                 .calls
-                .run("RegisterTargets", req.send())
+                .run("RegisterTargets", || req.clone().send())
                 .await
                 .map_err(|e| e.gone("target group"))?;
             if let Some(o) = self.observed_tg_mut(&arn) {
@@ -697,8 +719,13 @@ impl<'a> Run<'a> {
 
     async fn delete_tg(&mut self, arn: &str) -> Result<(), ProviderError> {
         let req = self.p.elbv2.delete_target_group().target_group_arn(arn);
-        gone_is_ok(self.p.calls.run("DeleteTargetGroup", req.send()).await)
-            .map_err(|e| e.in_use("target group"))?;
+        gone_is_ok(
+            self.p
+                .calls
+                .run("DeleteTargetGroup", || req.clone().send())
+                .await,
+        )
+        .map_err(|e| e.in_use("target group"))?;
         self.out.target_groups.retain(|t| t.arn != arn);
         self.tg_arns.retain(|_, v| v != arn);
         Ok(())
@@ -708,8 +735,13 @@ impl<'a> Run<'a> {
 
     async fn delete_listener(&mut self, arn: &str) -> Result<(), ProviderError> {
         let req = self.p.elbv2.delete_listener().listener_arn(arn);
-        gone_is_ok(self.p.calls.run("DeleteListener", req.send()).await)
-            .map_err(AwsError::into_provider)?;
+        gone_is_ok(
+            self.p
+                .calls
+                .run("DeleteListener", || req.clone().send())
+                .await,
+        )
+        .map_err(AwsError::into_provider)?;
         self.out.listeners.retain(|l| l.arn != arn);
         Ok(())
     }
@@ -731,7 +763,7 @@ impl<'a> Run<'a> {
         let resp = self
             .p
             .calls
-            .run("ModifyListener", req.send())
+            .run("ModifyListener", || req.clone().send())
             .await
             .map_err(|e| e.gone("listener"))?;
         let listener = resp
@@ -777,7 +809,7 @@ impl<'a> Run<'a> {
         let resp = self
             .p
             .calls
-            .run("CreateListener", req.send())
+            .run("CreateListener", || req.clone().send())
             .await
             .map_err(|e| e.gone("load balancer"))?;
         let listener = resp
@@ -831,7 +863,7 @@ impl<'a> Run<'a> {
                 .set_certificates(Some(add));
             self.p
                 .calls
-                .run("AddListenerCertificates", req.send())
+                .run("AddListenerCertificates", || req.clone().send())
                 .await
                 .map_err(|e| e.gone("listener"))?;
         }
@@ -845,7 +877,7 @@ impl<'a> Run<'a> {
             match self
                 .p
                 .calls
-                .run("RemoveListenerCertificates", req.send())
+                .run("RemoveListenerCertificates", || req.clone().send())
                 .await
             {
                 Ok(_) => {}

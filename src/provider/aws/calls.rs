@@ -5,6 +5,7 @@
 
 use super::error::{AwsError, ErrorKind};
 use crate::telemetry::Metrics;
+use aws_sdk_elasticloadbalancingv2::config::http::HttpResponse;
 use aws_sdk_elasticloadbalancingv2::error::{ProvideErrorMetadata, SdkError};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -147,46 +148,73 @@ impl Calls {
         }
     }
 
-    /// Runs one SDK call: `send` is the (lazy) future of `builder.send()`.
-    pub(crate) async fn run<T, E, R>(
+    /// Runs one AWS call. `send` builds the request (`|| builder.clone().send()`) and may be called again:
+    /// retries happen here, not in the SDK (its retries are off), so every attempt waits for the
+    /// call family's token bucket and the client-side rate limit holds also while AWS throttles.
+    /// Retried: throttling, for every operation; 5xx, timeouts and lost connections, except for
+    /// `Create*` calls, whose outcome is then unknown (the reconcile reads the cloud again and
+    /// looks up by name before creating anything).
+    pub(crate) async fn run<T, E, F, Fut>(
         &self,
         operation: &'static str,
-        send: impl Future<Output = Result<T, SdkError<E, R>>>,
+        mut send: F,
     ) -> Result<T, AwsError>
     where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-        R: std::fmt::Debug + Send + Sync + 'static,
     {
         let bucket = match Family::of(operation) {
             Family::Describe => &self.describe,
             Family::Write => &self.write,
             Family::Targets => &self.targets,
         };
-        bucket.acquire().await;
-        let started = std::time::Instant::now();
-        let result = send.await;
-        let elapsed_ms = started.elapsed().as_millis();
-        match result {
-            Ok(out) => {
-                tracing::debug!(operation, elapsed_ms, "aws call ok");
-                self.count(operation, "ok");
-                Ok(out)
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            bucket.acquire().await;
+            let started = std::time::Instant::now();
+            let result = send().await;
+            let elapsed_ms = started.elapsed().as_millis();
+            let err = match result {
+                Ok(out) => {
+                    tracing::debug!(operation, elapsed_ms, attempt, "aws call ok");
+                    self.count(operation, "ok");
+                    return Ok(out);
+                }
+                Err(err) => err,
+            };
+            let transient = matches!(
+                err,
+                SdkError::TimeoutError(_)
+                    | SdkError::DispatchFailure(_)
+                    | SdkError::ResponseError(_)
+            ) || matches!(&err, SdkError::ServiceError(e) if e.raw().status().is_server_error());
+            let err = AwsError::from_sdk(operation, err);
+            tracing::debug!(
+                operation,
+                elapsed_ms,
+                attempt,
+                code = err.code.as_deref().unwrap_or(""),
+                "aws call failed: {}",
+                err.message
+            );
+            self.count(operation, err.kind.outcome());
+            let retry =
+                err.kind == ErrorKind::Throttled || (transient && !operation.starts_with("Create"));
+            if !retry || attempt >= MAX_ATTEMPTS {
+                return Err(err);
             }
-            Err(err) => {
-                let err = AwsError::from_sdk(operation, err);
-                tracing::debug!(
-                    operation,
-                    elapsed_ms,
-                    code = err.code.as_deref().unwrap_or(""),
-                    "aws call failed: {}",
-                    err.message
-                );
-                self.count(operation, err.kind.outcome());
-                Err(err)
-            }
+            // Exponential backoff with full jitter: 0-200 ms, 0-400 ms, 0-800 ms, ...
+            let cap = 100u64 << attempt.min(6);
+            let wait = rand::Rng::random_range(&mut rand::rng(), 0..=cap);
+            tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
         }
     }
 }
+
+/// Attempts per call, the first included.
+const MAX_ATTEMPTS: u32 = 4;
 
 impl ErrorKind {
     /// The outcome label of a failed call.

@@ -69,6 +69,31 @@ impl AwsProvider {
         ec2: aws_sdk_ec2::Client,
         settings: AwsSettings,
     ) -> Self {
+        // Retries happen in `calls` (through the rate limiter), so the SDK's are off; every
+        // attempt has a deadline, so a black-holed answer cannot stall a reconcile.
+        let timeouts = || {
+            aws_sdk_elasticloadbalancingv2::config::timeout::TimeoutConfig::builder()
+                .connect_timeout(std::time::Duration::from_secs(5))
+                .operation_attempt_timeout(std::time::Duration::from_secs(20))
+                .build()
+        };
+        let elbv2 = aws_sdk_elasticloadbalancingv2::Client::from_conf(
+            elbv2
+                .config()
+                .to_builder()
+                .retry_config(
+                    aws_sdk_elasticloadbalancingv2::config::retry::RetryConfig::disabled(),
+                )
+                .timeout_config(timeouts())
+                .build(),
+        );
+        let ec2 = aws_sdk_ec2::Client::from_conf(
+            ec2.config()
+                .to_builder()
+                .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled())
+                .timeout_config(timeouts())
+                .build(),
+        );
         AwsProvider {
             elbv2,
             ec2,
@@ -146,13 +171,12 @@ impl Provider for AwsProvider {
         };
         let resp = self
             .calls
-            .run(
-                "DescribeLoadBalancers",
+            .run("DescribeLoadBalancers", || {
                 self.elbv2
                     .describe_load_balancers()
                     .load_balancer_arns(&have.arn)
-                    .send(),
-            )
+                    .send()
+            })
             .await;
         let lb = match resp {
             Ok(out) => out.load_balancers.into_iter().flatten().next(),

@@ -27,13 +27,12 @@ impl AwsProvider {
             let arn = lb.load_balancer_arn.clone().unwrap_or_default();
             let attrs = self
                 .calls
-                .run(
-                    "DescribeLoadBalancerAttributes",
+                .run("DescribeLoadBalancerAttributes", || {
                     self.elbv2
                         .describe_load_balancer_attributes()
                         .load_balancer_arn(&arn)
-                        .send(),
-                )
+                        .send()
+                })
                 .await?;
             observed.lb = convert::observed_lb(
                 lb,
@@ -59,10 +58,9 @@ impl AwsProvider {
             }
             let resp = self
                 .calls
-                .run(
-                    "DescribeTargetGroups",
-                    self.elbv2.describe_target_groups().names(*name).send(),
-                )
+                .run("DescribeTargetGroups", || {
+                    self.elbv2.describe_target_groups().names(*name).send()
+                })
                 .await;
             match resp {
                 Ok(out) => candidates.extend(
@@ -132,10 +130,9 @@ impl AwsProvider {
         let name = desired.lb_name.as_str();
         let resp = self
             .calls
-            .run(
-                "DescribeLoadBalancers",
-                self.elbv2.describe_load_balancers().names(name).send(),
-            )
+            .run("DescribeLoadBalancers", || {
+                self.elbv2.describe_load_balancers().names(name).send()
+            })
             .await;
         let found: Vec<elb::LoadBalancer> = match resp {
             Ok(out) => out
@@ -215,13 +212,12 @@ impl AwsProvider {
     ) -> Result<bool, ProviderError> {
         let resp = self
             .calls
-            .run(
-                "DescribeTags",
+            .run("DescribeTags", || {
                 self.elbv2
                     .describe_tags()
                     .set_resource_arns(Some(arns.to_vec()))
-                    .send(),
-            )
+                    .send()
+            })
             .await;
         match resp {
             Ok(resp) => {
@@ -252,7 +248,11 @@ impl AwsProvider {
                 .describe_listeners()
                 .load_balancer_arn(lb_arn)
                 .set_marker(marker.take());
-            let resp = match self.calls.run("DescribeListeners", req.send()).await {
+            let resp = match self
+                .calls
+                .run("DescribeListeners", || req.clone().send())
+                .await
+            {
                 Ok(r) => r,
                 Err(e) if e.is_not_found() => break,
                 Err(e) => return Err(e.into()),
@@ -304,7 +304,7 @@ impl AwsProvider {
                 .set_marker(marker.take());
             let resp = self
                 .calls
-                .run("DescribeListenerCertificates", req.send())
+                .run("DescribeListenerCertificates", || req.clone().send())
                 .await?;
             out.extend(resp.certificates.into_iter().flatten());
             match resp.next_marker {
@@ -327,7 +327,11 @@ impl AwsProvider {
                 .describe_target_groups()
                 .load_balancer_arn(lb_arn)
                 .set_marker(marker.take());
-            let resp = match self.calls.run("DescribeTargetGroups", req.send()).await {
+            let resp = match self
+                .calls
+                .run("DescribeTargetGroups", || req.clone().send())
+                .await
+            {
                 Ok(r) => r,
                 // AWS returns an empty list; moto says TargetGroupNotFound.
                 Err(e) if e.is_not_found() => break,
@@ -350,13 +354,12 @@ impl AwsProvider {
         let arn = tg.target_group_arn.clone().unwrap_or_default();
         let attrs = match self
             .calls
-            .run(
-                "DescribeTargetGroupAttributes",
+            .run("DescribeTargetGroupAttributes", || {
                 self.elbv2
                     .describe_target_group_attributes()
                     .target_group_arn(&arn)
-                    .send(),
-            )
+                    .send()
+            })
             .await
         {
             Ok(r) => convert::tg_attributes(r.attributes.as_deref().unwrap_or_default()),
@@ -365,13 +368,12 @@ impl AwsProvider {
         };
         let targets = match self
             .calls
-            .run(
-                "DescribeTargetHealth",
+            .run("DescribeTargetHealth", || {
                 self.elbv2
                     .describe_target_health()
                     .target_group_arn(&arn)
-                    .send(),
-            )
+                    .send()
+            })
             .await
         {
             Ok(r) => convert::registered_targets(
@@ -412,7 +414,10 @@ impl AwsProvider {
                 .describe_security_groups()
                 .set_filters(Some(filters.clone()))
                 .set_next_token(token.take());
-            let resp = self.calls.run("DescribeSecurityGroups", req.send()).await?;
+            let resp = self
+                .calls
+                .run("DescribeSecurityGroups", || req.clone().send())
+                .await?;
             groups.extend(resp.security_groups.into_iter().flatten());
             match resp.next_token {
                 Some(t) if !t.is_empty() => token = Some(t),

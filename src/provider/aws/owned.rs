@@ -211,13 +211,12 @@ impl AwsProvider {
         let arn = lb.load_balancer_arn.clone().unwrap_or_default();
         let attrs = match self
             .calls
-            .run(
-                "DescribeLoadBalancerAttributes",
+            .run("DescribeLoadBalancerAttributes", || {
                 self.elbv2
                     .describe_load_balancer_attributes()
                     .load_balancer_arn(&arn)
-                    .send(),
-            )
+                    .send()
+            })
             .await
         {
             Ok(r) => convert::lb_attributes(r.attributes.as_deref().unwrap_or_default()),
@@ -238,7 +237,10 @@ impl AwsProvider {
                 .describe_load_balancers()
                 .page_size(PAGE_SIZE)
                 .set_marker(marker.take());
-            let resp = self.calls.run("DescribeLoadBalancers", req.send()).await?;
+            let resp = self
+                .calls
+                .run("DescribeLoadBalancers", || req.clone().send())
+                .await?;
             out.extend(resp.load_balancers.into_iter().flatten());
             match resp.next_marker {
                 Some(m) if !m.is_empty() => marker = Some(m),
@@ -257,7 +259,10 @@ impl AwsProvider {
                 .describe_target_groups()
                 .page_size(PAGE_SIZE)
                 .set_marker(marker.take());
-            let resp = self.calls.run("DescribeTargetGroups", req.send()).await?;
+            let resp = self
+                .calls
+                .run("DescribeTargetGroups", || req.clone().send())
+                .await?;
             out.extend(resp.target_groups.into_iter().flatten());
             match resp.next_marker {
                 Some(m) if !m.is_empty() => marker = Some(m),
@@ -286,7 +291,10 @@ impl AwsProvider {
                 .describe_security_groups()
                 .set_filters(Some(filters.clone()))
                 .set_next_token(token.take());
-            let resp = self.calls.run("DescribeSecurityGroups", req.send()).await?;
+            let resp = self
+                .calls
+                .run("DescribeSecurityGroups", || req.clone().send())
+                .await?;
             out.extend(resp.security_groups.into_iter().flatten());
             match resp.next_token {
                 Some(t) if !t.is_empty() => token = Some(t),

@@ -259,7 +259,11 @@ impl AwsProvider {
                 .set_filters((!filters.is_empty()).then(|| filters.clone()))
                 .set_subnet_ids((!ids.is_empty()).then(|| ids.clone()))
                 .set_next_token(token.take());
-            let resp = match self.calls.run("DescribeSubnets", req.send()).await {
+            let resp = match self
+                .calls
+                .run("DescribeSubnets", || req.clone().send())
+                .await
+            {
                 Ok(r) => r,
                 Err(e) if e.is_not_found() => {
                     return Err(ProviderError::InvalidConfig(format!(
