@@ -5,12 +5,11 @@ mod support;
 
 use cloudlb::config::class::LoadBalancerClass;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{ListParams, PostParams};
-use kube::{Api, CustomResourceExt};
+use kube::Api;
+use kube::api::PostParams;
 use serde_json::json;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use support::env::install_crd;
 use support::{AwsEmulator, TestCluster, TestGuard};
 
 fn cloudlb() -> Command {
@@ -56,20 +55,8 @@ async fn plan_previews_changes_and_writes_nothing() {
     let _guard = TestGuard::new();
     let cluster = TestCluster::shared().await;
     let client = cluster.client();
-    match Api::<CustomResourceDefinition>::all(client.clone())
-        .create(&PostParams::default(), &LoadBalancerClass::crd())
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.is_already_exists() => {}
-        Err(e) => panic!("create CRD: {e}"),
-    }
+    install_crd(&client).await;
     let classes: Api<LoadBalancerClass> = Api::all(client.clone());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while classes.list(&ListParams::default()).await.is_err() {
-        assert!(Instant::now() < deadline, "CRD never became established");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     let ns = cluster.create_namespace("plan").await;
     let class: LoadBalancerClass = serde_json::from_value(json!({
         "metadata": {"name": ns},

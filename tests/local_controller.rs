@@ -13,57 +13,19 @@ use cloudlb::provider::local::{LocalProvider, LocalSettings};
 use cloudlb::telemetry::Metrics;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, Client, CustomResourceExt};
+use kube::{Api, Client};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::env::{install_crd, wait_for};
 use support::{TestCluster, TestGuard};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::OnceCell;
 
 const LABEL: &str = "cloudlb.test/env";
-static CRD: OnceCell<()> = OnceCell::const_new();
-
-async fn install_crd(client: &Client) {
-    CRD.get_or_init(|| async {
-        match Api::<CustomResourceDefinition>::all(client.clone())
-            .create(&PostParams::default(), &LoadBalancerClass::crd())
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.is_already_exists() => {}
-            Err(e) => panic!("create CRD: {e}"),
-        }
-        let classes: Api<LoadBalancerClass> = Api::all(client.clone());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while classes.list(&ListParams::default()).await.is_err() {
-            assert!(Instant::now() < deadline, "CRD never became established");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await;
-}
-
-async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// A backend on `ip:tcp_port` (TCP) and `ip:udp_port` (UDP) that answers with its node's name;
 /// the returned handles stop it when aborted.
 async fn backend(
