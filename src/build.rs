@@ -158,7 +158,13 @@ fn port_groups(svc: &Service, cfg: &LbConfig) -> Result<Vec<PortGroup>, BuildErr
     Ok(out)
 }
 
-fn health_check(svc: &Service, cfg: &LbConfig) -> HealthCheck {
+/// kube-proxy's health endpoint on every node (`--healthz-bind-address`, default port 10256).
+pub const KUBE_PROXY_HEALTHZ_PORT: u16 = 10256;
+
+/// The health check of one target group. `udp_only`: a TCP check on the traffic port cannot
+/// work (kube-proxy's UDP nodePort has no TCP side), so such groups default to kube-proxy's
+/// `/healthz` on port 10256, as the cloud-provider-aws does.
+fn health_check(svc: &Service, cfg: &LbConfig, udp_only: bool) -> HealthCheck {
     let spec = svc.spec.clone().unwrap_or_default();
     let local = spec.external_traffic_policy.as_deref() == Some("Local");
     let hc_node_port = spec
@@ -168,6 +174,11 @@ fn health_check(svc: &Service, cfg: &LbConfig) -> HealthCheck {
     let c = &cfg.health_check;
     let (def_proto, def_port, def_path) = match (local, hc_node_port) {
         (true, Some(p)) => (HealthCheckProtocol::Http, Some(p), "/healthz"),
+        _ if udp_only => (
+            HealthCheckProtocol::Http,
+            Some(KUBE_PROXY_HEALTHZ_PORT),
+            "/healthz",
+        ),
         _ => (HealthCheckProtocol::Tcp, None, "/"),
     };
     let protocol = c.protocol.unwrap_or(def_proto);
@@ -236,7 +247,6 @@ pub fn build<N: std::borrow::Borrow<Node>>(
         }
     }
 
-    let hc = health_check(svc, cfg);
     let groups = port_groups(svc, cfg)?;
     let mut listeners = Vec::new();
     let mut target_groups = Vec::new();
@@ -278,7 +288,7 @@ pub fn build<N: std::borrow::Borrow<Node>>(
             protocol: tg_protocol,
             port: g.node_port,
             target_type,
-            health_check: hc.clone(),
+            health_check: health_check(svc, cfg, g.protocol == Protocol::Udp),
             attributes,
             targets: hosts
                 .iter()
