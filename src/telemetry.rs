@@ -35,6 +35,11 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResourceLabels {
+    resource: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
     provider: String,
     operation: String,
@@ -48,6 +53,7 @@ pub struct Metrics {
     reconcile_duration: Histogram,
     cloud_calls: Family<CallLabels, Counter>,
     cloud_throttled: Counter,
+    watch_errors: Family<ResourceLabels, Counter>,
     managed_load_balancers: Gauge,
     leader: Gauge,
     ready: std::sync::atomic::AtomicBool,
@@ -66,6 +72,7 @@ impl Metrics {
         let reconcile_duration = Histogram::new(exponential_buckets(0.005, 2.0, 14));
         let cloud_calls = Family::<CallLabels, Counter>::default();
         let cloud_throttled = Counter::default();
+        let watch_errors = Family::<ResourceLabels, Counter>::default();
         let managed_load_balancers = Gauge::default();
         let leader = Gauge::default();
         registry.register(
@@ -89,6 +96,11 @@ impl Metrics {
             cloud_throttled.clone(),
         );
         registry.register(
+            "watch_errors",
+            "Failed list/watch requests to the Kubernetes API by resource (each is retried with backoff)",
+            watch_errors.clone(),
+        );
+        registry.register(
             "managed_load_balancers",
             "Load balancers this operator manages",
             managed_load_balancers.clone(),
@@ -106,6 +118,7 @@ impl Metrics {
             reconcile_duration,
             cloud_calls,
             cloud_throttled,
+            watch_errors,
             managed_load_balancers,
         }
     }
@@ -117,6 +130,24 @@ impl Metrics {
             })
             .inc();
         self.reconcile_duration.observe(seconds);
+    }
+
+    /// A list/watch of `resource` failed (it is retried with backoff).
+    pub fn watch_error(&self, resource: &str) {
+        self.watch_errors
+            .get_or_create(&ResourceLabels {
+                resource: resource.to_string(),
+            })
+            .inc();
+    }
+
+    /// Failed list/watch requests for `resource` so far.
+    pub fn watch_error_count(&self, resource: &str) -> u64 {
+        self.watch_errors
+            .get_or_create(&ResourceLabels {
+                resource: resource.to_string(),
+            })
+            .get()
     }
 
     /// How many reconciles ended with `result` so far.

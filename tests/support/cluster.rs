@@ -62,12 +62,12 @@ impl TestClusterBuilder {
         let mut last_failure = String::new();
         for attempt in 1..=START_ATTEMPTS {
             match self.try_start(&dir, &files).await {
-                Ok((etcd, apiserver, url, ca_der)) => {
+                Ok((procs, commands, url, ca_der)) => {
                     let kubeconfig = dir.path().join("kubeconfig");
                     write_kubeconfig(&kubeconfig, &url, &files.ca_file, &files.admin_token);
                     let cluster = TestCluster {
-                        etcd,
-                        apiserver,
+                        processes: std::sync::Mutex::new(procs),
+                        commands,
                         url,
                         admin_token: files.admin_token.clone(),
                         ca_der,
@@ -105,7 +105,7 @@ impl TestClusterBuilder {
         &self,
         dir: &TempDir,
         files: &ClusterFiles,
-    ) -> Result<(ManagedProcess, ManagedProcess, String, Vec<Vec<u8>>), StartFailure> {
+    ) -> Result<(Processes, Commands, String, Vec<Vec<u8>>), StartFailure> {
         let etcd_bin = find_binary("CLOUDLB_ETCD", "bin/etcd", &["/usr/bin/etcd"]);
         let apiserver_bin = find_binary("CLOUDLB_KUBE_APISERVER", "bin/kube-apiserver", &[]);
         let (etcd_port, peer_port, secure_port) = (free_port(), free_port(), free_port());
@@ -207,7 +207,18 @@ impl TestClusterBuilder {
                 Ok(ca_der) if !ca_der.is_empty() => {
                     let client = make_client(&url, &ca_der, &files.admin_token);
                     match tokio::time::timeout(Duration::from_secs(5), readyz(&client)).await {
-                        Ok(Ok(_)) => return Ok((etcd, apiserver, url, ca_der)),
+                        Ok(Ok(_)) => {
+                            let commands = Commands {
+                                etcd: (etcd_bin, etcd_args),
+                                apiserver: (apiserver_bin, apiserver_args),
+                            };
+                            let procs = Processes {
+                                apiserver,
+                                etcd,
+                                restarts: 0,
+                            };
+                            return Ok((procs, commands, url, ca_der));
+                        }
                         Ok(Err(e)) => last_error = format!("/readyz: {e}"),
                         Err(_) => last_error = "/readyz timed out".into(),
                     }
@@ -218,6 +229,20 @@ impl TestClusterBuilder {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// The running server processes (replaced by [`TestCluster::restart`]).
+struct Processes {
+    // Drop order: the API server before its etcd.
+    apiserver: ManagedProcess,
+    etcd: ManagedProcess,
+    restarts: u32,
+}
+
+/// How the processes were started: a restart runs the same commands (same ports, same data).
+struct Commands {
+    etcd: (PathBuf, Vec<String>),
+    apiserver: (PathBuf, Vec<String>),
 }
 
 enum StartFailure {
@@ -355,8 +380,8 @@ fn write_kubeconfig(path: &Path, url: &str, ca_file: &Path, token: &str) {
 /// `#[tokio::test]`s (each has its own runtime).
 pub struct TestCluster {
     // Field order is drop order: processes first, then their directory.
-    apiserver: ManagedProcess,
-    etcd: ManagedProcess,
+    processes: std::sync::Mutex<Processes>,
+    commands: Commands,
     url: String,
     admin_token: String,
     ca_der: Vec<Vec<u8>>,
@@ -474,11 +499,50 @@ impl TestCluster {
 
     /// The last `n` lines of the kube-apiserver and etcd logs.
     pub fn log_tail(&self, n: usize) -> String {
-        format!(
-            "{}\n{}",
-            self.apiserver.log_section(n),
-            self.etcd.log_section(n)
-        )
+        let p = self.processes.lock().unwrap_or_else(|p| p.into_inner());
+        format!("{}\n{}", p.apiserver.log_section(n), p.etcd.log_section(n))
+    }
+
+    /// Kills kube-apiserver and etcd (SIGKILL: no graceful shutdown), waits `down`, and starts
+    /// both again with the same ports, certificates and etcd data; returns once `/readyz`
+    /// answers. Clients made before keep working afterwards: same URL, same CA.
+    pub async fn restart(&self, down: Duration) {
+        let n = {
+            let mut p = self.processes.lock().unwrap_or_else(|p| p.into_inner());
+            p.apiserver.kill();
+            p.etcd.kill();
+            p.restarts += 1;
+            p.restarts
+        };
+        tokio::time::sleep(down).await;
+        let spawn = |name: &str, (program, args): &(PathBuf, Vec<String>)| {
+            ManagedProcess::spawn(
+                &format!("{name}-restart{n}"),
+                program,
+                args,
+                self.dir.path(),
+            )
+            .unwrap_or_else(|e| panic!("restart {name}: {e}"))
+        };
+        let etcd = spawn("etcd", &self.commands.etcd);
+        let apiserver = spawn("kube-apiserver", &self.commands.apiserver);
+        {
+            let mut p = self.processes.lock().unwrap_or_else(|p| p.into_inner());
+            p.etcd = etcd;
+            p.apiserver = apiserver;
+        }
+        let client = self.client();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), readyz(&client)).await {
+                Ok(Ok(_)) => break,
+                _ if Instant::now() > deadline => panic!(
+                    "kube-apiserver not ready {READY_TIMEOUT:?} after restart {n}:\n{}",
+                    self.log_tail(60)
+                ),
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 }
 

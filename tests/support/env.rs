@@ -15,7 +15,6 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::OnceCell;
 
 use super::{
     AwsEmulator, Instance, Network, TestCluster, create_node, create_vpc_with_subnets, ec2, elbv2,
@@ -24,27 +23,23 @@ use super::{
 
 pub const LABEL: &str = "cloudlb.test/env";
 
-static CRD: OnceCell<()> = OnceCell::const_new();
-
+/// Installs the LoadBalancerClass CRD (if missing) and waits until it is served. Idempotent.
 pub async fn install_crd(client: &Client) {
-    CRD.get_or_init(|| async {
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        match crds
-            .create(&PostParams::default(), &LoadBalancerClass::crd())
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.is_already_exists() => {}
-            Err(e) => panic!("create CRD: {e}"),
-        }
-        let classes: Api<LoadBalancerClass> = Api::all(client.clone());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while classes.list(&ListParams::default()).await.is_err() {
-            assert!(Instant::now() < deadline, "CRD never became established");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    match crds
+        .create(&PostParams::default(), &LoadBalancerClass::crd())
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.is_already_exists() => {}
+        Err(e) => panic!("create CRD: {e}"),
+    }
+    let classes: Api<LoadBalancerClass> = Api::all(client.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while classes.list(&ListParams::default()).await.is_err() {
+        assert!(Instant::now() < deadline, "CRD never became established");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 pub struct Env {
@@ -66,7 +61,11 @@ pub struct Env {
 
 impl Env {
     pub async fn start(prefix: &str, resync: Duration) -> Env {
-        let cluster = TestCluster::shared().await;
+        Self::start_on(TestCluster::shared().await, prefix, resync).await
+    }
+
+    /// Like [`Env::start`], on a given cluster (one a test may restart).
+    pub async fn start_on(cluster: &'static TestCluster, prefix: &str, resync: Duration) -> Env {
         let client = cluster.client();
         install_crd(&client).await;
         let ns = cluster.create_namespace(prefix).await;

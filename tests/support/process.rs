@@ -149,6 +149,12 @@ impl ManagedProcess {
         })
     }
 
+    /// SIGKILL and reap (no-op if it already exited).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

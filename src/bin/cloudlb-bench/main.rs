@@ -160,14 +160,18 @@ struct Operator {
 pub struct Watchdog {
     max_kb: std::sync::atomic::AtomicU64,
     death: Mutex<Option<String>>,
+    /// (seconds since start, RSS KiB) every 5 s.
+    samples: Mutex<Vec<(f64, u64)>>,
 }
 
 impl Watchdog {
     fn spawn(pid: u32, cap_kb: u64) -> Arc<Watchdog> {
         let dog = Arc::new(Watchdog::default());
         let d = dog.clone();
+        let started = Instant::now();
         tokio::spawn(async move {
             use std::sync::atomic::Ordering;
+            let mut n = 0u64;
             loop {
                 let status =
                     std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -181,6 +185,13 @@ impl Watchdog {
                     return;
                 };
                 d.max_kb.fetch_max(rss, Ordering::Relaxed);
+                if n % 10 == 0 {
+                    d.samples
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((started.elapsed().as_secs_f64(), rss));
+                }
+                n += 1;
                 if rss > cap_kb {
                     let _ = std::process::Command::new("kill")
                         .args(["-KILL", &pid.to_string()])
@@ -205,6 +216,13 @@ impl Watchdog {
 
     pub fn death(&self) -> Option<String> {
         self.death.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn samples(&self) -> Vec<(f64, u64)> {
+        self.samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn max_kb(&self) -> u64 {
@@ -712,6 +730,7 @@ async fn run(args: Args) -> Result<(), BenchError> {
     watch.abort();
 
     let (_, hwm) = op.memory();
+    report.rss_timeline(op.dog.samples());
     report.finish(
         hwm.max(op.dog.max_kb()),
         operator_started.elapsed().as_secs_f64(),
