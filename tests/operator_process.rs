@@ -171,7 +171,7 @@ async fn sigterm_exits_promptly_even_when_the_api_server_is_unreachable() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_replicas_one_writer_and_failover_after_kill_9() {
+async fn two_replicas_one_writer_and_failover_after_kill_9_mid_wave() {
     let _guard = TestGuard::new();
     let cluster = TestCluster::shared().await;
     let client = cluster.client();
@@ -241,6 +241,9 @@ async fn two_replicas_one_writer_and_failover_after_kill_9() {
         "4",
         "--lease-grace-seconds",
         "1",
+        // Slow enough that the kill below lands in the middle of the wave.
+        "--aws-rate-limit",
+        "5",
     ];
     let mut a = Operator::start(
         "a",
@@ -274,7 +277,7 @@ async fn two_replicas_one_writer_and_failover_after_kill_9() {
     }
 
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
-    let create = |name: &'static str| {
+    let create = |name: String| {
         let services = services.clone();
         async move {
             let svc: Service = serde_json::from_value(json!({
@@ -288,16 +291,16 @@ async fn two_replicas_one_writer_and_failover_after_kill_9() {
                 .expect("create");
         }
     };
-    let hostname = |name: &'static str| {
+    let hostname = |name: String| {
         let services = services.clone();
         async move {
-            let s = services.get(name).await.ok()?;
+            let s = services.get(&name).await.ok()?;
             s.status?.load_balancer?.ingress?.first()?.hostname.clone()
         }
     };
-    create("first").await;
+    create("first".into()).await;
     wait_for("first converged", Duration::from_secs(30), || {
-        hostname("first")
+        hostname("first".into())
     })
     .await;
     let (leader, standby) = if leader_is_a {
@@ -322,12 +325,35 @@ async fn two_replicas_one_writer_and_failover_after_kill_9() {
         "reconciles counted"
     );
 
-    // kill -9 the leader: the standby takes over within the lease duration and converges a
-    // Service created meanwhile.
+    // A wave of Services; kill -9 the leader in the middle of it. The standby takes over within
+    // the lease duration, finishes the wave and converges a Service created meanwhile, with no
+    // duplicate of what the leader had half-created.
+    const WAVE: usize = 8;
+    for i in 0..WAVE {
+        create(format!("wave-{i}")).await;
+    }
+    wait_for("the leader mid-wave", Duration::from_secs(60), || async {
+        let created = leader
+            .metric(
+                "cloudlb_cloud_api_calls_total",
+                "operation=\"CreateLoadBalancer\"",
+            )
+            .await;
+        (created >= 3.0).then_some(())
+    })
+    .await;
     let _ = leader.child.kill();
     let _ = leader.child.wait();
     let killed = Instant::now();
-    create("second").await;
+    let mut converged_before = 0;
+    for i in 0..WAVE {
+        converged_before += usize::from(hostname(format!("wave-{i}")).await.is_some());
+    }
+    assert!(
+        converged_before < WAVE,
+        "the whole wave converged before the kill: the test did not kill mid-wave"
+    );
+    create("second".into()).await;
     wait_for("standby takes over", Duration::from_secs(30), || async {
         (standby.metric("cloudlb_leader", "").await == 1.0).then_some(())
     })
@@ -336,10 +362,21 @@ async fn two_replicas_one_writer_and_failover_after_kill_9() {
         "standby became leader {:?} after kill -9 (lease duration 4 s)",
         killed.elapsed()
     );
-    wait_for("second converged", Duration::from_secs(30), || {
-        hostname("second")
-    })
-    .await;
+    for name in (0..WAVE)
+        .map(|i| format!("wave-{i}"))
+        .chain(["second".into()])
+    {
+        wait_for(
+            &format!("{name} converged"),
+            Duration::from_secs(60),
+            || hostname(name.clone()),
+        )
+        .await;
+    }
+    eprintln!(
+        "{converged_before}/{WAVE} of the wave had converged at the kill; all converged {:?} after it",
+        killed.elapsed()
+    );
 
     // No duplicates: exactly one NLB per Service.
     let lbs = elbv2
@@ -355,7 +392,33 @@ async fn two_replicas_one_writer_and_failover_after_kill_9() {
         .collect();
     assert_eq!(
         ours.len(),
-        2,
+        WAVE + 2,
         "one NLB per Service, no duplicates: {ours:?}"
+    );
+    let tgs = elbv2
+        .describe_target_groups()
+        .send()
+        .await
+        .expect("describe target groups");
+    assert_eq!(
+        tgs.target_groups().len(),
+        WAVE + 2,
+        "one target group per Service, no duplicates"
+    );
+    let sgs = ec2
+        .describe_security_groups()
+        .filters(
+            support::ec2::types::Filter::builder()
+                .name("tag:cloudlb.io/cluster")
+                .values(&ns)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("describe security groups");
+    assert_eq!(
+        sgs.security_groups().len(),
+        WAVE + 2,
+        "one security group per Service, no duplicates"
     );
 }

@@ -102,6 +102,16 @@ fn slim_node(node: &mut Node) {
     }
 }
 
+/// Drops what we never read and the store would otherwise keep for every Service: managed
+/// fields and `kubectl apply`'s copy of the whole object.
+fn slim_service(svc: &mut Service) {
+    let meta = &mut svc.metadata;
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
 /// Shared by every reconcile.
 pub struct Context {
     pub client: Client,
@@ -262,7 +272,13 @@ pub async fn run(
     });
 
     let trigger = futures::stream::select(node_rx, class_rx);
-    let controller = Controller::new(services, watcher::Config::default())
+    let (svc_store, svc_writer) = reflector::store();
+    let svc_stream = watcher(services, watcher::Config::default())
+        .default_backoff()
+        .modify(slim_service)
+        .reflect(svc_writer)
+        .applied_objects();
+    let controller = Controller::for_stream(svc_stream, svc_store.clone())
         .with_config(
             kube::runtime::controller::Config::default()
                 .concurrency(ctx.settings.concurrency)
@@ -270,7 +286,6 @@ pub async fn run(
         )
         .reconcile_all_on(trigger)
         .graceful_shutdown_on(shutdown.clone());
-    let svc_store = controller.store();
     let status_task = class_status::run(ctx.clone(), svc_store);
     let orphan_task = orphans::run(ctx.clone(), ctx.settings.orphan_sweep);
     let health_task = local_health_events(ctx.clone());

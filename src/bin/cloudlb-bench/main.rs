@@ -113,6 +113,10 @@ pub struct Args {
     /// Stop after this phase (e.g. `node-remove` to skip the slow delete at large sizes).
     #[arg(long, value_enum, default_value = "delete")]
     stop_after: StopAfter,
+    /// Run moto without the two lookup fixes of `moto_speedups.py` (which make RegisterTargets
+    /// linear instead of quadratic in the number of instances; moto's answers are unchanged).
+    #[arg(long)]
+    stock_moto: bool,
 }
 
 /// The phases, in order.
@@ -613,7 +617,7 @@ async fn run(args: Args) -> Result<(), BenchError> {
     let tgs = target_groups(args.services);
     // Every port needs a nodePort.
     let range_end = (30000 + (tgs + 1000).max(2767)).min(65535);
-    let bed = Testbed::start(&format!("30000-{range_end}"), args.keep).await?;
+    let bed = Testbed::start(&format!("30000-{range_end}"), args.keep, !args.stock_moto).await?;
     say(
         start,
         format!(

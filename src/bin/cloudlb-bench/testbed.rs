@@ -88,6 +88,9 @@ impl Drop for Proc {
     }
 }
 
+/// Lookup fixes for moto (see the file); written next to moto as `sitecustomize.py`.
+const MOTO_SPEEDUPS: &str = include_str!("moto_speedups.py");
+
 /// etcd + kube-apiserver + moto in a scratch directory.
 pub struct Testbed {
     // Drop order: processes before the directory.
@@ -181,7 +184,11 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 }
 
 impl Testbed {
-    pub async fn start(node_port_range: &str, keep: bool) -> Result<Testbed, BenchError> {
+    pub async fn start(
+        node_port_range: &str,
+        keep: bool,
+        moto_speedups: bool,
+    ) -> Result<Testbed, BenchError> {
         let dir = std::env::temp_dir().join(format!("cloudlb-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("certs"))?;
@@ -270,11 +277,19 @@ impl Testbed {
             &[],
             &dir,
         )?;
+        // `sitecustomize` on PYTHONPATH is imported by Python at start-up, before moto.
+        let mut moto_env = Vec::new();
+        if moto_speedups {
+            let site = dir.join("moto-site");
+            std::fs::create_dir_all(&site)?;
+            std::fs::write(site.join("sitecustomize.py"), MOTO_SPEEDUPS)?;
+            moto_env.push(("PYTHONPATH", path_str(&site)?.to_string()));
+        }
         let moto = Proc::spawn(
             "moto",
             &moto_bin,
             &s(&["-H", "127.0.0.1", "-p", &moto_port.to_string()]),
-            &[],
+            &moto_env,
             &dir,
         )?;
 
