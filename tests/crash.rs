@@ -36,7 +36,7 @@ fn restart(env: &mut Env) {
 }
 
 async fn kill_at_random_moments(env: &mut Env, rng: &mut rand::rngs::StdRng) {
-    for _ in 0..KILLS_PER_WAVE {
+    for _ in 0..KILLS_PER_WAVE * support::soak() {
         let after = Duration::from_millis(rng.random_range(20..700));
         tokio::time::sleep(after).await;
         restart(env);
@@ -154,7 +154,9 @@ async fn recovers_from_an_api_server_and_etcd_restart_without_being_restarted() 
         env.create_service(&format!("during-{i}"), json!({}), ports())
             .await;
     }
-    cluster.restart(Duration::from_secs(3)).await;
+    for _ in 0..support::soak() {
+        cluster.restart(Duration::from_secs(3)).await;
+    }
 
     // Changes made after the restart: one more Service, one deleted.
     env.create_service("after", json!({}), ports()).await;

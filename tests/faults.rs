@@ -365,13 +365,14 @@ async fn twenty_percent_faults_converge_without_duplicates_and_clean_up() {
     let proxy = env.proxy(faults).await;
     let _op = Operator::start(&env, &proxy, &["--aws-rate-limit", "50"]);
     let started = Instant::now();
-    env.create_services(FAULT_SERVICES, true).await;
+    let fault_services = FAULT_SERVICES * support::soak();
+    env.create_services(fault_services, true).await;
 
     // Every Service gets its status.
     let last = std::cell::Cell::new(Instant::now());
     let services = wait_for(
         "every Service to get a status under 20% faults",
-        Duration::from_secs(480),
+        Duration::from_secs(480) * u32::try_from(support::soak()).unwrap_or(u32::MAX),
         || async {
             let (done, n) = env.with_status().await;
             if last.get().elapsed() > Duration::from_secs(15) {
@@ -382,7 +383,7 @@ async fn twenty_percent_faults_converge_without_duplicates_and_clean_up() {
                 );
                 last.set(Instant::now());
             }
-            (done.len() == FAULT_SERVICES).then_some(done)
+            (done.len() == fault_services).then_some(done)
         },
     )
     .await;
@@ -390,7 +391,7 @@ async fn twenty_percent_faults_converge_without_duplicates_and_clean_up() {
     let counts = proxy.counts();
     print_counts(
         &format!(
-            "create wave ({FAULT_SERVICES} Services converged in {:.1} s)",
+            "create wave ({fault_services} Services converged in {:.1} s)",
             converged.as_secs_f64()
         ),
         &counts,
@@ -543,7 +544,7 @@ async fn twenty_percent_faults_converge_without_duplicates_and_clean_up() {
     let sgs = env.security_groups().await;
     assert_eq!(
         sgs.len(),
-        FAULT_SERVICES,
+        fault_services,
         "one frontend security group per Service"
     );
 
@@ -565,7 +566,7 @@ async fn twenty_percent_faults_converge_without_duplicates_and_clean_up() {
         .await;
     wait_for(
         "every Service to be deleted (finalizer released) under 20% faults",
-        Duration::from_secs(480),
+        Duration::from_secs(480) * u32::try_from(support::soak()).unwrap_or(u32::MAX),
         || async {
             let left = env.with_status().await.1;
             (left == 0).then_some(())
@@ -581,7 +582,7 @@ async fn twenty_percent_faults_converge_without_duplicates_and_clean_up() {
     .await;
     print_counts(
         &format!(
-            "delete wave ({FAULT_SERVICES} Services gone in {:.1} s)",
+            "delete wave ({fault_services} Services gone in {:.1} s)",
             deleted.as_secs_f64()
         ),
         &proxy.counts(),

@@ -20,6 +20,19 @@ pub use cluster::{TestCluster, TestClusterBuilder};
 #[allow(unused_imports)]
 pub use nodes::{create_node, node_for};
 
+/// The soak factor from `CLOUDLB_SOAK` (default 1: the size CI runs). The fault and crash tests
+/// multiply their Services, kills and restarts by it, e.g. `CLOUDLB_SOAK=10 cargo test --test
+/// faults --test crash` for a long soak run.
+pub fn soak() -> usize {
+    match std::env::var("CLOUDLB_SOAK") {
+        Err(_) => 1,
+        Ok(v) => match v.parse::<usize>() {
+            Ok(n) if n >= 1 => n,
+            _ => panic!("CLOUDLB_SOAK={v:?}: expected a whole number of at least 1"),
+        },
+    }
+}
+
 /// Create one at the start of every test: `let _guard = TestGuard::new();`.
 ///
 /// When the test panics, its drop prints the log tails of the shared kube-apiserver, etcd and
