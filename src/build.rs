@@ -80,8 +80,10 @@ pub fn node_eligible(node: &Node) -> bool {
 }
 
 fn matches_labels(node: &Node, selector: &BTreeMap<String, String>) -> bool {
-    let labels = node.metadata.labels.clone().unwrap_or_default();
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    let labels = node.metadata.labels.as_ref();
+    selector
+        .iter()
+        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
 }
 
 /// `aws:///us-east-1a/i-0abc` → `i-0abc`.

@@ -577,3 +577,70 @@ async fn leftovers_of_a_service_that_is_gone_are_swept() {
         Some(kept.as_str())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_events_become_one_series_and_new_notes_new_events() {
+    use cloudlb::controller::events::Recorder;
+    use k8s_openapi::api::core::v1::ObjectReference;
+    use k8s_openapi::api::events::v1::Event;
+    let _guard = TestGuard::new();
+    let cluster = support::TestCluster::shared().await;
+    let ns = cluster.create_namespace("events").await;
+    let recorder = Recorder::new(cluster.client(), "cloudlb-test");
+    let svc = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Service".into()),
+        namespace: Some(ns.clone()),
+        name: Some("web".into()),
+        uid: Some("0b5e1c7e-0000-4000-8000-000000000001".into()),
+        ..Default::default()
+    };
+    for _ in 0..3 {
+        recorder
+            .publish(&svc, true, "SyncLoadBalancerFailed", "throttled".into())
+            .await
+            .expect("publish");
+    }
+    recorder
+        .publish(&svc, true, "SyncLoadBalancerFailed", "access denied".into())
+        .await
+        .expect("publish");
+    recorder
+        .publish(&svc, false, "EnsuredLoadBalancer", "x".repeat(5000))
+        .await
+        .expect("publish");
+    let events = Api::<Event>::namespaced(cluster.client(), &ns)
+        .list(&Default::default())
+        .await
+        .expect("list events")
+        .items;
+    let mut seen: Vec<(String, String, i32, usize)> = events
+        .iter()
+        .map(|e| {
+            (
+                e.reason.clone().unwrap_or_default(),
+                e.type_.clone().unwrap_or_default(),
+                e.series.as_ref().map_or(1, |s| s.count),
+                e.note.as_ref().map_or(0, String::len),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("EnsuredLoadBalancer".into(), "Normal".into(), 1, 1000),
+            ("SyncLoadBalancerFailed".into(), "Warning".into(), 1, 13),
+            ("SyncLoadBalancerFailed".into(), "Warning".into(), 3, 9),
+        ],
+        "three identical Events are one with count 3; another note is another Event; notes are capped at 1 kB"
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| e.regarding.as_ref().and_then(|r| r.uid.as_deref())
+                == Some("0b5e1c7e-0000-4000-8000-000000000001")
+                && e.reporting_controller.as_deref() == Some("cloudlb-test"))
+    );
+    assert_eq!(recorder.remembered(), 3, "one entry per distinct Event");
+}

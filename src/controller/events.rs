@@ -1,8 +1,15 @@
 //! Kubernetes Events on the Service, with the upstream service-controller reasons.
 
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
-use kube::Resource;
-use kube::runtime::events::{Event, EventType, Recorder};
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client, Resource};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 pub const ENSURING: &str = "EnsuringLoadBalancer";
 pub const ENSURED: &str = "EnsuredLoadBalancer";
@@ -13,6 +20,155 @@ pub const INVALID: &str = "InvalidConfiguration";
 pub const TARGETS_SKIPPED: &str = "NodesNotTargeted";
 pub const ALL_UNHEALTHY: &str = "AllTargetsUnhealthy";
 pub const TARGETS_HEALTHY: &str = "TargetsHealthy";
+
+/// How long a published Event is remembered: a repeat within it raises the Event's series count
+/// instead of creating another Event (kube-runtime's Recorder uses the same window).
+const SERIES_WINDOW: Duration = Duration::from_secs(6 * 60);
+
+/// Writes `events.k8s.io/v1` Events, counting repeats in a series like kube-runtime's `Recorder`,
+/// but it remembers only the name, count and time of each recent Event (about 150 bytes) instead
+/// of a full copy (about 1.5 kB): at thousands of Services those copies were the largest block of
+/// the operator's memory.
+pub struct Recorder {
+    client: Client,
+    controller: String,
+    recent: Mutex<Recent>,
+}
+
+#[derive(Default)]
+struct Recent {
+    events: HashMap<SeriesKey, Series>,
+    swept_at: usize,
+}
+
+/// What makes two Events the same: object, type, reason and note.
+#[derive(Hash, PartialEq, Eq)]
+struct SeriesKey {
+    uid: String,
+    warning: bool,
+    reason: String,
+    note: u64,
+}
+
+struct Series {
+    name: String,
+    count: i32,
+    last: Instant,
+}
+
+impl Recorder {
+    pub fn new(client: Client, controller: impl Into<String>) -> Self {
+        Recorder {
+            client,
+            controller: controller.into(),
+            recent: Mutex::new(Recent::default()),
+        }
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records an Event about `reference`: a new Event, or a repeat (series count + 1) of the
+    /// same Event published within the last six minutes.
+    pub async fn publish(
+        &self,
+        reference: &ObjectReference,
+        warning: bool,
+        reason: &str,
+        note: String,
+    ) -> Result<(), kube::Error> {
+        let note = truncate(note, 1000);
+        let key = SeriesKey {
+            uid: reference.uid.clone().unwrap_or_default(),
+            warning,
+            reason: reason.to_string(),
+            note: {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                note.hash(&mut h);
+                h.finish()
+            },
+        };
+        let now = Timestamp::now();
+        let namespace = reference
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let api: Api<K8sEvent> = Api::namespaced(self.client.clone(), &namespace);
+        let repeat = {
+            let recent = self.recent();
+            recent
+                .events
+                .get(&key)
+                .filter(|s| s.last.elapsed() < SERIES_WINDOW)
+                .map(|s| (s.name.clone(), s.count + 1))
+        };
+        if let Some((name, count)) = repeat {
+            let patch = serde_json::json!({
+                "series": {"count": count, "lastObservedTime": MicroTime(now)}
+            });
+            match api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    self.remember(key, name, count);
+                    return Ok(());
+                }
+                // Expired or deleted meanwhile: write a new one.
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let object = reference
+            .name
+            .clone()
+            .unwrap_or_else(|| self.controller.clone());
+        let name = format!("{object}.{:x}", now.as_nanosecond());
+        let event = K8sEvent {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(namespace.clone()),
+                ..Default::default()
+            },
+            event_time: Some(MicroTime(now)),
+            action: Some(reason.to_string()),
+            reason: Some(reason.to_string()),
+            note: Some(note),
+            regarding: Some(reference.clone()),
+            reporting_controller: Some(self.controller.clone()),
+            reporting_instance: Some(self.controller.clone()),
+            type_: Some(if warning { "Warning" } else { "Normal" }.to_string()),
+            ..Default::default()
+        };
+        api.create(&PostParams::default(), &event).await?;
+        self.remember(key, name, 1);
+        Ok(())
+    }
+
+    fn remember(&self, key: SeriesKey, name: String, count: i32) {
+        let mut recent = self.recent();
+        if recent.events.len() >= 2 * recent.swept_at.max(64) {
+            recent
+                .events
+                .retain(|_, s| s.last.elapsed() < SERIES_WINDOW);
+            recent.swept_at = recent.events.len();
+        }
+        recent.events.insert(
+            key,
+            Series {
+                name,
+                count,
+                last: Instant::now(),
+            },
+        );
+    }
+
+    /// Events remembered for series (for tests).
+    pub fn remembered(&self) -> usize {
+        self.recent().events.len()
+    }
+}
 
 /// Publishes an Event on `svc`; failures to record are logged, never fatal.
 pub async fn publish(
@@ -33,19 +189,7 @@ pub async fn publish_ref(
     reason: &str,
     note: String,
 ) {
-    let ev = Event {
-        type_: if warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: reason.to_string(),
-        // The Events API caps the note at 1 kB.
-        note: Some(truncate(note, 1000)),
-        action: reason.to_string(),
-        secondary: None,
-    };
-    if let Err(e) = recorder.publish(&ev, reference).await {
+    if let Err(e) = recorder.publish(reference, warning, reason, note).await {
         let service = format!(
             "{}/{}",
             reference.namespace.as_deref().unwrap_or_default(),

@@ -13,7 +13,6 @@ use crate::provider::Provider;
 pub use cache::CacheEntry;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client};
@@ -117,7 +116,7 @@ pub struct Context {
     pub client: Client,
     pub settings: Settings,
     pub providers: Providers,
-    pub recorder: Recorder,
+    pub recorder: events::Recorder,
     pub nodes: Store<Node>,
     pub classes: Store<LoadBalancerClass>,
     pub cache: Mutex<HashMap<String, CacheEntry>>,
@@ -147,32 +146,70 @@ impl Context {
     }
 }
 
-/// The node fields that decide eligibility and targets; a change of anything else (heartbeats,
-/// conditions) triggers nothing.
-fn node_digest(nodes: &Store<Node>) -> u64 {
+/// Hash of what in a Node decides eligibility and targets (name, eligibility, labels, provider
+/// id, InternalIP, taint keys); heartbeats and other status updates leave it unchanged.
+fn node_digest(n: &Node) -> u64 {
     use std::hash::{Hash, Hasher};
-    let mut rows: Vec<String> = nodes
-        .state()
-        .iter()
-        .map(|n| {
-            format!(
-                "{}|{}|{:?}|{:?}|{:?}|{:?}",
-                n.metadata.name.as_deref().unwrap_or(""),
-                crate::build::node_eligible(n),
-                n.metadata.labels,
-                n.spec.as_ref().and_then(|s| s.provider_id.as_ref()),
-                crate::build::internal_ip(n),
-                n.spec
-                    .as_ref()
-                    .and_then(|s| s.taints.as_ref())
-                    .map(|t| t.iter().map(|t| t.key.clone()).collect::<Vec<_>>()),
-            )
-        })
-        .collect();
-    rows.sort();
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    rows.hash(&mut h);
+    n.metadata.name.hash(&mut h);
+    crate::build::node_eligible(n).hash(&mut h);
+    n.metadata.labels.hash(&mut h);
+    n.spec
+        .as_ref()
+        .and_then(|s| s.provider_id.as_ref())
+        .hash(&mut h);
+    crate::build::internal_ip(n).hash(&mut h);
+    if let Some(taints) = n.spec.as_ref().and_then(|s| s.taints.as_ref()) {
+        for t in taints {
+            t.key.hash(&mut h);
+        }
+    }
     h.finish()
+}
+
+/// Per-Node digests, kept up to date from the watch events: says whether an event changed the
+/// eligible node set or a target (O(1) per event, not a pass over every Node).
+#[derive(Default)]
+struct NodeDigests {
+    current: HashMap<String, u64>,
+    /// While a (re)list is in progress: the Nodes listed so far.
+    listing: Option<HashMap<String, u64>>,
+    synced: bool,
+}
+
+impl NodeDigests {
+    /// Applies one watch event; true if it changed anything a Service's targets depend on
+    /// (never for the first list: every Service is reconciled at start anyway).
+    fn apply(&mut self, event: watcher::Event<Node>) -> bool {
+        use kube::ResourceExt;
+        match event {
+            watcher::Event::Apply(n) => {
+                let d = node_digest(&n);
+                let before = self.current.insert(n.name_any(), d);
+                self.synced && before != Some(d)
+            }
+            watcher::Event::Delete(n) => {
+                self.synced && self.current.remove(&n.name_any()).is_some()
+            }
+            watcher::Event::Init => {
+                self.listing = Some(HashMap::new());
+                false
+            }
+            watcher::Event::InitApply(n) => {
+                if let Some(l) = self.listing.as_mut() {
+                    l.insert(n.name_any(), node_digest(&n));
+                }
+                false
+            }
+            watcher::Event::InitDone => {
+                let listed = self.listing.take().unwrap_or_default();
+                let changed = self.synced && listed != self.current;
+                self.current = listed;
+                self.synced = true;
+                changed
+            }
+        }
+    }
 }
 
 /// Runs the operator until `shutdown` resolves.
@@ -201,27 +238,24 @@ pub async fn run(
     let node_stream = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .modify(slim_node)
-        .reflect(node_writer)
-        .touched_objects();
-    let node_store = nodes.clone();
+        .reflect(node_writer);
     let node_task = {
         let mut tx = node_tx;
         let node_metrics = metrics.clone();
         async move {
-            let mut last = None;
+            let mut digests = NodeDigests::default();
             futures::pin_mut!(node_stream);
             while let Some(ev) = node_stream.next().await {
-                if let Err(e) = ev {
-                    tracing::warn!(error = %e, "node watch error (retrying)");
-                    node_metrics.watch_error("nodes");
-                    continue;
-                }
-                let d = node_digest(&node_store);
-                if last != Some(d) {
-                    if last.is_some() {
-                        let _ = tx.try_send(());
+                match ev {
+                    Err(e) => {
+                        tracing::warn!(error = %e, "node watch error (retrying)");
+                        node_metrics.watch_error("nodes");
                     }
-                    last = Some(d);
+                    Ok(event) => {
+                        if digests.apply(event) {
+                            let _ = tx.try_send(());
+                        }
+                    }
                 }
             }
         }
@@ -254,8 +288,7 @@ pub async fn run(
         }
     };
 
-    let reporter: Reporter = settings.reporter.as_str().into();
-    let recorder = Recorder::new(client.clone(), reporter);
+    let recorder = events::Recorder::new(client.clone(), settings.reporter.clone());
     let ctx = Arc::new(Context {
         client: client.clone(),
         settings,
@@ -459,5 +492,67 @@ async fn local_health_events(ctx: Arc<Context>) {
             )
             .await;
         }
+    }
+}
+
+#[cfg(test)]
+mod node_digest_tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node(name: &str, zone: &str, ready: &str) -> Node {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
+            "spec": {"providerID": format!("aws:///{zone}/i-{name}")},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": "10.0.0.1"}],
+                "conditions": [{"type": "Ready", "status": ready}]
+            }
+        }))
+        .expect("node")
+    }
+
+    fn list(d: &mut NodeDigests, nodes: &[Node]) -> bool {
+        let mut changed = d.apply(watcher::Event::Init);
+        for n in nodes {
+            changed |= d.apply(watcher::Event::InitApply(n.clone()));
+        }
+        changed | d.apply(watcher::Event::InitDone)
+    }
+
+    #[test]
+    fn only_changes_that_touch_targets_trigger_a_resync() {
+        let mut d = NodeDigests::default();
+        let (a, b) = (node("a", "z1", "True"), node("b", "z1", "True"));
+        assert!(
+            !list(&mut d, &[a.clone(), b.clone()]),
+            "the first list triggers nothing"
+        );
+        assert!(
+            !d.apply(watcher::Event::Apply(node("a", "z1", "False"))),
+            "a status heartbeat is not a change"
+        );
+        assert!(
+            d.apply(watcher::Event::Apply(node("a", "z2", "True"))),
+            "labels changed"
+        );
+        assert!(
+            d.apply(watcher::Event::Apply(node("c", "z1", "True"))),
+            "a new node"
+        );
+        assert!(
+            d.apply(watcher::Event::Delete(node("c", "z1", "True"))),
+            "a node removed"
+        );
+        assert!(
+            !d.apply(watcher::Event::Delete(node("c", "z1", "True"))),
+            "already gone"
+        );
+        let a2 = node("a", "z2", "True");
+        assert!(
+            !list(&mut d, &[a2.clone(), b.clone()]),
+            "a relist with nothing new"
+        );
+        assert!(list(&mut d, &[a2]), "a relist that lost a node");
     }
 }
