@@ -51,6 +51,20 @@ async fn service_lifecycle_create_update_nodes_delete() {
         "defaults need no attribute call"
     );
     assert_eq!(count(&create_calls, "ModifyTargetGroupAttributes/ok"), 0);
+    // A new Service (no finalizer yet, never reconciled): nothing of ours can exist, so no
+    // lookup of the load balancer, target groups or security group before creating them.
+    for lookup in [
+        "DescribeTargetGroups",
+        "DescribeSecurityGroups",
+        "DescribeListeners",
+    ] {
+        let n: u64 = create_calls
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{lookup}/")))
+            .map(|(_, v)| *v)
+            .sum();
+        assert_eq!(n, 0, "{lookup} calls for a new Service: {create_calls:?}");
+    }
     let out = env
         .cluster
         .kubectl(&["get", "svc", "-n", &env.ns, "web"])

@@ -245,6 +245,17 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'stat
     }
 
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &sref.namespace);
+    // Nothing of ours can exist for a Service that has never carried our finalizer (it goes on
+    // before the first cloud write) and that this process has not touched yet (so the store
+    // cannot be behind our own write), as long as every name derives from its UID: the first
+    // reconcile of a new Service needs no cloud read.
+    let untouched = !has_finalizer(svc)
+        && cfg.name.is_none()
+        && ctx.cache.lock().is_ok_and(|c| !c.contains_key(&sref.uid))
+        && ctx
+            .failures
+            .lock()
+            .is_ok_and(|f| !f.contains_key(&key(svc)));
     // The finalizer goes on before the first cloud write.
     if !has_finalizer(svc) {
         let mut f = svc.finalizers().to_vec();
@@ -315,6 +326,11 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'stat
             let observed = e.observed();
             let plan = plan::plan(&desired, &observed)?;
             (observed, e.verified_at, plan)
+        }
+        None if untouched => {
+            let observed = crate::provider::Observed::default();
+            let plan = plan::plan(&desired, &observed)?;
+            (observed, now, plan)
         }
         None => {
             let observed = provider.observe(&desired).await?;
