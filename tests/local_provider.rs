@@ -190,11 +190,15 @@ async fn tcp_counts(addr: SocketAddr, n: usize) -> BTreeMap<String, usize> {
 /// `n` UDP clients (one flow each); how many each backend answered.
 async fn udp_counts(addr: SocketAddr, n: usize) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
+    // Every socket stays open until the end: a dropped one's port can be handed out again, and a
+    // datagram from the same address and port belongs to the same (still live) flow.
+    let mut clients = Vec::with_capacity(n);
     for i in 0..n {
         let s = UdpSocket::bind("127.0.0.1:0").await.expect("client socket");
         s.connect(addr).await.expect("connect udp");
         let name = udp_ask(&s, &format!("hello {i}")).await;
         *counts.entry(name).or_insert(0) += 1;
+        clients.push(s);
     }
     counts
 }
