@@ -20,9 +20,8 @@ use cloudlb::faultproxy::{Counts, Family, FaultConfig, FaultProxy, Outcome, Prox
 use cloudlb::model::{naming, tags};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ListParams, PostParams};
-use kube::{Api, Client, CustomResourceExt, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
@@ -32,7 +31,6 @@ use support::{
     AwsEmulator, TestCluster, TestGuard, create_node, create_vpc_with_subnets, ec2, elbv2,
     node_for, run_instances,
 };
-use tokio::sync::OnceCell;
 
 /// Services in the 20%-faults test: the 200 the issue asks for. They converge in about two
 /// minutes and are deleted in under one on a busy 2-core machine (the whole binary takes about
@@ -48,27 +46,6 @@ const RATE_LIMIT: u64 = 5;
 /// bucket that sends exactly at its limit can show one call more in a window.
 const JITTER_CALLS: u64 = 1;
 const LABEL: &str = "cloudlb.test/env";
-
-static CRD: OnceCell<()> = OnceCell::const_new();
-
-async fn install_crd(client: &Client) {
-    CRD.get_or_init(|| async {
-        match Api::<CustomResourceDefinition>::all(client.clone())
-            .create(&PostParams::default(), &LoadBalancerClass::crd())
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.is_already_exists() => {}
-            Err(e) => panic!("create CRD: {e}"),
-        }
-        let classes: Api<LoadBalancerClass> = Api::all(client.clone());
-        wait_for("CRD established", Duration::from_secs(30), || async {
-            classes.list(&ListParams::default()).await.ok().map(|_| ())
-        })
-        .await;
-    })
-    .await;
-}
 
 async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
 where
@@ -179,7 +156,7 @@ impl Env {
     async fn start(prefix: &str) -> Env {
         let cluster = TestCluster::shared().await;
         let client = cluster.client();
-        install_crd(&client).await;
+        support::env::install_crd(&client).await;
         let ns = cluster.create_namespace(prefix).await;
         let class: LoadBalancerClass = serde_json::from_value(json!({
             "metadata": {"name": ns},

@@ -5,9 +5,8 @@ mod support;
 
 use cloudlb::config::class::LoadBalancerClass;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{ListParams, PostParams};
-use kube::{Api, CustomResourceExt};
+use kube::Api;
+use kube::api::PostParams;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -175,19 +174,8 @@ async fn two_replicas_one_writer_and_failover_after_kill_9_mid_wave() {
     let _guard = TestGuard::new();
     let cluster = TestCluster::shared().await;
     let client = cluster.client();
-    match Api::<CustomResourceDefinition>::all(client.clone())
-        .create(&PostParams::default(), &LoadBalancerClass::crd())
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.is_already_exists() => {}
-        Err(e) => panic!("create CRD: {e}"),
-    }
+    support::env::install_crd(&client).await;
     let classes: Api<LoadBalancerClass> = Api::all(client.clone());
-    wait_for("CRD established", Duration::from_secs(30), || async {
-        classes.list(&ListParams::default()).await.ok().map(|_| ())
-    })
-    .await;
     let ns = cluster.create_namespace("leader").await;
     let label = "cloudlb.test/env";
     let class: LoadBalancerClass = serde_json::from_value(json!({
