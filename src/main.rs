@@ -102,8 +102,10 @@ enum Command {
         resync_seconds: u64,
         #[command(flatten)]
         leader: LeaderArgs,
-        /// Address of the /metrics, /healthz and /readyz endpoint.
-        #[arg(long, env = "CLOUDLB_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+        /// Address of the /metrics, /healthz and /readyz endpoint. Loopback by default, so it
+        /// never takes a port from a Service the local provider serves; the Helm chart sets the
+        /// Pod's address.
+        #[arg(long, env = "CLOUDLB_METRICS_ADDR", default_value = "127.0.0.1:8080")]
         metrics_addr: std::net::SocketAddr,
     },
     /// Print what reconciling each Service would change, without changing anything.
@@ -120,7 +122,13 @@ enum Command {
     },
 }
 
-async fn providers(common: &Common, metrics: &Arc<Metrics>) -> Providers {
+/// `own_listeners`: the operator's own TCP listeners with the flag that set each, which the
+/// local provider must never try to take.
+async fn providers(
+    common: &Common,
+    metrics: &Arc<Metrics>,
+    own_listeners: Vec<(std::net::SocketAddr, String)>,
+) -> Providers {
     let mut p = Providers::default();
     if !common.no_aws {
         let mut s = AwsSettings::new(common.cluster_name.clone());
@@ -131,7 +139,10 @@ async fn providers(common: &Common, metrics: &Arc<Metrics>) -> Providers {
         ));
     }
     if !common.no_local {
-        p.local = Some(Arc::new(LocalProvider::new(LocalSettings::default())));
+        p.local = Some(Arc::new(LocalProvider::new(LocalSettings {
+            reserved: own_listeners,
+            ..LocalSettings::default()
+        })));
     }
     p
 }
@@ -212,7 +223,8 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             let client = kube::Client::try_default().await?;
             let mut s = settings(&common);
             s.resync = Duration::from_secs(resync_seconds.max(10));
-            let providers = providers(&common, &metrics).await;
+            let own = vec![(metrics_addr, "--metrics-addr".to_string())];
+            let providers = providers(&common, &metrics, own).await;
             tracing::info!(cluster = %s.cluster, leader_elect = leader.leader_elect, "cloudlb starting");
             let work = operate(client, s, providers, metrics, leader, rx.clone());
             tokio::select! {
@@ -225,7 +237,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Plan { common } => {
             let client = kube::Client::try_default().await?;
-            let providers = providers(&common, &Arc::new(Metrics::new())).await;
+            let providers = providers(&common, &Arc::new(Metrics::new()), Vec::new()).await;
             let out = cloudlb::controller::plan_all(client, &settings(&common), &providers).await?;
             print!("{out}");
         }

@@ -54,6 +54,7 @@ pub struct Metrics {
     cloud_calls: Family<CallLabels, Counter>,
     cloud_throttled: Counter,
     watch_errors: Family<ResourceLabels, Counter>,
+    status_writes: Counter,
     managed_load_balancers: Gauge,
     leader: Gauge,
     ready: std::sync::atomic::AtomicBool,
@@ -73,6 +74,7 @@ impl Metrics {
         let cloud_calls = Family::<CallLabels, Counter>::default();
         let cloud_throttled = Counter::default();
         let watch_errors = Family::<ResourceLabels, Counter>::default();
+        let status_writes = Counter::default();
         let managed_load_balancers = Gauge::default();
         let leader = Gauge::default();
         registry.register(
@@ -101,6 +103,11 @@ impl Metrics {
             watch_errors.clone(),
         );
         registry.register(
+            "status_writes",
+            "Writes of a Service's status.loadBalancer (made only when it changed)",
+            status_writes.clone(),
+        );
+        registry.register(
             "managed_load_balancers",
             "Load balancers this operator manages",
             managed_load_balancers.clone(),
@@ -119,6 +126,7 @@ impl Metrics {
             cloud_calls,
             cloud_throttled,
             watch_errors,
+            status_writes,
             managed_load_balancers,
         }
     }
@@ -170,6 +178,16 @@ impl Metrics {
         if outcome == "throttled" {
             self.cloud_throttled.inc();
         }
+    }
+
+    /// A Service's `status.loadBalancer` was written.
+    pub fn status_written(&self) {
+        self.status_writes.inc();
+    }
+
+    /// Status writes so far.
+    pub fn status_write_count(&self) -> u64 {
+        self.status_writes.get()
     }
 
     pub fn set_managed_load_balancers(&self, n: i64) {

@@ -334,11 +334,36 @@ async fn chart_lints_renders_and_rejects_bad_values() {
         "arn:aws:iam::111122223333:role/cloudlb"
     );
 
+    // With hostNetwork the metrics listener takes the node's own address (from the downward
+    // API), never a wildcard that would hold the port on every address the local provider serves.
+    let host_network =
+        objects(&render_ok(&["--set", "clusterName=prod", "--set", "hostNetwork=true"]).await);
+    let container = &host_network
+        .iter()
+        .find(|o| kind(o) == "Deployment")
+        .expect("Deployment")["spec"]["template"]["spec"]["containers"][0];
+    let args = container["args"].as_array().expect("args");
+    assert!(
+        args.iter().any(|a| a == "--metrics-addr=$(POD_IP):8080"),
+        "{args:?}"
+    );
+    assert!(
+        container["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .any(|e| e["name"] == "POD_IP"
+                && e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"),
+        "POD_IP from the downward API: {:?}",
+        container["env"]
+    );
+
     // The binary accepts every argument the chart renders (clap exits 2 on a usage error); it
     // then fails only for want of a cluster.
     for objs in [
         objects(&render_ok(&["--set", "clusterName=prod"]).await),
         objs.clone(),
+        host_network,
     ] {
         let deploy = objs
             .iter()
@@ -349,6 +374,8 @@ async fn chart_lints_renders_and_rejects_bad_values() {
             .expect("args")
             .iter()
             .filter_map(|a| a.as_str().map(String::from))
+            // The kubelet expands $(VAR) references to the container's env.
+            .map(|a| a.replace("$(POD_IP)", "10.1.2.3"))
             .collect();
         let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_cloudlb"))
             .args(&args)

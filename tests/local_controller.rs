@@ -235,7 +235,7 @@ impl Env {
             json!({"name": "tcp", "port": tcp, "protocol": "TCP", "nodePort": self.node_port}),
         ];
         if let Some(udp) = udp {
-            // Kubernetes 1.20 allocates a nodePort to one protocol only.
+            // Its own nodePort, where this test's UDP backends listen.
             ports.push(json!({"name": "udp", "port": udp, "protocol": "UDP", "nodePort": self.node_port + 100}));
         }
         json!(ports)
@@ -458,4 +458,122 @@ async fn all_backends_down_is_a_warning_event() {
         assert!(Instant::now() < deadline, "no AllTargetsUnhealthy event");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Reconciles that ended without an error or invalid input.
+fn good_reconciles(metrics: &Metrics) -> u64 {
+    ["applied", "unchanged", "verified"]
+        .iter()
+        .map(|o| metrics.reconcile_count(o))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_written_once_per_change_although_the_server_adds_ip_mode() {
+    let _guard = TestGuard::new();
+    let env = Env::start("ipmode", 16, 31016, "127.16.1.0/28").await;
+    env.create_service("web", env.ports(8080, None)).await;
+    let ip = env.wait_ip("web").await;
+    // The server defaults ipMode (GA in 1.32) on what cloudlb wrote.
+    let ingress = env
+        .services()
+        .get("web")
+        .await
+        .expect("get")
+        .status
+        .and_then(|s| s.load_balancer)
+        .and_then(|lb| lb.ingress)
+        .unwrap_or_default();
+    assert_eq!(ingress.len(), 1);
+    assert_eq!(ingress[0].ip.as_deref(), Some(ip.as_str()));
+    assert_eq!(ingress[0].ip_mode.as_deref(), Some("VIP"), "{ingress:?}");
+    let writes = env.metrics.status_write_count();
+    assert_eq!(writes, 1, "one status write for the new address");
+
+    // Edits that change nothing about the load balancer: reconciled, never rewritten.
+    for i in 0..3 {
+        let before = good_reconciles(&env.metrics);
+        env.services()
+            .patch(
+                "web",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"touch": i.to_string()}}})),
+            )
+            .await
+            .expect("label");
+        wait_for("a reconcile of the edit", || async {
+            (good_reconciles(&env.metrics) > before).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(
+        env.metrics.status_write_count(),
+        writes,
+        "no status rewrite while the status is unchanged (ipMode is not a difference)"
+    );
+
+    // A real change (a new port in status.loadBalancer.ingress[].ports): exactly one write.
+    env.services()
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"ports": env.ports(9090, None)}})),
+        )
+        .await
+        .expect("patch ports");
+    wait_for("the status shows port 9090", || async {
+        let svc = env.services().get("web").await.ok()?;
+        let ports = svc.status?.load_balancer?.ingress?.first()?.ports.clone()?;
+        ports.iter().any(|p| p.port == 9090).then_some(())
+    })
+    .await;
+    let before = good_reconciles(&env.metrics);
+    env.services()
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"touch": "after"}}})),
+        )
+        .await
+        .expect("label");
+    wait_for("a reconcile of the edit", || async {
+        (good_reconciles(&env.metrics) > before).then_some(())
+    })
+    .await;
+    assert_eq!(env.metrics.status_write_count(), writes + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_port_on_the_operators_own_listener_gets_an_event_naming_both() {
+    let _guard = TestGuard::new();
+    let mut env = Env::start("ownport", 17, 31017, "127.17.1.0/28").await;
+    // The operator's metrics listener on a wildcard address holds its port on every address.
+    let metrics = TcpListener::bind("0.0.0.0:0").await.expect("bind");
+    let held = metrics.local_addr().expect("addr");
+    env.stop_operator().await;
+    env.local = Arc::new(LocalProvider::new(LocalSettings {
+        reserved: vec![(held, "--metrics-addr".to_string())],
+        ..LocalSettings::default()
+    }));
+    env.start_operator();
+    env.create_service("web", Env::any_port(held.port())).await;
+    let want = format!(
+        ":{}/TCP: the operator's own --metrics-addr listener ({held}) holds that port",
+        held.port()
+    );
+    let notes = wait_for("an Event naming the operator's listener", || async {
+        let notes: Vec<String> = Api::<Event>::namespaced(env.client.clone(), &env.ns)
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .filter_map(|e| e.note)
+            .filter(|n| n.contains(&want))
+            .collect();
+        (!notes.is_empty()).then_some(notes)
+    })
+    .await;
+    assert!(notes[0].contains("Service "), "{notes:?}");
+    drop(metrics);
 }

@@ -295,7 +295,7 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'stat
     let (observed, verified_at, plan) = match cached {
         Some(e) if e.fingerprint == fingerprint => {
             // Unchanged: no cloud call at all (beyond the state poll while provisioning).
-            write_status(&api, svc, &desired, e.outline()).await?;
+            write_status(&ctx.metrics, &api, svc, &desired, e.outline()).await?;
             let provisioning = e.provisioning;
             let left = ctx
                 .settings
@@ -377,7 +377,7 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'stat
             ),
         );
     }
-    write_status(&api, svc, &desired, &observed).await?;
+    write_status(&ctx.metrics, &api, svc, &desired, &observed).await?;
     if !plan.is_empty() {
         let dns = observed
             .lb
@@ -409,6 +409,7 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'stat
 }
 
 async fn write_status(
+    metrics: &crate::telemetry::Metrics,
     api: &Api<Service>,
     svc: &Service,
     desired: &Desired,
@@ -430,6 +431,7 @@ async fn write_status(
         &Patch::Merge(&patch),
     )
     .await?;
+    metrics.status_written();
     tracing::info!(ingress = ?want, "status updated");
     Ok(())
 }
@@ -525,7 +527,7 @@ async fn cleanup(
                 return Err(e.into());
             }
         }
-        write_status(&api, svc, &desired, &Default::default()).await?;
+        write_status(&ctx.metrics, &api, svc, &desired, &Default::default()).await?;
         if !plan.is_empty() {
             publish(
                 &ctx.recorder,

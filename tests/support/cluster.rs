@@ -1,4 +1,6 @@
-//! A real Kubernetes API server (kube-apiserver v1.20 + etcd) on loopback ports.
+//! A real Kubernetes control plane on loopback ports: etcd, kube-apiserver and
+//! kube-controller-manager, of the versions in `testbed/versions` (built from Go modules by
+//! scripts/install-test-deps; `CLOUDLB_KUBE_VERSION` selects another release).
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -12,7 +14,9 @@ use kube::{Api, Client};
 use serde_json::json;
 use tokio::sync::OnceCell;
 
-use super::process::{ManagedProcess, TempDir, find_binary, free_port, lost_port_race};
+use super::process::{
+    ManagedProcess, TempDir, etcd_binary, free_port, kube_binary, lost_port_race,
+};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const START_ATTEMPTS: usize = 3;
@@ -64,7 +68,6 @@ impl TestClusterBuilder {
             match self.try_start(&dir, &files).await {
                 Ok((procs, commands, url, ca_der)) => {
                     let kubeconfig = dir.path().join("kubeconfig");
-                    write_kubeconfig(&kubeconfig, &url, &files.ca_file, &files.admin_token);
                     let cluster = TestCluster {
                         processes: std::sync::Mutex::new(procs),
                         commands,
@@ -106,8 +109,9 @@ impl TestClusterBuilder {
         dir: &TempDir,
         files: &ClusterFiles,
     ) -> Result<(Processes, Commands, String, Vec<Vec<u8>>), StartFailure> {
-        let etcd_bin = find_binary("CLOUDLB_ETCD", "bin/etcd", &["/usr/bin/etcd"]);
-        let apiserver_bin = find_binary("CLOUDLB_KUBE_APISERVER", "bin/kube-apiserver", &[]);
+        let etcd_bin = etcd_binary();
+        let apiserver_bin = kube_binary("CLOUDLB_KUBE_APISERVER", "kube-apiserver");
+        let kcm_bin = kube_binary("CLOUDLB_KUBE_CONTROLLER_MANAGER", "kube-controller-manager");
         let (etcd_port, peer_port, secure_port) = (free_port(), free_port(), free_port());
 
         let etcd_data = dir.path().join("etcd-data");
@@ -129,6 +133,8 @@ impl TestClusterBuilder {
             &peer_url,
             "--initial-cluster",
             &format!("testbed={peer_url}"),
+            // Test data: durability across a machine crash does not matter, speed does.
+            "--unsafe-no-fsync",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -161,8 +167,10 @@ impl TestClusterBuilder {
             "10.96.0.0/16",
             "--service-node-port-range",
             &self.node_port_range,
-            "--feature-gates",
-            "ServiceLBNodePortControl=true,MixedProtocolLBService=true",
+            // No kubelets or other API servers: nothing to reconcile the `kubernetes` Endpoints
+            // for (from 1.37 a loopback --advertise-address is refused without this).
+            "--endpoint-reconciler-type",
+            "none",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -208,11 +216,16 @@ impl TestClusterBuilder {
                     let client = make_client(&url, &ca_der, &files.admin_token);
                     match tokio::time::timeout(Duration::from_secs(5), readyz(&client)).await {
                         Ok(Ok(_)) => {
+                            let controller_manager = start_controller_manager(
+                                dir, files, &kcm_bin, &url, &client, deadline,
+                            )
+                            .await?;
                             let commands = Commands {
                                 etcd: (etcd_bin, etcd_args),
                                 apiserver: (apiserver_bin, apiserver_args),
                             };
                             let procs = Processes {
+                                controller_manager,
                                 apiserver,
                                 etcd,
                                 restarts: 0,
@@ -231,9 +244,71 @@ impl TestClusterBuilder {
     }
 }
 
+/// The controllers the tests rely on. Never the node-lifecycle controller: it would taint the
+/// test's Nodes, which have no kubelet. The service load-balancer controller is not part of
+/// kube-controller-manager, so nothing competes with cloudlb.
+const CONTROLLERS: &str = "namespace-controller,garbage-collector-controller,\
+    endpointslice-controller,endpointslice-mirroring-controller,serviceaccount-controller,\
+    serviceaccount-token-controller,root-ca-certificate-publisher-controller,\
+    clusterrole-aggregation-controller";
+
+/// Starts kube-controller-manager against the ready API server (admin kubeconfig, which is also
+/// the one for humans) and waits until it works: the `default` ServiceAccount of the `default`
+/// namespace exists.
+async fn start_controller_manager(
+    dir: &TempDir,
+    files: &ClusterFiles,
+    program: &Path,
+    url: &str,
+    client: &Client,
+    deadline: Instant,
+) -> Result<ManagedProcess, StartFailure> {
+    let kubeconfig = dir.path().join("kubeconfig");
+    write_kubeconfig(&kubeconfig, url, &files.ca_file, &files.admin_token);
+    let args: Vec<String> = [
+        "--kubeconfig",
+        path_str(&kubeconfig),
+        "--leader-elect=false",
+        // No HTTPS endpoint: nothing reads it, and no port to race for.
+        "--secure-port=0",
+        "--controllers",
+        CONTROLLERS,
+        "--service-account-private-key-file",
+        path_str(&files.sa_key),
+        "--root-ca-file",
+        path_str(&files.ca_file),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut kcm = ManagedProcess::spawn("kube-controller-manager", program, &args, dir.path())
+        .map_err(|e| StartFailure::Fatal(format!("start kube-controller-manager: {e}")))?;
+    let accounts = Api::<ServiceAccount>::namespaced(client.clone(), "default");
+    loop {
+        if let Some(status) = kcm.exited() {
+            return Err(StartFailure::Fatal(format!(
+                "kube-controller-manager exited early ({status}):\n{}",
+                kcm.log_section(60)
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(StartFailure::Fatal(format!(
+                "kube-controller-manager made no `default` ServiceAccount within {READY_TIMEOUT:?}:\n{}",
+                kcm.log_section(60)
+            )));
+        }
+        if let Ok(Some(_)) = accounts.get_opt("default").await {
+            return Ok(kcm);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The running server processes (replaced by [`TestCluster::restart`]).
 struct Processes {
-    // Drop order: the API server before its etcd.
+    // Drop order: the controller-manager, then the API server, then its etcd. The
+    // controller-manager is not restarted by [`TestCluster::restart`]: it reconnects by itself.
+    controller_manager: ManagedProcess,
     apiserver: ManagedProcess,
     etcd: ManagedProcess,
     restarts: u32,
@@ -372,7 +447,7 @@ fn write_kubeconfig(path: &Path, url: &str, ca_file: &Path, token: &str) {
     std::fs::write(path, yaml).expect("write the kubeconfig");
 }
 
-/// etcd + kube-apiserver v1.20 on free loopback ports, with an admin token (group
+/// etcd + kube-apiserver + kube-controller-manager on free loopback ports, with an admin token (group
 /// `system:masters`), RBAC on, and a service-account token signer.
 ///
 /// Only processes, ports and credentials are stored: every `client()` call builds a new
@@ -446,7 +521,8 @@ impl TestCluster {
             .expect("run kubectl")
     }
 
-    /// Creates a namespace `<prefix>-<n>`, unique within this test process.
+    /// Creates a namespace `<prefix>-<n>`, unique within this test process, and waits for its
+    /// `default` ServiceAccount.
     pub async fn create_namespace(&self, prefix: &str) -> String {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let name = format!("{prefix}-{}", COUNTER.fetch_add(1, Ordering::Relaxed));
@@ -461,6 +537,18 @@ impl TestCluster {
             .create(&PostParams::default(), &namespace)
             .await
             .unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
+        // Pods need the namespace's `default` ServiceAccount (ServiceAccount admission), which
+        // the controller-manager creates moments after the namespace.
+        let accounts = Api::<ServiceAccount>::namespaced(self.client(), &name);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !matches!(accounts.get_opt("default").await, Ok(Some(_))) {
+            assert!(
+                Instant::now() < deadline,
+                "no `default` ServiceAccount in namespace {name} after {READY_TIMEOUT:?}:\n{}",
+                self.log_tail(40)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         name
     }
 
@@ -500,7 +588,12 @@ impl TestCluster {
     /// The last `n` lines of the kube-apiserver and etcd logs.
     pub fn log_tail(&self, n: usize) -> String {
         let p = self.processes.lock().unwrap_or_else(|p| p.into_inner());
-        format!("{}\n{}", p.apiserver.log_section(n), p.etcd.log_section(n))
+        format!(
+            "{}\n{}\n{}",
+            p.apiserver.log_section(n),
+            p.etcd.log_section(n),
+            p.controller_manager.log_section(n)
+        )
     }
 
     /// Kills kube-apiserver and etcd (SIGKILL: no graceful shutdown), waits `down`, and starts

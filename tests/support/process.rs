@@ -297,7 +297,7 @@ pub fn lost_port_race(log_tail: &str) -> bool {
     log_tail.contains("address already in use")
 }
 
-/// Locates a testbed binary: `$env_var`, then `<cache>/bin/<name>` (`CLOUDLB_CACHE`, else
+/// Locates a testbed binary: `$env_var`, then `<cache>/<cache_relative>` (`CLOUDLB_CACHE`, else
 /// `$XDG_CACHE_HOME/cloudlb`, else `~/.cache/cloudlb`), then `fallbacks`.
 pub fn find_binary(env_var: &str, cache_relative: &str, fallbacks: &[&str]) -> PathBuf {
     if let Some(path) = std::env::var_os(env_var) {
@@ -330,4 +330,29 @@ pub fn cache_dir() -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .expect("neither CLOUDLB_CACHE, XDG_CACHE_HOME nor HOME is set");
     base.join("cloudlb")
+}
+
+/// The testbed's release versions: `testbed/versions`, overridden by the environment variable of
+/// the same name (`CLOUDLB_KUBE_VERSION`, `CLOUDLB_ETCD_VERSION`), as in scripts/install-test-deps.
+pub fn testbed_version(var: &str) -> String {
+    if let Ok(v) = std::env::var(var) {
+        return v.trim_start_matches('v').to_string();
+    }
+    include_str!("../../testbed/versions")
+        .lines()
+        .find_map(|line| line.strip_prefix(var)?.strip_prefix('='))
+        .map(|v| v.trim().trim_start_matches('v').to_string())
+        .unwrap_or_else(|| panic!("testbed/versions has no {var}=… line"))
+}
+
+/// `<cache>/k8s/v<CLOUDLB_KUBE_VERSION>/<binary>` (kube-apiserver, kube-controller-manager).
+pub fn kube_binary(env_var: &str, binary: &str) -> PathBuf {
+    let version = testbed_version("CLOUDLB_KUBE_VERSION");
+    find_binary(env_var, &format!("k8s/v{version}/{binary}"), &[])
+}
+
+/// `<cache>/etcd/v<CLOUDLB_ETCD_VERSION>/etcd`.
+pub fn etcd_binary() -> PathBuf {
+    let version = testbed_version("CLOUDLB_ETCD_VERSION");
+    find_binary("CLOUDLB_ETCD", &format!("etcd/v{version}/etcd"), &[])
 }

@@ -1,8 +1,9 @@
-//! A compact, self-contained testbed for the benchmark: etcd, kube-apiserver v1.20 and moto on
-//! free loopback ports, with the flags of /work/shared/TESTBED.md (the integration tests have their
-//! own copy in `tests/support/`, which a binary cannot import). Binaries are found like the tests
-//! find them: `$CLOUDLB_ETCD`, `$CLOUDLB_KUBE_APISERVER`, `$CLOUDLB_MOTO_SERVER`, else the cache
-//! that `scripts/install-test-deps` fills.
+//! A compact, self-contained testbed for the benchmark: etcd, kube-apiserver (the versions in
+//! `testbed/versions`) and moto on free loopback ports, with the flags the integration tests use
+//! (their copy is in `tests/support/`, which a binary cannot import). No controller-manager: the
+//! benchmark needs no EndpointSlices or ServiceAccounts, and its controllers would add load.
+//! Binaries are found like the tests find them: `$CLOUDLB_ETCD`, `$CLOUDLB_KUBE_APISERVER`,
+//! `$CLOUDLB_MOTO_SERVER`, else the cache that `scripts/install-test-deps` fills.
 //!
 //! Children are started through `setpriv --pdeathsig KILL` when it exists, from the main thread
 //! (the thread that runs the main future), so they die with the benchmark however it ends; they
@@ -128,6 +129,18 @@ fn cache_dir() -> PathBuf {
         .join("cloudlb")
 }
 
+/// `testbed/versions`, overridden by the environment variable of the same name.
+fn testbed_version(var: &str) -> Result<String, BenchError> {
+    if let Ok(v) = std::env::var(var) {
+        return Ok(v.trim_start_matches('v').to_string());
+    }
+    include_str!("../../../testbed/versions")
+        .lines()
+        .find_map(|line| line.strip_prefix(var)?.strip_prefix('='))
+        .map(|v| v.trim().trim_start_matches('v').to_string())
+        .ok_or_else(|| BenchError::Testbed(format!("testbed/versions has no {var}=… line")))
+}
+
 fn find_binary(env: &str, cached: &str, fallback: &[&str]) -> Result<PathBuf, BenchError> {
     if let Some(p) = std::env::var_os(env) {
         return Ok(PathBuf::from(p));
@@ -192,8 +205,19 @@ impl Testbed {
         let dir = std::env::temp_dir().join(format!("cloudlb-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("certs"))?;
-        let etcd_bin = find_binary("CLOUDLB_ETCD", "bin/etcd", &["/usr/bin/etcd"])?;
-        let apiserver_bin = find_binary("CLOUDLB_KUBE_APISERVER", "bin/kube-apiserver", &[])?;
+        let etcd_bin = find_binary(
+            "CLOUDLB_ETCD",
+            &format!("etcd/v{}/etcd", testbed_version("CLOUDLB_ETCD_VERSION")?),
+            &[],
+        )?;
+        let apiserver_bin = find_binary(
+            "CLOUDLB_KUBE_APISERVER",
+            &format!(
+                "k8s/v{}/kube-apiserver",
+                testbed_version("CLOUDLB_KUBE_VERSION")?
+            ),
+            &[],
+        )?;
         let moto_bin = find_binary("CLOUDLB_MOTO_SERVER", "moto-venv/bin/moto_server", &[])?;
 
         // Credentials: an admin token (group system:masters) and a service-account key pair.
@@ -238,6 +262,7 @@ impl Testbed {
                 &peer_url,
                 "--initial-cluster",
                 &format!("bench={peer_url}"),
+                "--unsafe-no-fsync",
             ]),
             &[],
             &dir,
@@ -271,8 +296,8 @@ impl Testbed {
                 "10.96.0.0/16",
                 "--service-node-port-range",
                 node_port_range,
-                "--feature-gates",
-                "ServiceLBNodePortControl=true,MixedProtocolLBService=true",
+                "--endpoint-reconciler-type",
+                "none",
             ]),
             &[],
             &dir,

@@ -37,6 +37,17 @@ pub enum LocalError {
         source: std::io::Error,
     },
     #[error(
+        "Service {service}: cannot listen on {address}/TCP: the operator's own {owner} listener ({held}) holds that port; change the Service port, or start cloudlb with {owner} on another port or address"
+    )]
+    OwnListener {
+        /// `namespace/name`.
+        service: String,
+        address: std::net::SocketAddr,
+        held: std::net::SocketAddr,
+        /// The flag that set the operator's listener, e.g. `--metrics-addr`.
+        owner: String,
+    },
+    #[error(
         "Service {service}: listener {port}/{protocol} cannot be served by the local provider ({reason})"
     )]
     Unsupported {
@@ -75,6 +86,7 @@ impl LocalError {
             self,
             LocalError::PoolExhausted { .. }
                 | LocalError::Bind { .. }
+                | LocalError::OwnListener { .. }
                 | LocalError::Unsupported { .. }
                 | LocalError::InvalidTarget { .. }
         )

@@ -72,6 +72,10 @@ pub struct LocalSettings {
     /// Threads of the data plane (each a single-threaded runtime accepting on every TCP
     /// listener); 0: one per CPU. Started with the first listener.
     pub workers: usize,
+    /// The operator's own TCP listeners (e.g. `--metrics-addr`), named by their flag: a Service
+    /// listener that would collide with one is refused with an error naming both, instead of an
+    /// `Address already in use` that does not say who holds the port.
+    pub reserved: Vec<(SocketAddr, String)>,
 }
 
 impl Default for LocalSettings {
@@ -81,6 +85,7 @@ impl Default for LocalSettings {
             drain_timeout: Duration::from_secs(30),
             udp_idle_timeout: Duration::from_secs(60),
             workers: 0,
+            reserved: Vec::new(),
         }
     }
 }
@@ -520,19 +525,28 @@ impl LocalProvider {
             if !want_tcp {
                 closing.extend(rt.tcp.take().into_iter().flat_map(Part::close));
             } else if rt.tcp.is_none() {
-                match tcp::bind(addr)
-                    .and_then(|l| start_tcp(&workers, l, &rt.slot, self.settings.connect_timeout))
-                {
-                    Ok(part) => {
-                        rt.tcp = Some(part);
-                        tracing::info!(service = %desired.service, %addr, "listening (tcp)");
-                    }
-                    Err(source) => errors.push(LocalError::Bind {
+                if let Some((held, owner)) = reserved_clash(&self.settings.reserved, addr) {
+                    errors.push(LocalError::OwnListener {
                         service: desired.service.to_string(),
                         address: addr,
-                        protocol: "TCP",
-                        source,
-                    }),
+                        held: *held,
+                        owner: owner.clone(),
+                    });
+                } else {
+                    match tcp::bind(addr).and_then(|l| {
+                        start_tcp(&workers, l, &rt.slot, self.settings.connect_timeout)
+                    }) {
+                        Ok(part) => {
+                            rt.tcp = Some(part);
+                            tracing::info!(service = %desired.service, %addr, "listening (tcp)");
+                        }
+                        Err(source) => errors.push(LocalError::Bind {
+                            service: desired.service.to_string(),
+                            address: addr,
+                            protocol: "TCP",
+                            source,
+                        }),
+                    }
                 }
             }
             if !want_udp {
@@ -568,6 +582,18 @@ impl LocalProvider {
             }
         }
     }
+}
+
+/// The operator's own listener that a TCP listener on `addr` would collide with: the same port
+/// on the same address, or on any address when either side is a wildcard.
+fn reserved_clash(
+    reserved: &[(SocketAddr, String)],
+    addr: SocketAddr,
+) -> Option<&(SocketAddr, String)> {
+    reserved.iter().find(|(held, _)| {
+        held.port() == addr.port()
+            && (held.ip() == addr.ip() || held.ip().is_unspecified() || addr.ip().is_unspecified())
+    })
 }
 
 /// Accepts on `listener` in every worker (each on its own duplicate of the socket).
@@ -689,5 +715,41 @@ impl Provider for LocalProvider {
             .collect();
         owned.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(owned)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reserved_clash;
+    use std::net::SocketAddr;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("test address")
+    }
+
+    #[test]
+    fn a_service_port_clashes_with_the_operators_listener_only_where_linux_would_refuse_it() {
+        let wildcard = vec![(addr("0.0.0.0:8080"), "--metrics-addr".to_string())];
+        let loopback = vec![(addr("127.0.0.1:8080"), "--metrics-addr".to_string())];
+        let clash = |reserved: &[(SocketAddr, String)], a: &str| {
+            reserved_clash(reserved, addr(a)).map(|(held, owner)| format!("{owner} {held}"))
+        };
+        assert_eq!(
+            clash(&wildcard, "127.0.1.5:8080").as_deref(),
+            Some("--metrics-addr 0.0.0.0:8080"),
+            "a wildcard holds the port on every address"
+        );
+        assert_eq!(clash(&wildcard, "127.0.1.5:8081"), None, "other port");
+        assert_eq!(clash(&loopback, "127.0.1.5:8080"), None, "other address");
+        assert_eq!(
+            clash(&loopback, "127.0.0.1:8080").as_deref(),
+            Some("--metrics-addr 127.0.0.1:8080"),
+            "same address and port"
+        );
+        assert_eq!(
+            clash(&loopback, "0.0.0.0:8080").as_deref(),
+            Some("--metrics-addr 127.0.0.1:8080"),
+            "a wildcard Service listener needs every address"
+        );
     }
 }
