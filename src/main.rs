@@ -158,6 +158,7 @@ fn settings(common: &Common) -> Settings {
 /// One malloc arena instead of glibc's one per thread: memory freed by one thread is then reused
 /// by the others instead of sitting in a private arena. Measured with `cloudlb-bench` at 2000
 /// Services / 1000 Nodes: peak RSS 60.5 → 56.2 MiB. `MALLOC_ARENA_MAX` in the environment wins.
+#[allow(unsafe_code)] // the one unsafe call in the operator
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
@@ -298,10 +299,10 @@ async fn operate(
     metrics.set_leader(false);
     // Closing the channel ends the lease task, which hands the manager back to release the lease.
     drop(leading);
-    if let Ok(Ok(manager)) = lease_task.await {
-        if result.is_ok() {
-            let _ = manager.release().await;
-        }
+    if let Ok(Ok(manager)) = lease_task.await
+        && result.is_ok()
+    {
+        let _ = manager.release().await;
     }
     Ok(result?)
 }

@@ -2,6 +2,7 @@
 //! Each test has its own namespace, LoadBalancerClass, Nodes (selected by a label), moto account
 //! and operator instance (`support::env::Env`), so the tests run in parallel without seeing each
 //! other.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
 mod support;
 

@@ -1,5 +1,6 @@
 //! The AWS provider against a real moto server: create, resync, change, foreign resources,
 //! delete. Each test uses its own moto account.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
 mod support;
 

@@ -2,6 +2,7 @@
 //! `spec.loadBalancerClass` routing, mixed TCP/UDP LoadBalancer Services without a feature gate,
 //! and `allocateLoadBalancerNodePorts`. Each test has its own namespace, class, Nodes, moto
 //! account and operator (`support::env::Env`).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
 mod support;
 
@@ -32,7 +33,9 @@ fn finalizers(svc: &Service) -> Vec<String> {
     svc.metadata.finalizers.clone().unwrap_or_default()
 }
 
-/// Events about one object (any reason).
+/// cloudlb's Events about one object (any reason). The API server reports on Services too (its
+/// ClusterIP repair loop can race a new Service: `ClusterIPNotAllocated`), so only Events that
+/// cloudlb reported count.
 async fn events_about(env: &Env, name: &str) -> Vec<String> {
     Api::<Event>::namespaced(env.client.clone(), &env.ns)
         .list(&ListParams::default())
@@ -41,6 +44,7 @@ async fn events_about(env: &Env, name: &str) -> Vec<String> {
         .items
         .into_iter()
         .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter(|e| e.reporting_controller.as_deref() == Some("cloudlb"))
         .map(|e| format!("{:?}: {:?}", e.reason, e.note))
         .collect()
 }

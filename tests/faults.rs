@@ -1,5 +1,5 @@
 //! Fault injection: the `cloudlb run` process against the real API server and moto, with the
-//! fault/counting proxy (`cloudlb::faultproxy`) between the operator and moto.
+//! fault/counting proxy (`cloudlb_testbed::faultproxy`) between the operator and moto.
 //!
 //! - 20% of AWS calls fail (throttling, 500/503, connection resets, responses lost after the
 //!   request was applied): every Service converges with exactly one NLB and the right target
@@ -11,12 +11,12 @@
 //!
 //! Each test has its own namespace, LoadBalancerClass, Nodes (selected by a label), moto account
 //! (the proxy adds moto's account header) and operator process.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
 mod support;
 
 use aws_sdk_elasticloadbalancingv2::error::ProvideErrorMetadata;
 use cloudlb::config::class::LoadBalancerClass;
-use cloudlb::faultproxy::{Counts, Family, FaultConfig, FaultProxy, Outcome, ProxyConfig};
 use cloudlb::model::{naming, tags};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
@@ -26,6 +26,7 @@ use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::faultproxy::{Counts, Family, FaultConfig, FaultProxy, Outcome, ProxyConfig};
 use support::process::free_port;
 use support::{
     AwsEmulator, TestCluster, TestGuard, create_node, create_vpc_with_subnets, ec2, elbv2,

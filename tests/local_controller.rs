@@ -4,6 +4,7 @@
 //!
 //! Each test has its own namespace, class (with its own address pool), node label, nodePorts and
 //! operator instance.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
 mod support;
 

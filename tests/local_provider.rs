@@ -3,6 +3,7 @@
 //! Every test has its own addresses so they run in parallel: test `N` takes its load-balancer
 //! pool from `127.0.N.0/24` and starts its backends ("nodes") on `127.1.N.k` at a fixed
 //! nodePort-like port.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
 use cloudlb::model::{
     Desired, FrontendSecurityGroup, HealthCheck, HealthCheckProtocol, IngressRule, IpAddressType,

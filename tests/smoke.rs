@@ -1,4 +1,5 @@
 //! Proves the testbed: a real API server with RBAC, and moto with per-test accounts.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
 mod support;
 

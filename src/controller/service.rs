@@ -301,10 +301,8 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'stat
                 .settings
                 .resync
                 .saturating_sub(now.duration_since(e.verified_at));
-            if refreshed {
-                if let Ok(mut c) = ctx.cache.lock() {
-                    c.insert(sref.uid.clone(), e);
-                }
+            if refreshed && let Ok(mut c) = ctx.cache.lock() {
+                c.insert(sref.uid.clone(), e);
             }
             if provisioning {
                 return Ok((
@@ -519,10 +517,10 @@ async fn cleanup(
             if let Err(e) = provider.apply(&desired, &observed, &plan).await {
                 // Read the cloud again next time, but keep what the cache knows: target groups
                 // whose load balancer is already gone are found only through it.
-                if let Ok(mut c) = ctx.cache.lock() {
-                    if let Some(entry) = c.get_mut(&sref.uid) {
-                        entry.stale = true;
-                    }
+                if let Ok(mut c) = ctx.cache.lock()
+                    && let Some(entry) = c.get_mut(&sref.uid)
+                {
+                    entry.stale = true;
                 }
                 return Err(e.into());
             }

@@ -108,20 +108,20 @@ impl AwsProvider {
             let Some(arn) = lb.load_balancer_arn.as_deref() else {
                 continue;
             };
-            if let Some(svc) = owner(arn, elb_tags.get(arn)) {
-                if in_vpc(lb.vpc_id.as_deref()) {
-                    found.entry(svc).or_default().lbs.push(lb);
-                }
+            if let Some(svc) = owner(arn, elb_tags.get(arn))
+                && in_vpc(lb.vpc_id.as_deref())
+            {
+                found.entry(svc).or_default().lbs.push(lb);
             }
         }
         for tg in tgs {
             let Some(arn) = tg.target_group_arn.as_deref() else {
                 continue;
             };
-            if let Some(svc) = owner(arn, elb_tags.get(arn)) {
-                if in_vpc(tg.vpc_id.as_deref()) {
-                    found.entry(svc).or_default().tgs.push(tg);
-                }
+            if let Some(svc) = owner(arn, elb_tags.get(arn))
+                && in_vpc(tg.vpc_id.as_deref())
+            {
+                found.entry(svc).or_default().tgs.push(tg);
             }
         }
         for sg in sgs {

@@ -2,8 +2,8 @@
 
 use super::*;
 use crate::config::class::{LoadBalancerClass, LoadBalancerClassSpec, ProviderKind};
+use crate::model::observed::{LbState, ObservedLb, ObservedSecurityGroup, ObservedTargetGroup};
 use crate::model::{Protocol, Scheme};
-use crate::provider::{LbState, ObservedLb, ObservedSecurityGroup, ObservedTargetGroup};
 use k8s_openapi::api::core::v1::{Node, Service};
 
 fn desired_with(

@@ -1,6 +1,6 @@
 //! `cloudlb-bench`: the operator at scale against a real API server and moto, with the operator as
 //! a separate process (`cloudlb run`) whose AWS calls go through a counting proxy
-//! ([`cloudlb::faultproxy`], no faults). See `docs/benchmarks.md`.
+//! ([`cloudlb_testbed::faultproxy`], no faults). See `docs/benchmarks.md`.
 //!
 //! ```text
 //! cargo build --release --bin cloudlb --bin cloudlb-bench
@@ -14,11 +14,12 @@
 //! Asserts nothing about timings.
 
 mod report;
-mod testbed;
 
 use clap::Parser;
 use cloudlb::config::class::LoadBalancerClass;
-use cloudlb::faultproxy::{FaultProxy, ProxyConfig};
+use cloudlb_testbed::faultproxy::{FaultProxy, ProxyConfig};
+use cloudlb_testbed::process::{ManagedProcess, free_port, keep_scratch_dirs};
+use cloudlb_testbed::{AwsEmulator, TestCluster};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -32,7 +33,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use testbed::{Proc, Testbed, http_get};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLUSTER: &str = "bench";
 const NAMESPACE: &str = "bench";
@@ -54,7 +55,7 @@ pub enum BenchError {
     #[error("JSON: {0}")]
     Json(#[from] serde_json::Error),
     #[error(transparent)]
-    Proxy(#[from] cloudlb::faultproxy::ProxyError),
+    Proxy(#[from] cloudlb_testbed::faultproxy::ProxyError),
     #[error("AWS emulator: {0}")]
     Aws(String),
     #[error("testbed: {0}")]
@@ -154,7 +155,7 @@ fn say(start: Instant, msg: impl std::fmt::Display) {
 
 /// The `cloudlb run` child.
 struct Operator {
-    proc: Proc,
+    proc: ManagedProcess,
     metrics_port: u16,
     dog: Arc<Watchdog>,
 }
@@ -189,7 +190,7 @@ impl Watchdog {
                     return;
                 };
                 d.max_kb.fetch_max(rss, Ordering::Relaxed);
-                if n % 10 == 0 {
+                if n.is_multiple_of(10) {
                     d.samples
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -617,19 +618,28 @@ async fn run(args: Args) -> Result<(), BenchError> {
     let tgs = target_groups(args.services);
     // Every port needs a nodePort.
     let range_end = (30000 + (tgs + 1000).max(2767)).min(65535);
-    let bed = Testbed::start(&format!("30000-{range_end}"), args.keep, !args.stock_moto).await?;
+    if args.keep {
+        keep_scratch_dirs();
+    }
+    // No controller-manager: nothing here needs EndpointSlices or ServiceAccounts.
+    let cluster = TestCluster::builder()
+        .node_port_range(format!("30000-{range_end}"))
+        .controller_manager(false)
+        .start()
+        .await;
+    let moto = AwsEmulator::start_with(!args.stock_moto).await;
     say(
         start,
         format!(
             "testbed up: kube-apiserver + etcd + moto (scratch {})",
-            bed.dir.display()
+            cluster.dir().display()
         ),
     );
-    let client = bed.client().await?;
+    let client = cluster.client();
     setup_kube(&client).await?;
 
     // Nodes: instances in moto (directly, not through the proxy) and Node objects.
-    let aws = Aws::new(&bed.moto_endpoint);
+    let aws = Aws::new(moto.endpoint());
     let subnets = aws.network().await?;
     if subnets.is_empty() {
         return Err(BenchError::Aws("no public subnet was created".into()));
@@ -654,10 +664,13 @@ async fn run(args: Args) -> Result<(), BenchError> {
     say(start, format!("{} Nodes and instances created", args.nodes));
 
     // The operator, through the counting proxy.
-    let proxy = FaultProxy::start(ProxyConfig::new(bed.moto_endpoint.clone())).await?;
-    let metrics_port = testbed::free_port()?;
+    let proxy = FaultProxy::start(ProxyConfig::new(moto.endpoint().to_string())).await?;
+    let metrics_port = free_port();
     let env = [
-        ("KUBECONFIG", bed.kubeconfig.display().to_string()),
+        (
+            "KUBECONFIG",
+            cluster.kubeconfig_path().display().to_string(),
+        ),
         ("AWS_ENDPOINT_URL", proxy.endpoint()),
         ("AWS_ACCESS_KEY_ID", "AKIACLOUDLBBENCH0000".to_string()),
         ("AWS_SECRET_ACCESS_KEY", "cloudlb-bench-secret".to_string()),
@@ -682,7 +695,8 @@ async fn run(args: Args) -> Result<(), BenchError> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let proc = Proc::spawn("operator", &operator_bin, &op_args, &env, &bed.dir)?;
+    let proc =
+        ManagedProcess::spawn_with_env("operator", &operator_bin, &op_args, &env, cluster.dir())?;
     let dog = Watchdog::spawn(proc.pid(), args.max_operator_rss_mib.saturating_mul(1024));
     let mut op = Operator {
         proc,
@@ -695,7 +709,7 @@ async fn run(args: Args) -> Result<(), BenchError> {
     })
     .await;
     if !ready {
-        let log = op.proc.tail(40);
+        let log = op.proc.log_section(40);
         return Err(BenchError::Operator(format!(
             "not ready within 60 s:\n{log}"
         )));
@@ -1027,4 +1041,23 @@ impl Bench<'_> {
         report.leftovers(lbs, tgs, sgs);
         Ok(())
     }
+}
+
+/// A minimal HTTP/1.0 GET on loopback: `(status, body)`.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+            .await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&out).into_owned())
+    };
+    let text = tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .ok()?
+        .ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
 }

@@ -30,6 +30,11 @@ pub fn mark_failed() {
     FAILED.store(true, Ordering::SeqCst);
 }
 
+/// Keeps the scratch directories at exit although nothing failed (the benchmark's `--keep`).
+pub fn keep_scratch_dirs() {
+    mark_failed();
+}
+
 struct Registry {
     pids: Vec<libc::pid_t>,
     dirs: Vec<PathBuf>,
@@ -63,7 +68,7 @@ extern "C" fn cleanup_at_exit() {
     for dir in registry.dirs.drain(..) {
         if keep {
             let _ = fs::write(dir.join(KEEP_MARKER), b"");
-            eprintln!("testbed: a test failed; kept {}", dir.display());
+            eprintln!("testbed: kept {}", dir.display());
         } else {
             let _ = fs::remove_dir_all(&dir);
         }
@@ -108,12 +113,24 @@ pub struct ManagedProcess {
 impl ManagedProcess {
     /// Spawns `program args…` with its working directory and log in `dir`.
     pub fn spawn(name: &str, program: &Path, args: &[String], dir: &Path) -> io::Result<Self> {
+        Self::spawn_with_env(name, program, args, &[], dir)
+    }
+
+    /// Like [`ManagedProcess::spawn`], with extra environment variables.
+    pub fn spawn_with_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+        dir: &Path,
+    ) -> io::Result<Self> {
         let log = dir.join(format!("{name}.log"));
         let out = File::create(&log)?;
         let err = out.try_clone()?;
         let mut command = Command::new(program);
         command
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(out)
@@ -157,6 +174,10 @@ impl ManagedProcess {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log_path(&self) -> &Path {
@@ -338,7 +359,7 @@ pub fn testbed_version(var: &str) -> String {
     if let Ok(v) = std::env::var(var) {
         return v.trim_start_matches('v').to_string();
     }
-    include_str!("../../testbed/versions")
+    include_str!("../../../testbed/versions")
         .lines()
         .find_map(|line| line.strip_prefix(var)?.strip_prefix('='))
         .map(|v| v.trim().trim_start_matches('v').to_string())

@@ -585,17 +585,17 @@ impl Parser<'_> {
             "EIP allocations",
         );
         for (i, e) in eip_allocations.iter().enumerate() {
-            if !e.starts_with("eipalloc-") {
-                if let Some(raw) = self.get(keys::EIP_ALLOCATIONS).cloned() {
-                    self.errors.push(err(
-                        &raw.source,
-                        &raw.value,
-                        format!(
-                            "entry {} ({e:?}) is not an allocation id (eipalloc-…)",
-                            i + 1
-                        ),
-                    ));
-                }
+            if !e.starts_with("eipalloc-")
+                && let Some(raw) = self.get(keys::EIP_ALLOCATIONS).cloned()
+            {
+                self.errors.push(err(
+                    &raw.source,
+                    &raw.value,
+                    format!(
+                        "entry {} ({e:?}) is not an allocation id (eipalloc-…)",
+                        i + 1
+                    ),
+                ));
             }
         }
         let private_ipv4_addresses = per_subnet(
@@ -605,14 +605,14 @@ impl Parser<'_> {
             "private IPv4 addresses",
         );
         for a in &private_ipv4_addresses {
-            if a.parse::<std::net::Ipv4Addr>().is_err() {
-                if let Some(raw) = self.get(keys::PRIVATE_IPV4).cloned() {
-                    self.errors.push(err(
-                        &raw.source,
-                        &raw.value,
-                        format!("{a:?} is not an IPv4 address"),
-                    ));
-                }
+            if a.parse::<std::net::Ipv4Addr>().is_err()
+                && let Some(raw) = self.get(keys::PRIVATE_IPV4).cloned()
+            {
+                self.errors.push(err(
+                    &raw.source,
+                    &raw.value,
+                    format!("{a:?} is not an IPv4 address"),
+                ));
             }
         }
 
@@ -785,18 +785,16 @@ impl Parser<'_> {
             if ports
                 .iter()
                 .any(|sp| sp.port == i32::from(*p) && sp.protocol.as_deref() == Some("UDP"))
-            {
-                if let Some(raw) = self
+                && let Some(raw) = self
                     .get(keys::SSL_PORTS)
                     .or(self.get(keys::SSL_CERT))
                     .cloned()
-                {
-                    self.errors.push(err(
-                        &raw.source,
-                        &raw.value,
-                        format!("port {p} also serves UDP; a TLS listener cannot carry UDP"),
-                    ));
-                }
+            {
+                self.errors.push(err(
+                    &raw.source,
+                    &raw.value,
+                    format!("port {p} also serves UDP; a TLS listener cannot carry UDP"),
+                ));
             }
         }
         let ssl_policy = self
@@ -912,10 +910,10 @@ impl Parser<'_> {
                 l
             })
             .unwrap_or_default();
-        if self.parse_bool(keys::MANAGE_BACKEND_SG) == Some(true) {
-            if let Some(raw) = self.get(keys::MANAGE_BACKEND_SG).cloned() {
-                self.errors.push(err(&raw.source, &raw.value, "managing node security-group rules is not supported yet; open the nodePort range to the load balancer's subnets yourself and remove this setting"));
-            }
+        if self.parse_bool(keys::MANAGE_BACKEND_SG) == Some(true)
+            && let Some(raw) = self.get(keys::MANAGE_BACKEND_SG).cloned()
+        {
+            self.errors.push(err(&raw.source, &raw.value, "managing node security-group rules is not supported yet; open the nodePort range to the load balancer's subnets yourself and remove this setting"));
         }
 
         // Source ranges: the spec field wins, then annotations, then the class.

@@ -7,7 +7,7 @@ use kube::CustomResourceExt;
 fn committed_crd_is_current() {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/crds/loadbalancerclasses.cloudlb.io.yaml"
+        "/../../crds/loadbalancerclasses.cloudlb.io.yaml"
     );
     let generated = serde_yaml::to_string(&LoadBalancerClass::crd()).expect("crd yaml");
     if std::env::var_os("UPDATE_GOLDEN").is_some() {

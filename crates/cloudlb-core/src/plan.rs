@@ -7,8 +7,8 @@
 //! nothing references any more. Immutable changes (scheme; target-group protocol/port/target
 //! type, which are part of the target-group name) replace the resource.
 
+use crate::model::observed::{Observed, ObservedListener, ObservedTargetGroup};
 use crate::model::{Desired, IngressRule, LoadBalancer, Target, TargetGroup};
-use crate::provider::{Observed, ObservedListener, ObservedTargetGroup};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -215,19 +215,19 @@ fn plan_ensure(lb: &LoadBalancer, observed: &Observed, ops: &mut Vec<Op>) {
 
     // 2. The load balancer itself.
     let mut existing = observed.lb.as_ref();
-    if let Some(have) = existing {
-        if have.scheme != lb.scheme {
-            ops.push(Op::DeleteLoadBalancer {
-                arn: have.arn.clone(),
-                name: have.name.clone(),
-                reason: format!(
-                    "scheme changes from {} to {} (immutable)",
-                    have.scheme.as_aws(),
-                    lb.scheme.as_aws()
-                ),
-            });
-            existing = None;
-        }
+    if let Some(have) = existing
+        && have.scheme != lb.scheme
+    {
+        ops.push(Op::DeleteLoadBalancer {
+            arn: have.arn.clone(),
+            name: have.name.clone(),
+            reason: format!(
+                "scheme changes from {} to {} (immutable)",
+                have.scheme.as_aws(),
+                lb.scheme.as_aws()
+            ),
+        });
+        existing = None;
     }
     let lb_attrs = match existing {
         None => {
@@ -336,10 +336,10 @@ fn plan_ensure(lb: &LoadBalancer, observed: &Observed, ops: &mut Vec<Op>) {
     }
 
     // 6. Our security group, when the user switched to their own.
-    if lb.security.frontend.is_none() {
-        if let Some(sg) = &observed.security_group {
-            ops.push(Op::DeleteSecurityGroup { id: sg.id.clone() });
-        }
+    if lb.security.frontend.is_none()
+        && let Some(sg) = &observed.security_group
+    {
+        ops.push(Op::DeleteSecurityGroup { id: sg.id.clone() });
     }
 }
 

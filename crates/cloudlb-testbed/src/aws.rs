@@ -14,7 +14,7 @@ use aws_sdk_ec2::types::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
-use super::process::{ManagedProcess, TempDir, cache_dir, find_binary, free_port, lost_port_race};
+use crate::process::{ManagedProcess, TempDir, cache_dir, find_binary, free_port, lost_port_race};
 
 pub use aws_sdk_ec2 as ec2;
 pub use aws_sdk_elasticloadbalancingv2 as elbv2;
@@ -30,6 +30,9 @@ const START_ATTEMPTS: usize = 3;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 static SHARED: OnceCell<AwsEmulator> = OnceCell::const_new();
+
+/// Lookup fixes for moto (see the file), for [`AwsEmulator::start_with`].
+const MOTO_SPEEDUPS: &str = include_str!("moto_speedups.py");
 
 pub(crate) fn shared_if_started() -> Option<&'static AwsEmulator> {
     SHARED.get()
@@ -95,9 +98,24 @@ impl AwsEmulator {
 
     /// A private moto server; killed when dropped.
     pub async fn start() -> AwsEmulator {
+        Self::start_with(false).await
+    }
+
+    /// A private moto server; `speedups`: with the lookup fixes of `moto_speedups.py` (loaded as
+    /// `sitecustomize`; they change no result, only skip moto's O(everything) scans, which bound
+    /// the benchmark at 1000 instances).
+    pub async fn start_with(speedups: bool) -> AwsEmulator {
         let started = Instant::now();
         let dir = TempDir::new().expect("create a scratch directory for moto");
         let moto = find_binary("CLOUDLB_MOTO_SERVER", "moto-venv/bin/moto_server", &[]);
+        let mut env = Vec::new();
+        if speedups {
+            let site = dir.path().join("moto-site");
+            std::fs::create_dir_all(&site)
+                .and_then(|()| std::fs::write(site.join("sitecustomize.py"), MOTO_SPEEDUPS))
+                .unwrap_or_else(|e| panic!("write moto's sitecustomize.py: {e}"));
+            env.push(("PYTHONPATH", site.display().to_string()));
+        }
         let mut last_failure = String::new();
         for attempt in 1..=START_ATTEMPTS {
             let port = free_port();
@@ -107,8 +125,9 @@ impl AwsEmulator {
                 "-p".to_string(),
                 port.to_string(),
             ];
-            let mut process = ManagedProcess::spawn("moto", &moto, &args, dir.path())
-                .unwrap_or_else(|e| panic!("start moto_server: {e}"));
+            let mut process =
+                ManagedProcess::spawn_with_env("moto", &moto, &args, &env, dir.path())
+                    .unwrap_or_else(|e| panic!("start moto_server: {e}"));
             let endpoint = format!("http://127.0.0.1:{port}");
             match wait_ready(&mut process, port).await {
                 Ok(()) => {
@@ -135,7 +154,7 @@ impl AwsEmulator {
                 }
             }
         }
-        super::process::mark_failed();
+        crate::process::mark_failed();
         panic!(
             "moto server did not start (venv {}; run scripts/install-test-deps):\n{last_failure}",
             cache_dir().join("moto-venv").display()

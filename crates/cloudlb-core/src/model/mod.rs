@@ -5,6 +5,7 @@
 //! model (`lb: None`): deleting is applying the empty model.
 
 pub mod naming;
+pub mod observed;
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};

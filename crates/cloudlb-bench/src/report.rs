@@ -1,7 +1,7 @@
 //! Results: per-phase numbers, the goal-vs-measured table and the JSON file.
 
 use crate::{Args, Mark, Operator};
-use cloudlb::faultproxy::{Counts, Family, Outcome};
+use cloudlb_testbed::faultproxy::{Counts, Family, Outcome};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -14,7 +14,7 @@ use kube::{Api, Client};
 use serde_json::json;
 use tokio::sync::OnceCell;
 
-use super::process::{
+use crate::process::{
     ManagedProcess, TempDir, etcd_binary, free_port, kube_binary, lost_port_race,
 };
 
@@ -34,6 +34,7 @@ pub(crate) fn shared_if_started() -> Option<&'static TestCluster> {
 pub struct TestClusterBuilder {
     node_port_range: String,
     extra_args: Vec<String>,
+    controller_manager: bool,
 }
 
 impl Default for TestClusterBuilder {
@@ -41,6 +42,7 @@ impl Default for TestClusterBuilder {
         Self {
             node_port_range: "30000-32767".into(),
             extra_args: Vec::new(),
+            controller_manager: true,
         }
     }
 }
@@ -56,6 +58,13 @@ impl TestClusterBuilder {
     /// An extra kube-apiserver flag such as `"--v=4"`.
     pub fn apiserver_arg(mut self, arg: impl Into<String>) -> Self {
         self.extra_args.push(arg.into());
+        self
+    }
+
+    /// Without kube-controller-manager (default: with). The benchmark runs without: it needs no
+    /// EndpointSlices or ServiceAccounts, and those controllers would add load to what it measures.
+    pub fn controller_manager(mut self, on: bool) -> Self {
+        self.controller_manager = on;
         self
     }
 
@@ -97,7 +106,7 @@ impl TestClusterBuilder {
             }
         }
         // Keep the directory for inspection.
-        super::process::mark_failed();
+        crate::process::mark_failed();
         panic!(
             "the test cluster did not start (scratch dir {}):\n{last_failure}",
             dir.path().display()
@@ -216,10 +225,23 @@ impl TestClusterBuilder {
                     let client = make_client(&url, &ca_der, &files.admin_token);
                     match tokio::time::timeout(Duration::from_secs(5), readyz(&client)).await {
                         Ok(Ok(_)) => {
-                            let controller_manager = start_controller_manager(
-                                dir, files, &kcm_bin, &url, &client, deadline,
-                            )
-                            .await?;
+                            let kubeconfig = dir.path().join("kubeconfig");
+                            write_kubeconfig(&kubeconfig, &url, &files.ca_file, &files.admin_token);
+                            let controller_manager = if self.controller_manager {
+                                Some(
+                                    start_controller_manager(
+                                        dir,
+                                        files,
+                                        &kubeconfig,
+                                        &kcm_bin,
+                                        &client,
+                                        deadline,
+                                    )
+                                    .await?,
+                                )
+                            } else {
+                                None
+                            };
                             let commands = Commands {
                                 etcd: (etcd_bin, etcd_args),
                                 apiserver: (apiserver_bin, apiserver_args),
@@ -252,22 +274,20 @@ const CONTROLLERS: &str = "namespace-controller,garbage-collector-controller,\
     serviceaccount-token-controller,root-ca-certificate-publisher-controller,\
     clusterrole-aggregation-controller";
 
-/// Starts kube-controller-manager against the ready API server (admin kubeconfig, which is also
-/// the one for humans) and waits until it works: the `default` ServiceAccount of the `default`
+/// Starts kube-controller-manager against the ready API server (the admin kubeconfig, which is
+/// also the one for humans) and waits until it works: the `default` ServiceAccount of the `default`
 /// namespace exists.
 async fn start_controller_manager(
     dir: &TempDir,
     files: &ClusterFiles,
+    kubeconfig: &Path,
     program: &Path,
-    url: &str,
     client: &Client,
     deadline: Instant,
 ) -> Result<ManagedProcess, StartFailure> {
-    let kubeconfig = dir.path().join("kubeconfig");
-    write_kubeconfig(&kubeconfig, url, &files.ca_file, &files.admin_token);
     let args: Vec<String> = [
         "--kubeconfig",
-        path_str(&kubeconfig),
+        path_str(kubeconfig),
         "--leader-elect=false",
         // No HTTPS endpoint: nothing reads it, and no port to race for.
         "--secure-port=0",
@@ -308,7 +328,7 @@ async fn start_controller_manager(
 struct Processes {
     // Drop order: the controller-manager, then the API server, then its etcd. The
     // controller-manager is not restarted by [`TestCluster::restart`]: it reconnects by itself.
-    controller_manager: ManagedProcess,
+    controller_manager: Option<ManagedProcess>,
     apiserver: ManagedProcess,
     etcd: ManagedProcess,
     restarts: u32,
@@ -592,7 +612,10 @@ impl TestCluster {
             "{}\n{}\n{}",
             p.apiserver.log_section(n),
             p.etcd.log_section(n),
-            p.controller_manager.log_section(n)
+            p.controller_manager
+                .as_ref()
+                .map(|kcm| kcm.log_section(n))
+                .unwrap_or_default()
         )
     }
 

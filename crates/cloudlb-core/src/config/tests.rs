@@ -590,7 +590,7 @@ fn hostile_input_never_panics() {
 
 #[test]
 fn annotation_docs_are_current() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/annotations.md");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/annotations.md");
     let committed = std::fs::read_to_string(path).unwrap_or_default();
     let generated = annotations::markdown();
     if std::env::var_os("UPDATE_GOLDEN").is_some() {

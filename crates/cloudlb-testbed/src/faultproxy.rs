@@ -1036,10 +1036,10 @@ async fn serve_connection(mut stream: TcpStream, state: Arc<State>) -> std::io::
 /// Forwards, unless this is the retry of a lost idempotent create (then the lost answer is used
 /// and the request is not applied again).
 async fn apply_once(state: &State, req: &Request, action: &str, key: Key) -> Answer {
-    if IDEMPOTENT_CREATES.contains(&action) {
-        if let Some((_, a)) = lock(&state.lost).remove(&key) {
-            return a;
-        }
+    if IDEMPOTENT_CREATES.contains(&action)
+        && let Some((_, a)) = lock(&state.lost).remove(&key)
+    {
+        return a;
     }
     forward(state, req).await
 }

@@ -5,7 +5,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 
-use super::aws::Instance;
+use crate::aws::Instance;
 
 /// A Ready Node for `instance`: `spec.providerID = aws:///<az>/<id>`, InternalIP = the
 /// instance's private IP, label `topology.kubernetes.io/zone = <az>`.
@@ -18,7 +18,7 @@ pub fn node_for(instance: &Instance, name: &str) -> Node {
             "labels": {
                 "kubernetes.io/hostname": name,
                 "topology.kubernetes.io/zone": instance.az,
-                "topology.kubernetes.io/region": super::aws::REGION,
+                "topology.kubernetes.io/region": crate::aws::REGION,
             },
         },
         "spec": {"providerID": format!("aws:///{}/{}", instance.az, instance.id)},

@@ -1,0 +1,104 @@
+//! Providers execute a [`Plan`](crate::plan::Plan) against a cloud and report what exists.
+//!
+//! The trait speaks our own types (the desired model, [`Observed`], [`Op`](crate::plan::Op)),
+//! never SDK types. The providers live in the operator (`src/provider/aws/`, `src/provider/local/`).
+
+use crate::model::Desired;
+pub use crate::model::observed::{
+    LbState, Observed, ObservedLb, ObservedListener, ObservedSecurityGroup, ObservedTargetGroup,
+};
+use crate::plan::Plan;
+
+/// Errors a provider reports; each says what, where and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error(
+        "{kind} {name:?} exists but does not carry our ownership tags for this Service: it is not ours, so it is left untouched; delete or rename it, or set another name"
+    )]
+    Foreign { kind: &'static str, name: String },
+    #[error("{0}")]
+    InvalidConfig(String),
+    #[error(
+        "load balancer {name} has deletion protection enabled: it was not deleted; disable deletion_protection.enabled to let cloudlb remove it"
+    )]
+    DeletionProtected { name: String },
+    #[error("{operation} failed: {message}")]
+    Api {
+        operation: &'static str,
+        message: String,
+        throttled: bool,
+    },
+    #[error("{what} disappeared while being changed (changed outside cloudlb?): {message}")]
+    Gone { what: &'static str, message: String },
+    #[error("{what} is still in use ({message}); will retry")]
+    InUse { what: &'static str, message: String },
+    /// Part of the load balancer could not be served (address pool exhausted, port in use); the
+    /// rest is served.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+impl ProviderError {
+    /// Short label for metrics and Event reasons.
+    pub fn category(&self) -> &'static str {
+        match self {
+            ProviderError::Foreign { .. } => "foreign",
+            ProviderError::InvalidConfig(_) => "invalid_config",
+            ProviderError::DeletionProtected { .. } => "deletion_protected",
+            ProviderError::Api {
+                throttled: true, ..
+            } => "throttled",
+            ProviderError::Api { .. } => "api",
+            ProviderError::Gone { .. } => "gone",
+            ProviderError::InUse { .. } => "in_use",
+            ProviderError::Conflict(_) => "conflict",
+        }
+    }
+}
+
+/// A cloud (or the local proxy) that can host load balancers.
+#[async_trait::async_trait]
+pub trait Provider: Send + Sync {
+    /// `aws`, `local`: used in metrics and logs.
+    fn name(&self) -> &'static str;
+
+    /// Reads what exists for `desired.service` (found by the names in the model, or for an empty
+    /// model by the names the Service would have). Read-only.
+    async fn observe(&self, desired: &Desired) -> Result<Observed, ProviderError>;
+
+    /// `observed` with the load balancer's state (and address) read again: what the controller
+    /// polls while a load balancer is provisioning. Default: a full observe.
+    async fn refresh_state(
+        &self,
+        desired: &Desired,
+        observed: &Observed,
+    ) -> Result<Observed, ProviderError> {
+        let _ = observed;
+        self.observe(desired).await
+    }
+
+    /// Executes `plan` in order and returns what exists afterwards, without re-reading what it
+    /// just wrote.
+    async fn apply(
+        &self,
+        desired: &Desired,
+        observed: &Observed,
+        plan: &Plan,
+    ) -> Result<Observed, ProviderError>;
+
+    /// Everything that carries our ownership tags for this cluster, grouped by the Service its
+    /// tags name (namespace, name, UID), one [`Observed`] per Service, sorted by Service; read-only.
+    /// Resources without all three Service tags are skipped: they are not ours to judge.
+    ///
+    /// For the orphan sweep: the controller deletes what a Service that no longer exists left
+    /// behind by applying `plan(&Desired::empty(..), &observed)`. Each [`Observed`] holds what
+    /// that plan needs: the load balancer (with its attributes, so deletion protection is seen),
+    /// its listeners, every target group (attached or not) and the frontend security group.
+    /// Target-group attributes and targets are left empty; do not plan anything but the empty
+    /// model against it.
+    ///
+    /// The default finds nothing.
+    async fn owned(&self) -> Result<Vec<(crate::model::ServiceRef, Observed)>, ProviderError> {
+        Ok(Vec::new())
+    }
+}
