@@ -6,10 +6,11 @@
 
 mod support;
 
+use cloudlb::config::class::LoadBalancerClass;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::events::v1::Event;
 use kube::Api;
-use kube::api::{ListParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use std::time::Duration;
 use support::env::{Env, wait_for};
@@ -227,4 +228,91 @@ async fn no_node_ports_is_refused_with_an_event_until_the_server_allocates_them(
     let lbs = env.load_balancers().await;
     assert_eq!(lbs.len(), 1);
     assert_eq!(lbs[0].dns_name(), Some(hostname.as_str()));
+}
+
+fn recorded_provider(svc: &Service) -> Option<String> {
+    svc.metadata
+        .annotations
+        .as_ref()?
+        .get("state.cloudlb.io/provider")
+        .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_class_moved_to_another_provider_moves_the_load_balancer_and_leaves_nothing_behind() {
+    let _guard = TestGuard::new();
+    let mut env = Env::start("switch", Duration::from_secs(3600)).await;
+    env.with_local_provider().await;
+    let classes: Api<LoadBalancerClass> = Api::all(env.client.clone());
+    create(
+        &env,
+        "web",
+        json!({"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}),
+    )
+    .await;
+    env.wait_hostname("web").await;
+    let first = env.load_balancers().await;
+    assert_eq!(first.len(), 1);
+    let svc = env.services().get("web").await.expect("get");
+    assert_eq!(recorded_provider(&svc).as_deref(), Some("aws"));
+
+    // aws → local: the NLB, its target group and security group go; the local address comes.
+    classes
+        .patch(
+            &env.ns,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"provider": "local", "aws": null,
+                                          "local": {"addressPool": "127.18.1.0/28"}}})),
+        )
+        .await
+        .expect("patch class to local");
+    let ip = wait_for("a local address in the status", || async {
+        let svc = env.services().get("web").await.ok()?;
+        let ingress = svc.status?.load_balancer?.ingress?;
+        ingress.first()?.ip.clone()
+    })
+    .await;
+    assert!(ip.starts_with("127.18.1."), "{ip}");
+    assert!(env.load_balancers().await.is_empty(), "the NLB is gone");
+    assert!(env.target_groups().await.is_empty(), "its target group too");
+    assert!(
+        env.our_security_groups().await.is_empty(),
+        "and its security group"
+    );
+    let svc = env.services().get("web").await.expect("get");
+    assert_eq!(recorded_provider(&svc).as_deref(), Some("local"));
+    assert!(
+        tokio::net::TcpStream::connect(format!("{ip}:80"))
+            .await
+            .is_ok(),
+        "the local load balancer listens"
+    );
+
+    // local → aws: a new NLB, and the local listener is closed.
+    classes
+        .patch(
+            &env.ns,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"provider": "aws", "local": null,
+                                          "aws": {"targetNodeLabels": {support::env::LABEL: env.ns}}}})),
+        )
+        .await
+        .expect("patch class back to aws");
+    env.wait_hostname("web").await;
+    let again = env.load_balancers().await;
+    assert_eq!(again.len(), 1);
+    assert_ne!(
+        again[0].load_balancer_arn(),
+        first[0].load_balancer_arn(),
+        "a new NLB"
+    );
+    let svc = env.services().get("web").await.expect("get");
+    assert_eq!(recorded_provider(&svc).as_deref(), Some("aws"));
+    wait_for("the local listener closed", || async {
+        tokio::net::TcpStream::connect(format!("{ip}:80"))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
 }

@@ -23,6 +23,12 @@ use std::time::Duration;
 /// Our finalizer on Services that have (or may have) cloud resources.
 pub const FINALIZER: &str = "cloudlb.io/load-balancer";
 
+/// The provider that holds a Service's load balancer (`aws`, `local`), recorded on the Service
+/// with the finalizer, before the first cloud write: cleanup and a class that moves to another
+/// provider act on the provider that made the resources, even after a restart. (A domain of its
+/// own: it is state, not one of the `cloudlb.io/` settings.)
+pub const PROVIDER_ANNOTATION: &str = "state.cloudlb.io/provider";
+
 /// Operator settings (flags).
 #[derive(Clone, Debug)]
 pub struct Settings {

@@ -2,7 +2,7 @@
 //! apply → status, and the same path with the empty model to clean up.
 
 use super::events::{self, publish};
-use super::{CacheEntry, Context, FINALIZER, status};
+use super::{CacheEntry, Context, FINALIZER, PROVIDER_ANNOTATION, status};
 use crate::build::{self, BuildError};
 use crate::config::{self, annotations, class::ProviderKind};
 use crate::model::{Desired, ServiceRef, naming};
@@ -256,16 +256,22 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'stat
             .failures
             .lock()
             .is_ok_and(|f| !f.contains_key(&key(svc)));
-    // The finalizer goes on before the first cloud write.
+    let kind = class.spec.provider;
+    // The finalizer and the provider of record go on before the first cloud write.
     if !has_finalizer(svc) {
         let mut f = svc.finalizers().to_vec();
         f.push(FINALIZER.to_string());
         set_finalizers(&api, svc, f).await?;
     }
+    match recorded_provider(svc) {
+        Some(held) if held == kind => {}
+        // The class moved to another provider: what the old one holds goes first.
+        Some(held) => return switch_provider(svc, sref, ctx, held, kind).await,
+        None => record_provider(&api, svc, kind).await?,
+    }
 
     let desired = built.desired;
     let fingerprint = desired.fingerprint();
-    let kind = class.spec.provider;
     let entry = ctx
         .cache
         .lock()
@@ -458,6 +464,72 @@ fn cleanup_name(
     }
 }
 
+/// The provider recorded on the Service ([`PROVIDER_ANNOTATION`]); `None` before the first
+/// write (or on a Service from a version that did not record it).
+fn recorded_provider(svc: &Service) -> Option<ProviderKind> {
+    match svc
+        .annotations()
+        .get(PROVIDER_ANNOTATION)
+        .map(String::as_str)
+    {
+        Some("aws") => Some(ProviderKind::Aws),
+        Some("local") => Some(ProviderKind::Local),
+        Some(other) => {
+            tracing::warn!(value = other, "unknown {PROVIDER_ANNOTATION}; ignored");
+            None
+        }
+        None => None,
+    }
+}
+
+async fn record_provider(
+    api: &Api<Service>,
+    svc: &Service,
+    kind: ProviderKind,
+) -> Result<(), kube::Error> {
+    let patch = json!({"metadata": {"annotations": {PROVIDER_ANNOTATION: kind.to_string()}}});
+    api.patch(
+        &svc.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The Service's class now names another provider than the one holding its load balancer: the
+/// old provider's resources are deleted (the empty model through the same path), then the new
+/// provider is recorded and the next reconcile creates the load balancer there. The address
+/// changes either way; two load balancers never serve the Service at once.
+async fn switch_provider(
+    svc: &Service,
+    sref: ServiceRef,
+    ctx: &Context,
+    held: ProviderKind,
+    wanted: ProviderKind,
+) -> Result<(Action, &'static str), Error> {
+    if ctx.providers.get(held).is_none() {
+        let msg = format!(
+            "the load balancer of this Service is held by provider {held}, which this operator instance does not run, and its class now names provider {wanted}; start cloudlb with provider {held} enabled so it can remove the old load balancer first. Nothing was changed."
+        );
+        return Ok((invalid(ctx, svc, msg).await, outcome::INVALID));
+    }
+    tracing::info!(%held, %wanted, "class moved to another provider; removing the old load balancer");
+    if let Some(stop) = remove_load_balancer(svc, &sref, ctx, held).await? {
+        return Ok(stop);
+    }
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &sref.namespace);
+    record_provider(&api, svc, wanted).await?;
+    if let Ok(mut c) = ctx.cache.lock() {
+        c.remove(&sref.uid);
+    }
+    // Our own annotation write brings the Service back; the requeue is the safety net.
+    Ok((
+        Action::requeue(ctx.settings.provisioning_requeue),
+        outcome::APPLIED,
+    ))
+}
+
 /// The Service no longer wants our load balancer: apply the empty model, clear the status, drop
 /// the finalizer.
 async fn cleanup(
@@ -469,8 +541,49 @@ async fn cleanup(
         .cache
         .lock()
         .ok()
-        .and_then(|c| c.get(&sref.uid).cloned());
-    let kind = cached.as_ref().map_or(ProviderKind::Aws, |e| e.provider);
+        .and_then(|c| c.get(&sref.uid).map(|e| e.provider));
+    // The provider of record; before it was recorded, what this process used; else AWS.
+    let kind = recorded_provider(svc)
+        .or(cached)
+        .unwrap_or(ProviderKind::Aws);
+    if let Some(stop) = remove_load_balancer(svc, &sref, ctx, kind).await? {
+        return Ok(stop);
+    }
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &sref.namespace);
+    let remaining: Vec<String> = svc
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    match set_finalizers(&api, svc, remaining).await {
+        Ok(()) => {}
+        // Already gone: nothing left to release.
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    if let Ok(mut c) = ctx.cache.lock() {
+        c.remove(&sref.uid);
+    }
+    tracing::info!("load balancer cleaned up; finalizer removed");
+    Ok((Action::await_change(), outcome::CLEANED_UP))
+}
+
+/// Deletes what provider `kind` holds for the Service and clears its status. `Some(result)`:
+/// stop with it (deletion protection); `None`: nothing of ours is left there.
+async fn remove_load_balancer(
+    svc: &Service,
+    sref: &ServiceRef,
+    ctx: &Context,
+    kind: ProviderKind,
+) -> Result<Option<(Action, &'static str)>, Error> {
+    let cached = ctx
+        .cache
+        .lock()
+        .ok()
+        .and_then(|c| c.get(&sref.uid).cloned())
+        .filter(|e| e.provider == kind);
+    let sref = sref.clone();
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &sref.namespace);
     if let Some(provider) = ctx.providers.get(kind) {
         let desired = Desired::empty(sref.clone(), cleanup_name(ctx, svc, &sref, cached.as_ref()));
@@ -499,10 +612,10 @@ async fn cleanup(
             Ok(p) => p,
             Err(e @ PlanError::DeletionProtected { .. }) => {
                 publish(&ctx.recorder, svc, true, events::DELETING, e.to_string()).await;
-                return Ok((
+                return Ok(Some((
                     Action::requeue(Duration::from_secs(300)),
                     outcome::PROTECTED,
-                ));
+                )));
             }
         };
         if !plan.is_empty() {
@@ -537,21 +650,5 @@ async fn cleanup(
             .await;
         }
     }
-    let remaining: Vec<String> = svc
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .cloned()
-        .collect();
-    match set_finalizers(&api, svc, remaining).await {
-        Ok(()) => {}
-        // Already gone: nothing left to release.
-        Err(kube::Error::Api(e)) if e.code == 404 => {}
-        Err(e) => return Err(e.into()),
-    }
-    if let Ok(mut c) = ctx.cache.lock() {
-        c.remove(&sref.uid);
-    }
-    tracing::info!("load balancer cleaned up; finalizer removed");
-    Ok((Action::await_change(), outcome::CLEANED_UP))
+    Ok(None)
 }

@@ -5,6 +5,7 @@
 use cloudlb::config::class::LoadBalancerClass;
 use cloudlb::controller::{self, Providers, Settings};
 use cloudlb::provider::aws::{AwsProvider, AwsSettings};
+use cloudlb::provider::local::{LocalProvider, LocalSettings};
 use cloudlb::telemetry::Metrics;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::events::v1::Event;
@@ -51,6 +52,8 @@ pub struct Env {
     pub network: Network,
     pub instances: Vec<Instance>,
     pub provider: Arc<AwsProvider>,
+    /// The local provider too, after [`Env::with_local_provider`].
+    pub local: Option<Arc<LocalProvider>>,
     pub metrics: Arc<Metrics>,
     pub resync: Duration,
     /// Orphan sweep interval: long, so call counts are not mixed with sweeps, unless a test
@@ -102,6 +105,7 @@ impl Env {
             network,
             instances: vec![],
             provider,
+            local: None,
             metrics,
             resync,
             orphan_sweep: Duration::from_secs(3600),
@@ -124,7 +128,7 @@ impl Env {
         settings.orphan_sweep = self.orphan_sweep;
         let providers = Providers {
             aws: Some(self.provider.clone()),
-            local: None,
+            local: self.local.clone(),
         };
         let run = controller::run(
             self.client.clone(),
@@ -134,6 +138,16 @@ impl Env {
             std::future::pending(),
         );
         self.operator = Some(tokio::spawn(run));
+    }
+
+    /// Restarts the operator with the local provider as well as AWS.
+    pub async fn with_local_provider(&mut self) {
+        self.stop_operator();
+        if let Some(local) = self.local.take() {
+            local.shutdown().await;
+        }
+        self.local = Some(Arc::new(LocalProvider::new(LocalSettings::default())));
+        self.start_operator();
     }
 
     pub fn stop_operator(&mut self) {

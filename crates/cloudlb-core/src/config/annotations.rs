@@ -378,7 +378,7 @@ pub fn setting(name: &str) -> Option<&'static Setting> {
 pub fn markdown() -> String {
     let mut out = String::from(
         "# Service annotations\n\n\
-         Generated from `src/config/annotations.rs` by `cloudlb docs annotations`; do not edit by hand.\n\n\
+         Generated from `crates/cloudlb-core/src/config/annotations.rs` by `cloudlb docs annotations`; do not edit by hand.\n\n\
          Precedence, highest first: `spec.loadBalancerSourceRanges` (source ranges only), our\n\
          `cloudlb.io/…` annotation, the compatible `service.beta.kubernetes.io/…` annotation, the\n\
          `LoadBalancerClass` field, the built-in default. Setting our key and a compatible key to\n\
