@@ -122,17 +122,24 @@ fn has_finalizer(svc: &Service) -> bool {
     svc.finalizers().iter().any(|f| f == FINALIZER)
 }
 
+/// Sets the finalizer list; `record`: also records the provider ([`PROVIDER_ANNOTATION`]) when
+/// that can go in the same write. Returns whether it did.
 async fn set_finalizers(
     api: &Api<Service>,
     svc: &Service,
     finalizers: Vec<String>,
-) -> Result<(), kube::Error> {
+    record: Option<ProviderKind>,
+) -> Result<bool, kube::Error> {
     let current = svc.finalizers();
+    let mut recorded = false;
     let patch = if current.is_empty() {
         // Nothing to compare with: the resourceVersion makes this an optimistic update.
-        Patch::Merge(
-            json!({"metadata": {"finalizers": finalizers, "resourceVersion": svc.resource_version()}}),
-        )
+        let mut patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": svc.resource_version()}});
+        if let Some(kind) = record {
+            patch["metadata"]["annotations"] = json!({PROVIDER_ANNOTATION: kind.to_string()});
+            recorded = true;
+        }
+        Patch::Merge(patch)
     } else {
         // Conflicts only when the finalizer list itself changed meanwhile (our own status
         // write changes the resourceVersion, not the list).
@@ -146,7 +153,7 @@ async fn set_finalizers(
     };
     api.patch(&svc.name_any(), &PatchParams::default(), &patch)
         .await?;
-    Ok(())
+    Ok(recorded)
 }
 
 /// A Kubernetes error for humans: the API server's message, not the whole Status object.
@@ -258,15 +265,19 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'stat
             .is_ok_and(|f| !f.contains_key(&key(svc)));
     let kind = class.spec.provider;
     // The finalizer and the provider of record go on before the first cloud write.
+    let held = recorded_provider(svc);
+    let mut recorded = false;
     if !has_finalizer(svc) {
         let mut f = svc.finalizers().to_vec();
         f.push(FINALIZER.to_string());
-        set_finalizers(&api, svc, f).await?;
+        // A new Service: finalizer and provider in one write.
+        recorded = set_finalizers(&api, svc, f, held.is_none().then_some(kind)).await?;
     }
-    match recorded_provider(svc) {
+    match held {
         Some(held) if held == kind => {}
         // The class moved to another provider: what the old one holds goes first.
         Some(held) => return switch_provider(svc, sref, ctx, held, kind).await,
+        None if recorded => {}
         None => record_provider(&api, svc, kind).await?,
     }
 
@@ -556,8 +567,8 @@ async fn cleanup(
         .filter(|f| *f != FINALIZER)
         .cloned()
         .collect();
-    match set_finalizers(&api, svc, remaining).await {
-        Ok(()) => {}
+    match set_finalizers(&api, svc, remaining, None).await {
+        Ok(_) => {}
         // Already gone: nothing left to release.
         Err(kube::Error::Api(e)) if e.code == 404 => {}
         Err(e) => return Err(e.into()),

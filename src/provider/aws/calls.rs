@@ -241,16 +241,44 @@ mod tests {
         assert_eq!(Family::of("CreateLoadBalancer"), Family::Write);
     }
 
+    /// Whether `acquire` completes without waiting (first poll).
+    fn immediate(bucket: &TokenBucket) -> bool {
+        use futures::FutureExt;
+        bucket.acquire().now_or_never().is_some()
+    }
+
     #[tokio::test]
-    async fn bucket_limits_rate() {
-        let bucket = TokenBucket::new(50.0);
-        let start = Instant::now();
-        for _ in 0..75 {
-            bucket.acquire().await;
+    async fn bucket_gives_its_burst_then_refills_at_its_rate() {
+        // No wall-clock measurement: what a token costs is read off whether `acquire` completes
+        // at once, and time is moved by rewinding the bucket's last refill.
+        let bucket = TokenBucket::new(5.0);
+        for i in 0..5 {
+            assert!(immediate(&bucket), "token {i} of the burst of 5");
         }
-        // 50 from the initial burst, 25 more at 50/s: about half a second.
-        let elapsed = start.elapsed().as_secs_f64();
-        assert!(elapsed >= 0.45, "{elapsed}");
+        assert!(!immediate(&bucket), "the 6th waits: the burst is spent");
+        {
+            let mut state = bucket.state.lock().expect("state");
+            state.1 -= Duration::from_millis(600);
+        }
+        // 0.6 s at 5/s: 3 tokens (the 4th would need another 200 ms to pass).
+        for i in 0..3 {
+            assert!(immediate(&bucket), "refilled token {i}");
+        }
+        assert!(!immediate(&bucket), "no 4th token after 0.6 s at 5/s");
+    }
+
+    #[tokio::test]
+    async fn zero_rate_is_unlimited() {
+        for rate in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let bucket = TokenBucket::new(rate);
+            for i in 0..1000 {
+                assert!(immediate(&bucket), "rate {rate}: call {i} waited");
+            }
+        }
+        // A limited bucket does wait, so the loop above can fail.
+        let limited = TokenBucket::new(1.0);
+        assert!(immediate(&limited));
+        assert!(!immediate(&limited));
     }
 
     #[test]
@@ -275,13 +303,5 @@ mod tests {
         // Calls before the metrics were attached are only in the snapshot.
         assert!(!text.contains("DescribeTags"), "{text}");
         assert_eq!(calls.snapshot().len(), 3);
-    }
-
-    #[tokio::test]
-    async fn zero_rate_is_unlimited() {
-        let bucket = TokenBucket::new(0.0);
-        for _ in 0..1000 {
-            bucket.acquire().await;
-        }
     }
 }

@@ -522,7 +522,8 @@ fn class_routing() {
     );
 }
 
-/// Random and hostile annotation values never panic, and every rejected value is reported.
+/// Random and hostile annotation values never panic, and every rejected value is reported with
+/// the key and value the Service carries and what is allowed.
 #[test]
 fn hostile_input_never_panics() {
     use rand::{Rng, SeedableRng};
@@ -559,6 +560,14 @@ fn hostile_input_never_panics() {
         .iter()
         .flat_map(|s| std::iter::once(s.key()).chain(s.aliases.iter().map(|a| a.to_string())))
         .collect();
+    // A list value as the parser reads it (items trimmed, empty ones dropped).
+    let list = |v: &str| {
+        v.split(',')
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     for _ in 0..3000 {
         let n = rng.random_range(0..6);
         let mut ann = Vec::new();
@@ -583,7 +592,25 @@ fn hostile_input_never_panics() {
             .collect();
         match resolve(&class(None), &svc(&refs, ports)) {
             Ok(_) => {}
-            Err(e) => assert!(!e.0.is_empty() && e.to_string().contains("invalid setting")),
+            Err(e) => {
+                assert!(!e.0.is_empty() && e.to_string().contains("invalid setting"));
+                for err in &e.0 {
+                    assert!(!err.allowed.is_empty(), "says what is allowed: {err}");
+                    // An annotation error names a key the Service carries, with its value (or
+                    // the offending item of a list).
+                    if let Some(key) = err.source.strip_prefix("annotation ") {
+                        let key = key.split_whitespace().next().unwrap_or(key);
+                        assert!(
+                            ann.iter().any(|(k, v)| k == key
+                                && (*v == err.value
+                                    || (!err.value.is_empty()
+                                        && list(v).contains(&list(&err.value))))),
+                            "{err} names {key:?} = {:?}, which the Service does not carry: {ann:?}",
+                            err.value
+                        );
+                    }
+                }
+            }
         }
     }
 }
