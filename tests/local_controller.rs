@@ -194,6 +194,14 @@ impl Env {
         Api::namespaced(self.client.clone(), &self.ns)
     }
 
+    /// A JSON merge patch of Service `name`.
+    async fn patch_service(&self, name: &str, patch: serde_json::Value) {
+        self.services()
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap_or_else(|e| panic!("patch service {name} with {patch}: {e}"));
+    }
+
     async fn create_service(&self, name: &str, ports: serde_json::Value) {
         let svc: Service = serde_json::from_value(json!({
             "metadata": {"name": name, "annotations": {"cloudlb.io/target-node-labels": format!("{LABEL}={}", self.ns)}},
@@ -292,14 +300,8 @@ async fn tcp_and_udp_reach_every_node_and_follow_port_changes() {
     assert_eq!(udp.len(), 3, "UDP reached every node: {udp:?}");
 
     // Port change: served on the new port, the old one is closed.
-    env.services()
-        .patch(
-            "web",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"ports": env.ports(9090, None)}})),
-        )
-        .await
-        .expect("patch ports");
+    env.patch_service("web", json!({"spec": {"ports": env.ports(9090, None)}}))
+        .await;
     let new_addr = format!("{ip}:9090");
     wait_for("new port served", || async { tcp_ask(&new_addr).await }).await;
     wait_for("old port closed", || async {
@@ -434,18 +436,15 @@ async fn all_backends_down_is_a_warning_event() {
     )
     .await;
     // Fast health checks through the usual annotations.
-    env.services()
-        .patch(
-            "web",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {
-                "cloudlb.io/healthcheck-interval": "5",
-                "cloudlb.io/healthcheck-timeout": "2",
-                "cloudlb.io/healthcheck-unhealthy-threshold": "2"
-            }}})),
-        )
-        .await
-        .expect("annotate");
+    env.patch_service(
+        "web",
+        json!({"metadata": {"annotations": {
+            "cloudlb.io/healthcheck-interval": "5",
+            "cloudlb.io/healthcheck-timeout": "2",
+            "cloudlb.io/healthcheck-unhealthy-threshold": "2"
+        }}}),
+    )
+    .await;
     let ip = env.wait_ip("web").await;
     assert!(tcp_ask(&format!("{ip}:8080")).await.is_some());
     for b in env.backends.iter().flatten() {
@@ -494,14 +493,11 @@ async fn status_is_written_once_per_change_although_the_server_adds_ip_mode() {
     // Edits that change nothing about the load balancer: reconciled, never rewritten.
     for i in 0..3 {
         let before = good_reconciles(&env.metrics);
-        env.services()
-            .patch(
-                "web",
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"labels": {"touch": i.to_string()}}})),
-            )
-            .await
-            .expect("label");
+        env.patch_service(
+            "web",
+            json!({"metadata": {"labels": {"touch": i.to_string()}}}),
+        )
+        .await;
         wait_for("a reconcile of the edit", || async {
             (good_reconciles(&env.metrics) > before).then_some(())
         })
@@ -514,14 +510,8 @@ async fn status_is_written_once_per_change_although_the_server_adds_ip_mode() {
     );
 
     // A real change (a new port in status.loadBalancer.ingress[].ports): exactly one write.
-    env.services()
-        .patch(
-            "web",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"ports": env.ports(9090, None)}})),
-        )
-        .await
-        .expect("patch ports");
+    env.patch_service("web", json!({"spec": {"ports": env.ports(9090, None)}}))
+        .await;
     wait_for("the status shows port 9090", || async {
         let svc = env.services().get("web").await.ok()?;
         let ports = svc.status?.load_balancer?.ingress?.first()?.ports.clone()?;
@@ -529,14 +519,8 @@ async fn status_is_written_once_per_change_although_the_server_adds_ip_mode() {
     })
     .await;
     let before = good_reconciles(&env.metrics);
-    env.services()
-        .patch(
-            "web",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"labels": {"touch": "after"}}})),
-        )
-        .await
-        .expect("label");
+    env.patch_service("web", json!({"metadata": {"labels": {"touch": "after"}}}))
+        .await;
     wait_for("a reconcile of the edit", || async {
         (good_reconciles(&env.metrics) > before).then_some(())
     })
