@@ -252,8 +252,10 @@ impl Env {
 
     /// A port with an allocated nodePort (no backend behind it: for Services that only need an
     /// address and a listener).
-    fn any_port(tcp: u16) -> serde_json::Value {
-        json!([{"name": "tcp", "port": tcp, "protocol": "TCP"}])
+    fn any_port(&self, tcp: u16, n: u16) -> serde_json::Value {
+        // An explicit nodePort, nodePort + 100 × (n + 1) (n ≥ 1; + 100 is the UDP backends'):
+        // one the server picked could be another test's fixed nodePort.
+        json!([{"name": "tcp", "port": tcp, "protocol": "TCP", "nodePort": self.node_port + 100 * (n + 1)}])
     }
 }
 
@@ -374,8 +376,8 @@ async fn operator_restart_keeps_every_address() {
     let _guard = TestGuard::new();
     let mut env = Env::start("restart", 13, 31013, "127.13.1.0/28").await;
     env.create_service("a", env.ports(8080, None)).await;
-    env.create_service("b", Env::any_port(8080)).await;
-    env.create_service("c", Env::any_port(8080)).await;
+    env.create_service("b", env.any_port(8080, 1)).await;
+    env.create_service("c", env.any_port(8080, 2)).await;
     let mut before = BTreeMap::new();
     for name in ["a", "b", "c"] {
         before.insert(name, env.wait_ip(name).await);
@@ -407,7 +409,7 @@ async fn exhausted_pool_is_a_warning_event_and_others_keep_working() {
     env.create_service("first", env.ports(8080, None)).await;
     let ip = env.wait_ip("first").await;
     assert_eq!(ip, "127.14.1.7");
-    env.create_service("second", Env::any_port(8080)).await;
+    env.create_service("second", env.any_port(8080, 1)).await;
     let notes = wait_for("pool exhausted event", || async {
         let e = env.events("SyncLoadBalancerFailed").await;
         (!e.is_empty()).then_some(e)
@@ -541,7 +543,8 @@ async fn a_service_port_on_the_operators_own_listener_gets_an_event_naming_both(
         ..LocalSettings::default()
     }));
     env.start_operator();
-    env.create_service("web", Env::any_port(held.port())).await;
+    env.create_service("web", env.any_port(held.port(), 1))
+        .await;
     let want = format!(
         ":{}/TCP: the operator's own --metrics-addr listener ({held}) holds that port",
         held.port()
