@@ -303,24 +303,38 @@ async fn start_controller_manager(
     .collect();
     let mut kcm = ManagedProcess::spawn("kube-controller-manager", program, &args, dir.path())
         .map_err(|e| StartFailure::Fatal(format!("start kube-controller-manager: {e}")))?;
-    let accounts = Api::<ServiceAccount>::namespaced(client.clone(), "default");
+    match wait_for_default_account(client, "default", deadline, || kcm.exited()).await {
+        Ok(()) => Ok(kcm),
+        Err(why) => Err(StartFailure::Fatal(format!(
+            "kube-controller-manager {why}:\n{}",
+            kcm.log_section(60)
+        ))),
+    }
+}
+
+/// Waits until namespace `namespace` has its `default` ServiceAccount (made by the
+/// controller-manager's serviceaccount controller), giving up at `deadline` or when `exited`
+/// reports the controller-manager gone.
+async fn wait_for_default_account(
+    client: &Client,
+    namespace: &str,
+    deadline: Instant,
+    mut exited: impl FnMut() -> Option<std::process::ExitStatus>,
+) -> Result<(), String> {
+    let accounts = Api::<ServiceAccount>::namespaced(client.clone(), namespace);
     loop {
-        if let Some(status) = kcm.exited() {
-            return Err(StartFailure::Fatal(format!(
-                "kube-controller-manager exited early ({status}):\n{}",
-                kcm.log_section(60)
-            )));
+        if let Some(status) = exited() {
+            return Err(format!("exited early ({status})"));
         }
         if Instant::now() > deadline {
-            return Err(StartFailure::Fatal(format!(
-                "kube-controller-manager made no `default` ServiceAccount within {READY_TIMEOUT:?}:\n{}",
-                kcm.log_section(60)
-            )));
+            return Err(format!(
+                "made no `default` ServiceAccount in namespace {namespace} within {READY_TIMEOUT:?}"
+            ));
         }
         if let Ok(Some(_)) = accounts.get_opt("default").await {
-            return Ok(kcm);
+            return Ok(());
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -559,15 +573,9 @@ impl TestCluster {
             .unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
         // Pods need the namespace's `default` ServiceAccount (ServiceAccount admission), which
         // the controller-manager creates moments after the namespace.
-        let accounts = Api::<ServiceAccount>::namespaced(self.client(), &name);
         let deadline = Instant::now() + READY_TIMEOUT;
-        while !matches!(accounts.get_opt("default").await, Ok(Some(_))) {
-            assert!(
-                Instant::now() < deadline,
-                "no `default` ServiceAccount in namespace {name} after {READY_TIMEOUT:?}:\n{}",
-                self.log_tail(40)
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Err(why) = wait_for_default_account(&self.client(), &name, deadline, || None).await {
+            panic!("kube-controller-manager {why}:\n{}", self.log_tail(40));
         }
         name
     }
