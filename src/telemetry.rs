@@ -167,19 +167,6 @@ impl Metrics {
             .get()
     }
 
-    pub fn cloud_call(&self, provider: &str, operation: &str, outcome: &str) {
-        self.cloud_calls
-            .get_or_create(&CallLabels {
-                provider: provider.to_string(),
-                operation: operation.to_string(),
-                outcome: outcome.to_string(),
-            })
-            .inc();
-        if outcome == "throttled" {
-            self.cloud_throttled.inc();
-        }
-    }
-
     /// A Service's `status.loadBalancer` was written.
     pub fn status_written(&self) {
         self.status_writes.inc();
@@ -215,5 +202,46 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+impl cloudlb_core::provider::CallObserver for Metrics {
+    /// Counted in `cloudlb_cloud_api_calls_total`; throttled calls also in
+    /// `cloudlb_cloud_api_throttled_total`.
+    fn cloud_call(&self, provider: &str, operation: &str, outcome: &str) {
+        self.cloud_calls
+            .get_or_create(&CallLabels {
+                provider: provider.to_string(),
+                operation: operation.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+        if outcome == "throttled" {
+            self.cloud_throttled.inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Metrics;
+    use cloudlb_core::provider::CallObserver;
+
+    #[test]
+    fn cloud_calls_are_counted_by_operation_and_throttles_apart() {
+        let metrics = Metrics::new();
+        metrics.cloud_call("aws", "CreateLoadBalancer", "ok");
+        metrics.cloud_call("aws", "RegisterTargets", "throttled");
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                r#"cloudlb_cloud_api_calls_total{provider="aws",operation="CreateLoadBalancer",outcome="ok"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("cloudlb_cloud_api_throttled_total 1"),
+            "{text}"
+        );
     }
 }

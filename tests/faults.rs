@@ -15,7 +15,7 @@
 
 mod support;
 
-use aws_sdk_elasticloadbalancingv2::error::ProvideErrorMetadata;
+use support::aws::elbv2::error::ProvideErrorMetadata;
 use cloudlb::config::class::LoadBalancerClass;
 use cloudlb::model::{naming, tags};
 use futures::StreamExt;

@@ -1,7 +1,7 @@
 //! Providers execute a [`Plan`](crate::plan::Plan) against a cloud and report what exists.
 //!
 //! The trait speaks our own types (the desired model, [`Observed`], [`Op`](crate::plan::Op)),
-//! never SDK types. The providers live in the operator (`src/provider/aws/`, `src/provider/local/`).
+//! never SDK types. The providers are the crates `cloudlb-aws` and `cloudlb-local`.
 
 use crate::model::Desired;
 pub use crate::model::observed::{
@@ -101,4 +101,12 @@ pub trait Provider: Send + Sync {
     async fn owned(&self) -> Result<Vec<(crate::model::ServiceRef, Observed)>, ProviderError> {
         Ok(Vec::new())
     }
+}
+
+/// Where a provider reports every cloud call it makes: the operator counts them in
+/// `cloudlb_cloud_api_calls_total{provider,operation,outcome}`.
+pub trait CallObserver: Send + Sync {
+    /// One call of `operation` (e.g. `CreateLoadBalancer`) ended with `outcome` (`ok`,
+    /// `not_found`, `throttled`, …).
+    fn cloud_call(&self, provider: &str, operation: &str, outcome: &str);
 }

@@ -1,7 +1,7 @@
 //! The `local.*` load-balancer attributes and the address pool.
 
 use super::error::LocalError;
-use crate::model::ServiceRef;
+use cloudlb_core::model::ServiceRef;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;

@@ -19,10 +19,10 @@ mod observe;
 mod owned;
 mod subnets;
 
-use crate::model::{Desired, ServiceRef};
-use crate::plan::Plan;
-use crate::provider::{Observed, Provider, ProviderError};
-use crate::telemetry::Metrics;
+use cloudlb_core::model::{Desired, ServiceRef};
+use cloudlb_core::plan::Plan;
+use cloudlb_core::provider::{Observed, Provider, ProviderError};
+use cloudlb_core::provider::CallObserver;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -114,11 +114,10 @@ impl AwsProvider {
         )
     }
 
-    /// Also count every AWS call in `metrics` as
-    /// `cloudlb_cloud_api_calls_total{provider="aws",operation,outcome}` (throttled calls also in
-    /// `cloudlb_cloud_api_throttled_total`). [`calls`](Self::calls) keeps counting as before;
-    /// [`reset_calls`](Self::reset_calls) does not reset the Prometheus counters.
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+    /// Also report every AWS call to `metrics` (the operator counts them as
+    /// `cloudlb_cloud_api_calls_total{provider="aws",operation,outcome}`). [`calls`](Self::calls)
+    /// keeps counting as before; [`reset_calls`](Self::reset_calls) does not reset `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<dyn CallObserver>) -> Self {
         self.calls.set_metrics(metrics);
         self
     }

@@ -13,8 +13,8 @@
 
 use super::AwsProvider;
 use super::convert::{self, tag_map_ec2};
-use crate::model::{ServiceRef, naming, tags};
-use crate::provider::{
+use cloudlb_core::model::{ServiceRef, naming, tags};
+use cloudlb_core::provider::{
     Observed, ObservedLb, ObservedListener, ObservedSecurityGroup, ProviderError,
 };
 use aws_sdk_ec2::types::{Filter, SecurityGroup};

@@ -4,7 +4,7 @@
 use super::HealthEvent;
 use super::config::Algorithm;
 use super::token::Token;
-use crate::model::{HealthCheck, ServiceRef, Target};
+use cloudlb_core::model::{HealthCheck, ServiceRef, Target};
 use rand::Rng;
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -4,8 +4,8 @@
 
 use super::AwsProvider;
 use super::convert::{self, is_ours, tag_map_ec2, tag_map_elb};
-use crate::model::{Desired, naming};
-use crate::provider::{Observed, ObservedSecurityGroup, ObservedTargetGroup, ProviderError};
+use cloudlb_core::model::{Desired, naming};
+use cloudlb_core::provider::{Observed, ObservedSecurityGroup, ObservedTargetGroup, ProviderError};
 use aws_sdk_ec2::types::Filter;
 use aws_sdk_elasticloadbalancingv2::types as elb;
 use std::collections::BTreeMap;
@@ -239,7 +239,7 @@ impl AwsProvider {
         &self,
         lb_arn: &str,
         all_certificates: bool,
-    ) -> Result<Vec<crate::provider::ObservedListener>, ProviderError> {
+    ) -> Result<Vec<cloudlb_core::provider::ObservedListener>, ProviderError> {
         let mut listeners = Vec::new();
         let mut marker = None;
         loop {

@@ -1,6 +1,6 @@
 //! Errors of the local provider → [`ProviderError`].
 
-use crate::provider::ProviderError;
+use cloudlb_core::provider::ProviderError;
 
 /// What can go wrong while serving a Service locally. Each message names the Service, what and
 /// what to do.

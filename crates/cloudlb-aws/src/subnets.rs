@@ -4,8 +4,8 @@
 
 use super::AwsProvider;
 use super::convert::tag_map_ec2;
-use crate::model::{Scheme, Subnets, tags};
-use crate::provider::ProviderError;
+use cloudlb_core::model::{Scheme, Subnets, tags};
+use cloudlb_core::provider::ProviderError;
 use aws_sdk_ec2::types::{Filter, SubnetState};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;

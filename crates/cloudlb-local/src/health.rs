@@ -8,7 +8,7 @@
 //! HTTPS: no TLS library in this crate, so it is checked like TCP (the port accepts connections).
 
 use super::group::Group;
-use crate::model::{HealthCheck, HealthCheckProtocol};
+use cloudlb_core::model::{HealthCheck, HealthCheckProtocol};
 use std::net::SocketAddr;
 use std::sync::Weak;
 use std::sync::atomic::Ordering;

@@ -1,6 +1,6 @@
 //! SDK errors → [`ProviderError`].
 
-use crate::provider::ProviderError;
+use cloudlb_core::provider::ProviderError;
 use aws_sdk_elasticloadbalancingv2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 
 /// What a failed call means to us, decided by the AWS error code.

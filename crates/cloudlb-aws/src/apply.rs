@@ -6,11 +6,11 @@
 use super::AwsProvider;
 use super::convert::{self, desired_certificates, elb_tags, ip_permissions};
 use super::error::{AwsError, ErrorKind};
-use crate::model::{
+use cloudlb_core::model::{
     Desired, HealthCheckProtocol, IngressRule, Listener, LoadBalancer, Target, TargetGroup,
 };
-use crate::plan::{Op, Plan};
-use crate::provider::{Observed, ObservedListener, ObservedTargetGroup, ProviderError};
+use cloudlb_core::plan::{Op, Plan};
+use cloudlb_core::provider::{Observed, ObservedListener, ObservedTargetGroup, ProviderError};
 use aws_sdk_ec2::types::{ResourceType, Tag as Ec2Tag, TagSpecification};
 use aws_sdk_elasticloadbalancingv2::types as elb;
 use std::collections::{BTreeMap, BTreeSet};
@@ -279,7 +279,7 @@ impl<'a> Run<'a> {
         let id = resp
             .group_id
             .ok_or_else(|| unexpected("CreateSecurityGroup", "no GroupId"))?;
-        self.out.security_group = Some(crate::provider::ObservedSecurityGroup {
+        self.out.security_group = Some(cloudlb_core::provider::ObservedSecurityGroup {
             id,
             name: frontend.name.clone(),
             ingress: BTreeSet::new(),
@@ -450,7 +450,7 @@ impl<'a> Run<'a> {
             .attributes
             .keys()
             .filter_map(|k| {
-                crate::plan::lb_attribute_default(k).map(|v| (k.clone(), v.to_string()))
+                cloudlb_core::plan::lb_attribute_default(k).map(|v| (k.clone(), v.to_string()))
             })
             .collect();
         self.out.lb = convert::observed_lb(&created, attributes);
@@ -586,7 +586,7 @@ impl<'a> Run<'a> {
             .attributes
             .keys()
             .filter_map(|k| {
-                crate::plan::tg_attribute_default(k, tg).map(|v| (k.clone(), v.to_string()))
+                cloudlb_core::plan::tg_attribute_default(k, tg).map(|v| (k.clone(), v.to_string()))
             })
             .collect();
         let observed = convert::observed_tg(&created, attributes, BTreeSet::new())

@@ -1,11 +1,11 @@
-//! SDK shapes → our [`Observed`](crate::provider::Observed) types. Used by observe and by apply
+//! SDK shapes → our [`Observed`](cloudlb_core::provider::Observed) types. Used by observe and by apply
 //! (which builds its result from the create/modify responses), so both agree by construction.
 
-use crate::model::{
+use cloudlb_core::model::{
     HealthCheck, HealthCheckProtocol, IngressRule, IpAddressType, Protocol, Scheme, Target,
     TargetType, tags,
 };
-use crate::provider::{LbState, ObservedLb, ObservedListener, ObservedTargetGroup};
+use cloudlb_core::provider::{LbState, ObservedLb, ObservedListener, ObservedTargetGroup};
 use aws_sdk_elasticloadbalancingv2::types as elb;
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -40,9 +40,9 @@ mod workers;
 pub use config::{AddressPool, Algorithm};
 pub use error::LocalError;
 
-use crate::model::{Desired, LoadBalancer, Protocol, ServiceRef};
-use crate::plan::Plan;
-use crate::provider::{
+use cloudlb_core::model::{Desired, LoadBalancer, Protocol, ServiceRef};
+use cloudlb_core::plan::Plan;
+use cloudlb_core::provider::{
     LbState, Observed, ObservedLb, ObservedListener, ObservedSecurityGroup, ObservedTargetGroup,
     Provider, ProviderError,
 };
