@@ -1,5 +1,5 @@
 //! Compare the desired model with what exists and produce the ordered operations that make them
-//! equal. Pure: no IO, table-tested.
+//! equal. Pure: no IO, table-tested and golden-tested (`tests/golden/plan/`).
 //!
 //! Order: security group first (an NLB only takes security groups at creation), then the load
 //! balancer, its attributes, target groups (create, health check, attributes, deregister before
