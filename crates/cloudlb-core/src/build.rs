@@ -111,6 +111,17 @@ struct PortGroup {
     node_port: u16,
 }
 
+impl PortGroup {
+    /// Stable id of the group's target group in the model: `tcp-80`, `tcpudp-53`.
+    fn key(&self) -> String {
+        format!(
+            "{}-{}",
+            self.protocol.as_aws().to_ascii_lowercase().replace('_', ""),
+            self.port
+        )
+    }
+}
+
 fn port_groups(svc: &Service, cfg: &LbConfig) -> Result<Vec<PortGroup>, BuildError> {
     let ports = svc
         .spec
@@ -209,12 +220,7 @@ pub fn build<N: std::borrow::Borrow<Node>>(
     let name = lb_name(cluster, &service, Some(cfg));
     let mut warnings = Vec::new();
 
-    let mut base_tags = cfg.additional_tags.clone();
-    base_tags.insert(tags::kubernetes_cluster(cluster), "owned".into());
-    base_tags.insert(tags::CLUSTER.into(), cluster.into());
-    base_tags.insert(tags::SERVICE_NAMESPACE.into(), service.namespace.clone());
-    base_tags.insert(tags::SERVICE_NAME.into(), service.name.clone());
-    base_tags.insert(tags::SERVICE_UID.into(), service.uid.clone());
+    let base_tags = base_tags(cluster, &service, cfg);
     let tagged = |resource: &str| {
         let mut t = base_tags.clone();
         t.insert(tags::RESOURCE.into(), resource.into());
@@ -228,47 +234,22 @@ pub fn build<N: std::borrow::Borrow<Node>>(
         cfg.target_type
     };
 
-    // Targets: every eligible node passing the per-Service label selector.
-    let mut hosts: BTreeSet<String> = BTreeSet::new();
-    for node in nodes
-        .iter()
-        .map(|n| n.borrow())
-        .filter(|n| node_eligible(n) && matches_labels(n, &cfg.target_node_labels))
-    {
-        let node_name = node.metadata.name.clone().unwrap_or_default();
-        let id = match target_type {
-            TargetType::Instance => instance_id(node)
-                .ok_or("no spec.providerID of the form aws:///<zone>/<instance-id>"),
-            TargetType::Ip => internal_ip(node).ok_or("no InternalIP address"),
-        };
-        match id {
-            Ok(id) => {
-                hosts.insert(id);
-            }
-            Err(why) => warnings.push(format!("node {node_name} is not a target: {why}")),
-        }
-    }
+    let hosts = targets(nodes, cfg, target_type, &mut warnings);
+    let shared = Shared {
+        svc,
+        cfg,
+        lb_name: &name,
+        service: &service,
+        target_type,
+        hosts: &hosts,
+    };
 
     let groups = port_groups(svc, cfg)?;
     let mut listeners = Vec::new();
     let mut target_groups = Vec::new();
     let mut ingress = BTreeSet::new();
     for g in &groups {
-        let key = format!(
-            "{}-{}",
-            g.protocol.as_aws().to_ascii_lowercase().replace('_', ""),
-            g.port
-        );
-        let tg_protocol = match g.protocol {
-            Protocol::Tls if !cfg.backend_tls => Protocol::Tcp,
-            p => p,
-        };
-        let immutable = format!(
-            "{}/{}/{}",
-            tg_protocol.as_aws(),
-            g.node_port,
-            target_type.as_aws()
-        );
+        let key = g.key();
         let mut attributes = BTreeMap::new();
         if cfg.local.is_none() {
             attributes.insert(
@@ -278,58 +259,51 @@ pub fn build<N: std::borrow::Borrow<Node>>(
             attributes.insert("proxy_protocol_v2.enabled".to_string(), "false".to_string());
             attributes.extend(cfg.tg_attributes.clone());
         }
-        target_groups.push(TargetGroup {
-            key: key.clone(),
-            name: naming::target_group_name(
-                &name,
-                &service.namespace,
-                &service.name,
-                g.port,
-                &immutable,
-            ),
-            protocol: tg_protocol,
-            port: g.node_port,
-            target_type,
-            health_check: health_check(svc, cfg, g.protocol == Protocol::Udp),
+        target_groups.push(shared.target_group(
+            g,
+            &key,
             attributes,
-            targets: hosts
-                .iter()
-                .map(|id| Target {
-                    id: id.clone(),
-                    port: g.node_port,
-                })
-                .collect(),
-            tags: tagged(&format!("target-group/{key}")),
-        });
-        let tls = g.protocol == Protocol::Tls;
-        listeners.push(Listener {
-            port: g.port,
-            protocol: g.protocol,
-            target_group: key,
-            certificates: if tls {
-                cfg.ssl_certificates.clone()
-            } else {
-                vec![]
-            },
-            ssl_policy: if tls { cfg.ssl_policy.clone() } else { None },
-            alpn_policy: None,
-        });
-        let protos: &[&str] = match g.protocol {
-            Protocol::Udp => &["udp"],
-            Protocol::TcpUdp => &["tcp", "udp"],
-            Protocol::Tcp | Protocol::Tls => &["tcp"],
-        };
-        for proto in protos {
-            for cidr in &cfg.source_ranges {
-                ingress.insert(IngressRule {
-                    protocol: (*proto).to_string(),
-                    port: g.port,
-                    cidr: cidr.clone(),
-                });
-            }
-        }
+            tagged(&format!("target-group/{key}")),
+        ));
+        ingress.extend(ingress_rules(g, &cfg.source_ranges));
+        listeners.push(listener(g, key, cfg));
     }
+    let parts = Parts {
+        service,
+        name,
+        listeners,
+        target_groups,
+        ingress,
+        tags: tagged("load-balancer"),
+    };
+    Ok(Built {
+        desired: assemble(cluster, svc, cfg, parts),
+        warnings,
+    })
+}
 
+/// What [`build`] has made of the Service's ports and nodes.
+struct Parts {
+    service: ServiceRef,
+    name: String,
+    listeners: Vec<Listener>,
+    target_groups: Vec<TargetGroup>,
+    ingress: BTreeSet<IngressRule>,
+    /// The load balancer's tags.
+    tags: BTreeMap<String, String>,
+}
+
+/// The load balancer around the listeners and target groups: its security group, attributes and
+/// placement.
+fn assemble(cluster: &str, svc: &Service, cfg: &LbConfig, parts: Parts) -> Desired {
+    let Parts {
+        service,
+        name,
+        listeners,
+        target_groups,
+        ingress,
+        tags,
+    } = parts;
     let frontend =
         (cfg.security_groups.is_empty() && cfg.local.is_none()).then(|| FrontendSecurityGroup {
             name: naming::security_group_name(&name),
@@ -372,22 +346,6 @@ pub fn build<N: std::borrow::Borrow<Node>>(
         }
     }
 
-    let status_ports = svc
-        .spec
-        .as_ref()
-        .and_then(|s| s.ports.clone())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|p| {
-            let proto = if p.protocol.as_deref() == Some("UDP") {
-                Protocol::Udp
-            } else {
-                Protocol::Tcp
-            };
-            u16::try_from(p.port).ok().map(|port| (port, proto))
-        })
-        .collect();
-
     let lb = LoadBalancer {
         name: name.clone(),
         scheme: cfg.scheme,
@@ -401,19 +359,167 @@ pub fn build<N: std::borrow::Borrow<Node>>(
             manage_backend_rules: false,
         },
         attributes,
-        tags: tagged("load-balancer"),
+        tags,
         listeners,
         target_groups,
-        status_ports,
+        status_ports: service_status_ports(svc),
     };
-    Ok(Built {
-        desired: Desired {
-            service,
-            lb_name: name,
-            lb: Some(lb),
+    Desired {
+        service,
+        lb_name: name,
+        lb: Some(lb),
+    }
+}
+
+/// Our ownership tags and the user's, shared by every resource of the Service.
+fn base_tags(cluster: &str, service: &ServiceRef, cfg: &LbConfig) -> BTreeMap<String, String> {
+    let mut base_tags = cfg.additional_tags.clone();
+    base_tags.insert(tags::kubernetes_cluster(cluster), "owned".into());
+    base_tags.insert(tags::CLUSTER.into(), cluster.into());
+    base_tags.insert(tags::SERVICE_NAMESPACE.into(), service.namespace.clone());
+    base_tags.insert(tags::SERVICE_NAME.into(), service.name.clone());
+    base_tags.insert(tags::SERVICE_UID.into(), service.uid.clone());
+    base_tags
+}
+
+/// Targets: every eligible node passing the per-Service label selector, by instance id or
+/// address; a node without one is left out with a warning.
+fn targets<N: std::borrow::Borrow<Node>>(
+    nodes: &[N],
+    cfg: &LbConfig,
+    target_type: TargetType,
+    warnings: &mut Vec<String>,
+) -> BTreeSet<String> {
+    let mut hosts: BTreeSet<String> = BTreeSet::new();
+    for node in nodes
+        .iter()
+        .map(|n| n.borrow())
+        .filter(|n| node_eligible(n) && matches_labels(n, &cfg.target_node_labels))
+    {
+        let node_name = node.metadata.name.clone().unwrap_or_default();
+        let id = match target_type {
+            TargetType::Instance => instance_id(node)
+                .ok_or("no spec.providerID of the form aws:///<zone>/<instance-id>"),
+            TargetType::Ip => internal_ip(node).ok_or("no InternalIP address"),
+        };
+        match id {
+            Ok(id) => {
+                hosts.insert(id);
+            }
+            Err(why) => warnings.push(format!("node {node_name} is not a target: {why}")),
+        }
+    }
+    hosts
+}
+
+/// What every target group of one Service shares.
+struct Shared<'a> {
+    svc: &'a Service,
+    cfg: &'a LbConfig,
+    lb_name: &'a str,
+    service: &'a ServiceRef,
+    target_type: TargetType,
+    hosts: &'a BTreeSet<String>,
+}
+
+impl Shared<'_> {
+    /// The target group of one port group; its name embeds the fields AWS cannot change.
+    fn target_group(
+        &self,
+        g: &PortGroup,
+        key: &str,
+        attributes: BTreeMap<String, String>,
+        tags: BTreeMap<String, String>,
+    ) -> TargetGroup {
+        let tg_protocol = match g.protocol {
+            Protocol::Tls if !self.cfg.backend_tls => Protocol::Tcp,
+            p => p,
+        };
+        let immutable = format!(
+            "{}/{}/{}",
+            tg_protocol.as_aws(),
+            g.node_port,
+            self.target_type.as_aws()
+        );
+        TargetGroup {
+            key: key.to_string(),
+            name: naming::target_group_name(
+                self.lb_name,
+                &self.service.namespace,
+                &self.service.name,
+                g.port,
+                &immutable,
+            ),
+            protocol: tg_protocol,
+            port: g.node_port,
+            target_type: self.target_type,
+            health_check: health_check(self.svc, self.cfg, g.protocol == Protocol::Udp),
+            attributes,
+            targets: self
+                .hosts
+                .iter()
+                .map(|id| Target {
+                    id: id.clone(),
+                    port: g.node_port,
+                })
+                .collect(),
+            tags,
+        }
+    }
+}
+
+/// The listener of one port group; TLS listeners carry the certificates and policy.
+fn listener(g: &PortGroup, target_group: String, cfg: &LbConfig) -> Listener {
+    let tls = g.protocol == Protocol::Tls;
+    Listener {
+        port: g.port,
+        protocol: g.protocol,
+        target_group,
+        certificates: if tls {
+            cfg.ssl_certificates.clone()
+        } else {
+            vec![]
         },
-        warnings,
-    })
+        ssl_policy: if tls { cfg.ssl_policy.clone() } else { None },
+        alpn_policy: None,
+    }
+}
+
+/// The frontend rules that let the source ranges reach one listener.
+fn ingress_rules(g: &PortGroup, source_ranges: &[String]) -> Vec<IngressRule> {
+    let protos: &[&str] = match g.protocol {
+        Protocol::Udp => &["udp"],
+        Protocol::TcpUdp => &["tcp", "udp"],
+        Protocol::Tcp | Protocol::Tls => &["tcp"],
+    };
+    protos
+        .iter()
+        .flat_map(|proto| {
+            source_ranges.iter().map(|cidr| IngressRule {
+                protocol: (*proto).to_string(),
+                port: g.port,
+                cidr: cidr.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The Service's ports as its status lists them.
+fn service_status_ports(svc: &Service) -> Vec<(u16, Protocol)> {
+    svc.spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| {
+            let proto = if p.protocol.as_deref() == Some("UDP") {
+                Protocol::Udp
+            } else {
+                Protocol::Tcp
+            };
+            u16::try_from(p.port).ok().map(|port| (port, proto))
+        })
+        .collect()
 }
 
 #[cfg(test)]

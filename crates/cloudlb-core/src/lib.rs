@@ -9,7 +9,8 @@
 //!   health checks, attributes, tags), names and defaults.
 //! - [`build`]: Service + eligible Nodes + config → the desired model (golden-tested,
 //!   `tests/golden/build/`).
-//! - [`plan`]: desired × observed → ordered operations (table-tested).
+//! - [`plan`]: desired × observed → ordered operations (table-tested, and golden-tested in
+//!   `tests/golden/plan/`).
 //! - [`provider`]: the trait a provider implements, in these types, and what it observes.
 #![forbid(unsafe_code)]
 

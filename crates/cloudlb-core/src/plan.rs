@@ -1,5 +1,5 @@
 //! Compare the desired model with what exists and produce the ordered operations that make them
-//! equal. Pure: no IO, table-tested.
+//! equal. Pure: no IO, table-tested and golden-tested (`tests/golden/plan/`).
 //!
 //! Order: security group first (an NLB only takes security groups at creation), then the load
 //! balancer, its attributes, target groups (create, health check, attributes, deregister before
@@ -7,8 +7,8 @@
 //! nothing references any more. Immutable changes (scheme; target-group protocol/port/target
 //! type, which are part of the target-group name) replace the resource.
 
-use crate::model::observed::{Observed, ObservedListener, ObservedTargetGroup};
-use crate::model::{Desired, IngressRule, LoadBalancer, Target, TargetGroup};
+use crate::model::observed::{Observed, ObservedLb, ObservedListener, ObservedTargetGroup};
+use crate::model::{Desired, IngressRule, Listener, LoadBalancer, Target, TargetGroup};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -186,7 +186,30 @@ fn plan_delete(observed: &Observed, ops: &mut Vec<Op>) -> Result<(), PlanError> 
 }
 
 fn plan_ensure(lb: &LoadBalancer, observed: &Observed, ops: &mut Vec<Op>) {
-    // 1. Frontend security group.
+    plan_security_group(lb, observed, ops);
+    let existing = plan_load_balancer(lb, observed, ops);
+    plan_lb_attributes(lb, existing, ops);
+    // Target groups are matched by name, which embeds the immutable fields.
+    for tg in &lb.target_groups {
+        plan_target_group(tg, observed_tg(observed, &tg.name), ops);
+    }
+    // Observed listeners are gone when the load balancer is replaced.
+    let observed_listeners: &[ObservedListener] = if existing.is_some() {
+        &observed.listeners
+    } else {
+        &[]
+    };
+    plan_listeners(lb, observed, observed_listeners, ops);
+    plan_cleanup(lb, observed, ops);
+}
+
+fn observed_tg<'o>(observed: &'o Observed, name: &str) -> Option<&'o ObservedTargetGroup> {
+    observed.target_groups.iter().find(|t| t.name == name)
+}
+
+/// 1. The frontend security group: created with its rules, or its rules brought in line
+///    (authorize before revoke, so no allowed source is cut off in between).
+fn plan_security_group(lb: &LoadBalancer, observed: &Observed, ops: &mut Vec<Op>) {
     match (&lb.security.frontend, &observed.security_group) {
         (Some(_), None) => {
             ops.push(Op::CreateSecurityGroup);
@@ -212,8 +235,15 @@ fn plan_ensure(lb: &LoadBalancer, observed: &Observed, ops: &mut Vec<Op>) {
         }
         (None, _) => {}
     }
+}
 
-    // 2. The load balancer itself.
+/// 2. The load balancer itself: replaced when its scheme changes, else created or brought in
+///    line. Returns the one that stays (`None`: it is created by this plan).
+fn plan_load_balancer<'o>(
+    lb: &LoadBalancer,
+    observed: &'o Observed,
+    ops: &mut Vec<Op>,
+) -> Option<&'o ObservedLb> {
     let mut existing = observed.lb.as_ref();
     if let Some(have) = existing
         && have.scheme != lb.scheme
@@ -229,64 +259,71 @@ fn plan_ensure(lb: &LoadBalancer, observed: &Observed, ops: &mut Vec<Op>) {
         });
         existing = None;
     }
-    let lb_attrs = match existing {
-        None => {
-            ops.push(Op::CreateLoadBalancer);
-            changed_attributes(&lb.attributes, lb_attribute_default)
-        }
+    match existing {
+        None => ops.push(Op::CreateLoadBalancer),
         Some(have) => {
             if have.ip_address_type != lb.ip_address_type {
                 ops.push(Op::SetIpAddressType);
             }
-            let want_ours = lb.security.frontend.is_some();
-            let ours_attached = observed
-                .security_group
-                .as_ref()
-                .is_some_and(|sg| have.security_groups.contains(&sg.id));
-            let extra_attached: Vec<_> = have
-                .security_groups
-                .iter()
-                .filter(|id| {
-                    observed
-                        .security_group
-                        .as_ref()
-                        .is_none_or(|sg| &sg.id != *id)
-                })
-                .collect();
-            let mut want_extra: Vec<_> = lb.security.extra_security_groups.iter().collect();
-            want_extra.sort();
-            let mut extra_sorted = extra_attached.clone();
-            extra_sorted.sort();
-            if want_ours != ours_attached || want_extra != extra_sorted {
+            if security_groups_differ(lb, have, observed) {
                 ops.push(Op::SetSecurityGroups);
             }
-            changed_attributes(&lb.attributes, |k| {
-                // An attribute the cloud does not report is at its default.
-                have.attributes
-                    .get(k)
-                    .map(String::as_str)
-                    .or_else(|| lb_attribute_default(k))
-            })
         }
+    }
+    existing
+}
+
+/// Whether the attached security groups are not exactly ours (if we want one) and the user's.
+fn security_groups_differ(lb: &LoadBalancer, have: &ObservedLb, observed: &Observed) -> bool {
+    let want_ours = lb.security.frontend.is_some();
+    let ours_attached = observed
+        .security_group
+        .as_ref()
+        .is_some_and(|sg| have.security_groups.contains(&sg.id));
+    let extra_attached: Vec<_> = have
+        .security_groups
+        .iter()
+        .filter(|id| {
+            observed
+                .security_group
+                .as_ref()
+                .is_none_or(|sg| &sg.id != *id)
+        })
+        .collect();
+    let mut want_extra: Vec<_> = lb.security.extra_security_groups.iter().collect();
+    want_extra.sort();
+    let mut extra_sorted = extra_attached.clone();
+    extra_sorted.sort();
+    want_ours != ours_attached || want_extra != extra_sorted
+}
+
+/// 3. The load balancer's attributes that differ from what it has (a new one has the defaults).
+fn plan_lb_attributes(lb: &LoadBalancer, existing: Option<&ObservedLb>, ops: &mut Vec<Op>) {
+    let lb_attrs = match existing {
+        None => changed_attributes(&lb.attributes, lb_attribute_default),
+        Some(have) => changed_attributes(&lb.attributes, |k| {
+            // An attribute the cloud does not report is at its default.
+            have.attributes
+                .get(k)
+                .map(String::as_str)
+                .or_else(|| lb_attribute_default(k))
+        }),
     };
     if !lb_attrs.is_empty() {
         ops.push(Op::SetLoadBalancerAttributes {
             attributes: lb_attrs,
         });
     }
+}
 
-    // 3. Target groups (matched by name, which embeds the immutable fields).
-    let observed_tg = |name: &str| observed.target_groups.iter().find(|t| t.name == name);
-    for tg in &lb.target_groups {
-        plan_target_group(tg, observed_tg(&tg.name), ops);
-    }
-
-    // 4. Listeners (matched by port). Observed listeners are gone when the LB is replaced.
-    let observed_listeners: &[ObservedListener] = if existing.is_some() {
-        &observed.listeners
-    } else {
-        &[]
-    };
+/// 5. Listeners, matched by port: delete those no port wants, create the missing ones, modify
+///    those that differ.
+fn plan_listeners(
+    lb: &LoadBalancer,
+    observed: &Observed,
+    observed_listeners: &[ObservedListener],
+    ops: &mut Vec<Op>,
+) {
     for have in observed_listeners {
         if !lb.listeners.iter().any(|l| l.port == have.port) {
             ops.push(Op::DeleteListener {
@@ -298,34 +335,44 @@ fn plan_ensure(lb: &LoadBalancer, observed: &Observed, ops: &mut Vec<Op>) {
     for want in &lb.listeners {
         match observed_listeners.iter().find(|l| l.port == want.port) {
             None => ops.push(Op::CreateListener { port: want.port }),
-            Some(have) => {
-                let tg_arn = lb
-                    .target_groups
-                    .iter()
-                    .find(|t| t.key == want.target_group)
-                    .and_then(|t| observed_tg(&t.name))
-                    .map(|t| &t.arn);
-                let mut want_certs = want.certificates.clone();
-                want_certs.sort();
-                let mut have_certs = have.certificates.clone();
-                have_certs.sort();
-                let differs = have.protocol != want.protocol
-                    || tg_arn.is_none()
-                    || have.target_group_arn.as_ref() != tg_arn
-                    || want_certs != have_certs
-                    || (want.ssl_policy.is_some() && have.ssl_policy != want.ssl_policy)
-                    || have.alpn_policy != want.alpn_policy;
-                if differs {
-                    ops.push(Op::ModifyListener {
-                        arn: have.arn.clone(),
-                        port: want.port,
-                    });
-                }
+            Some(have) if listener_differs(lb, want, have, observed) => {
+                ops.push(Op::ModifyListener {
+                    arn: have.arn.clone(),
+                    port: want.port,
+                });
             }
+            Some(_) => {}
         }
     }
+}
 
-    // 5. Target groups no longer wanted, now that no listener forwards to them.
+fn listener_differs(
+    lb: &LoadBalancer,
+    want: &Listener,
+    have: &ObservedListener,
+    observed: &Observed,
+) -> bool {
+    let tg_arn = lb
+        .target_groups
+        .iter()
+        .find(|t| t.key == want.target_group)
+        .and_then(|t| observed_tg(observed, &t.name))
+        .map(|t| &t.arn);
+    let mut want_certs = want.certificates.clone();
+    want_certs.sort();
+    let mut have_certs = have.certificates.clone();
+    have_certs.sort();
+    have.protocol != want.protocol
+        || tg_arn.is_none()
+        || have.target_group_arn.as_ref() != tg_arn
+        || want_certs != have_certs
+        || (want.ssl_policy.is_some() && have.ssl_policy != want.ssl_policy)
+        || have.alpn_policy != want.alpn_policy
+}
+
+/// 6. Target groups no longer wanted, now that no listener forwards to them; then our security
+///    group, when the user switched to their own.
+fn plan_cleanup(lb: &LoadBalancer, observed: &Observed, ops: &mut Vec<Op>) {
     for have in &observed.target_groups {
         if !lb.target_groups.iter().any(|t| t.name == have.name) {
             ops.push(Op::DeleteTargetGroup {
@@ -334,8 +381,6 @@ fn plan_ensure(lb: &LoadBalancer, observed: &Observed, ops: &mut Vec<Op>) {
             });
         }
     }
-
-    // 6. Our security group, when the user switched to their own.
     if lb.security.frontend.is_none()
         && let Some(sg) = &observed.security_group
     {
@@ -343,6 +388,8 @@ fn plan_ensure(lb: &LoadBalancer, observed: &Observed, ops: &mut Vec<Op>) {
     }
 }
 
+/// 4. One target group: created with its attributes and targets, or its health check,
+///    attributes and targets brought in line (deregister before register).
 fn plan_target_group(tg: &TargetGroup, have: Option<&ObservedTargetGroup>, ops: &mut Vec<Op>) {
     let key = tg.key.clone();
     match have {

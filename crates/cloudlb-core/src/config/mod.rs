@@ -6,8 +6,8 @@ pub mod class;
 
 use crate::model::{HealthCheckProtocol, IpAddressType, Scheme, Subnets, TargetType};
 use annotations as keys;
-use class::{AwsClassSpec, LoadBalancerClass, ProviderKind};
-use k8s_openapi::api::core::v1::Service;
+use class::{AwsClassSpec, HealthCheckSpec, LoadBalancerClass, ProviderKind};
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use std::collections::BTreeMap;
 
 /// One problem with the configuration: where, what value, what is allowed.
@@ -186,6 +186,21 @@ struct Parser<'a> {
     svc: &'a Service,
 }
 
+/// Where the load balancer is placed: its subnets and the per-subnet addresses.
+struct Placement {
+    subnets: Subnets,
+    eip_allocations: Vec<String>,
+    private_ipv4_addresses: Vec<String>,
+}
+
+/// The TLS settings.
+struct Tls {
+    ssl_certificates: Vec<String>,
+    tls_ports: Vec<u16>,
+    ssl_policy: Option<String>,
+    backend_tls: bool,
+}
+
 fn err(source: &str, value: &str, allowed: impl Into<String>) -> ConfigError {
     ConfigError {
         source: source.to_string(),
@@ -202,123 +217,149 @@ fn list(v: &str) -> Vec<String> {
         .collect()
 }
 
-fn class_values(class_name: &str, aws: &AwsClassSpec) -> Vec<(&'static str, String, String)> {
-    let src = |f: &str| format!("LoadBalancerClass {class_name} spec.aws.{f}");
-    let kv = |m: &BTreeMap<String, String>| {
-        m.iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    let mut out = Vec::new();
-    let mut push = |name: &'static str, field: &str, v: Option<String>| {
+/// The Service's TCP ports.
+fn tcp_ports(ports: &[ServicePort]) -> impl Iterator<Item = u16> + '_ {
+    ports
+        .iter()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .filter_map(|p| u16::try_from(p.port).ok())
+}
+
+/// The class's settings as raw values: (setting, source, value).
+struct ClassValues<'a> {
+    class_name: &'a str,
+    out: Vec<(&'static str, String, String)>,
+}
+
+impl ClassValues<'_> {
+    fn push(&mut self, name: &'static str, field: &str, v: Option<String>) {
         if let Some(v) = v {
-            out.push((name, src(field), v));
+            let source = format!("LoadBalancerClass {} spec.aws.{field}", self.class_name);
+            self.out.push((name, source, v));
         }
-    };
-    push(keys::SCHEME, "scheme", aws.scheme.clone());
-    push(
-        keys::IP_ADDRESS_TYPE,
-        "ipAddressType",
-        aws.ip_address_type.clone(),
-    );
-    push(
-        keys::SUBNETS,
-        "subnets",
-        aws.subnets.as_ref().map(|v| v.join(",")),
-    );
-    push(keys::TARGET_TYPE, "targetType", aws.target_type.clone());
-    if let Some(hc) = &aws.health_check {
-        push(
+    }
+
+    fn health_check(&mut self, hc: &HealthCheckSpec) {
+        self.push(
             keys::HC_PROTOCOL,
             "healthCheck.protocol",
             hc.protocol.clone(),
         );
-        push(keys::HC_PORT, "healthCheck.port", hc.port.clone());
-        push(keys::HC_PATH, "healthCheck.path", hc.path.clone());
-        push(
+        self.push(keys::HC_PORT, "healthCheck.port", hc.port.clone());
+        self.push(keys::HC_PATH, "healthCheck.path", hc.path.clone());
+        self.push(
             keys::HC_INTERVAL,
             "healthCheck.intervalSeconds",
             hc.interval_seconds.map(|v| v.to_string()),
         );
-        push(
+        self.push(
             keys::HC_TIMEOUT,
             "healthCheck.timeoutSeconds",
             hc.timeout_seconds.map(|v| v.to_string()),
         );
-        push(
+        self.push(
             keys::HC_HEALTHY,
             "healthCheck.healthyThreshold",
             hc.healthy_threshold.map(|v| v.to_string()),
         );
-        push(
+        self.push(
             keys::HC_UNHEALTHY,
             "healthCheck.unhealthyThreshold",
             hc.unhealthy_threshold.map(|v| v.to_string()),
         );
-        push(
+        self.push(
             keys::HC_SUCCESS_CODES,
             "healthCheck.successCodes",
             hc.success_codes.clone(),
         );
     }
-    push(
+}
+
+/// `k=v,k=v`, the annotation form of a map.
+fn kv(m: &BTreeMap<String, String>) -> String {
+    m.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn class_values(class_name: &str, aws: &AwsClassSpec) -> Vec<(&'static str, String, String)> {
+    let mut v = ClassValues {
+        class_name,
+        out: Vec::new(),
+    };
+    v.push(keys::SCHEME, "scheme", aws.scheme.clone());
+    v.push(
+        keys::IP_ADDRESS_TYPE,
+        "ipAddressType",
+        aws.ip_address_type.clone(),
+    );
+    v.push(
+        keys::SUBNETS,
+        "subnets",
+        aws.subnets.as_ref().map(|v| v.join(",")),
+    );
+    v.push(keys::TARGET_TYPE, "targetType", aws.target_type.clone());
+    if let Some(hc) = &aws.health_check {
+        v.health_check(hc);
+    }
+    v.push(
         keys::CROSS_ZONE,
         "crossZoneLoadBalancing",
         aws.cross_zone_load_balancing.map(|v| v.to_string()),
     );
-    push(
+    v.push(
         keys::DELETION_PROTECTION,
         "deletionProtection",
         aws.deletion_protection.map(|v| v.to_string()),
     );
-    push(
+    v.push(
         keys::PROXY_PROTOCOL,
         "proxyProtocol",
         aws.proxy_protocol.map(|v| v.to_string()),
     );
-    push(
+    v.push(
         keys::LB_ATTRIBUTES,
         "loadBalancerAttributes",
         aws.load_balancer_attributes.as_ref().map(kv),
     );
-    push(
+    v.push(
         keys::TG_ATTRIBUTES,
         "targetGroupAttributes",
         aws.target_group_attributes.as_ref().map(kv),
     );
-    push(
+    v.push(
         keys::ADDITIONAL_TAGS,
         "additionalTags",
         aws.additional_tags.as_ref().map(kv),
     );
-    push(
+    v.push(
         keys::SECURITY_GROUPS,
         "securityGroups",
         aws.security_groups.as_ref().map(|v| v.join(",")),
     );
-    push(
+    v.push(
         keys::SOURCE_RANGES,
         "sourceRanges",
         aws.source_ranges.as_ref().map(|v| v.join(",")),
     );
-    push(
+    v.push(
         keys::MANAGE_BACKEND_SG,
         "manageBackendSecurityGroupRules",
         aws.manage_backend_security_group_rules
             .map(|v| v.to_string()),
     );
-    push(
+    v.push(
         keys::TARGET_NODE_LABELS,
         "targetNodeLabels",
         aws.target_node_labels.as_ref().map(kv),
     );
-    push(
+    v.push(
         keys::SSL_POLICY,
         "sslNegotiationPolicy",
         aws.ssl_negotiation_policy.clone(),
     );
-    out
+    v.out
 }
 
 impl Parser<'_> {
@@ -497,11 +538,11 @@ pub fn resolve(class: &LoadBalancerClass, svc: &Service) -> Result<LbConfig, Con
     }
 }
 
+// The setting groups, in the order `build` (at the end) calls them.
 impl Parser<'_> {
-    fn build(&mut self, class: &LoadBalancerClass) -> LbConfig {
-        let spec = self.svc.spec.clone().unwrap_or_default();
-        let ports = spec.ports.clone().unwrap_or_default();
-
+    /// `scheme`, or the older `internal` boolean; both set on the Service and disagreeing is an
+    /// error.
+    fn scheme(&mut self) -> Scheme {
         let mut scheme = self.parse_enum(
             keys::SCHEME,
             &[
@@ -534,17 +575,23 @@ impl Parser<'_> {
                 _ => scheme = Some(from_internal),
             }
         }
-        let scheme = scheme.unwrap_or(Scheme::InternetFacing);
-        let ip_address_type = self
-            .parse_enum(
-                keys::IP_ADDRESS_TYPE,
-                &[
-                    ("ipv4", IpAddressType::Ipv4),
-                    ("dualstack", IpAddressType::Dualstack),
-                ],
-            )
-            .unwrap_or(IpAddressType::Ipv4);
+        scheme.unwrap_or(Scheme::InternetFacing)
+    }
 
+    fn ip_address_type(&mut self) -> IpAddressType {
+        self.parse_enum(
+            keys::IP_ADDRESS_TYPE,
+            &[
+                ("ipv4", IpAddressType::Ipv4),
+                ("dualstack", IpAddressType::Dualstack),
+            ],
+        )
+        .unwrap_or(IpAddressType::Ipv4)
+    }
+
+    /// Subnets, and the EIP allocations (internet-facing) or private IPv4 addresses (internal)
+    /// given one per subnet.
+    fn placement(&mut self, scheme: Scheme) -> Placement {
         let subnets = match self.parse_list(keys::SUBNETS) {
             Some((_, l)) if !l.is_empty() => Subnets::Explicit(l),
             _ => Subnets::Discover,
@@ -553,36 +600,11 @@ impl Parser<'_> {
             Subnets::Explicit(l) => Some(l.len()),
             Subnets::Discover => None,
         };
-        let per_subnet = |p: &mut Self, name: &str, want: Scheme, what: &str| -> Vec<String> {
-            let Some((raw, l)) = p.parse_list(name) else {
-                return vec![];
-            };
-            if scheme != want {
-                p.errors.push(err(
-                    &raw.source,
-                    &raw.value,
-                    format!("{what} require scheme {}", want.as_aws()),
-                ));
-            } else if subnet_count.is_none() {
-                p.errors.push(err(&raw.source, &raw.value, "requires explicit subnets (annotation cloudlb.io/subnets), one entry per subnet"));
-            } else if Some(l.len()) != subnet_count {
-                p.errors.push(err(
-                    &raw.source,
-                    &raw.value,
-                    format!(
-                        "needs exactly one entry per subnet: {} given, {} subnets",
-                        l.len(),
-                        subnet_count.unwrap_or(0)
-                    ),
-                ));
-            }
-            l
-        };
-        let eip_allocations = per_subnet(
-            self,
+        let eip_allocations = self.per_subnet(
             keys::EIP_ALLOCATIONS,
-            Scheme::InternetFacing,
+            (scheme, Scheme::InternetFacing),
             "EIP allocations",
+            subnet_count,
         );
         for (i, e) in eip_allocations.iter().enumerate() {
             if !e.starts_with("eipalloc-")
@@ -598,11 +620,11 @@ impl Parser<'_> {
                 ));
             }
         }
-        let private_ipv4_addresses = per_subnet(
-            self,
+        let private_ipv4_addresses = self.per_subnet(
             keys::PRIVATE_IPV4,
-            Scheme::Internal,
+            (scheme, Scheme::Internal),
             "private IPv4 addresses",
+            subnet_count,
         );
         for a in &private_ipv4_addresses {
             if a.parse::<std::net::Ipv4Addr>().is_err()
@@ -615,15 +637,60 @@ impl Parser<'_> {
                 ));
             }
         }
+        Placement {
+            subnets,
+            eip_allocations,
+            private_ipv4_addresses,
+        }
+    }
 
-        let target_type = self
-            .parse_enum(
-                keys::TARGET_TYPE,
-                &[("instance", TargetType::Instance), ("ip", TargetType::Ip)],
-            )
-            .unwrap_or(TargetType::Instance);
+    /// A list setting with one entry per explicit subnet, allowed with one scheme only:
+    /// `(scheme, want)` is the scheme the Service has and the one the setting needs.
+    fn per_subnet(
+        &mut self,
+        name: &str,
+        (scheme, want): (Scheme, Scheme),
+        what: &str,
+        subnet_count: Option<usize>,
+    ) -> Vec<String> {
+        let Some((raw, l)) = self.parse_list(name) else {
+            return vec![];
+        };
+        if scheme != want {
+            self.errors.push(err(
+                &raw.source,
+                &raw.value,
+                format!("{what} require scheme {}", want.as_aws()),
+            ));
+        } else if subnet_count.is_none() {
+            self.errors.push(err(
+                &raw.source,
+                &raw.value,
+                "requires explicit subnets (annotation cloudlb.io/subnets), one entry per subnet",
+            ));
+        } else if Some(l.len()) != subnet_count {
+            self.errors.push(err(
+                &raw.source,
+                &raw.value,
+                format!(
+                    "needs exactly one entry per subnet: {} given, {} subnets",
+                    l.len(),
+                    subnet_count.unwrap_or(0)
+                ),
+            ));
+        }
+        l
+    }
 
-        // Health check.
+    fn target_type(&mut self) -> TargetType {
+        self.parse_enum(
+            keys::TARGET_TYPE,
+            &[("instance", TargetType::Instance), ("ip", TargetType::Ip)],
+        )
+        .unwrap_or(TargetType::Instance)
+    }
+
+    fn health_check(&mut self) -> HealthCheckConfig {
         let protocol = self.parse_enum(
             keys::HC_PROTOCOL,
             &[
@@ -632,47 +699,9 @@ impl Parser<'_> {
                 ("https", HealthCheckProtocol::Https),
             ],
         );
-        let port = self.get(keys::HC_PORT).cloned().and_then(|raw| {
-            let v = raw.value.trim();
-            if v == "traffic-port" {
-                return Some(None);
-            }
-            match v.parse::<u16>() {
-                Ok(n) if n > 0 => Some(Some(n)),
-                _ => {
-                    self.errors.push(err(
-                        &raw.source,
-                        &raw.value,
-                        "must be traffic-port or a port number 1-65535",
-                    ));
-                    None
-                }
-            }
-        });
-        let path = self.get(keys::HC_PATH).cloned().and_then(|raw| {
-            if raw.value.starts_with('/') && raw.value.len() <= 1024 && raw.value.is_ascii() {
-                Some(raw.value)
-            } else {
-                self.errors.push(err(
-                    &raw.source,
-                    &raw.value,
-                    "must be an ASCII path starting with / (at most 1024 characters)",
-                ));
-                None
-            }
-        });
-        let success_codes = self.get(keys::HC_SUCCESS_CODES).cloned().and_then(|raw| {
-            if valid_success_codes(raw.value.trim()) {
-                Some(raw.value.trim().to_string())
-            } else {
-                self.errors.push(err(
-                    &raw.source,
-                    &raw.value,
-                    "must be HTTP codes 200-599: 200, 200,202 or a range 200-399",
-                ));
-                None
-            }
-        });
+        let port = self.health_check_port();
+        let path = self.health_check_path();
+        let success_codes = self.health_check_success_codes();
         let health_check = HealthCheckConfig {
             protocol,
             port,
@@ -690,8 +719,79 @@ impl Parser<'_> {
                 }
             }
         }
+        health_check
+    }
 
-        // TLS.
+    /// `Some(None)`: explicitly the traffic port.
+    fn health_check_port(&mut self) -> Option<Option<u16>> {
+        let raw = self.get(keys::HC_PORT).cloned()?;
+        let v = raw.value.trim();
+        if v == "traffic-port" {
+            return Some(None);
+        }
+        match v.parse::<u16>() {
+            Ok(n) if n > 0 => Some(Some(n)),
+            _ => {
+                self.errors.push(err(
+                    &raw.source,
+                    &raw.value,
+                    "must be traffic-port or a port number 1-65535",
+                ));
+                None
+            }
+        }
+    }
+
+    fn health_check_path(&mut self) -> Option<String> {
+        let raw = self.get(keys::HC_PATH).cloned()?;
+        if raw.value.starts_with('/') && raw.value.len() <= 1024 && raw.value.is_ascii() {
+            Some(raw.value)
+        } else {
+            self.errors.push(err(
+                &raw.source,
+                &raw.value,
+                "must be an ASCII path starting with / (at most 1024 characters)",
+            ));
+            None
+        }
+    }
+
+    fn health_check_success_codes(&mut self) -> Option<String> {
+        let raw = self.get(keys::HC_SUCCESS_CODES).cloned()?;
+        if valid_success_codes(raw.value.trim()) {
+            Some(raw.value.trim().to_string())
+        } else {
+            self.errors.push(err(
+                &raw.source,
+                &raw.value,
+                "must be HTTP codes 200-599: 200, 200,202 or a range 200-399",
+            ));
+            None
+        }
+    }
+
+    /// Certificates, the ports that get TLS listeners, the policy and TLS to the backends.
+    fn tls(&mut self, ports: &[ServicePort]) -> Tls {
+        let ssl_certificates = self.ssl_certificates();
+        let tls_ports = self.tls_ports(ports, &ssl_certificates);
+        let ssl_policy = self
+            .get(keys::SSL_POLICY)
+            .map(|r| r.value.trim().to_string());
+        let backend_tls = self
+            .parse_enum(
+                keys::BACKEND_PROTOCOL,
+                &[("tcp", false), ("ssl", true), ("tls", true)],
+            )
+            .unwrap_or(false);
+        Tls {
+            ssl_certificates,
+            tls_ports,
+            ssl_policy,
+            backend_tls,
+        }
+    }
+
+    fn ssl_certificates(&mut self) -> Vec<String> {
         let ssl_certificates = self
             .parse_list(keys::SSL_CERT)
             .map(|(_, l)| l)
@@ -707,6 +807,11 @@ impl Parser<'_> {
                 }
             }
         }
+        ssl_certificates
+    }
+
+    /// The Service ports `ssl-ports` names (every TCP port when only a certificate is set), sorted.
+    fn tls_ports(&mut self, ports: &[ServicePort], ssl_certificates: &[String]) -> Vec<u16> {
         let mut tls_ports = Vec::new();
         match self.get(keys::SSL_PORTS).cloned() {
             Some(raw) => {
@@ -717,65 +822,11 @@ impl Parser<'_> {
                         "TLS ports need a certificate: set annotation cloudlb.io/ssl-cert",
                     ));
                 }
-                let wanted = list(&raw.value);
-                for w in &wanted {
-                    if w == "*" {
-                        tls_ports.extend(
-                            ports
-                                .iter()
-                                .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
-                                .filter_map(|p| u16::try_from(p.port).ok()),
-                        );
-                        continue;
-                    }
-                    let matched: Vec<_> = ports
-                        .iter()
-                        .filter(|p| {
-                            p.name.as_deref() == Some(w.as_str()) || p.port.to_string() == *w
-                        })
-                        .collect();
-                    if matched.is_empty() {
-                        let names: Vec<_> = ports
-                            .iter()
-                            .map(|p| {
-                                p.name
-                                    .clone()
-                                    .map_or(p.port.to_string(), |n| format!("{n} ({})", p.port))
-                            })
-                            .collect();
-                        self.errors.push(err(
-                            &raw.source,
-                            &raw.value,
-                            format!(
-                                "port {w:?} is not a port of this Service; its ports: {}",
-                                names.join(", ")
-                            ),
-                        ));
-                    }
-                    for p in matched {
-                        if p.protocol.as_deref().unwrap_or("TCP") != "TCP" {
-                            self.errors.push(err(
-                                &raw.source,
-                                &raw.value,
-                                format!(
-                                    "port {w:?} is {}, TLS listeners need a TCP port",
-                                    p.protocol.as_deref().unwrap_or("TCP")
-                                ),
-                            ));
-                        } else {
-                            tls_ports.extend(u16::try_from(p.port).ok());
-                        }
-                    }
+                for w in &list(&raw.value) {
+                    tls_ports.extend(self.tls_ports_named(&raw, w, ports));
                 }
             }
-            None if !ssl_certificates.is_empty() => {
-                tls_ports.extend(
-                    ports
-                        .iter()
-                        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
-                        .filter_map(|p| u16::try_from(p.port).ok()),
-                );
-            }
+            None if !ssl_certificates.is_empty() => tls_ports.extend(tcp_ports(ports)),
             None => {}
         }
         tls_ports.sort_unstable();
@@ -797,17 +848,57 @@ impl Parser<'_> {
                 ));
             }
         }
-        let ssl_policy = self
-            .get(keys::SSL_POLICY)
-            .map(|r| r.value.trim().to_string());
-        let backend_tls = self
-            .parse_enum(
-                keys::BACKEND_PROTOCOL,
-                &[("tcp", false), ("ssl", true), ("tls", true)],
-            )
-            .unwrap_or(false);
+        tls_ports
+    }
 
-        // Attributes.
+    /// The ports one `ssl-ports` entry `w` names: `*` (every TCP port), a port name or number.
+    fn tls_ports_named(&mut self, raw: &Raw, w: &str, ports: &[ServicePort]) -> Vec<u16> {
+        if w == "*" {
+            return tcp_ports(ports).collect();
+        }
+        let matched: Vec<_> = ports
+            .iter()
+            .filter(|p| p.name.as_deref() == Some(w) || p.port.to_string() == w)
+            .collect();
+        if matched.is_empty() {
+            let names: Vec<_> = ports
+                .iter()
+                .map(|p| {
+                    p.name
+                        .clone()
+                        .map_or(p.port.to_string(), |n| format!("{n} ({})", p.port))
+                })
+                .collect();
+            self.errors.push(err(
+                &raw.source,
+                &raw.value,
+                format!(
+                    "port {w:?} is not a port of this Service; its ports: {}",
+                    names.join(", ")
+                ),
+            ));
+        }
+        let mut out = Vec::new();
+        for p in matched {
+            if p.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+                self.errors.push(err(
+                    &raw.source,
+                    &raw.value,
+                    format!(
+                        "port {w:?} is {}, TLS listeners need a TCP port",
+                        p.protocol.as_deref().unwrap_or("TCP")
+                    ),
+                ));
+            } else {
+                out.extend(u16::try_from(p.port).ok());
+            }
+        }
+        out
+    }
+
+    /// Load-balancer and target-group attributes: the attribute maps, then the settings that are
+    /// shorthands for one attribute, then the checks of the values.
+    fn lb_and_tg_attributes(&mut self) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
         let mut lb_attributes = self.attributes(keys::LB_ATTRIBUTES, LB_ATTRIBUTE_KEYS);
         let mut tg_attributes = self.attributes(keys::TG_ATTRIBUTES, TG_ATTRIBUTE_KEYS);
         if let Some(v) = self.parse_bool(keys::CROSS_ZONE) {
@@ -816,23 +907,35 @@ impl Parser<'_> {
         if let Some(v) = self.parse_bool(keys::DELETION_PROTECTION) {
             lb_attributes.insert("deletion_protection.enabled".into(), v.to_string());
         }
-        if let Some(raw) = self.get(keys::PROXY_PROTOCOL).cloned() {
-            let v = match raw.value.trim() {
-                "*" | "true" => Some(true),
-                "false" | "" => Some(false),
-                _ => {
-                    self.errors.push(err(
-                        &raw.source,
-                        &raw.value,
-                        "must be * (all ports), true or false",
-                    ));
-                    None
-                }
-            };
-            if let Some(v) = v {
-                tg_attributes.insert("proxy_protocol_v2.enabled".into(), v.to_string());
+        if let Some(v) = self.proxy_protocol() {
+            tg_attributes.insert("proxy_protocol_v2.enabled".into(), v.to_string());
+        }
+        self.check_attribute_values(&lb_attributes, &tg_attributes);
+        self.check_access_logs(&lb_attributes);
+        (lb_attributes, tg_attributes)
+    }
+
+    fn proxy_protocol(&mut self) -> Option<bool> {
+        let raw = self.get(keys::PROXY_PROTOCOL).cloned()?;
+        match raw.value.trim() {
+            "*" | "true" => Some(true),
+            "false" | "" => Some(false),
+            _ => {
+                self.errors.push(err(
+                    &raw.source,
+                    &raw.value,
+                    "must be * (all ports), true or false",
+                ));
+                None
             }
         }
+    }
+
+    fn check_attribute_values(
+        &mut self,
+        lb_attributes: &BTreeMap<String, String>,
+        tg_attributes: &BTreeMap<String, String>,
+    ) {
         for (k, v) in lb_attributes.iter().chain(tg_attributes.iter()) {
             let bool_key = k.ends_with(".enabled");
             let bad = (bool_key && v != "true" && v != "false")
@@ -852,6 +955,9 @@ impl Parser<'_> {
                 self.errors.push(err(&source, &format!("{k}={v}"), allowed));
             }
         }
+    }
+
+    fn check_access_logs(&mut self, lb_attributes: &BTreeMap<String, String>) {
         if lb_attributes
             .get("access_logs.s3.enabled")
             .map(String::as_str)
@@ -869,8 +975,10 @@ impl Parser<'_> {
                 "access logs need access_logs.s3.bucket",
             ));
         }
+    }
 
-        // Tags, node labels, security.
+    /// The class's tags overlaid with the Service's.
+    fn tags(&mut self, class: &LoadBalancerClass) -> BTreeMap<String, String> {
         let additional_tags = self.parse_kv(keys::ADDITIONAL_TAGS).map(|(raw, m)| {
             for (k, v) in &m {
                 if k.starts_with("cloudlb.io/") || k.starts_with("aws:") || k.starts_with("kubernetes.io/cluster/") || k.len() > 128 || v.len() > 256 {
@@ -891,10 +999,17 @@ impl Parser<'_> {
                 "at most 40 additional tags (AWS allows 50 per resource; cloudlb uses up to 10)",
             ));
         }
-        let target_node_labels = self
-            .parse_kv(keys::TARGET_NODE_LABELS)
+        tags
+    }
+
+    fn target_node_labels(&mut self) -> BTreeMap<String, String> {
+        self.parse_kv(keys::TARGET_NODE_LABELS)
             .map(|(_, m)| m)
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// The user's security groups (and the refused request to manage the nodes' rules).
+    fn security_groups(&mut self) -> Vec<String> {
         let security_groups = self
             .parse_list(keys::SECURITY_GROUPS)
             .map(|(raw, l)| {
@@ -915,8 +1030,17 @@ impl Parser<'_> {
         {
             self.errors.push(err(&raw.source, &raw.value, "managing node security-group rules is not supported yet; open the nodePort range to the load balancer's subnets yourself and remove this setting"));
         }
+        security_groups
+    }
 
-        // Source ranges: the spec field wins, then annotations, then the class.
+    /// Source ranges: the spec field wins, then annotations, then the class; none and no user
+    /// security groups means open to all.
+    fn source_ranges(
+        &mut self,
+        spec: &ServiceSpec,
+        security_groups: &[String],
+        ip_address_type: IpAddressType,
+    ) -> Vec<String> {
         let spec_ranges = spec.load_balancer_source_ranges.clone().unwrap_or_default();
         let (ranges_source, ranges): (String, Vec<String>) = if !spec_ranges.is_empty() {
             ("spec.loadBalancerSourceRanges".into(), spec_ranges)
@@ -948,30 +1072,33 @@ impl Parser<'_> {
                 "IPv6 ranges need ip-address-type dualstack",
             ));
         }
-        let source_ranges = if ranges.is_empty() && security_groups.is_empty() {
+        if ranges.is_empty() && security_groups.is_empty() {
             match ip_address_type {
                 IpAddressType::Ipv4 => vec!["0.0.0.0/0".to_string()],
                 IpAddressType::Dualstack => vec!["0.0.0.0/0".to_string(), "::/0".to_string()],
             }
         } else {
             ranges
-        };
+        }
+    }
 
-        let name = self.get(keys::NAME).cloned().and_then(|raw| {
-            match crate::model::naming::validate_lb_name(raw.value.trim()) {
-                Ok(()) => Some(raw.value.trim().to_string()),
-                Err(why) => {
-                    self.errors.push(err(
-                        &raw.source,
-                        &raw.value,
-                        format!("not a valid load-balancer name: {why}"),
-                    ));
-                    None
-                }
+    fn name(&mut self) -> Option<String> {
+        let raw = self.get(keys::NAME).cloned()?;
+        match crate::model::naming::validate_lb_name(raw.value.trim()) {
+            Ok(()) => Some(raw.value.trim().to_string()),
+            Err(why) => {
+                self.errors.push(err(
+                    &raw.source,
+                    &raw.value,
+                    format!("not a valid load-balancer name: {why}"),
+                ));
+                None
             }
-        });
+        }
+    }
 
-        // Service-level checks.
+    /// What the Service itself must satisfy: allocated nodePorts, 1-50 TCP/UDP ports.
+    fn service_checks(&mut self, spec: &ServiceSpec, ports: &[ServicePort]) {
         if spec.allocate_load_balancer_node_ports == Some(false) {
             self.errors.push(err(
                 "spec.allocateLoadBalancerNodePorts",
@@ -986,7 +1113,7 @@ impl Parser<'_> {
                 "a LoadBalancer Service needs at least one port",
             ));
         }
-        for p in &ports {
+        for p in ports {
             let proto = p.protocol.as_deref().unwrap_or("TCP");
             if proto != "TCP" && proto != "UDP" {
                 self.errors.push(err(
@@ -1003,6 +1130,36 @@ impl Parser<'_> {
                 "a Network Load Balancer has at most 50 listeners",
             ));
         }
+    }
+
+    /// One step per setting group, in the order of the settings table (which is the order the
+    /// errors are reported in).
+    fn build(&mut self, class: &LoadBalancerClass) -> LbConfig {
+        let spec = self.svc.spec.clone().unwrap_or_default();
+        let ports = spec.ports.clone().unwrap_or_default();
+
+        let scheme = self.scheme();
+        let ip_address_type = self.ip_address_type();
+        let Placement {
+            subnets,
+            eip_allocations,
+            private_ipv4_addresses,
+        } = self.placement(scheme);
+        let target_type = self.target_type();
+        let health_check = self.health_check();
+        let Tls {
+            ssl_certificates,
+            tls_ports,
+            ssl_policy,
+            backend_tls,
+        } = self.tls(&ports);
+        let (lb_attributes, tg_attributes) = self.lb_and_tg_attributes();
+        let tags = self.tags(class);
+        let target_node_labels = self.target_node_labels();
+        let security_groups = self.security_groups();
+        let source_ranges = self.source_ranges(&spec, &security_groups, ip_address_type);
+        let name = self.name();
+        self.service_checks(&spec, &ports);
 
         let local = (class.spec.provider == ProviderKind::Local).then(|| {
             // What the local proxy cannot do is refused, never silently dropped.
