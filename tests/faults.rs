@@ -15,7 +15,6 @@
 
 mod support;
 
-use support::aws::elbv2::error::ProvideErrorMetadata;
 use cloudlb::config::class::LoadBalancerClass;
 use cloudlb::model::{naming, tags};
 use futures::StreamExt;
@@ -26,6 +25,7 @@ use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::aws::elbv2::error::ProvideErrorMetadata;
 use support::faultproxy::{Counts, Family, FaultConfig, FaultProxy, Outcome, ProxyConfig};
 use support::process::free_port;
 use support::{

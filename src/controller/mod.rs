@@ -450,7 +450,9 @@ async fn plan_one(
         .observe(&built.desired)
         .await
         .map_err(|e| e.to_string())?;
-    crate::plan::plan(&built.desired, &observed).map_err(|e| e.to_string())
+    provider
+        .plan(&built.desired, &observed)
+        .map_err(|e| e.to_string())
 }
 
 /// Turns the local provider's health changes into Events on the Service: a Warning when a target

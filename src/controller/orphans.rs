@@ -5,7 +5,6 @@
 use super::{Context, FINALIZER};
 use crate::config;
 use crate::model::Desired;
-use crate::plan;
 use k8s_openapi::api::core::v1::Service;
 use kube::{Api, ResourceExt};
 use std::sync::Arc;
@@ -61,7 +60,7 @@ pub async fn sweep_once(ctx: &Context) -> usize {
                 .map(|l| l.name.clone())
                 .unwrap_or_default();
             let desired = Desired::empty(sref.clone(), name);
-            let plan = match plan::plan(&desired, &observed) {
+            let plan = match provider.plan(&desired, &observed) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(service = %sref, error = %e, "orphan sweep: not deleting");

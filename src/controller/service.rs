@@ -339,17 +339,17 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'stat
         }
         Some(e) => {
             let observed = e.observed();
-            let plan = plan::plan(&desired, &observed)?;
+            let plan = provider.plan(&desired, &observed)?;
             (observed, e.verified_at, plan)
         }
         None if untouched => {
             let observed = crate::provider::Observed::default();
-            let plan = plan::plan(&desired, &observed)?;
+            let plan = provider.plan(&desired, &observed)?;
             (observed, now, plan)
         }
         None => {
             let observed = provider.observe(&desired).await?;
-            let plan = plan::plan(&desired, &observed)?;
+            let plan = provider.plan(&desired, &observed)?;
             (observed, now, plan)
         }
     };
@@ -619,7 +619,7 @@ async fn remove_load_balancer(
                 observed
             }
         };
-        let plan = match plan::plan(&desired, &observed) {
+        let plan = match provider.plan(&desired, &observed) {
             Ok(p) => p,
             Err(e @ PlanError::DeletionProtected { .. }) => {
                 publish(&ctx.recorder, svc, true, events::DELETING, e.to_string()).await;

@@ -6,13 +6,13 @@
 use super::AwsProvider;
 use super::convert::{self, desired_certificates, elb_tags, ip_permissions};
 use super::error::{AwsError, ErrorKind};
+use aws_sdk_ec2::types::{ResourceType, Tag as Ec2Tag, TagSpecification};
+use aws_sdk_elasticloadbalancingv2::types as elb;
 use cloudlb_core::model::{
     Desired, HealthCheckProtocol, IngressRule, Listener, LoadBalancer, Target, TargetGroup,
 };
 use cloudlb_core::plan::{Op, Plan};
 use cloudlb_core::provider::{Observed, ObservedListener, ObservedTargetGroup, ProviderError};
-use aws_sdk_ec2::types::{ResourceType, Tag as Ec2Tag, TagSpecification};
-use aws_sdk_elasticloadbalancingv2::types as elb;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Targets per (De)RegisterTargets call.

@@ -4,9 +4,9 @@
 //! `cloudlb_cloud_api_calls_total{provider="aws",operation,outcome}`.
 
 use super::error::{AwsError, ErrorKind};
-use cloudlb_core::provider::CallObserver;
 use aws_sdk_elasticloadbalancingv2::config::http::HttpResponse;
 use aws_sdk_elasticloadbalancingv2::error::{ProvideErrorMetadata, SdkError};
+use cloudlb_core::provider::CallObserver;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};

@@ -1,12 +1,12 @@
 //! SDK shapes → our [`Observed`](cloudlb_core::provider::Observed) types. Used by observe and by apply
 //! (which builds its result from the create/modify responses), so both agree by construction.
 
+use aws_sdk_elasticloadbalancingv2::types as elb;
 use cloudlb_core::model::{
     HealthCheck, HealthCheckProtocol, IngressRule, IpAddressType, Protocol, Scheme, Target,
     TargetType, tags,
 };
 use cloudlb_core::provider::{LbState, ObservedLb, ObservedListener, ObservedTargetGroup};
-use aws_sdk_elasticloadbalancingv2::types as elb;
 use std::collections::{BTreeMap, BTreeSet};
 
 pub(crate) fn tag_map_elb(tags: &[elb::Tag]) -> BTreeMap<String, String> {

@@ -1,7 +1,7 @@
 //! SDK errors → [`ProviderError`].
 
-use cloudlb_core::provider::ProviderError;
 use aws_sdk_elasticloadbalancingv2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use cloudlb_core::provider::ProviderError;
 
 /// What a failed call means to us, decided by the AWS error code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

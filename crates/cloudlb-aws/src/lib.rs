@@ -20,9 +20,9 @@ mod owned;
 mod subnets;
 
 use cloudlb_core::model::{Desired, ServiceRef};
-use cloudlb_core::plan::Plan;
-use cloudlb_core::provider::{Observed, Provider, ProviderError};
+use cloudlb_core::plan::{Plan, PlanError};
 use cloudlb_core::provider::CallObserver;
+use cloudlb_core::provider::{Observed, Provider, ProviderError};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -154,6 +154,11 @@ impl Provider for AwsProvider {
     }
 
     #[tracing::instrument(skip_all, fields(service = %desired.service))]
+    /// The NLB planner of `cloudlb-core`.
+    fn plan(&self, desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
+        cloudlb_core::plan::plan(desired, observed)
+    }
+
     async fn observe(&self, desired: &Desired) -> Result<Observed, ProviderError> {
         self.observe_impl(desired).await
     }

@@ -4,10 +4,10 @@
 
 use super::AwsProvider;
 use super::convert::{self, is_ours, tag_map_ec2, tag_map_elb};
-use cloudlb_core::model::{Desired, naming};
-use cloudlb_core::provider::{Observed, ObservedSecurityGroup, ObservedTargetGroup, ProviderError};
 use aws_sdk_ec2::types::Filter;
 use aws_sdk_elasticloadbalancingv2::types as elb;
+use cloudlb_core::model::{Desired, naming};
+use cloudlb_core::provider::{Observed, ObservedSecurityGroup, ObservedTargetGroup, ProviderError};
 use std::collections::BTreeMap;
 
 /// DescribeTags takes at most 20 ARNs.

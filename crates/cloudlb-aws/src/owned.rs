@@ -13,12 +13,12 @@
 
 use super::AwsProvider;
 use super::convert::{self, tag_map_ec2};
+use aws_sdk_ec2::types::{Filter, SecurityGroup};
+use aws_sdk_elasticloadbalancingv2::types as elb;
 use cloudlb_core::model::{ServiceRef, naming, tags};
 use cloudlb_core::provider::{
     Observed, ObservedLb, ObservedListener, ObservedSecurityGroup, ProviderError,
 };
-use aws_sdk_ec2::types::{Filter, SecurityGroup};
-use aws_sdk_elasticloadbalancingv2::types as elb;
 use futures::{StreamExt, TryStreamExt};
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -4,9 +4,9 @@
 
 use super::AwsProvider;
 use super::convert::tag_map_ec2;
+use aws_sdk_ec2::types::{Filter, SubnetState};
 use cloudlb_core::model::{Scheme, Subnets, tags};
 use cloudlb_core::provider::ProviderError;
-use aws_sdk_ec2::types::{Filter, SubnetState};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

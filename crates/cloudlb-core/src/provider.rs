@@ -7,7 +7,7 @@ use crate::model::Desired;
 pub use crate::model::observed::{
     LbState, Observed, ObservedLb, ObservedListener, ObservedSecurityGroup, ObservedTargetGroup,
 };
-use crate::plan::Plan;
+use crate::plan::{Plan, PlanError};
 
 /// Errors a provider reports; each says what, where and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +65,11 @@ pub trait Provider: Send + Sync {
     /// Reads what exists for `desired.service` (found by the names in the model, or for an empty
     /// model by the names the Service would have). Read-only.
     async fn observe(&self, desired: &Desired) -> Result<Observed, ProviderError>;
+
+    /// The operations that make `observed` equal to `desired`, in order: each provider plans its
+    /// own resources (the NLB planner [`crate::plan::plan`] for AWS; the local provider diffs what
+    /// it serves). Pure.
+    fn plan(&self, desired: &Desired, observed: &Observed) -> Result<Plan, PlanError>;
 
     /// `observed` with the load balancer's state (and address) read again: what the controller
     /// polls while a load balancer is provisioning. Default: a full observe.

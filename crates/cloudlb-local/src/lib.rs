@@ -41,7 +41,7 @@ pub use config::{AddressPool, Algorithm};
 pub use error::LocalError;
 
 use cloudlb_core::model::{Desired, LoadBalancer, Protocol, ServiceRef};
-use cloudlb_core::plan::Plan;
+use cloudlb_core::plan::{Plan, PlanError};
 use cloudlb_core::provider::{
     LbState, Observed, ObservedLb, ObservedListener, ObservedSecurityGroup, ObservedTargetGroup,
     Provider, ProviderError,
@@ -681,6 +681,10 @@ impl Drop for LocalProvider {
 impl Provider for LocalProvider {
     fn name(&self) -> &'static str {
         PROVIDER_NAME
+    }
+
+    fn plan(&self, desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
+        cloudlb_core::plan::plan(desired, observed)
     }
 
     async fn observe(&self, desired: &Desired) -> Result<Observed, ProviderError> {
