@@ -595,7 +595,7 @@ async fn leftovers_of_a_service_that_is_gone_are_swept() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_events_become_one_series_and_new_notes_new_events() {
-    use cloudlb::controller::events::Recorder;
+    use cloudlb::controller::events::{EventType, Recorder};
     use k8s_openapi::api::core::v1::ObjectReference;
     use k8s_openapi::api::events::v1::Event;
     let _guard = TestGuard::new();
@@ -612,16 +612,31 @@ async fn repeated_events_become_one_series_and_new_notes_new_events() {
     };
     for _ in 0..3 {
         recorder
-            .publish(&svc, true, "SyncLoadBalancerFailed", "throttled".into())
+            .publish(
+                &svc,
+                EventType::Warning,
+                "SyncLoadBalancerFailed",
+                "throttled".into(),
+            )
             .await
             .expect("publish");
     }
     recorder
-        .publish(&svc, true, "SyncLoadBalancerFailed", "access denied".into())
+        .publish(
+            &svc,
+            EventType::Warning,
+            "SyncLoadBalancerFailed",
+            "access denied".into(),
+        )
         .await
         .expect("publish");
     recorder
-        .publish(&svc, false, "EnsuredLoadBalancer", "x".repeat(5000))
+        .publish(
+            &svc,
+            EventType::Normal,
+            "EnsuredLoadBalancer",
+            "x".repeat(5000),
+        )
         .await
         .expect("publish");
     let events = Api::<Event>::namespaced(cluster.client(), &ns)

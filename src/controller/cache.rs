@@ -179,6 +179,23 @@ impl CacheEntry {
         }
     }
 
+    /// What the reconcile's decision needs to know about this entry, for the model that hashes
+    /// to `fingerprint` on provider `provider`.
+    pub fn remembered(
+        &self,
+        fingerprint: &str,
+        provider: ProviderKind,
+        now: Instant,
+    ) -> super::decide::Remembered {
+        super::decide::Remembered {
+            same_model: self.fingerprint == fingerprint,
+            same_provider: self.provider == provider,
+            stale: self.stale,
+            age: now.saturating_duration_since(self.verified_at),
+            provisioning: self.provisioning,
+        }
+    }
+
     /// What exists, without target sets and attributes: enough for the status, names and ARNs.
     pub fn outline(&self) -> &Observed {
         &self.outline

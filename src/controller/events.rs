@@ -11,6 +11,22 @@ use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// The `type` of an Event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventType {
+    Normal,
+    Warning,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Normal => "Normal",
+            EventType::Warning => "Warning",
+        }
+    }
+}
+
 pub const ENSURING: &str = "EnsuringLoadBalancer";
 pub const ENSURED: &str = "EnsuredLoadBalancer";
 pub const SYNC_FAILED: &str = "SyncLoadBalancerFailed";
@@ -45,7 +61,7 @@ struct Recent {
 #[derive(Hash, PartialEq, Eq)]
 struct SeriesKey {
     uid: String,
-    warning: bool,
+    type_: EventType,
     reason: String,
     note: u64,
 }
@@ -74,14 +90,14 @@ impl Recorder {
     pub async fn publish(
         &self,
         reference: &ObjectReference,
-        warning: bool,
+        type_: EventType,
         reason: &str,
         note: String,
     ) -> Result<(), kube::Error> {
         let note = truncate(note, 1000);
         let key = SeriesKey {
             uid: reference.uid.clone().unwrap_or_default(),
-            warning,
+            type_,
             reason: reason.to_string(),
             note: {
                 let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -138,7 +154,7 @@ impl Recorder {
             regarding: Some(reference.clone()),
             reporting_controller: Some(self.controller.clone()),
             reporting_instance: Some(self.controller.clone()),
-            type_: Some(if warning { "Warning" } else { "Normal" }.to_string()),
+            type_: Some(type_.as_str().to_string()),
             ..Default::default()
         };
         api.create(&PostParams::default(), &event).await?;
@@ -174,22 +190,22 @@ impl Recorder {
 pub async fn publish(
     recorder: &Recorder,
     svc: &Service,
-    warning: bool,
+    type_: EventType,
     reason: &str,
     note: String,
 ) {
-    publish_ref(recorder, &svc.object_ref(&()), warning, reason, note).await;
+    publish_ref(recorder, &svc.object_ref(&()), type_, reason, note).await;
 }
 
 /// Publishes an Event about the object `reference` points at.
 pub async fn publish_ref(
     recorder: &Recorder,
     reference: &ObjectReference,
-    warning: bool,
+    type_: EventType,
     reason: &str,
     note: String,
 ) {
-    if let Err(e) = recorder.publish(reference, warning, reason, note).await {
+    if let Err(e) = recorder.publish(reference, type_, reason, note).await {
         let service = format!(
             "{}/{}",
             reference.namespace.as_deref().unwrap_or_default(),

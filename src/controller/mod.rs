@@ -3,7 +3,9 @@
 
 pub mod cache;
 pub mod class_status;
+pub mod decide;
 pub mod events;
+pub mod memory;
 pub mod orphans;
 pub mod service;
 pub mod status;
@@ -17,7 +19,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Our finalizer on Services that have (or may have) cloud resources.
@@ -125,15 +127,8 @@ pub struct Context {
     pub recorder: events::Recorder,
     pub nodes: Store<Node>,
     pub classes: Store<LoadBalancerClass>,
-    pub cache: Mutex<HashMap<String, CacheEntry>>,
-    /// Shared target-id lists and attribute maps of the cache entries.
-    pub interners: cache::Interners,
-    /// Consecutive failures per Service, for the exponential backoff.
-    pub failures: Mutex<HashMap<String, u32>>,
-    /// Last invalid-configuration message per Service (Events only when it changes).
-    pub last_invalid: Mutex<HashMap<String, String>>,
-    /// Last "nodes not targeted" message per Service.
-    pub last_warning: Mutex<HashMap<String, String>>,
+    /// What is remembered about each Service between reconciles.
+    pub memory: memory::Memory,
     pub metrics: Arc<crate::telemetry::Metrics>,
 }
 
@@ -302,11 +297,7 @@ pub async fn run(
         recorder,
         nodes: nodes.clone(),
         classes: classes.clone(),
-        cache: Mutex::new(HashMap::new()),
-        interners: cache::Interners::default(),
-        failures: Mutex::new(HashMap::new()),
-        last_invalid: Mutex::new(HashMap::new()),
-        last_warning: Mutex::new(HashMap::new()),
+        memory: memory::Memory::default(),
         metrics,
     });
 
@@ -483,8 +474,14 @@ async fn local_health_events(ctx: Arc<Context>) {
                     "All {} targets of {} failed their health checks; traffic still goes to all of them (fail open)",
                     ev.total, ev.target_group
                 );
-                events::publish_ref(&ctx.recorder, &reference, true, events::ALL_UNHEALTHY, note)
-                    .await;
+                events::publish_ref(
+                    &ctx.recorder,
+                    &reference,
+                    events::EventType::Warning,
+                    events::ALL_UNHEALTHY,
+                    note,
+                )
+                .await;
             }
         } else if ev.healthy > 0 && down.remove(&key) {
             let note = format!(
@@ -494,7 +491,7 @@ async fn local_health_events(ctx: Arc<Context>) {
             events::publish_ref(
                 &ctx.recorder,
                 &reference,
-                false,
+                events::EventType::Normal,
                 events::TARGETS_HEALTHY,
                 note,
             )

@@ -1,13 +1,15 @@
 //! The Service reconciler: Service (+ class + annotations) → config → desired model → plan →
 //! apply → status, and the same path with the empty model to clean up.
 
-use super::events::{self, publish};
+use super::decide::{Basis, decide, deletion_basis};
+use super::events::{self, EventType, publish};
 use super::{CacheEntry, Context, FINALIZER, PROVIDER_ANNOTATION, status};
 use crate::build::{self, BuildError};
+use crate::config::LbConfig;
 use crate::config::{self, annotations, class::ProviderKind};
 use crate::model::{Desired, ServiceRef, naming};
-use crate::plan::{self, PlanError};
-use crate::provider::{LbState, ProviderError};
+use crate::plan::{Op, Plan, PlanError};
+use crate::provider::{LbState, Observed, Provider, ProviderError};
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -48,6 +50,10 @@ fn jittered(d: Duration) -> Duration {
     d.mul_f64(f)
 }
 
+fn uid(svc: &Service) -> &str {
+    svc.metadata.uid.as_deref().unwrap_or_default()
+}
+
 pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error> {
     let span = tracing::info_span!("reconcile", service = %key(&svc));
     async move {
@@ -59,18 +65,11 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, E
         };
         ctx.metrics
             .reconciled(outcome, started.elapsed().as_secs_f64());
-        if let Ok(cache) = ctx.cache.lock() {
-            let managed = cache.values().filter(|e| e.outline().lb.is_some()).count();
-            ctx.metrics
-                .set_managed_load_balancers(i64::try_from(managed).unwrap_or(i64::MAX));
-        }
-        let result = result.map(|(action, _)| action);
+        let managed = ctx.memory.managed_load_balancers();
+        ctx.metrics
+            .set_managed_load_balancers(i64::try_from(managed).unwrap_or(i64::MAX));
         match &result {
-            Ok(_) => {
-                if let Ok(mut f) = ctx.failures.lock() {
-                    f.remove(&key(&svc));
-                }
-            }
+            Ok(_) => ctx.memory.with(uid(&svc), |m| m.failures = 0),
             Err(e) => {
                 tracing::warn!(error = %e, "reconcile failed");
                 let reason = if svc.metadata.deletion_timestamp.is_some() {
@@ -78,17 +77,11 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, E
                 } else {
                     events::SYNC_FAILED
                 };
-                publish(
-                    &ctx.recorder,
-                    &svc,
-                    true,
-                    reason,
-                    format!("Error syncing load balancer: {e}"),
-                )
-                .await;
+                let note = format!("Error syncing load balancer: {e}");
+                publish(&ctx.recorder, &svc, EventType::Warning, reason, note).await;
             }
         }
-        result
+        result.map(|(action, _)| action)
     }
     .instrument(span)
     .await
@@ -96,15 +89,10 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, E
 
 /// Per-Service exponential backoff: 5 s, 10 s, … capped at 5 min.
 pub fn error_policy(svc: Arc<Service>, _err: &Error, ctx: Arc<Context>) -> Action {
-    let n = ctx
-        .failures
-        .lock()
-        .map(|mut f| {
-            let n = f.entry(key(&svc)).or_insert(0);
-            *n = n.saturating_add(1);
-            *n
-        })
-        .unwrap_or(1);
+    let n = ctx.memory.with(uid(&svc), |m| {
+        m.failures = m.failures.saturating_add(1);
+        m.failures
+    });
     let secs = 5u64
         .saturating_mul(1u64 << n.saturating_sub(1).min(6))
         .min(300);
@@ -170,13 +158,18 @@ fn kube_message(e: &kube::Error) -> String {
 /// cloud write, wait for the next edit.
 async fn invalid(ctx: &Context, svc: &Service, message: String) -> Action {
     tracing::warn!(%message, "invalid configuration; nothing written");
-    let changed = ctx
-        .last_invalid
-        .lock()
-        .map(|mut m| m.insert(key(svc), message.clone()).as_deref() != Some(message.as_str()))
-        .unwrap_or(true);
+    let changed = ctx.memory.with(uid(svc), |m| {
+        m.last_invalid.replace(message.clone()).as_deref() != Some(message.as_str())
+    });
     if changed {
-        publish(&ctx.recorder, svc, true, events::INVALID, message).await;
+        publish(
+            &ctx.recorder,
+            svc,
+            EventType::Warning,
+            events::INVALID,
+            message,
+        )
+        .await;
     }
     Action::await_change()
 }
@@ -195,232 +188,307 @@ pub mod outcome {
     pub const PROTECTED: &str = "deletion_protected";
 }
 
+/// resolve → build → own → decide → observe → plan → apply → write status.
 async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'static str), Error> {
+    let target = match resolve(svc, ctx) {
+        Resolved::Ours(t) => t,
+        Resolved::NotOurs => return Ok((Action::await_change(), outcome::NOT_OURS)),
+        Resolved::Release(sref) => return cleanup(svc, sref, ctx).await,
+        Resolved::Invalid(msg) => return Ok((invalid(ctx, svc, msg).await, outcome::INVALID)),
+    };
+    let desired = match build_model(svc, ctx, &target).await {
+        Ok(Some(desired)) => desired,
+        Ok(None) => return Ok((Action::await_change(), outcome::NOT_OURS)),
+        Err(msg) => return Ok((invalid(ctx, svc, msg).await, outcome::INVALID)),
+    };
+    let untouched = untouched(svc, ctx, &target);
+    if let Some(stop) = take_ownership(svc, ctx, &target).await? {
+        return Ok(stop);
+    }
+    let (uid, fingerprint, now) = (&target.sref.uid, desired.fingerprint(), Instant::now());
+    let mut memory = ctx.memory.cloud(uid);
+    let remembered = memory
+        .as_ref()
+        .map(|e| e.remembered(&fingerprint, target.kind, now));
+    let decision = decide(remembered, untouched, ctx.settings.resync);
+    if decision.poll_state
+        && let Some(e) = memory.as_mut()
+    {
+        poll_state(ctx, &target, &desired, e).await?;
+    }
+    let (observed, verified_at) = match (decision.basis, memory) {
+        (Basis::Trusted, Some(e)) => {
+            return trusted(svc, ctx, &target, &desired, e, decision.poll_state).await;
+        }
+        (Basis::Memory, Some(e)) => (e.observed(), e.verified_at),
+        (Basis::Nothing, _) => (Observed::default(), now),
+        _ => (target.provider.observe(&desired).await?, now),
+    };
+    let plan = target.provider.plan(&desired, &observed)?;
+    let observed = apply(svc, ctx, &target, &desired, observed, &plan).await?;
+    let provisioning = is_provisioning(&observed);
+    let interners = &ctx.memory.interners;
+    let entry = CacheEntry::new(
+        fingerprint,
+        observed.clone(),
+        target.kind,
+        verified_at,
+        provisioning,
+        interners,
+    );
+    ctx.memory.set_cloud(uid, Some(entry));
+    write_status(&ctx.metrics, &target.api(ctx), svc, &desired, &observed).await?;
+    announce(svc, ctx, &plan, &observed).await;
+    let result = if plan.is_empty() {
+        outcome::VERIFIED
+    } else {
+        outcome::APPLIED
+    };
+    Ok((next_check(ctx, provisioning, ctx.settings.resync), result))
+}
+
+/// A Service of ours, resolved against its class.
+struct Target {
+    sref: ServiceRef,
+    class_name: String,
+    kind: ProviderKind,
+    provider: Arc<dyn Provider>,
+    cfg: LbConfig,
+}
+
+impl Target {
+    fn api(&self, ctx: &Context) -> Api<Service> {
+        Api::namespaced(ctx.client.clone(), &self.sref.namespace)
+    }
+}
+
+enum Resolved {
+    Ours(Box<Target>),
+    /// Not a Service we act on (another class, not a load balancer, not complete).
+    NotOurs,
+    /// Carries our finalizer but no longer wants our load balancer: clean up.
+    Release(ServiceRef),
+    Invalid(String),
+}
+
+/// The Service's class, provider and configuration.
+fn resolve(svc: &Service, ctx: &Context) -> Resolved {
     let Ok(sref) = build::service_ref(svc) else {
-        return Ok((Action::await_change(), outcome::NOT_OURS));
+        return Resolved::NotOurs;
     };
     let classes = ctx.served_classes();
-    let class = config::select_class(svc, &classes);
     let deleting = svc.metadata.deletion_timestamp.is_some();
-    let Some(class) = class.filter(|_| !deleting) else {
-        if has_finalizer(svc) {
-            return cleanup(svc, sref, ctx).await;
-        }
-        return Ok((Action::await_change(), outcome::NOT_OURS));
+    let Some(class) = config::select_class(svc, &classes).filter(|_| !deleting) else {
+        return if has_finalizer(svc) {
+            Resolved::Release(sref)
+        } else {
+            Resolved::NotOurs
+        };
     };
     let class_name = class.name_any();
-    let Some(provider) = ctx.providers.get(class.spec.provider) else {
-        let msg = format!(
-            "LoadBalancerClass {class_name} uses provider {}, which this operator instance does not run; start cloudlb with that provider enabled",
-            class.spec.provider
-        );
-        return Ok((invalid(ctx, svc, msg).await, outcome::INVALID));
+    let kind = class.spec.provider;
+    let Some(provider) = ctx.providers.get(kind) else {
+        return Resolved::Invalid(format!(
+            "LoadBalancerClass {class_name} uses provider {kind}, which this operator instance does not run; start cloudlb with that provider enabled"
+        ));
     };
-    let cfg = match config::resolve(class, svc) {
-        Ok(c) => c,
-        Err(errors) => {
-            let msg = format!(
-                "Not provisioning the load balancer (class {class_name}): {errors}. Nothing was changed."
-            );
-            return Ok((invalid(ctx, svc, msg).await, outcome::INVALID));
-        }
-    };
+    match config::resolve(class, svc) {
+        Ok(cfg) => Resolved::Ours(Box::new(Target {
+            sref,
+            class_name,
+            kind,
+            provider,
+            cfg,
+        })),
+        Err(errors) => Resolved::Invalid(format!(
+            "Not provisioning the load balancer (class {class_name}): {errors}. Nothing was changed."
+        )),
+    }
+}
+
+/// The desired model (`None`: the Service is not complete yet, e.g. no nodePorts); a Warning
+/// Event when the set of nodes left out changes.
+async fn build_model(svc: &Service, ctx: &Context, t: &Target) -> Result<Option<Desired>, String> {
     // The store's Arcs: a reconcile never copies the Node objects.
     let nodes = ctx.nodes.state();
-    let built = match build::build(&ctx.settings.cluster, svc, &nodes, &cfg) {
+    let built = match build::build(&ctx.settings.cluster, svc, &nodes, &t.cfg) {
         Ok(b) => b,
-        Err(BuildError::Incomplete) => return Ok((Action::await_change(), outcome::NOT_OURS)),
+        Err(BuildError::Incomplete) => return Ok(None),
         Err(BuildError::Invalid(m)) => {
-            let msg = format!(
-                "Not provisioning the load balancer (class {class_name}): {m}. Nothing was changed."
-            );
-            return Ok((invalid(ctx, svc, msg).await, outcome::INVALID));
+            return Err(format!(
+                "Not provisioning the load balancer (class {}): {m}. Nothing was changed.",
+                t.class_name
+            ));
         }
     };
-    if let Ok(mut m) = ctx.last_invalid.lock() {
-        m.remove(&key(svc));
-    }
     let warning = built.warnings.join("; ");
-    let warning_changed = ctx
-        .last_warning
-        .lock()
-        .map(|mut m| m.insert(key(svc), warning.clone()).as_deref() != Some(warning.as_str()))
-        .unwrap_or(false);
-    if !warning.is_empty() && warning_changed {
+    let changed = ctx.memory.with(&t.sref.uid, |m| {
+        m.last_invalid = None;
+        let changed = m.last_warning != warning;
+        m.last_warning.clone_from(&warning);
+        changed
+    });
+    if !warning.is_empty() && changed {
         tracing::warn!(%warning, "some nodes are not targets");
-        publish(&ctx.recorder, svc, true, events::TARGETS_SKIPPED, warning).await;
+        publish(
+            &ctx.recorder,
+            svc,
+            EventType::Warning,
+            events::TARGETS_SKIPPED,
+            warning,
+        )
+        .await;
     }
+    Ok(Some(built.desired))
+}
 
-    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &sref.namespace);
-    // Nothing of ours can exist for a Service that has never carried our finalizer (it goes on
-    // before the first cloud write) and that this process has not touched yet (so the store
-    // cannot be behind our own write), as long as every name derives from its UID: the first
-    // reconcile of a new Service needs no cloud read.
-    let untouched = !has_finalizer(svc)
-        && cfg.name.is_none()
-        && ctx.cache.lock().is_ok_and(|c| !c.contains_key(&sref.uid))
+/// Nothing of ours can exist for a Service that has never carried our finalizer (it goes on
+/// before the first cloud write) and that this process has not touched yet (so the store cannot
+/// be behind our own write), as long as every name derives from its UID: the first reconcile of
+/// a new Service needs no cloud read.
+fn untouched(svc: &Service, ctx: &Context, t: &Target) -> bool {
+    !has_finalizer(svc)
+        && t.cfg.name.is_none()
         && ctx
-            .failures
-            .lock()
-            .is_ok_and(|f| !f.contains_key(&key(svc)));
-    let kind = class.spec.provider;
-    // The finalizer and the provider of record go on before the first cloud write.
+            .memory
+            .with(&t.sref.uid, |m| m.cloud.is_none() && m.failures == 0)
+}
+
+/// The finalizer and the provider of record go on before the first cloud write. `Some`: the
+/// class moved to another provider and this reconcile ends with removing the old one's
+/// resources.
+async fn take_ownership(
+    svc: &Service,
+    ctx: &Context,
+    t: &Target,
+) -> Result<Option<(Action, &'static str)>, Error> {
     let held = recorded_provider(svc);
     let mut recorded = false;
     if !has_finalizer(svc) {
         let mut f = svc.finalizers().to_vec();
         f.push(FINALIZER.to_string());
         // A new Service: finalizer and provider in one write.
-        recorded = set_finalizers(&api, svc, f, held.is_none().then_some(kind)).await?;
+        let record = held.is_none().then_some(t.kind);
+        recorded = set_finalizers(&t.api(ctx), svc, f, record).await?;
     }
     match held {
-        Some(held) if held == kind => {}
-        // The class moved to another provider: what the old one holds goes first.
-        Some(held) => return switch_provider(svc, sref, ctx, held, kind).await,
+        Some(held) if held == t.kind => {}
+        Some(held) => {
+            let switched = switch_provider(svc, t.sref.clone(), ctx, held, t.kind).await?;
+            return Ok(Some(switched));
+        }
         None if recorded => {}
-        None => record_provider(&api, svc, kind).await?,
+        None => record_provider(&t.api(ctx), svc, t.kind).await?,
     }
+    Ok(None)
+}
 
-    let desired = built.desired;
-    let fingerprint = desired.fingerprint();
-    let entry = ctx
-        .cache
-        .lock()
-        .ok()
-        .and_then(|c| c.get(&sref.uid).cloned());
-    let now = Instant::now();
-    let mut cached = entry.filter(|e| {
-        !e.stale && e.provider == kind && now.duration_since(e.verified_at) < ctx.settings.resync
-    });
-    // While provisioning, only the load balancer's state is read again (one call, not a full
-    // observe).
-    let mut refreshed = false;
-    if let Some(e) = cached.as_mut().filter(|e| e.provisioning) {
-        let observed = provider.refresh_state(&desired, &e.observed()).await?;
-        let provisioning = is_provisioning(&observed);
-        *e = CacheEntry::new(
-            e.fingerprint.clone(),
-            observed,
-            e.provider,
-            e.verified_at,
-            provisioning,
-            &ctx.interners,
-        );
-        refreshed = true;
-    }
-
-    let (observed, verified_at, plan) = match cached {
-        Some(e) if e.fingerprint == fingerprint => {
-            // Unchanged: no cloud call at all (beyond the state poll while provisioning).
-            write_status(&ctx.metrics, &api, svc, &desired, e.outline()).await?;
-            let provisioning = e.provisioning;
-            let left = ctx
-                .settings
-                .resync
-                .saturating_sub(now.duration_since(e.verified_at));
-            if refreshed && let Ok(mut c) = ctx.cache.lock() {
-                c.insert(sref.uid.clone(), e);
-            }
-            if provisioning {
-                return Ok((
-                    Action::requeue(ctx.settings.provisioning_requeue),
-                    outcome::VERIFIED,
-                ));
-            }
-            let result = if refreshed {
-                outcome::VERIFIED
-            } else {
-                outcome::UNCHANGED
-            };
-            return Ok((
-                Action::requeue(jittered(left.max(Duration::from_secs(1)))),
-                result,
-            ));
-        }
-        Some(e) => {
-            let observed = e.observed();
-            let plan = provider.plan(&desired, &observed)?;
-            (observed, e.verified_at, plan)
-        }
-        None if untouched => {
-            let observed = crate::provider::Observed::default();
-            let plan = provider.plan(&desired, &observed)?;
-            (observed, now, plan)
-        }
-        None => {
-            let observed = provider.observe(&desired).await?;
-            let plan = provider.plan(&desired, &observed)?;
-            (observed, now, plan)
-        }
-    };
-
-    let observed = if plan.is_empty() {
-        observed
-    } else {
-        tracing::info!(ops = ?plan.ops, "applying");
-        if !plan.ops.iter().all(plan::Op::is_target_change) {
-            publish(
-                &ctx.recorder,
-                svc,
-                false,
-                events::ENSURING,
-                format!("Ensuring load balancer ({} change(s))", plan.ops.len()),
-            )
-            .await;
-        }
-        match provider.apply(&desired, &observed, &plan).await {
-            Ok(o) => o,
-            Err(e) => {
-                if let Ok(mut c) = ctx.cache.lock() {
-                    c.remove(&sref.uid);
-                }
-                return Err(e.into());
-            }
-        }
-    };
+/// While provisioning, only the load balancer's state is read again (one call, not a full
+/// observe).
+async fn poll_state(
+    ctx: &Context,
+    t: &Target,
+    desired: &Desired,
+    e: &mut CacheEntry,
+) -> Result<(), Error> {
+    let observed = t.provider.refresh_state(desired, &e.observed()).await?;
     let provisioning = is_provisioning(&observed);
-    if let Ok(mut c) = ctx.cache.lock() {
-        c.insert(
-            sref.uid.clone(),
-            CacheEntry::new(
-                fingerprint,
-                observed.clone(),
-                kind,
-                verified_at,
-                provisioning,
-                &ctx.interners,
-            ),
-        );
+    let (fingerprint, interners) = (e.fingerprint.clone(), &ctx.memory.interners);
+    *e = CacheEntry::new(
+        fingerprint,
+        observed,
+        e.provider,
+        e.verified_at,
+        provisioning,
+        interners,
+    );
+    Ok(())
+}
+
+/// Unchanged: no cloud call at all (beyond the state poll while provisioning), only the status.
+async fn trusted(
+    svc: &Service,
+    ctx: &Context,
+    t: &Target,
+    desired: &Desired,
+    e: CacheEntry,
+    polled: bool,
+) -> Result<(Action, &'static str), Error> {
+    write_status(&ctx.metrics, &t.api(ctx), svc, desired, e.outline()).await?;
+    let (provisioning, age) = (e.provisioning, e.verified_at.elapsed());
+    if polled {
+        ctx.memory.set_cloud(&t.sref.uid, Some(e));
     }
-    write_status(&ctx.metrics, &api, svc, &desired, &observed).await?;
-    if !plan.is_empty() {
-        let dns = observed
-            .lb
-            .as_ref()
-            .map(|l| l.dns_name.clone())
-            .unwrap_or_default();
-        if plan.ops.iter().all(plan::Op::is_target_change) {
-            tracing::info!("targets updated");
-        } else {
-            publish(
-                &ctx.recorder,
-                svc,
-                false,
-                events::ENSURED,
-                format!("Ensured load balancer {dns}"),
-            )
-            .await;
-        }
-    }
-    let result = if plan.is_empty() {
+    let result = if polled || provisioning {
         outcome::VERIFIED
     } else {
-        outcome::APPLIED
+        outcome::UNCHANGED
     };
-    if provisioning {
-        return Ok((Action::requeue(ctx.settings.provisioning_requeue), result));
+    let left = ctx.settings.resync.saturating_sub(age);
+    Ok((next_check(ctx, provisioning, left), result))
+}
+
+/// Executes a non-empty plan; when that fails, the cloud state is forgotten so the next reconcile
+/// reads it again.
+async fn apply(
+    svc: &Service,
+    ctx: &Context,
+    t: &Target,
+    desired: &Desired,
+    observed: Observed,
+    plan: &Plan,
+) -> Result<Observed, Error> {
+    if plan.is_empty() {
+        return Ok(observed);
     }
-    Ok((Action::requeue(jittered(ctx.settings.resync)), result))
+    tracing::info!(ops = ?plan.ops, "applying");
+    if !targets_only(plan) {
+        let note = format!("Ensuring load balancer ({} change(s))", plan.ops.len());
+        publish(
+            &ctx.recorder,
+            svc,
+            EventType::Normal,
+            events::ENSURING,
+            note,
+        )
+        .await;
+    }
+    t.provider
+        .apply(desired, &observed, plan)
+        .await
+        .inspect_err(|_| ctx.memory.set_cloud(&t.sref.uid, None))
+        .map_err(Error::from)
+}
+
+/// Writes that only (de)register targets: node changes, announced in the log only.
+fn targets_only(plan: &Plan) -> bool {
+    plan.ops.iter().all(Op::is_target_change)
+}
+
+async fn announce(svc: &Service, ctx: &Context, plan: &Plan, observed: &Observed) {
+    if plan.is_empty() {
+        return;
+    }
+    if targets_only(plan) {
+        tracing::info!("targets updated");
+        return;
+    }
+    let dns = observed
+        .lb
+        .as_ref()
+        .map(|l| l.dns_name.as_str())
+        .unwrap_or_default();
+    let note = format!("Ensured load balancer {dns}");
+    publish(&ctx.recorder, svc, EventType::Normal, events::ENSURED, note).await;
+}
+
+/// The next reconcile: soon while provisioning, else the drift check after `left`.
+fn next_check(ctx: &Context, provisioning: bool, left: Duration) -> Action {
+    if provisioning {
+        Action::requeue(ctx.settings.provisioning_requeue)
+    } else {
+        Action::requeue(jittered(left.max(Duration::from_secs(1))))
+    }
 }
 
 async fn write_status(
@@ -531,9 +599,7 @@ async fn switch_provider(
     }
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &sref.namespace);
     record_provider(&api, svc, wanted).await?;
-    if let Ok(mut c) = ctx.cache.lock() {
-        c.remove(&sref.uid);
-    }
+    ctx.memory.set_cloud(&sref.uid, None);
     // Our own annotation write brings the Service back; the requeue is the safety net.
     Ok((
         Action::requeue(ctx.settings.provisioning_requeue),
@@ -548,11 +614,7 @@ async fn cleanup(
     sref: ServiceRef,
     ctx: &Context,
 ) -> Result<(Action, &'static str), Error> {
-    let cached = ctx
-        .cache
-        .lock()
-        .ok()
-        .and_then(|c| c.get(&sref.uid).map(|e| e.provider));
+    let cached = ctx.memory.cloud(&sref.uid).map(|e| e.provider);
     // The provider of record; before it was recorded, what this process used; else AWS.
     let kind = recorded_provider(svc)
         .or(cached)
@@ -573,9 +635,7 @@ async fn cleanup(
         Err(kube::Error::Api(e)) if e.code == 404 => {}
         Err(e) => return Err(e.into()),
     }
-    if let Ok(mut c) = ctx.cache.lock() {
-        c.remove(&sref.uid);
-    }
+    ctx.memory.forget(&sref.uid);
     tracing::info!("load balancer cleaned up; finalizer removed");
     Ok((Action::await_change(), outcome::CLEANED_UP))
 }
@@ -588,22 +648,19 @@ async fn remove_load_balancer(
     ctx: &Context,
     kind: ProviderKind,
 ) -> Result<Option<(Action, &'static str)>, Error> {
-    let cached = ctx
-        .cache
-        .lock()
-        .ok()
-        .and_then(|c| c.get(&sref.uid).cloned())
-        .filter(|e| e.provider == kind);
+    let cached = ctx.memory.cloud(&sref.uid).filter(|e| e.provider == kind);
     let sref = sref.clone();
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &sref.namespace);
     if let Some(provider) = ctx.providers.get(kind) {
         let desired = Desired::empty(sref.clone(), cleanup_name(ctx, svc, &sref, cached.as_ref()));
-        // What this process applied and still trusts needs no re-read (a delete wave would
-        // otherwise cost a full observe per Service); after a restart, a failed apply or a due
-        // drift check, read the cloud.
-        let trusted = cached.as_ref().filter(|e| {
-            !e.stale && !e.provisioning && e.verified_at.elapsed() < ctx.settings.resync
-        });
+        // What this process applied and still trusts needs no re-read; after a restart, a
+        // failed apply or a due drift check, read the cloud.
+        let remembered = cached
+            .as_ref()
+            .map(|e| e.remembered(&e.fingerprint, kind, Instant::now()));
+        let trusted = cached
+            .as_ref()
+            .filter(|_| deletion_basis(remembered, ctx.settings.resync) == Basis::Memory);
         let observed = match trusted {
             Some(e) => e.observed(),
             None => {
@@ -622,7 +679,14 @@ async fn remove_load_balancer(
         let plan = match provider.plan(&desired, &observed) {
             Ok(p) => p,
             Err(e @ PlanError::DeletionProtected { .. }) => {
-                publish(&ctx.recorder, svc, true, events::DELETING, e.to_string()).await;
+                publish(
+                    &ctx.recorder,
+                    svc,
+                    EventType::Warning,
+                    events::DELETING,
+                    e.to_string(),
+                )
+                .await;
                 return Ok(Some((
                     Action::requeue(Duration::from_secs(300)),
                     outcome::PROTECTED,
@@ -633,7 +697,7 @@ async fn remove_load_balancer(
             publish(
                 &ctx.recorder,
                 svc,
-                false,
+                EventType::Normal,
                 events::DELETING,
                 "Deleting load balancer".into(),
             )
@@ -641,11 +705,11 @@ async fn remove_load_balancer(
             if let Err(e) = provider.apply(&desired, &observed, &plan).await {
                 // Read the cloud again next time, but keep what the cache knows: target groups
                 // whose load balancer is already gone are found only through it.
-                if let Ok(mut c) = ctx.cache.lock()
-                    && let Some(entry) = c.get_mut(&sref.uid)
-                {
-                    entry.stale = true;
-                }
+                ctx.memory.with(&sref.uid, |m| {
+                    if let Some(entry) = m.cloud.as_mut() {
+                        entry.stale = true;
+                    }
+                });
                 return Err(e.into());
             }
         }
@@ -654,7 +718,7 @@ async fn remove_load_balancer(
             publish(
                 &ctx.recorder,
                 svc,
-                false,
+                EventType::Normal,
                 events::DELETED,
                 "Deleted load balancer".into(),
             )
