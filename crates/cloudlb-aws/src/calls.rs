@@ -148,6 +148,38 @@ impl Calls {
         }
     }
 
+    /// Every item of a paginated listing, one [`run`](Self::run) per page: `send(token)` sends
+    /// the request for the page after `token` (`None`: the first), `page` moves a response's
+    /// items into the output and returns the next page's token (none or empty: the last page).
+    /// `not_found_is_empty`: a not-found answer ends the listing (AWS answers some listings of
+    /// a resource that is gone with an empty list, moto with an error).
+    pub(crate) async fn pages<R, T, E, Fut>(
+        &self,
+        operation: &'static str,
+        not_found_is_empty: bool,
+        send: impl Fn(Option<String>) -> Fut,
+        mut page: impl FnMut(R, &mut Vec<T>) -> Option<String>,
+    ) -> Result<Vec<T>, AwsError>
+    where
+        Fut: Future<Output = Result<R, SdkError<E, HttpResponse>>>,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let resp = match self.run(operation, || send(token.clone())).await {
+                Ok(r) => r,
+                Err(e) if not_found_is_empty && e.is_not_found() => break,
+                Err(e) => return Err(e),
+            };
+            match page(resp, &mut out) {
+                Some(t) if !t.is_empty() => token = Some(t),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
     /// Runs one AWS call. `send` builds the request (`|| builder.clone().send()`) and may be called again:
     /// retries happen here, not in the SDK (its retries are off), so every attempt waits for the
     /// call family's token bucket and the client-side rate limit holds also while AWS throttles.

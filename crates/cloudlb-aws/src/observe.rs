@@ -240,29 +240,21 @@ impl AwsProvider {
         lb_arn: &str,
         all_certificates: bool,
     ) -> Result<Vec<cloudlb_core::provider::ObservedListener>, ProviderError> {
-        let mut listeners = Vec::new();
-        let mut marker = None;
-        loop {
-            let req = self
-                .elbv2
-                .describe_listeners()
-                .load_balancer_arn(lb_arn)
-                .set_marker(marker.take());
-            let resp = match self
-                .calls
-                .run("DescribeListeners", || req.clone().send())
-                .await
-            {
-                Ok(r) => r,
-                Err(e) if e.is_not_found() => break,
-                Err(e) => return Err(e.into()),
-            };
-            listeners.extend(resp.listeners.into_iter().flatten());
-            match resp.next_marker {
-                Some(m) if !m.is_empty() => marker = Some(m),
-                _ => break,
-            }
-        }
+        let listeners = self
+            .calls
+            .pages(
+                "DescribeListeners",
+                true,
+                |marker| {
+                    let req = self.elbv2.describe_listeners().load_balancer_arn(lb_arn);
+                    req.set_marker(marker).send()
+                },
+                |resp, out| {
+                    out.extend(resp.listeners.into_iter().flatten());
+                    resp.next_marker
+                },
+            )
+            .await?;
         let mut out = Vec::with_capacity(listeners.len());
         for l in &listeners {
             // Only the default certificate is in the listener description: list them all.
@@ -294,56 +286,48 @@ impl AwsProvider {
         &self,
         listener_arn: &str,
     ) -> Result<Vec<elb::Certificate>, ProviderError> {
-        let mut out = Vec::new();
-        let mut marker = None;
-        loop {
-            let req = self
-                .elbv2
-                .describe_listener_certificates()
-                .listener_arn(listener_arn)
-                .set_marker(marker.take());
-            let resp = self
-                .calls
-                .run("DescribeListenerCertificates", || req.clone().send())
-                .await?;
-            out.extend(resp.certificates.into_iter().flatten());
-            match resp.next_marker {
-                Some(m) if !m.is_empty() => marker = Some(m),
-                _ => break,
-            }
-        }
-        Ok(out)
+        let certificates = self
+            .calls
+            .pages(
+                "DescribeListenerCertificates",
+                false,
+                |marker| {
+                    let req = self.elbv2.describe_listener_certificates();
+                    req.listener_arn(listener_arn).set_marker(marker).send()
+                },
+                |resp, out| {
+                    out.extend(resp.certificates.into_iter().flatten());
+                    resp.next_marker
+                },
+            )
+            .await?;
+        Ok(certificates)
     }
 
     async fn describe_attached_target_groups(
         &self,
         lb_arn: &str,
     ) -> Result<Vec<elb::TargetGroup>, ProviderError> {
-        let mut out = Vec::new();
-        let mut marker = None;
-        loop {
-            let req = self
-                .elbv2
-                .describe_target_groups()
-                .load_balancer_arn(lb_arn)
-                .set_marker(marker.take());
-            let resp = match self
-                .calls
-                .run("DescribeTargetGroups", || req.clone().send())
-                .await
-            {
-                Ok(r) => r,
-                // AWS returns an empty list; moto says TargetGroupNotFound.
-                Err(e) if e.is_not_found() => break,
-                Err(e) => return Err(e.into()),
-            };
-            out.extend(resp.target_groups.into_iter().flatten());
-            match resp.next_marker {
-                Some(m) if !m.is_empty() => marker = Some(m),
-                _ => break,
-            }
-        }
-        Ok(out)
+        // AWS returns an empty list; moto says TargetGroupNotFound.
+        let groups = self
+            .calls
+            .pages(
+                "DescribeTargetGroups",
+                true,
+                |marker| {
+                    let req = self
+                        .elbv2
+                        .describe_target_groups()
+                        .load_balancer_arn(lb_arn);
+                    req.set_marker(marker).send()
+                },
+                |resp, out| {
+                    out.extend(resp.target_groups.into_iter().flatten());
+                    resp.next_marker
+                },
+            )
+            .await?;
+        Ok(groups)
     }
 
     /// Attributes and registered targets of one of our target groups; `None` if it vanished.
@@ -406,24 +390,23 @@ impl AwsProvider {
         if let Some(vpc) = vpc {
             filters.push(Filter::builder().name("vpc-id").values(vpc).build());
         }
-        let mut groups = Vec::new();
-        let mut token = None;
-        loop {
-            let req = self
-                .ec2
-                .describe_security_groups()
-                .set_filters(Some(filters.clone()))
-                .set_next_token(token.take());
-            let resp = self
-                .calls
-                .run("DescribeSecurityGroups", || req.clone().send())
-                .await?;
-            groups.extend(resp.security_groups.into_iter().flatten());
-            match resp.next_token {
-                Some(t) if !t.is_empty() => token = Some(t),
-                _ => break,
-            }
-        }
+        let groups = self
+            .calls
+            .pages(
+                "DescribeSecurityGroups",
+                false,
+                |token| {
+                    let req = self.ec2.describe_security_groups();
+                    req.set_filters(Some(filters.clone()))
+                        .set_next_token(token)
+                        .send()
+                },
+                |resp, out| {
+                    out.extend(resp.security_groups.into_iter().flatten());
+                    resp.next_token
+                },
+            )
+            .await?;
         let groups: Vec<_> = groups
             .into_iter()
             .filter(|g| g.group_name.as_deref() == Some(name.as_str()) && g.group_id.is_some())

@@ -229,47 +229,41 @@ impl AwsProvider {
     }
 
     async fn describe_all_load_balancers(&self) -> Result<Vec<elb::LoadBalancer>, ProviderError> {
-        let mut out = Vec::new();
-        let mut marker = None;
-        loop {
-            let req = self
-                .elbv2
-                .describe_load_balancers()
-                .page_size(PAGE_SIZE)
-                .set_marker(marker.take());
-            let resp = self
-                .calls
-                .run("DescribeLoadBalancers", || req.clone().send())
-                .await?;
-            out.extend(resp.load_balancers.into_iter().flatten());
-            match resp.next_marker {
-                Some(m) if !m.is_empty() => marker = Some(m),
-                _ => break,
-            }
-        }
-        Ok(out)
+        let all = self
+            .calls
+            .pages(
+                "DescribeLoadBalancers",
+                false,
+                |marker| {
+                    let req = self.elbv2.describe_load_balancers().page_size(PAGE_SIZE);
+                    req.set_marker(marker).send()
+                },
+                |resp, out| {
+                    out.extend(resp.load_balancers.into_iter().flatten());
+                    resp.next_marker
+                },
+            )
+            .await?;
+        Ok(all)
     }
 
     async fn describe_all_target_groups(&self) -> Result<Vec<elb::TargetGroup>, ProviderError> {
-        let mut out = Vec::new();
-        let mut marker = None;
-        loop {
-            let req = self
-                .elbv2
-                .describe_target_groups()
-                .page_size(PAGE_SIZE)
-                .set_marker(marker.take());
-            let resp = self
-                .calls
-                .run("DescribeTargetGroups", || req.clone().send())
-                .await?;
-            out.extend(resp.target_groups.into_iter().flatten());
-            match resp.next_marker {
-                Some(m) if !m.is_empty() => marker = Some(m),
-                _ => break,
-            }
-        }
-        Ok(out)
+        let all = self
+            .calls
+            .pages(
+                "DescribeTargetGroups",
+                false,
+                |marker| {
+                    let req = self.elbv2.describe_target_groups().page_size(PAGE_SIZE);
+                    req.set_marker(marker).send()
+                },
+                |resp, out| {
+                    out.extend(resp.target_groups.into_iter().flatten());
+                    resp.next_marker
+                },
+            )
+            .await?;
+        Ok(all)
     }
 
     /// Security groups tagged for this cluster (in the configured VPC, if any).
@@ -283,25 +277,24 @@ impl AwsProvider {
         if let Some(vpc) = &self.settings.vpc_id {
             filters.push(Filter::builder().name("vpc-id").values(vpc).build());
         }
-        let mut out = Vec::new();
-        let mut token = None;
-        loop {
-            let req = self
-                .ec2
-                .describe_security_groups()
-                .set_filters(Some(filters.clone()))
-                .set_next_token(token.take());
-            let resp = self
-                .calls
-                .run("DescribeSecurityGroups", || req.clone().send())
-                .await?;
-            out.extend(resp.security_groups.into_iter().flatten());
-            match resp.next_token {
-                Some(t) if !t.is_empty() => token = Some(t),
-                _ => break,
-            }
-        }
-        Ok(out)
+        let groups = self
+            .calls
+            .pages(
+                "DescribeSecurityGroups",
+                false,
+                |token| {
+                    let req = self.ec2.describe_security_groups();
+                    req.set_filters(Some(filters.clone()))
+                        .set_next_token(token)
+                        .send()
+                },
+                |resp, out| {
+                    out.extend(resp.security_groups.into_iter().flatten());
+                    resp.next_token
+                },
+            )
+            .await?;
+        Ok(groups)
     }
 }
 

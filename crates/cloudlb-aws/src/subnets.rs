@@ -250,36 +250,32 @@ impl AwsProvider {
         filters: Vec<Filter>,
         ids: Vec<String>,
     ) -> Result<Vec<SubnetInfo>, ProviderError> {
-        let mut out = Vec::new();
-        let mut token = None;
-        loop {
-            let req = self
-                .ec2
-                .describe_subnets()
-                .set_filters((!filters.is_empty()).then(|| filters.clone()))
-                .set_subnet_ids((!ids.is_empty()).then(|| ids.clone()))
-                .set_next_token(token.take());
-            let resp = match self
-                .calls
-                .run("DescribeSubnets", || req.clone().send())
-                .await
-            {
-                Ok(r) => r,
-                Err(e) if e.is_not_found() => {
-                    return Err(ProviderError::InvalidConfig(format!(
-                        "subnet not found ({}): check the subnet ids",
-                        e.message
-                    )));
-                }
-                Err(e) => return Err(e.into()),
-            };
-            out.extend(resp.subnets.iter().flatten().filter_map(info));
-            match resp.next_token {
-                Some(t) if !t.is_empty() => token = Some(t),
-                _ => break,
-            }
+        let found = self
+            .calls
+            .pages(
+                "DescribeSubnets",
+                false,
+                |token| {
+                    let req = self.ec2.describe_subnets();
+                    req.set_filters((!filters.is_empty()).then(|| filters.clone()))
+                        .set_subnet_ids((!ids.is_empty()).then(|| ids.clone()))
+                        .set_next_token(token)
+                        .send()
+                },
+                |resp, out| {
+                    out.extend(resp.subnets.iter().flatten().filter_map(info));
+                    resp.next_token
+                },
+            )
+            .await;
+        match found {
+            Ok(subnets) => Ok(subnets),
+            Err(e) if e.is_not_found() => Err(ProviderError::InvalidConfig(format!(
+                "subnet not found ({}): check the subnet ids",
+                e.message
+            ))),
+            Err(e) => Err(e.into()),
         }
-        Ok(out)
     }
 }
 

@@ -1,7 +1,7 @@
 //! A counting, fault-injecting HTTP/1.1 reverse proxy for the AWS Query APIs (ELBv2, EC2), put
 //! between the operator and an AWS emulator (moto): the operator gets
 //! `AWS_ENDPOINT_URL=http://<proxy>`. Used by the benchmark (`cloudlb-bench`) and the fault tests
-//! (`tests/faults.rs`).
+//! (`tests/faults/faults.rs`).
 //!
 //! - **Counting.** Every request that carries an `Action=` (form body) is counted by action and
 //!   outcome ([`FaultProxy::counts`], or `GET /proxy/counts` as JSON), and its arrival time is

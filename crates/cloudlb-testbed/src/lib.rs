@@ -29,7 +29,7 @@ pub use nodes::{create_node, node_for};
 
 /// The soak factor from `CLOUDLB_SOAK` (default 1: the size CI runs). The fault and crash tests
 /// multiply their Services, kills and restarts by it, e.g. `CLOUDLB_SOAK=10 cargo test --test
-/// faults --test crash` for a long soak run.
+/// faults` for a long soak run.
 pub fn soak() -> usize {
     match std::env::var("CLOUDLB_SOAK") {
         Err(_) => 1,

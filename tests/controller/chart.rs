@@ -4,7 +4,7 @@
 //! token only and passes the AWS lifecycle against moto; without one permission it says which.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
-mod support;
+use crate::support;
 
 use cloudlb::config::class::LoadBalancerClass;
 use cloudlb::controller::{self, Providers, Settings};

@@ -2,16 +2,16 @@
 //! delete. Each test uses its own moto account.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
-mod support;
+use cloudlb_testbed as support;
 
-use cloudlb::model::{
+use cloudlb_aws::{AwsProvider, AwsSettings};
+use cloudlb_core::model::{
     Desired, FrontendSecurityGroup, HealthCheck, HealthCheckProtocol, IngressRule, IpAddressType,
     Listener, LoadBalancer, Protocol, Scheme, Security, ServiceRef, Subnets, Target, TargetGroup,
     TargetType, naming, tags,
 };
-use cloudlb::plan::{Op, plan};
-use cloudlb::provider::aws::{AwsProvider, AwsSettings};
-use cloudlb::provider::{LbState, Observed, Provider, ProviderError};
+use cloudlb_core::plan::{Op, plan};
+use cloudlb_core::provider::{LbState, Observed, Provider, ProviderError};
 use std::collections::{BTreeMap, BTreeSet};
 use support::ec2::types::Filter;
 use support::elbv2::types::{LoadBalancerSchemeEnum, LoadBalancerTypeEnum};
@@ -972,7 +972,7 @@ async fn owned_finds_this_clusters_services_and_the_empty_plan_deletes_one() {
             &Desired::empty(other_service(), b.lb_name.clone()),
             &owned[0].1
         ),
-        Err(cloudlb::plan::PlanError::DeletionProtected {
+        Err(cloudlb_core::plan::PlanError::DeletionProtected {
             name: b.lb_name.clone()
         })
     );
@@ -990,9 +990,9 @@ async fn with_metrics_counts_every_call() {
         .into_iter()
         .map(|i| i.id)
         .collect();
-    let metrics = std::sync::Arc::new(cloudlb::telemetry::Metrics::new());
+    let observer = std::sync::Arc::new(Tally::default());
     let provider =
-        AwsProvider::new(elbv2, ec2, AwsSettings::new(CLUSTER)).with_metrics(metrics.clone());
+        AwsProvider::new(elbv2, ec2, AwsSettings::new(CLUSTER)).with_metrics(observer.clone());
 
     let want = desired(&[TCP_80, UDP_53], &instances);
     reconcile(&provider, &want).await;
@@ -1000,24 +1000,27 @@ async fn with_metrics_counts_every_call() {
     let empty = Desired::empty(service(), want.lb_name.clone());
     reconcile(&provider, &empty).await;
 
-    let calls = provider.calls();
-    let text = metrics.encode();
-    assert!(
-        text.contains(
-            r#"cloudlb_cloud_api_calls_total{provider="aws",operation="CreateLoadBalancer",outcome="ok"} 1"#
-        ),
-        "{text}"
-    );
-    for (key, n) in &calls {
-        let (operation, outcome) = key.split_once('/').expect("Operation/outcome");
-        let line = format!(
-            r#"cloudlb_cloud_api_calls_total{{provider="aws",operation="{operation}",outcome="{outcome}"}} {n}"#
-        );
-        assert!(text.contains(&line), "missing {line}:\n{text}");
+    // Every call the provider counted reached the observer (the operator's metrics), as
+    // provider `aws`, with the same operation and outcome, and nothing else did.
+    let seen = observer.0.lock().unwrap().clone();
+    assert_eq!(seen.get("aws CreateLoadBalancer/ok"), Some(&1), "{seen:?}");
+    let counted: BTreeMap<String, u64> = provider
+        .calls()
+        .into_iter()
+        .map(|(k, n)| (format!("aws {k}"), n))
+        .collect();
+    assert_eq!(seen, counted);
+}
+
+/// Counts what it is told by `provider operation/outcome`.
+#[derive(Default)]
+struct Tally(std::sync::Mutex<BTreeMap<String, u64>>);
+
+impl cloudlb_core::provider::CallObserver for Tally {
+    fn cloud_call(&self, provider: &str, operation: &str, outcome: &str) {
+        let mut seen = self.0.lock().unwrap();
+        *seen
+            .entry(format!("{provider} {operation}/{outcome}"))
+            .or_default() += 1;
     }
-    let series = text
-        .lines()
-        .filter(|l| l.starts_with("cloudlb_cloud_api_calls_total{"))
-        .count();
-    assert_eq!(series, calls.len(), "{text}");
 }

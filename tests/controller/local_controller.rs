@@ -6,7 +6,7 @@
 //! operator instance.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
-mod support;
+use crate::support;
 
 use cloudlb::config::class::LoadBalancerClass;
 use cloudlb::controller::{self, Providers, Settings};

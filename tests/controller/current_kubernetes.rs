@@ -4,7 +4,7 @@
 //! account and operator (`support::env::Env`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
-mod support;
+use crate::support;
 
 use cloudlb::config::class::LoadBalancerClass;
 use k8s_openapi::api::core::v1::Service;

@@ -13,7 +13,7 @@
 //! (the proxy adds moto's account header) and operator process.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
-mod support;
+use crate::support;
 
 use cloudlb::config::class::LoadBalancerClass;
 use cloudlb::model::{naming, tags};

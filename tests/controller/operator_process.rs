@@ -2,7 +2,7 @@
 //! election between two replicas against the real API server and moto.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
-mod support;
+use crate::support;
 
 use cloudlb::config::class::LoadBalancerClass;
 use k8s_openapi::api::core::v1::Service;

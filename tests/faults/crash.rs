@@ -7,7 +7,7 @@
 //! operator (no restart) must pick up where it was and see what changed while it was cut off.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
-mod support;
+use crate::support;
 
 use cloudlb::provider::aws::{AwsProvider, AwsSettings};
 use kube::api::{DeleteParams, ListParams};

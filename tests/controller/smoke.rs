@@ -1,7 +1,7 @@
 //! Proves the testbed: a real API server with RBAC, and moto with per-test accounts.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
-mod support;
+use crate::support;
 
 use k8s_openapi::api::core::v1::Service;
 use kube::Api;

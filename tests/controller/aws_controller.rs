@@ -4,7 +4,7 @@
 //! other.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
-mod support;
+use crate::support;
 
 use cloudlb::config::class::LoadBalancerClass;
 use cloudlb::provider::aws::{AwsProvider, AwsSettings};
