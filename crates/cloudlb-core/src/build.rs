@@ -3,18 +3,15 @@
 use crate::config::LbConfig;
 use crate::model::{
     Desired, FrontendSecurityGroup, HealthCheck, HealthCheckProtocol, IngressRule, Listener,
-    LoadBalancer, Protocol, Security, ServiceRef, Target, TargetGroup, TargetType, naming, tags,
+    LoadBalancer, LocalSpec, Protocol, Security, ServiceRef, Target, TargetGroup, TargetType,
+    naming, tags,
 };
 use k8s_openapi::api::core::v1::{Node, Service};
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
 /// Label that keeps a node out of every external load balancer (Kubernetes service controller).
 pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
-/// Local-provider settings carried in `LoadBalancer::attributes`.
-pub const LOCAL_POOL: &str = "local.address_pool";
-pub const LOCAL_ALGORITHM: &str = "local.algorithm";
-pub const LOCAL_DRAIN: &str = "local.drain_timeout_seconds";
-pub const LOCAL_REQUESTED_ADDRESS: &str = "local.requested_address";
 
 /// Taints of nodes that are going away.
 pub const DRAINING_TAINTS: &[&str] = &["ToBeDeletedByClusterAutoscaler", "karpenter.sh/disrupted"];
@@ -276,10 +273,35 @@ pub fn build<N: std::borrow::Borrow<Node>>(
         ingress,
         tags: tagged("load-balancer"),
     };
+    let local = cfg.local.as_ref().map(|spec| LocalSpec {
+        requested_address: requested_address(svc, &mut warnings),
+        ..spec.clone()
+    });
     Ok(Built {
-        desired: assemble(cluster, svc, cfg, parts),
+        desired: assemble(cluster, svc, cfg, parts, local),
         warnings,
     })
+}
+
+/// The address the Service already has (its status), to be given again: it stays stable across
+/// operator restarts. One that is not an IP address is left out with a warning.
+fn requested_address(svc: &Service, warnings: &mut Vec<String>) -> Option<IpAddr> {
+    let ip = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .and_then(|i| i.first())
+        .and_then(|i| i.ip.as_deref())?;
+    match ip.trim().parse() {
+        Ok(ip) => Some(ip),
+        Err(_) => {
+            warnings.push(format!(
+                "status.loadBalancer.ingress[0].ip {ip:?} is not an IP address: not requested again"
+            ));
+            None
+        }
+    }
 }
 
 /// What [`build`] has made of the Service's ports and nodes.
@@ -293,9 +315,15 @@ struct Parts {
     tags: BTreeMap<String, String>,
 }
 
-/// The load balancer around the listeners and target groups: its security group, attributes and
-/// placement.
-fn assemble(cluster: &str, svc: &Service, cfg: &LbConfig, parts: Parts) -> Desired {
+/// The load balancer around the listeners and target groups: its security group, attributes,
+/// placement and local settings.
+fn assemble(
+    cluster: &str,
+    svc: &Service,
+    cfg: &LbConfig,
+    parts: Parts,
+    local: Option<LocalSpec>,
+) -> Desired {
     let Parts {
         service,
         name,
@@ -310,40 +338,19 @@ fn assemble(cluster: &str, svc: &Service, cfg: &LbConfig, parts: Parts) -> Desir
             description: format!("cloudlb frontend for Service {service} in cluster {cluster}"),
             ingress,
         });
+    // AWS attributes only: the local provider's settings are `local`.
     let mut attributes = BTreeMap::new();
-    match &cfg.local {
-        None => {
-            attributes.insert(
-                "deletion_protection.enabled".to_string(),
-                "false".to_string(),
-            );
-            attributes.insert(
-                "load_balancing.cross_zone.enabled".to_string(),
-                "false".to_string(),
-            );
-            attributes.insert("access_logs.s3.enabled".to_string(), "false".to_string());
-            attributes.extend(cfg.lb_attributes.clone());
-        }
-        Some(local) => {
-            // Provider-specific settings travel as attributes; the address the Service already
-            // has is requested again, so it stays stable across operator restarts.
-            attributes.insert(LOCAL_POOL.to_string(), local.address_pool.clone());
-            attributes.insert(LOCAL_ALGORITHM.to_string(), local.algorithm.clone());
-            attributes.insert(
-                LOCAL_DRAIN.to_string(),
-                local.drain_timeout_seconds.to_string(),
-            );
-            let current_ip = svc
-                .status
-                .as_ref()
-                .and_then(|s| s.load_balancer.as_ref())
-                .and_then(|lb| lb.ingress.as_ref())
-                .and_then(|i| i.first())
-                .and_then(|i| i.ip.clone());
-            if let Some(ip) = current_ip {
-                attributes.insert(LOCAL_REQUESTED_ADDRESS.to_string(), ip);
-            }
-        }
+    if cfg.local.is_none() {
+        attributes.insert(
+            "deletion_protection.enabled".to_string(),
+            "false".to_string(),
+        );
+        attributes.insert(
+            "load_balancing.cross_zone.enabled".to_string(),
+            "false".to_string(),
+        );
+        attributes.insert("access_logs.s3.enabled".to_string(), "false".to_string());
+        attributes.extend(cfg.lb_attributes.clone());
     }
 
     let lb = LoadBalancer {
@@ -363,6 +370,7 @@ fn assemble(cluster: &str, svc: &Service, cfg: &LbConfig, parts: Parts) -> Desir
         listeners,
         target_groups,
         status_ports: service_status_ports(svc),
+        local,
     };
     Desired {
         service,

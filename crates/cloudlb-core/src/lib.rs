@@ -5,12 +5,14 @@
 //!
 //! - [`config`]: the `LoadBalancerClass` CRD and the annotations, parsed into one typed config;
 //!   every problem reported at once.
-//! - [`model`]: the provider-neutral desired load balancer (listeners, target groups, targets,
-//!   health checks, attributes, tags), names and defaults.
+//! - [`model`]: the desired load balancer (listeners, target groups, targets, health checks; the
+//!   AWS attributes and tags; the local provider's typed settings, [`model::LocalSpec`]), names
+//!   and defaults, and what a provider observes.
 //! - [`build`]: Service + eligible Nodes + config → the desired model (golden-tested,
 //!   `tests/golden/build/`).
-//! - [`plan`]: desired × observed → ordered operations (table-tested, and golden-tested in
-//!   `tests/golden/plan/`).
+//! - [`plan`]: the operations, and the AWS NLB planner: desired × observed → ordered operations
+//!   (table-tested, and golden-tested in `tests/golden/plan/`). The local provider plans with its
+//!   own diff, in `cloudlb-local`.
 //! - [`provider`]: the trait a provider implements, in these types, and what it observes.
 #![forbid(unsafe_code)]
 

@@ -1,5 +1,10 @@
-//! Compare the desired model with what exists and produce the ordered operations that make them
-//! equal. Pure: no IO, table-tested and golden-tested (`tests/golden/plan/`).
+//! The operations a provider executes ([`Op`], [`Plan`]), and the AWS NLB planner ([`plan`]):
+//! compare the desired model with what exists in AWS and produce the ordered operations that make
+//! them equal. Pure: no IO, table-tested and golden-tested (`tests/golden/plan/`).
+//!
+//! Each provider plans its own resources ([`crate::provider::Provider::plan`]): the AWS provider
+//! with [`plan`], the local provider with its own diff, which uses only the operations that mean
+//! something to it (no security groups, attributes or subnets).
 //!
 //! Order: security group first (an NLB only takes security groups at creation), then the load
 //! balancer, its attributes, target groups (create, health check, attributes, deregister before
@@ -8,7 +13,7 @@
 //! type, which are part of the target-group name) replace the resource.
 
 use crate::model::observed::{Observed, ObservedLb, ObservedListener, ObservedTargetGroup};
-use crate::model::{Desired, IngressRule, Listener, LoadBalancer, Target, TargetGroup};
+use crate::model::{Algorithm, Desired, IngressRule, Listener, LoadBalancer, Target, TargetGroup};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -41,6 +46,11 @@ pub enum Op {
     },
     ModifyHealthCheck {
         key: String,
+    },
+    /// Local provider only: the target group `key` balances with `algorithm` from now on.
+    SetAlgorithm {
+        key: String,
+        algorithm: Algorithm,
     },
     SetTargetGroupAttributes {
         key: String,
@@ -150,7 +160,7 @@ fn changed_attributes<'c>(
         .collect()
 }
 
-/// Plans the operations that turn `observed` into `desired`.
+/// The AWS NLB planner: the operations that turn `observed` (what exists in AWS) into `desired`.
 pub fn plan(desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
     let mut ops = Vec::new();
     match &desired.lb {

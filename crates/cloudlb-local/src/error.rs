@@ -7,17 +7,7 @@ use cloudlb_core::provider::ProviderError;
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
     #[error(
-        "Service {service}: load-balancer attribute {key}={value:?} is invalid: {reason}; fix the LoadBalancerClass or the Service annotation"
-    )]
-    InvalidAttribute {
-        /// `namespace/name`.
-        service: String,
-        key: &'static str,
-        value: String,
-        reason: String,
-    },
-    #[error(
-        "Service {service}: no free address in pool {pool:?} ({in_use} in use); widen local.address_pool or delete a Service of this class"
+        "Service {service}: no free address in pool {pool:?} ({in_use} in use); widen spec.local.addressPool of the class or delete a Service of this class"
     )]
     PoolExhausted {
         /// `namespace/name`.
@@ -75,6 +65,18 @@ pub enum LocalError {
         port: u16,
         group: String,
     },
+    #[error(
+        "Service {service}: the plan does not fit what is served ({reason}); it is planned again"
+    )]
+    PlanMismatch {
+        /// `namespace/name`.
+        service: String,
+        reason: String,
+    },
+    #[error(
+        "operation {op} is not one the local provider plans (it has no security groups, attributes or subnets); plan with the local provider"
+    )]
+    NotLocal { op: String },
     #[error("the local provider is shut down; restart the operator")]
     ShutDown,
 }
@@ -89,6 +91,7 @@ impl LocalError {
                 | LocalError::OwnListener { .. }
                 | LocalError::Unsupported { .. }
                 | LocalError::InvalidTarget { .. }
+                | LocalError::PlanMismatch { .. }
         )
     }
 }

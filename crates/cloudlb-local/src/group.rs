@@ -1,67 +1,44 @@
 //! A target group at run time: its targets with their health, the balancing algorithm, draining
-//! of removed targets, and health-change notifications.
+//! of removed targets, and health-change notifications. The health check (`health.rs`) runs
+//! against it through [`Checked`].
 
-use super::HealthEvent;
-use super::config::Algorithm;
-use super::token::Token;
-use cloudlb_core::model::{HealthCheck, ServiceRef, Target};
+use super::health::{self, Checked};
+use super::target::{Snapshot, TargetState};
+use cloudlb_core::model::{Algorithm, HealthCheck, Protocol, ServiceRef, Target};
 use rand::Rng;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio::task::AbortHandle;
 
-/// One registered (or draining) target.
-#[derive(Debug)]
-pub(crate) struct TargetState {
-    pub target: Target,
-    pub addr: SocketAddr,
-    healthy: AtomicBool,
-    pub(crate) successes: AtomicU32,
-    pub(crate) failures: AtomicU32,
-    /// Cancelled when the target's connections must end: drain over, Service deleted, shutdown.
-    pub kill: Token,
-    /// Open TCP connections and UDP flows to this target.
-    pub active: AtomicUsize,
+/// The healthy or registered count of a target group changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthEvent {
+    pub service: ServiceRef,
+    /// The target group's key in the model (`tcp-80`).
+    pub target_group: String,
+    pub healthy: usize,
+    pub total: usize,
 }
 
-impl TargetState {
-    fn new(target: Target, addr: SocketAddr) -> Self {
-        TargetState {
-            target,
-            addr,
-            healthy: AtomicBool::new(true),
-            successes: AtomicU32::new(0),
-            failures: AtomicU32::new(0),
-            kill: Token::default(),
-            active: AtomicUsize::new(0),
-        }
-    }
+/// Which target group a listener forwards to; swapped in place when the listener is modified.
+pub(crate) type GroupSlot = Arc<RwLock<Arc<Group>>>;
 
-    pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
-    }
-
-    /// Returns whether the state changed.
-    pub(crate) fn set_healthy(&self, healthy: bool) -> bool {
-        self.healthy.swap(healthy, Ordering::Relaxed) != healthy
-    }
-
-    /// Counts an open connection or flow until the guard drops.
-    pub fn track(self: &Arc<Self>) -> ActiveGuard {
-        self.active.fetch_add(1, Ordering::Relaxed);
-        ActiveGuard(self.clone())
+fn algorithm_to_u8(a: Algorithm) -> u8 {
+    match a {
+        Algorithm::Random => 0,
+        Algorithm::RoundRobin => 1,
     }
 }
 
-pub(crate) struct ActiveGuard(Arc<TargetState>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+fn algorithm_from_u8(v: u8) -> Algorithm {
+    if v == 1 {
+        Algorithm::RoundRobin
+    } else {
+        Algorithm::Random
     }
 }
 
@@ -75,7 +52,14 @@ struct HealthTask {
     task: AbortHandle,
 }
 
-pub(crate) type Snapshot = Arc<Vec<Arc<TargetState>>>;
+/// What the model said about the group when it was created: reported back as it is (the local
+/// provider does not use it; listeners decide the protocol, targets carry their port).
+#[derive(Clone, Debug)]
+pub(crate) struct Mirror {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -85,6 +69,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub(crate) struct Group {
     pub service: ServiceRef,
     pub key: String,
+    mirror: Mutex<Mirror>,
     targets: RwLock<Snapshot>,
     algorithm: AtomicU8,
     rr: AtomicUsize,
@@ -94,19 +79,45 @@ pub(crate) struct Group {
     events: broadcast::Sender<HealthEvent>,
 }
 
+impl Checked for Group {
+    fn names(&self) -> (&ServiceRef, &str) {
+        (&self.service, &self.key)
+    }
+    fn targets(&self) -> Snapshot {
+        self.snapshot()
+    }
+    fn health_changed(&self) {
+        self.notify_counts();
+    }
+}
+
 impl Group {
-    pub fn new(service: ServiceRef, key: String, events: broadcast::Sender<HealthEvent>) -> Self {
+    pub fn new(
+        service: ServiceRef,
+        key: String,
+        mirror: Mirror,
+        events: broadcast::Sender<HealthEvent>,
+    ) -> Self {
         Group {
             service,
             key,
+            mirror: Mutex::new(mirror),
             targets: RwLock::new(Arc::new(Vec::new())),
-            algorithm: AtomicU8::new(Algorithm::Random.as_u8()),
+            algorithm: AtomicU8::new(algorithm_to_u8(Algorithm::default())),
             rr: AtomicUsize::new(0),
             draining: Mutex::new(HashMap::new()),
             health: Mutex::new(None),
             last_counts: Mutex::new((0, 0)),
             events,
         }
+    }
+
+    pub fn mirror(&self) -> Mirror {
+        lock(&self.mirror).clone()
+    }
+
+    pub fn set_mirror(&self, mirror: Mirror) {
+        *lock(&self.mirror) = mirror;
     }
 
     /// The registered targets (not the draining ones).
@@ -117,15 +128,51 @@ impl Group {
             .clone()
     }
 
+    pub fn algorithm(&self) -> Algorithm {
+        algorithm_from_u8(self.algorithm.load(Ordering::Relaxed))
+    }
+
     pub fn set_algorithm(&self, a: Algorithm) {
-        self.algorithm.store(a.as_u8(), Ordering::Relaxed);
+        self.algorithm.store(algorithm_to_u8(a), Ordering::Relaxed);
+    }
+
+    /// The health check running, if any.
+    pub fn health_check(&self) -> Option<HealthCheck> {
+        lock(&self.health).as_ref().map(|h| h.check.clone())
+    }
+
+    /// Adds `targets` to the registered ones (those already registered stay as they are).
+    pub fn register(self: &Arc<Self>, targets: &[(Target, SocketAddr)]) {
+        let mut want: Vec<(Target, SocketAddr)> = self
+            .snapshot()
+            .iter()
+            .map(|t| (t.target.clone(), t.addr))
+            .collect();
+        for (t, addr) in targets {
+            if !want.iter().any(|(w, _)| w == t) {
+                want.push((t.clone(), *addr));
+            }
+        }
+        // Nothing is removed: the drain time is not used.
+        self.set_targets(&want, Duration::ZERO);
+    }
+
+    /// Removes `targets` from the registered ones; they drain for `drain`.
+    pub fn deregister(self: &Arc<Self>, targets: &[Target], drain: Duration) {
+        let want: Vec<(Target, SocketAddr)> = self
+            .snapshot()
+            .iter()
+            .filter(|t| !targets.contains(&t.target))
+            .map(|t| (t.target.clone(), t.addr))
+            .collect();
+        self.set_targets(&want, drain);
     }
 
     /// Makes `want` the registered set. Targets that stay keep their state and connections; new
     /// ones start healthy (the health check takes them out within interval × threshold if they
     /// are not); removed ones stop getting new connections, and their open connections end after
     /// `drain`. A removed target that comes back while draining is revived as it was.
-    pub fn set_targets(self: &Arc<Self>, want: &[(Target, SocketAddr)], drain: Duration) {
+    fn set_targets(self: &Arc<Self>, want: &[(Target, SocketAddr)], drain: Duration) {
         let old = self.snapshot();
         let mut next = Vec::with_capacity(want.len());
         {
@@ -219,7 +266,7 @@ impl Group {
         if n == 0 {
             return None;
         }
-        let k = match Algorithm::from_u8(self.algorithm.load(Ordering::Relaxed)) {
+        let k = match self.algorithm() {
             Algorithm::Random => rand::rng().random_range(0..n),
             Algorithm::RoundRobin => self.rr.fetch_add(1, Ordering::Relaxed) % n,
         };
@@ -268,10 +315,9 @@ impl Group {
             old.task.abort();
         }
         for t in self.snapshot().iter() {
-            t.successes.store(0, Ordering::Relaxed);
-            t.failures.store(0, Ordering::Relaxed);
+            t.reset_counts();
         }
-        let task = tokio::spawn(super::health::run(Arc::downgrade(self), check.clone()));
+        let task = tokio::spawn(health::run(Arc::downgrade(self), check.clone()));
         *h = Some(HealthTask {
             check: check.clone(),
             task: task.abort_handle(),

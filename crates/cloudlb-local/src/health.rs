@@ -7,8 +7,8 @@
 //! HTTP: `GET path` and a status code in `success_codes` (default `200-399`).
 //! HTTPS: no TLS library in this crate, so it is checked like TCP (the port accepts connections).
 
-use super::group::Group;
-use cloudlb_core::model::{HealthCheck, HealthCheckProtocol};
+use super::target::Snapshot;
+use cloudlb_core::model::{HealthCheck, HealthCheckProtocol, ServiceRef};
 use std::net::SocketAddr;
 use std::sync::Weak;
 use std::sync::atomic::Ordering;
@@ -16,7 +16,19 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub(crate) async fn run(group: Weak<Group>, check: HealthCheck) {
+/// What a health check runs against: a target group, seen only through this (the group starts
+/// the check; the check knows nothing of the group).
+pub(crate) trait Checked: Send + Sync + 'static {
+    /// The Service and the target group's key, for the logs.
+    fn names(&self) -> (&ServiceRef, &str);
+    /// The targets to probe now.
+    fn targets(&self) -> Snapshot;
+    /// Some target turned healthy or unhealthy.
+    fn health_changed(&self);
+}
+
+/// Probes the targets of `group` every interval until the group is gone (or the task aborted).
+pub(crate) async fn run<G: Checked>(group: Weak<G>, check: HealthCheck) {
     let interval = Duration::from_secs(u64::from(check.interval_seconds.max(1)));
     let timeout = Duration::from_secs(u64::from(check.timeout_seconds.max(1))).min(interval);
     let healthy_threshold = check.healthy_threshold.max(1);
@@ -25,7 +37,7 @@ pub(crate) async fn run(group: Weak<Group>, check: HealthCheck) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let Some(snap) = group.upgrade().map(|g| g.snapshot()) else {
+        let Some(snap) = group.upgrade().map(|g| g.targets()) else {
             return;
         };
         let results =
@@ -33,6 +45,7 @@ pub(crate) async fn run(group: Weak<Group>, check: HealthCheck) {
         let Some(g) = group.upgrade() else {
             return;
         };
+        let (service, key) = g.names();
         let mut changed = false;
         for (t, result) in snap.iter().zip(results) {
             match result {
@@ -43,23 +56,23 @@ pub(crate) async fn run(group: Weak<Group>, check: HealthCheck) {
                         .fetch_add(1, Ordering::Relaxed)
                         .saturating_add(1);
                     if n >= healthy_threshold && t.set_healthy(true) {
-                        tracing::info!(service = %g.service, group = %g.key, target = %t.addr, "target healthy");
+                        tracing::info!(%service, group = %key, target = %t.addr, "target healthy");
                         changed = true;
                     }
                 }
                 Err(why) => {
                     t.successes.store(0, Ordering::Relaxed);
                     let n = t.failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
-                    tracing::debug!(service = %g.service, group = %g.key, target = %t.addr, failures = n, %why, "health check failed");
+                    tracing::debug!(%service, group = %key, target = %t.addr, failures = n, %why, "health check failed");
                     if n >= unhealthy_threshold && t.set_healthy(false) {
-                        tracing::warn!(service = %g.service, group = %g.key, target = %t.addr, %why, "target unhealthy: no new connections");
+                        tracing::warn!(%service, group = %key, target = %t.addr, %why, "target unhealthy: no new connections");
                         changed = true;
                     }
                 }
             }
         }
         if changed {
-            g.notify_counts();
+            g.health_changed();
         }
     }
 }

@@ -3,8 +3,7 @@
 //! shuts down the write half of the other (half-close), so request/response protocols that close
 //! their sending side early still get the whole answer.
 
-use super::GroupSlot;
-use super::group::Group;
+use super::group::{Group, GroupSlot};
 use super::token::Token;
 use super::workers::{LoadGuard, Pool};
 use std::io;

@@ -3,8 +3,8 @@
 //! ends after `idle_timeout` without traffic either way, when its target is drained, or when the
 //! target refuses (ICMP port unreachable), so the client's next datagram picks again.
 
-use super::GroupSlot;
-use super::group::TargetState;
+use super::group::GroupSlot;
+use super::target::TargetState;
 use super::token::Token;
 use std::collections::HashMap;
 use std::io;

@@ -13,8 +13,8 @@
 
 use clap::Parser;
 use cloudlb::model::{
-    Desired, HealthCheck, HealthCheckProtocol, IpAddressType, Listener, LoadBalancer, Protocol,
-    Scheme, Security, ServiceRef, Subnets, Target, TargetGroup, TargetType,
+    Algorithm, Desired, HealthCheck, HealthCheckProtocol, IpAddressType, Listener, LoadBalancer,
+    LocalSpec, Protocol, Scheme, Security, ServiceRef, Subnets, Target, TargetGroup, TargetType,
 };
 use cloudlb::provider::Provider;
 use cloudlb::provider::local::{LocalProvider, LocalSettings};
@@ -417,10 +417,11 @@ fn desired(n: u8) -> Desired {
         name: "web".into(),
         uid: "bench-uid".into(),
     };
-    let attributes = BTreeMap::from([
-        ("local.address_pool".to_string(), LOCAL_ADDR.to_string()),
-        ("local.algorithm".to_string(), "round-robin".to_string()),
-    ]);
+    let local = LocalSpec {
+        address_pool: IpAddr::V4(LOCAL_ADDR).into(),
+        algorithm: Algorithm::RoundRobin,
+        ..LocalSpec::default()
+    };
     let lb = LoadBalancer {
         name: "k8s-bench-web".into(),
         scheme: Scheme::InternetFacing,
@@ -433,7 +434,7 @@ fn desired(n: u8) -> Desired {
             extra_security_groups: vec![],
             manage_backend_rules: false,
         },
-        attributes,
+        attributes: BTreeMap::new(),
         tags: BTreeMap::new(),
         listeners: vec![Listener {
             port: LB_PORT,
@@ -469,6 +470,7 @@ fn desired(n: u8) -> Desired {
             tags: BTreeMap::new(),
         }],
         status_ports: vec![(LB_PORT, Protocol::Tcp)],
+        local: Some(local),
     };
     Desired {
         service,

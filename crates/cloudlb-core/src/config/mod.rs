@@ -4,6 +4,7 @@
 pub mod annotations;
 pub mod class;
 
+use crate::model::local::{self, AddressPool, Algorithm, LocalSpec};
 use crate::model::{HealthCheckProtocol, IpAddressType, Scheme, Subnets, TargetType};
 use annotations as keys;
 use class::{AwsClassSpec, HealthCheckSpec, LoadBalancerClass, ProviderKind};
@@ -85,70 +86,51 @@ pub struct LbConfig {
     pub security_groups: Vec<String>,
     pub source_ranges: Vec<String>,
     pub name: Option<String>,
-    /// Settings of the local provider (`provider: local` only).
-    pub local: Option<LocalConfig>,
+    /// Settings of the local provider (`provider: local` only), validated; the build adds the
+    /// requested address.
+    pub local: Option<LocalSpec>,
 }
 
-/// The local provider's settings, validated.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LocalConfig {
-    pub address_pool: String,
-    /// `random` or `round-robin`.
-    pub algorithm: String,
-    pub drain_timeout_seconds: u32,
-}
-
-pub const DEFAULT_LOCAL_POOL: &str = "127.0.1.0/24";
-
-fn valid_pool(pool: &str) -> bool {
-    let items: Vec<&str> = pool
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
-    !items.is_empty()
-        && items.iter().all(|i| {
-            if i.contains('/') {
-                is_cidr(i)
-            } else {
-                i.parse::<std::net::IpAddr>().is_ok()
-            }
-        })
-}
-
-fn local_config(class: &LoadBalancerClass, errors: &mut Vec<ConfigError>) -> LocalConfig {
+/// `LoadBalancerClass.spec.local` → the typed [`LocalSpec`]: the one place it is validated.
+fn local_spec(class: &LoadBalancerClass, errors: &mut Vec<ConfigError>) -> LocalSpec {
     let name = class.metadata.name.clone().unwrap_or_default();
+    let field = |f: &str| format!("LoadBalancerClass {name} spec.local.{f}");
     let spec = class.spec.local.clone().unwrap_or_default();
-    let address_pool = spec
-        .address_pool
-        .unwrap_or_else(|| DEFAULT_LOCAL_POOL.to_string());
-    if !valid_pool(&address_pool) {
+    let address_pool = match spec.address_pool.as_deref() {
+        None => AddressPool::default(),
+        Some(raw) => AddressPool::parse(raw).unwrap_or_else(|why| {
+            errors.push(err(
+                &field("addressPool"),
+                raw,
+                format!(
+                    "{why}; allowed: a comma-separated list of CIDRs (127.0.1.0/24, fd00::/120), ranges (127.0.1.10-127.0.1.20) and single addresses, IPv4 or IPv6"
+                ),
+            ));
+            AddressPool::default()
+        }),
+    };
+    let algorithm = match spec.algorithm.as_deref() {
+        None => Algorithm::default(),
+        Some(raw) => raw.parse().unwrap_or_else(|allowed: String| {
+            errors.push(err(&field("algorithm"), raw, allowed));
+            Algorithm::default()
+        }),
+    };
+    let drain_timeout_seconds = spec
+        .drain_timeout_seconds
+        .unwrap_or(local::DEFAULT_DRAIN_TIMEOUT_SECONDS);
+    if drain_timeout_seconds > local::MAX_DRAIN_TIMEOUT_SECONDS {
         errors.push(err(
-            &format!("LoadBalancerClass {name} spec.local.addressPool"),
-            &address_pool,
-            "must be a CIDR such as 127.0.1.0/24 or a comma-separated list of IP addresses",
-        ));
-    }
-    let algorithm = spec.algorithm.unwrap_or_else(|| "random".to_string());
-    if algorithm != "random" && algorithm != "round-robin" {
-        errors.push(err(
-            &format!("LoadBalancerClass {name} spec.local.algorithm"),
-            &algorithm,
-            "allowed values: random, round-robin",
-        ));
-    }
-    let drain_timeout_seconds = spec.drain_timeout_seconds.unwrap_or(30);
-    if drain_timeout_seconds > 3600 {
-        errors.push(err(
-            &format!("LoadBalancerClass {name} spec.local.drainTimeoutSeconds"),
+            &field("drainTimeoutSeconds"),
             &drain_timeout_seconds.to_string(),
-            "must be 0-3600 seconds",
+            format!("must be 0-{} seconds", local::MAX_DRAIN_TIMEOUT_SECONDS),
         ));
     }
-    LocalConfig {
+    LocalSpec {
         address_pool,
         algorithm,
         drain_timeout_seconds,
+        requested_address: None,
     }
 }
 
@@ -1177,7 +1159,7 @@ impl Parser<'_> {
                     "the local provider cannot enforce loadBalancerSourceRanges; remove them or use an aws class",
                 ));
             }
-            local_config(class, &mut self.errors)
+            local_spec(class, &mut self.errors)
         });
 
         LbConfig {

@@ -629,3 +629,78 @@ fn annotation_docs_are_current() {
         "docs/annotations.md is stale: run `UPDATE_GOLDEN=1 cargo test --lib annotation_docs` or `cloudlb docs annotations > docs/annotations.md`"
     );
 }
+
+fn local_class(local: Option<class::LocalClassSpec>) -> LoadBalancerClass {
+    let mut c = LoadBalancerClass::new(
+        "lab",
+        LoadBalancerClassSpec {
+            provider: ProviderKind::Local,
+            default: true,
+            aws: None,
+            local,
+        },
+    );
+    c.metadata.name = Some("lab".into());
+    c
+}
+
+#[test]
+fn local_settings_are_typed_with_defaults() {
+    let cfg = resolve_ok(&local_class(None), &svc(&[], web()));
+    assert_eq!(cfg.local, Some(LocalSpec::default()));
+    let spec = cfg.local.expect("local");
+    assert_eq!(spec.address_pool.spec(), local::DEFAULT_ADDRESS_POOL);
+    assert_eq!(spec.algorithm, Algorithm::Random);
+    assert_eq!(spec.drain_timeout_seconds, 30);
+    assert_eq!(spec.requested_address, None, "the build adds it");
+    assert_eq!(resolve_ok(&class(None), &svc(&[], web())).local, None);
+}
+
+#[test]
+fn local_pool_takes_what_the_docs_describe() {
+    // CIDRs, ranges and single addresses, IPv4 and IPv6, in one list.
+    let c = local_class(Some(class::LocalClassSpec {
+        address_pool: Some("192.0.2.10, 192.0.2.20-192.0.2.29, 127.0.1.0/28, fd00:1::/120".into()),
+        algorithm: Some("round-robin".into()),
+        drain_timeout_seconds: Some(0),
+    }));
+    let spec = resolve_ok(&c, &svc(&[], web())).local.expect("local");
+    let pool = &spec.address_pool;
+    assert_eq!(pool.len(), 1 + 10 + 14 + 255);
+    for ip in ["192.0.2.10", "192.0.2.25", "127.0.1.14", "fd00:1::ff"] {
+        assert!(pool.contains(ip.parse().expect("ip")), "{ip} in {pool}");
+    }
+    assert_eq!(spec.algorithm, Algorithm::RoundRobin);
+    assert_eq!(spec.drain_timeout_seconds, 0);
+}
+
+#[test]
+fn local_errors_name_the_class_field_the_value_and_what_is_allowed() {
+    let c = local_class(Some(class::LocalClassSpec {
+        address_pool: Some("127.0.1.0/24, 10.0.0.0/40".into()),
+        algorithm: Some("least-conn".into()),
+        drain_timeout_seconds: Some(3601),
+    }));
+    let errors = resolve_err(&c, &svc(&[], web()));
+    let by_source = |source: &str| {
+        errors
+            .iter()
+            .find(|e| e.source == source)
+            .unwrap_or_else(|| panic!("no error for {source}: {errors:?}"))
+    };
+    let pool = by_source("LoadBalancerClass lab spec.local.addressPool");
+    assert_eq!(pool.value, "127.0.1.0/24, 10.0.0.0/40");
+    assert!(
+        pool.allowed
+            .contains("\"10.0.0.0/40\": prefix length over 32")
+            && pool.allowed.contains("ranges (127.0.1.10-127.0.1.20)"),
+        "{pool}"
+    );
+    let algorithm = by_source("LoadBalancerClass lab spec.local.algorithm");
+    assert_eq!(algorithm.value, "least-conn");
+    assert_eq!(algorithm.allowed, "allowed values: random, round-robin");
+    let drain = by_source("LoadBalancerClass lab spec.local.drainTimeoutSeconds");
+    assert_eq!(drain.value, "3601");
+    assert_eq!(drain.allowed, "must be 0-3600 seconds");
+    assert_eq!(errors.len(), 3, "{errors:?}");
+}

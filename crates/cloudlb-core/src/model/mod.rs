@@ -4,8 +4,11 @@
 //! what exists by [`crate::plan`]. A Service that no longer wants a load balancer has the *empty*
 //! model (`lb: None`): deleting is applying the empty model.
 
+pub mod local;
 pub mod naming;
 pub mod observed;
+
+pub use local::{AddressPool, Algorithm, LocalSpec};
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -158,7 +161,8 @@ pub struct LoadBalancer {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub private_ipv4_addresses: Vec<String>,
     pub security: Security,
-    /// Load-balancer attributes that differ from the AWS defaults.
+    /// AWS load-balancer attributes that differ from the AWS defaults (AWS only: the local
+    /// provider's settings are [`LoadBalancer::local`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub attributes: BTreeMap<String, String>,
     /// Every tag: ownership tags plus user tags.
@@ -167,6 +171,9 @@ pub struct LoadBalancer {
     pub target_groups: Vec<TargetGroup>,
     /// The scheme/address status the Service ends up with (ports listed in status).
     pub status_ports: Vec<(u16, Protocol)>,
+    /// The local provider's settings (classes with `provider: local`); `None` for AWS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalSpec>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,7 +1,15 @@
 //! What a provider observes in the cloud for one Service: the counterpart of the desired model
-//! that [`plan`](crate::plan) compares it with.
+//! that the provider's plan ([`crate::provider::Provider::plan`]) compares it with.
+//!
+//! The types are shared by the providers; each fills in what it has. The `arn` fields are the
+//! provider's id of the resource: an ARN on AWS; for the local provider the load balancer's
+//! address (`127.0.1.5`), a listener's `address:port/PROTOCOL` (`127.0.1.5:80/TCP`) and a target
+//! group's key in the model (`tcp-80`). The local provider has no security groups and no
+//! attributes: it reports none.
 
-use crate::model::{HealthCheck, IngressRule, IpAddressType, Protocol, Scheme, Target, TargetType};
+use crate::model::{
+    Algorithm, HealthCheck, IngressRule, IpAddressType, Protocol, Scheme, Target, TargetType,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -23,6 +31,7 @@ pub enum LbState {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObservedLb {
+    /// The provider's id of the load balancer (see the module docs).
     pub arn: String,
     pub name: String,
     pub scheme: Scheme,
@@ -36,10 +45,11 @@ pub struct ObservedLb {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObservedListener {
+    /// The provider's id of the listener (see the module docs).
     pub arn: String,
     pub port: u16,
     pub protocol: Protocol,
-    /// ARN of the target group the default action forwards to.
+    /// The id ([`ObservedTargetGroup::arn`]) of the target group the default action forwards to.
     pub target_group_arn: Option<String>,
     pub certificates: Vec<String>,
     pub ssl_policy: Option<String>,
@@ -48,6 +58,7 @@ pub struct ObservedListener {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObservedTargetGroup {
+    /// The provider's id of the target group (see the module docs).
     pub arn: String,
     pub name: String,
     pub protocol: Protocol,
@@ -58,6 +69,10 @@ pub struct ObservedTargetGroup {
     pub attributes: BTreeMap<String, String>,
     /// Registered targets (not draining / unused ones).
     pub targets: BTreeSet<Target>,
+    /// How the local provider picks a target in this group; `None` on AWS (an NLB has no
+    /// choice).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<Algorithm>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -99,6 +99,7 @@ fn observed_for(d: &Desired) -> Observed {
                 health_check: t.health_check.clone(),
                 attributes: t.attributes.clone(),
                 targets: t.targets.clone(),
+                algorithm: None,
             })
             .collect(),
         security_group: lb

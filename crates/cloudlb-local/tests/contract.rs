@@ -1,18 +1,20 @@
-//! The local provider with real traffic on loopback: no mocks.
+//! The local provider's contract, with real traffic on loopback: no mocks. Every apply goes the
+//! controller's way (observe, the provider's own plan, apply) and is checked: apply returns what
+//! observe reports next, the re-plan is empty, and nothing AWS-shaped is reported.
 //!
 //! Every test has its own addresses so they run in parallel: test `N` takes its load-balancer
 //! pool from `127.0.N.0/24` and starts its backends ("nodes") on `127.1.N.k` at a fixed
 //! nodePort-like port.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
-use cloudlb::model::{
-    Desired, FrontendSecurityGroup, HealthCheck, HealthCheckProtocol, IngressRule, IpAddressType,
-    Listener, LoadBalancer, Protocol, Scheme, Security, ServiceRef, Subnets, Target, TargetGroup,
-    TargetType,
+use cloudlb_core::model::{
+    AddressPool, Algorithm, Desired, FrontendSecurityGroup, HealthCheck, HealthCheckProtocol,
+    IngressRule, IpAddressType, Listener, LoadBalancer, LocalSpec, Protocol, Scheme, Security,
+    ServiceRef, Subnets, Target, TargetGroup, TargetType,
 };
-use cloudlb::plan::{Op, plan};
-use cloudlb::provider::local::{HealthEvent, LocalProvider, LocalSettings};
-use cloudlb::provider::{Observed, Provider, ProviderError};
+use cloudlb_core::plan::{Op, Plan};
+use cloudlb_core::provider::{Observed, Provider, ProviderError};
+use cloudlb_local::{HealthEvent, LocalProvider, LocalSettings};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr};
@@ -248,32 +250,42 @@ fn tcp_check(interval: u32, threshold: u32) -> HealthCheck {
     }
 }
 
-/// What a build for the local class gives, by hand: one target group per listener, every node
-/// at the node port, the usual AWS-ish attributes plus the `local.*` ones, a frontend security
-/// group.
-struct Spec<'a> {
+/// A model for a local class, by hand: one target group per listener, every node at the node
+/// port, the typed local settings; and also the AWS parts an aws class would have (attributes,
+/// a frontend security group), which the local provider must ignore.
+struct Spec {
     service: ServiceRef,
-    attrs: Vec<(&'a str, String)>,
+    local: LocalSpec,
     listeners: Vec<(u16, Protocol)>,
     nodes: Vec<String>,
     node_port: u16,
     check: HealthCheck,
 }
 
-impl<'a> Spec<'a> {
+impl Spec {
     fn new(name: &str, pool: &str) -> Self {
         Spec {
             service: svc(name),
-            attrs: vec![("local.address_pool", pool.to_string())],
+            local: LocalSpec {
+                address_pool: AddressPool::parse(pool).expect("pool"),
+                ..LocalSpec::default()
+            },
             listeners: vec![(8080, Protocol::Tcp)],
             nodes: vec![],
             node_port: NODE_PORT,
             check: tcp_check(1, 2),
         }
     }
-    fn attr(mut self, k: &'a str, v: &str) -> Self {
-        self.attrs.retain(|(key, _)| *key != k);
-        self.attrs.push((k, v.to_string()));
+    fn algorithm(mut self, a: Algorithm) -> Self {
+        self.local.algorithm = a;
+        self
+    }
+    fn drain_seconds(mut self, s: u32) -> Self {
+        self.local.drain_timeout_seconds = s;
+        self
+    }
+    fn requested(mut self, address: &str) -> Self {
+        self.local.requested_address = Some(address.parse().expect("requested address"));
         self
     }
     fn listeners(mut self, l: &[(u16, Protocol)]) -> Self {
@@ -297,7 +309,7 @@ impl<'a> Spec<'a> {
                 p.as_aws().to_ascii_lowercase().replace('_', "")
             )
         };
-        let mut attributes: BTreeMap<String, String> = [
+        let attributes: BTreeMap<String, String> = [
             ("deletion_protection.enabled", "false"),
             ("load_balancing.cross_zone.enabled", "false"),
             ("access_logs.s3.enabled", "false"),
@@ -305,9 +317,6 @@ impl<'a> Spec<'a> {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        for (k, v) in &self.attrs {
-            attributes.insert((*k).to_string(), v.clone());
-        }
         let mut ingress = BTreeSet::new();
         for (port, p) in &self.listeners {
             ingress.insert(IngressRule {
@@ -375,6 +384,7 @@ impl<'a> Spec<'a> {
                 })
                 .collect(),
             status_ports: self.listeners.clone(),
+            local: Some(self.local.clone()),
         };
         Desired {
             service: self.service.clone(),
@@ -407,25 +417,63 @@ fn provider() -> LocalProvider {
     })
 }
 
+/// The provider's own plan (what the controller asks for).
+fn plan(p: &LocalProvider, d: &Desired, o: &Observed) -> Plan {
+    p.plan(d, o).expect("the local plan never fails")
+}
+
+/// Nothing AWS-shaped: no security group, no attributes, local ids.
+fn assert_local_shaped(o: &Observed) {
+    assert_eq!(o.security_group, None, "no security group");
+    if let Some(lb) = &o.lb {
+        assert!(
+            lb.security_groups.is_empty(),
+            "no security group ids: {lb:?}"
+        );
+        assert!(lb.attributes.is_empty(), "no attributes: {lb:?}");
+        let ip: IpAddr = lb
+            .arn
+            .parse()
+            .expect("the load balancer's id is its address");
+        assert_eq!(lb.dns_name, lb.arn);
+        for l in &o.listeners {
+            assert_eq!(
+                l.arn,
+                format!("{}/{}", SocketAddr::new(ip, l.port), l.protocol.as_aws()),
+                "a listener's id is address:port/PROTOCOL"
+            );
+        }
+    }
+    for tg in &o.target_groups {
+        assert!(tg.attributes.is_empty(), "no attributes: {tg:?}");
+        assert!(
+            !tg.arn.starts_with("local:") && !tg.arn.starts_with("arn:"),
+            "{tg:?}"
+        );
+        assert!(tg.algorithm.is_some(), "the algorithm is reported: {tg:?}");
+    }
+}
+
 /// Applies `d` the way the controller does (observe, plan, apply) and checks the contract: the
-/// result is what observe returns next and the re-plan is empty.
+/// result is what observe returns next, the re-plan is empty, nothing is AWS-shaped.
 async fn apply_ok(p: &LocalProvider, d: &Desired) -> Observed {
     let before = p.observe(d).await.expect("observe");
-    let ops = plan(d, &before).expect("plan");
+    let ops = plan(p, d, &before);
     let after = p.apply(d, &before, &ops).await.expect("apply");
     assert_eq!(
         after,
         p.observe(d).await.expect("observe"),
         "apply = observe"
     );
-    let again = plan(d, &after).expect("re-plan");
+    let again = plan(p, d, &after);
     assert!(again.is_empty(), "re-plan not empty: {:?}", again.ops);
+    assert_local_shaped(&after);
     after
 }
 
 async fn apply_err(p: &LocalProvider, d: &Desired) -> String {
     let before = p.observe(d).await.expect("observe");
-    let ops = plan(d, &before).expect("plan");
+    let ops = plan(p, d, &before);
     match p.apply(d, &before, &ops).await {
         Err(ProviderError::Conflict(m)) => m,
         other => panic!("expected a conflict, got {other:?}"),
@@ -474,7 +522,7 @@ async fn tcp_and_udp_reach_every_node() {
     }
     let p = provider();
     let rr = Spec::new("rr", "127.0.10.0/28")
-        .attr("local.algorithm", "round-robin")
+        .algorithm(Algorithm::RoundRobin)
         .listeners(&[(8080, Protocol::Tcp), (8053, Protocol::Udp)])
         .nodes(&nodes);
     let o = apply_ok(&p, &rr.desired()).await;
@@ -577,7 +625,7 @@ async fn failed_node_is_taken_out_and_put_back() {
     let mut events = p.health_events();
     // Interval 1 s, thresholds 2.
     let spec = Spec::new("hc", "127.0.12.0/28")
-        .attr("local.algorithm", "round-robin")
+        .algorithm(Algorithm::RoundRobin)
         .nodes(&nodes);
     let o = apply_ok(&p, &spec.desired()).await;
     let lb = SocketAddr::new(lb_ip(&o), 8080);
@@ -624,7 +672,7 @@ async fn all_unhealthy_fails_open() {
     let mut check = tcp_check(1, 2);
     check.port = Some(1);
     let spec = Spec::new("open", "127.0.13.0/28")
-        .attr("local.algorithm", "round-robin")
+        .algorithm(Algorithm::RoundRobin)
         .nodes(&nodes)
         .check(check);
     let o = apply_ok(&p, &spec.desired()).await;
@@ -643,8 +691,8 @@ async fn removed_node_drains_then_closes() {
     let _b = start_tcp_nodes(&nodes).await;
     let p = provider();
     let spec = Spec::new("drain", "127.0.14.0/28")
-        .attr("local.algorithm", "round-robin")
-        .attr("local.drain_timeout_seconds", "2")
+        .algorithm(Algorithm::RoundRobin)
+        .drain_seconds(2)
         .nodes(&nodes);
     let o = apply_ok(&p, &spec.desired()).await;
     let lb = SocketAddr::new(lb_ip(&o), 8080);
@@ -708,7 +756,7 @@ async fn port_in_use_is_a_conflict_and_the_rest_is_served() {
     assert!(ask("127.0.15.1:8080".parse().expect("addr")).await.is_ok());
     let o = p.observe(&d).await.expect("observe");
     assert_eq!(o.listeners.len(), 1);
-    let again = plan(&d, &o).expect("plan");
+    let again = plan(&p, &d, &o);
     assert_eq!(again.ops, vec![Op::CreateListener { port: 8081 }]);
 
     // Freed: the next apply serves it, without disturbing 8080.
@@ -766,22 +814,20 @@ async fn address_is_stable_across_restarts() {
     } else {
         "127.0.17.9"
     };
-    let other = Spec::new("other", pool)
-        .attr("local.requested_address", other_addr)
-        .nodes(&nodes);
+    let other = Spec::new("other", pool).requested(other_addr).nodes(&nodes);
     assert_eq!(
         lb_ip(&apply_ok(&second, &other.desired()).await).to_string(),
         other_addr,
         "a free requested address in the pool is honoured"
     );
-    let a = a.attr("local.requested_address", &had.to_string());
+    let a = a.requested(&had.to_string());
     let got = lb_ip(&apply_ok(&second, &a.desired()).await);
     assert_eq!(got, had);
     assert!(ask(SocketAddr::new(got, 8080)).await.is_ok());
 
     // A requested address that is taken or outside the pool: another one, no error.
     let thief = Spec::new("thief", pool)
-        .attr("local.requested_address", &had.to_string())
+        .requested(&had.to_string())
         .nodes(&nodes);
     let t = lb_ip(&apply_ok(&second, &thief.desired()).await);
     assert!(t != had && t.to_string().starts_with("127.0.17."), "{t}");
@@ -816,19 +862,24 @@ async fn changes_converge_in_place_and_replan_is_empty() {
     let d = spec.desired();
     let o = apply_ok(&p, &d).await;
 
-    // The shape of what is observed.
-    let lb = o.lb.as_ref().expect("lb");
-    assert_eq!(lb.arn, "local:uid-change");
-    assert_eq!(lb.name, d.lb_name);
-    assert_eq!(lb.attributes, d.lb.as_ref().expect("lb").attributes);
-    assert_eq!(o.listeners.len(), 2);
-    assert_eq!(o.listeners[0].arn, "local:uid-change:8080");
-    assert_eq!(
-        o.listeners[0].target_group_arn.as_deref(),
-        Some("local:uid-change:tg:tcp-8080")
-    );
-    assert_eq!(o.target_groups[0].targets.len(), 2);
+    // The shape of what is observed: local ids, none of the model's AWS parts.
     let ip = lb_ip(&o);
+    let lb = o.lb.as_ref().expect("lb");
+    assert_eq!(
+        lb.arn,
+        ip.to_string(),
+        "the load balancer's id is its address"
+    );
+    assert_eq!(lb.name, d.lb_name);
+    assert!(
+        lb.attributes.is_empty() && !d.lb.as_ref().expect("lb").attributes.is_empty(),
+        "the model's AWS attributes are not mirrored"
+    );
+    assert_eq!(o.listeners.len(), 2);
+    assert_eq!(o.listeners[0].arn, format!("{ip}:8080/TCP"));
+    assert_eq!(o.listeners[0].target_group_arn.as_deref(), Some("tcp-8080"));
+    assert_eq!(o.target_groups[0].arn, "tcp-8080");
+    assert_eq!(o.target_groups[0].targets.len(), 2);
     assert_eq!(
         apply_ok(&p, &d).await,
         o,
@@ -845,13 +896,50 @@ async fn changes_converge_in_place_and_replan_is_empty() {
     check.timeout_seconds = 1;
     let mut changed = spec
         .nodes(&nodes)
-        .attr("local.algorithm", "round-robin")
+        .algorithm(Algorithm::RoundRobin)
         .check(check)
         .listeners(&[(8080, Protocol::Tcp), (8082, Protocol::Tcp)])
         .desired();
     let before = p.observe(&changed).await.expect("observe");
-    let ops = plan(&changed, &before).expect("plan");
+    let ops = plan(&p, &changed, &before);
     assert!(ops.ops.contains(&Op::CreateListener { port: 8082 }));
+    let target = |n: &String| Target {
+        id: n.clone(),
+        port: NODE_PORT,
+    };
+    assert_eq!(
+        ops.ops,
+        vec![
+            Op::ModifyHealthCheck {
+                key: "tcp-8080".into()
+            },
+            Op::SetAlgorithm {
+                key: "tcp-8080".into(),
+                algorithm: Algorithm::RoundRobin
+            },
+            Op::RegisterTargets {
+                key: "tcp-8080".into(),
+                targets: vec![target(&nodes[2])]
+            },
+            Op::CreateTargetGroup {
+                key: "tcp-8082".into()
+            },
+            Op::RegisterTargets {
+                key: "tcp-8082".into(),
+                targets: nodes.iter().map(target).collect()
+            },
+            Op::DeleteListener {
+                arn: format!("{ip}:8081/TCP"),
+                port: 8081
+            },
+            Op::CreateListener { port: 8082 },
+            Op::DeleteTargetGroup {
+                arn: "tcp-8081".into(),
+                name: "k8s-change-8081-30080".into()
+            },
+        ],
+        "the local plan: in place, nothing AWS-shaped"
+    );
     let o2 = apply_ok(&p, &changed).await;
     assert_eq!(lb_ip(&o2), ip, "the address stays");
     assert_eq!(ping(&mut open).await.expect("undisturbed"), served_by);
@@ -905,8 +993,26 @@ async fn empty_model_and_drop_close_everything() {
 
     let empty = Desired::empty(d.service.clone(), d.lb_name.clone());
     let before = p.observe(&empty).await.expect("observe");
-    let ops = plan(&empty, &before).expect("plan");
+    let ops = plan(&p, &empty, &before);
     assert!(!ops.is_empty(), "something to delete");
+    assert_eq!(
+        ops.ops,
+        vec![
+            Op::DeleteLoadBalancer {
+                arn: ip.to_string(),
+                name: d.lb_name.clone(),
+                reason: "the Service no longer wants a load balancer".into()
+            },
+            Op::DeleteTargetGroup {
+                arn: "tcp-8080".into(),
+                name: "k8s-gone-8080-30080".into()
+            },
+            Op::DeleteTargetGroup {
+                arn: "tcpudp-8081".into(),
+                name: "k8s-gone-8081-30080".into()
+            },
+        ]
+    );
     let after = p.apply(&empty, &before, &ops).await.expect("delete");
     assert_eq!(after, Observed::default());
     assert_eq!(
@@ -947,7 +1053,7 @@ async fn udp_flow_ends_after_idle_timeout() {
         ..LocalSettings::default()
     });
     let spec = Spec::new("idle", "127.0.20.0/28")
-        .attr("local.algorithm", "round-robin")
+        .algorithm(Algorithm::RoundRobin)
         .listeners(&[(8053, Protocol::Udp)])
         .nodes(&nodes);
     let ip = lb_ip(&apply_ok(&p, &spec.desired()).await);
@@ -967,4 +1073,176 @@ async fn udp_flow_ends_after_idle_timeout() {
         first,
         "a new flow after the idle timeout"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_model_plans_nothing_and_an_empty_plan_changes_nothing() {
+    let nodes = nodes(21, 2);
+    let _b = start_tcp_nodes(&nodes).await;
+    let p = provider();
+    let spec = Spec::new("same", "127.0.21.0/28")
+        .algorithm(Algorithm::RoundRobin)
+        .listeners(&[(8080, Protocol::Tcp), (8081, Protocol::TcpUdp)])
+        .nodes(&nodes);
+    let d = spec.desired();
+    let o = apply_ok(&p, &d).await;
+    let ip = lb_ip(&o);
+    let mut open = TcpStream::connect(SocketAddr::new(ip, 8080))
+        .await
+        .expect("connect");
+    let served_by = ping(&mut open).await.expect("ping");
+
+    // The same model again, and again after what the controller caches: nothing to do.
+    let observed = p.observe(&d).await.expect("observe");
+    assert_eq!(observed, o);
+    assert_eq!(plan(&p, &d, &observed), Plan::default());
+    // An empty plan changes nothing, even against a stale picture of what is served.
+    let after = p
+        .apply(&d, &Observed::default(), &Plan::default())
+        .await
+        .expect("apply the empty plan");
+    assert_eq!(after, o);
+    assert_eq!(p.observe(&d).await.expect("observe"), o);
+    assert_eq!(ping(&mut open).await.expect("undisturbed"), served_by);
+    // Neither do the settings that only matter later: the drain time, the requested address.
+    let later = spec.drain_seconds(1).requested("127.0.21.9").desired();
+    assert_eq!(plan(&p, &later, &o), Plan::default());
+    assert_eq!(ping(&mut open).await.expect("undisturbed"), served_by);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_change_plans_only_registrations() {
+    let nodes = nodes(22, 3);
+    let _b = start_tcp_nodes(&nodes).await;
+    let p = provider();
+    let spec = Spec::new("targets", "127.0.22.0/28")
+        .algorithm(Algorithm::RoundRobin)
+        .listeners(&[(8080, Protocol::Tcp), (8081, Protocol::Tcp)])
+        .nodes(&nodes[..2]);
+    let o = apply_ok(&p, &spec.desired()).await;
+    let ip = lb_ip(&o);
+    let target = |n: &String| Target {
+        id: n.clone(),
+        port: NODE_PORT,
+    };
+
+    // node0 replaced by node2.
+    let changed = spec.nodes(&nodes[1..]).desired();
+    let ops = plan(&p, &changed, &o);
+    assert!(
+        ops.ops.iter().all(Op::is_target_change),
+        "only (de)registrations: {:?}",
+        ops.ops
+    );
+    let per_group = |key: &str| {
+        vec![
+            Op::DeregisterTargets {
+                key: key.into(),
+                targets: vec![target(&nodes[0])],
+            },
+            Op::RegisterTargets {
+                key: key.into(),
+                targets: vec![target(&nodes[2])],
+            },
+        ]
+    };
+    assert_eq!(
+        ops.ops,
+        [per_group("tcp-8080"), per_group("tcp-8081")].concat()
+    );
+    let o2 = apply_ok(&p, &changed).await;
+    assert_eq!(lb_ip(&o2), ip, "the address stays");
+    assert_eq!(o2.listeners, o.listeners, "the listeners stay as they are");
+    for port in [8080, 8081] {
+        let counts = tcp_counts(SocketAddr::new(ip, port), 10).await;
+        assert_eq!(
+            counts,
+            BTreeMap::from([("node1".to_string(), 5), ("node2".to_string(), 5)]),
+            "port {port}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_aws_shaped_is_observed_or_owned() {
+    let nodes = nodes(23, 1);
+    let _b = start_tcp_nodes(&nodes).await;
+    let p = provider();
+    // The model carries a frontend security group, the user's security groups and AWS
+    // attributes (as for an aws class): none of it is served, none of it is reported.
+    let mut d = Spec::new("nosg", "127.0.23.0/28").nodes(&nodes).desired();
+    let lb = d.lb.as_mut().expect("lb");
+    assert!(lb.security.frontend.is_some());
+    lb.security.extra_security_groups = vec!["sg-0123".into()];
+    lb.target_groups[0]
+        .attributes
+        .insert("stickiness.enabled".into(), "true".into());
+    let before = p.observe(&d).await.expect("observe");
+    let ops = plan(&p, &d, &before);
+    assert_eq!(
+        ops.ops,
+        vec![
+            Op::CreateLoadBalancer,
+            Op::CreateTargetGroup {
+                key: "tcp-8080".into()
+            },
+            Op::RegisterTargets {
+                key: "tcp-8080".into(),
+                targets: vec![Target {
+                    id: nodes[0].clone(),
+                    port: NODE_PORT
+                }]
+            },
+            Op::CreateListener { port: 8080 },
+        ],
+        "no security group, no attributes, no subnets"
+    );
+    let o = apply_ok(&p, &d).await;
+    assert_eq!(o.security_group, None);
+    let lb = o.lb.as_ref().expect("lb");
+    assert!(lb.security_groups.is_empty(), "{lb:?}");
+    assert!(
+        !lb.arn.contains(":sg") && !lb.arn.starts_with("local:"),
+        "{lb:?}"
+    );
+    assert!(o.target_groups[0].attributes.is_empty());
+    assert_eq!(o.target_groups[0].algorithm, Some(Algorithm::Random));
+    let owned = p.owned().await.expect("owned");
+    assert_eq!(owned, vec![(d.service.clone(), o.clone())]);
+    assert_local_shaped(&owned[0].1);
+
+    // The orphan sweep's plan for it deletes what is served, and nothing else.
+    let empty = Desired::empty(d.service.clone(), d.lb_name.clone());
+    let sweep = plan(&p, &empty, &owned[0].1);
+    assert_eq!(sweep.ops.len(), 2, "{:?}", sweep.ops);
+    assert_eq!(
+        p.apply(&empty, &owned[0].1, &sweep).await.expect("sweep"),
+        Observed::default()
+    );
+    assert!(p.owned().await.expect("owned").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_of_another_provider_is_refused_and_nothing_changes() {
+    let nodes = nodes(24, 1);
+    let _b = start_tcp_nodes(&nodes).await;
+    let p = provider();
+    let d = Spec::new("foreign", "127.0.24.0/28")
+        .nodes(&nodes)
+        .desired();
+    let o = apply_ok(&p, &d).await;
+    // The NLB planner's plan from nothing starts with the security group.
+    let nlb = cloudlb_core::plan::plan(&d, &Observed::default()).expect("nlb plan");
+    assert_eq!(nlb.ops.first(), Some(&Op::CreateSecurityGroup));
+    let err = p
+        .apply(&d, &o, &nlb)
+        .await
+        .expect_err("not a local operation");
+    assert!(
+        matches!(err, ProviderError::InvalidConfig(_))
+            && err.to_string().contains("CreateSecurityGroup"),
+        "{err}"
+    );
+    assert_eq!(p.observe(&d).await.expect("observe"), o, "nothing changed");
+    assert!(ask(SocketAddr::new(lb_ip(&o), 8080)).await.is_ok());
 }
