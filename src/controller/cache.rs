@@ -247,6 +247,7 @@ mod tests {
                 unhealthy_threshold: 3,
                 success_codes: None,
             },
+            algorithm: None,
             attributes: [(
                 "deregistration_delay.timeout_seconds".to_string(),
                 "300".to_string(),

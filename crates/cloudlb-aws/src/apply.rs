@@ -221,6 +221,9 @@ impl<'a> Run<'a> {
     async fn op(&mut self, op: &Op) -> Result<(), ProviderError> {
         match op {
             Op::CreateSecurityGroup => self.create_security_group().await,
+            Op::SetAlgorithm { key, .. } => Err(ProviderError::InvalidConfig(format!(
+                "SetAlgorithm ({key}) is an operation of the local provider; the AWS provider does not plan it"
+            ))),
             Op::AuthorizeIngress { rules } => self.authorize(rules).await,
             Op::RevokeIngress { rules } => self.revoke(rules).await,
             Op::DeleteLoadBalancer { arn, name, reason } => self.delete_lb(arn, name, reason).await,

@@ -203,6 +203,7 @@ pub(crate) fn observed_tg(
         health_check: health_check(tg),
         attributes,
         targets,
+        algorithm: None,
     })
 }
 

@@ -131,6 +131,7 @@ fn desired_for(cluster: &str, svc: ServiceRef, ports: &[Port], instances: &[Stri
             subnets: Subnets::Discover,
             eip_allocations: Vec::new(),
             private_ipv4_addresses: Vec::new(),
+            local: None,
             security: Security {
                 frontend: Some(FrontendSecurityGroup {
                     name: naming::security_group_name(&name),

@@ -117,7 +117,7 @@ fn main() -> Result<(), BoxError> {
     let desired = desired(args.backends);
     proxy_rt.block_on(async {
         let observed = provider.observe(&desired).await?;
-        let plan = cloudlb::plan::plan(&desired, &observed)?;
+        let plan = provider.plan(&desired, &observed)?;
         provider.apply(&desired, &observed, &plan).await?;
         Ok::<_, BoxError>(())
     })?;
