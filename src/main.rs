@@ -198,7 +198,7 @@ async fn async_main() -> ExitCode {
 async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     match command {
         Command::Crdgen => {
-            print!("{}", serde_yaml::to_string(&LoadBalancerClass::crd())?);
+            print!("{}", serde_saphyr::to_string(&LoadBalancerClass::crd())?);
         }
         Command::Docs { .. } => {
             print!("{}", cloudlb::config::annotations::markdown());

@@ -73,12 +73,8 @@ async fn render_err(args: &[&str]) -> String {
 
 /// The objects of a multi-document YAML stream.
 fn objects(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .filter_map(|doc| {
-            let v: Value = serde::Deserialize::deserialize(doc).expect("valid YAML document");
-            (!v.is_null()).then_some(v)
-        })
-        .collect()
+    let docs: Vec<Value> = serde_saphyr::from_multiple(yaml).expect("valid YAML documents");
+    docs.into_iter().filter(|v| !v.is_null()).collect()
 }
 
 fn kind(o: &Value) -> &str {
@@ -87,7 +83,7 @@ fn kind(o: &Value) -> &str {
 
 fn to_yaml_stream(objs: &[Value]) -> String {
     objs.iter()
-        .map(|o| format!("---\n{}", serde_yaml::to_string(o).expect("serialize")))
+        .map(|o| format!("---\n{}", serde_saphyr::to_string(o).expect("serialize")))
         .collect()
 }
 
@@ -169,7 +165,7 @@ where
 #[test]
 fn chart_version_is_the_crate_version() {
     let text = std::fs::read_to_string(chart_dir().join("Chart.yaml")).expect("Chart.yaml");
-    let chart: Value = serde_yaml::from_str(&text).expect("Chart.yaml is YAML");
+    let chart: Value = serde_saphyr::from_str(&text).expect("Chart.yaml is YAML");
     let crate_version = env!("CARGO_PKG_VERSION");
     assert_eq!(chart["apiVersion"], "v2", "a Helm 3+ chart");
     assert_eq!(
@@ -203,7 +199,7 @@ fn values_schema_class_settings_match_the_crd() {
     )
     .expect("schema is JSON");
     let crd: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(root().join(CRD_FILE)).expect("crd"))
+        serde_saphyr::from_str(&std::fs::read_to_string(root().join(CRD_FILE)).expect("crd"))
             .expect("crd YAML");
     let crd_spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
     let values_class = &schema["properties"]["defaultClass"]["properties"];
@@ -232,7 +228,7 @@ fn values_schema_class_settings_match_the_crd() {
     assert_eq!(
         keys(&schema["properties"]),
         {
-            let values: Value = serde_yaml::from_str(
+            let values: Value = serde_saphyr::from_str(
                 &std::fs::read_to_string(chart_dir().join("values.yaml")).expect("values"),
             )
             .expect("values.yaml");

@@ -4,9 +4,8 @@
 //! subnets (cached) when a new load balancer, security group or target group needs them.
 
 use super::AwsProvider;
-use super::convert::{self, desired_certificates, elb_tags, ip_permissions};
+use super::convert::{self, desired_certificates, elb_tags};
 use super::error::{AwsError, ErrorKind};
-use aws_sdk_ec2::types::{ResourceType, Tag as Ec2Tag, TagSpecification};
 use aws_sdk_elasticloadbalancingv2::types as elb;
 use cloudlb_core::model::{
     Desired, HealthCheckProtocol, IngressRule, Listener, LoadBalancer, Target, TargetGroup,
@@ -258,29 +257,11 @@ impl<'a> Run<'a> {
         let vpc = self.vpc().await?;
         let mut tags = lb.tags.clone();
         tags.insert("Name".into(), frontend.name.clone());
-        let spec = TagSpecification::builder()
-            .resource_type(ResourceType::SecurityGroup)
-            .set_tags(Some(
-                tags.iter()
-                    .map(|(k, v)| Ec2Tag::builder().key(k).value(v).build())
-                    .collect(),
-            ))
-            .build();
-        let req = self
-            .p
+        let p = self.p;
+        let id = p
             .ec2
-            .create_security_group()
-            .group_name(&frontend.name)
-            .description(&frontend.description)
-            .vpc_id(vpc)
-            .tag_specifications(spec);
-        let resp = self
-            .p
-            .calls
-            .run("CreateSecurityGroup", || req.clone().send())
-            .await?;
-        let id = resp
-            .group_id
+            .create_security_group(&p.calls, &frontend.name, &frontend.description, &vpc, &tags)
+            .await?
             .ok_or_else(|| unexpected("CreateSecurityGroup", "no GroupId"))?;
         self.out.security_group = Some(cloudlb_core::provider::ObservedSecurityGroup {
             id,
@@ -295,15 +276,9 @@ impl<'a> Run<'a> {
             return Ok(());
         }
         let id = self.sg_id()?;
-        let req = self
-            .p
-            .ec2
-            .authorize_security_group_ingress()
-            .group_id(&id)
-            .set_ip_permissions(Some(ip_permissions(rules)));
-        self.p
-            .calls
-            .run("AuthorizeSecurityGroupIngress", || req.clone().send())
+        let p = self.p;
+        p.ec2
+            .authorize_ingress(&p.calls, &id, rules)
             .await
             .map_err(|e| e.gone("security group"))?;
         if let Some(sg) = &mut self.out.security_group {
@@ -317,15 +292,9 @@ impl<'a> Run<'a> {
             return Ok(());
         }
         let id = self.sg_id()?;
-        let req = self
-            .p
-            .ec2
-            .revoke_security_group_ingress()
-            .group_id(&id)
-            .set_ip_permissions(Some(ip_permissions(rules)));
-        self.p
-            .calls
-            .run("RevokeSecurityGroupIngress", || req.clone().send())
+        let p = self.p;
+        p.ec2
+            .revoke_ingress(&p.calls, &id, rules)
             .await
             .map_err(|e| e.gone("security group"))?;
         if let Some(sg) = &mut self.out.security_group {
@@ -337,14 +306,9 @@ impl<'a> Run<'a> {
     }
 
     async fn delete_security_group(&mut self, id: &str) -> Result<(), ProviderError> {
-        let req = self.p.ec2.delete_security_group().group_id(id);
-        gone_is_ok(
-            self.p
-                .calls
-                .run("DeleteSecurityGroup", || req.clone().send())
-                .await,
-        )
-        .map_err(|e| e.in_use("security group"))?;
+        let p = self.p;
+        gone_is_ok(p.ec2.delete_security_group(&p.calls, id).await)
+            .map_err(|e| e.in_use("security group"))?;
         if self.out.security_group.as_ref().is_some_and(|s| s.id == id) {
             self.out.security_group = None;
         }

@@ -3,19 +3,12 @@
 
 use aws_sdk_elasticloadbalancingv2::types as elb;
 use cloudlb_core::model::{
-    HealthCheck, HealthCheckProtocol, IngressRule, IpAddressType, Protocol, Scheme, Target,
-    TargetType, tags,
+    HealthCheck, HealthCheckProtocol, IpAddressType, Protocol, Scheme, Target, TargetType, tags,
 };
 use cloudlb_core::provider::{LbState, ObservedLb, ObservedListener, ObservedTargetGroup};
 use std::collections::{BTreeMap, BTreeSet};
 
 pub(crate) fn tag_map_elb(tags: &[elb::Tag]) -> BTreeMap<String, String> {
-    tags.iter()
-        .filter_map(|t| Some((t.key.clone()?, t.value.clone().unwrap_or_default())))
-        .collect()
-}
-
-pub(crate) fn tag_map_ec2(tags: &[aws_sdk_ec2::types::Tag]) -> BTreeMap<String, String> {
     tags.iter()
         .filter_map(|t| Some((t.key.clone()?, t.value.clone().unwrap_or_default())))
         .collect()
@@ -229,65 +222,6 @@ pub(crate) fn registered_targets(
         .collect()
 }
 
-/// The ingress rules we model (single ports, TCP/UDP, CIDR sources); others are not ours to manage.
-pub(crate) fn ingress_rules(perms: &[aws_sdk_ec2::types::IpPermission]) -> BTreeSet<IngressRule> {
-    let mut out = BTreeSet::new();
-    for p in perms {
-        let protocol = match p.ip_protocol.as_deref() {
-            Some("tcp") | Some("6") => "tcp",
-            Some("udp") | Some("17") => "udp",
-            _ => continue,
-        };
-        let (Some(from), Some(to)) = (p.from_port, p.to_port) else {
-            continue;
-        };
-        if from != to {
-            continue;
-        }
-        let Ok(port) = u16::try_from(from) else {
-            continue;
-        };
-        let v4 = p
-            .ip_ranges
-            .iter()
-            .flatten()
-            .filter_map(|r| r.cidr_ip.clone());
-        let v6 = p
-            .ipv6_ranges
-            .iter()
-            .flatten()
-            .filter_map(|r| r.cidr_ipv6.clone());
-        for cidr in v4.chain(v6) {
-            out.insert(IngressRule {
-                protocol: protocol.to_string(),
-                port,
-                cidr,
-            });
-        }
-    }
-    out
-}
-
-/// Our rules as EC2 permissions: one per rule.
-pub(crate) fn ip_permissions(rules: &[IngressRule]) -> Vec<aws_sdk_ec2::types::IpPermission> {
-    use aws_sdk_ec2::types::{IpPermission, IpRange, Ipv6Range};
-    rules
-        .iter()
-        .map(|r| {
-            let b = IpPermission::builder()
-                .ip_protocol(&r.protocol)
-                .from_port(i32::from(r.port))
-                .to_port(i32::from(r.port));
-            if r.cidr.contains(':') {
-                b.ipv6_ranges(Ipv6Range::builder().cidr_ipv6(&r.cidr).build())
-            } else {
-                b.ip_ranges(IpRange::builder().cidr_ip(&r.cidr).build())
-            }
-            .build()
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -350,23 +284,5 @@ mod tests {
         ]);
         let ids: Vec<_> = got.iter().map(|t| t.id.as_str()).collect();
         assert_eq!(ids, vec!["i-1", "i-2", "i-5"]);
-    }
-
-    #[test]
-    fn ingress_round_trip() {
-        let rules = vec![
-            IngressRule {
-                protocol: "tcp".into(),
-                port: 80,
-                cidr: "0.0.0.0/0".into(),
-            },
-            IngressRule {
-                protocol: "udp".into(),
-                port: 53,
-                cidr: "::/0".into(),
-            },
-        ];
-        let back = ingress_rules(&ip_permissions(&rules));
-        assert_eq!(back, rules.into_iter().collect());
     }
 }

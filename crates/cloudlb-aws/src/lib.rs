@@ -14,6 +14,7 @@
 mod apply;
 mod calls;
 mod convert;
+mod ec2;
 mod error;
 mod observe;
 mod owned;
@@ -57,7 +58,8 @@ impl AwsSettings {
 #[derive(Debug)]
 pub struct AwsProvider {
     elbv2: aws_sdk_elasticloadbalancingv2::Client,
-    ec2: aws_sdk_ec2::Client,
+    /// The six EC2 calls, behind a trait (`ec2.rs`).
+    ec2: Box<dyn ec2::Ec2>,
     settings: AwsSettings,
     calls: calls::Calls,
     subnet_cache: subnets::SubnetCache,
@@ -96,7 +98,7 @@ impl AwsProvider {
         );
         AwsProvider {
             elbv2,
-            ec2,
+            ec2: Box::new(ec2::SdkEc2(ec2)),
             calls: calls::Calls::new(settings.rate_limit_per_sec),
             settings,
             subnet_cache: subnets::SubnetCache::default(),

@@ -3,8 +3,8 @@
 //! and the frontend security group found by name. Everything is checked for our ownership tags.
 
 use super::AwsProvider;
-use super::convert::{self, is_ours, tag_map_ec2, tag_map_elb};
-use aws_sdk_ec2::types::Filter;
+use super::convert::{self, is_ours, tag_map_elb};
+use super::ec2::Filter;
 use aws_sdk_elasticloadbalancingv2::types as elb;
 use cloudlb_core::model::{Desired, naming};
 use cloudlb_core::provider::{Observed, ObservedSecurityGroup, ObservedTargetGroup, ProviderError};
@@ -386,43 +386,25 @@ impl AwsProvider {
         let name = frontend
             .map(|f| f.name.clone())
             .unwrap_or_else(|| naming::security_group_name(&desired.lb_name));
-        let mut filters = vec![Filter::builder().name("group-name").values(&name).build()];
+        let mut filters = vec![Filter::new("group-name", [name.clone()])];
         if let Some(vpc) = vpc {
-            filters.push(Filter::builder().name("vpc-id").values(vpc).build());
+            filters.push(Filter::new("vpc-id", [vpc]));
         }
-        let groups = self
-            .calls
-            .pages(
-                "DescribeSecurityGroups",
-                false,
-                |token| {
-                    let req = self.ec2.describe_security_groups();
-                    req.set_filters(Some(filters.clone()))
-                        .set_next_token(token)
-                        .send()
-                },
-                |resp, out| {
-                    out.extend(resp.security_groups.into_iter().flatten());
-                    resp.next_token
-                },
-            )
-            .await?;
-        let groups: Vec<_> = groups
+        let groups: Vec<_> = self
+            .ec2
+            .describe_security_groups(&self.calls, &filters)
+            .await?
             .into_iter()
-            .filter(|g| g.group_name.as_deref() == Some(name.as_str()) && g.group_id.is_some())
+            .filter(|g| g.name == name)
             .collect();
-        let ours = groups.iter().find(|g| {
-            is_ours(
-                &tag_map_ec2(g.tags.as_deref().unwrap_or_default()),
-                &self.settings.cluster,
-                &desired.service.uid,
-            )
-        });
+        let ours = groups
+            .iter()
+            .find(|g| is_ours(&g.tags, &self.settings.cluster, &desired.service.uid));
         match ours {
             Some(g) => Ok(Some(ObservedSecurityGroup {
-                id: g.group_id.clone().unwrap_or_default(),
+                id: g.id.clone(),
                 name,
-                ingress: convert::ingress_rules(g.ip_permissions.as_deref().unwrap_or_default()),
+                ingress: g.ingress.clone(),
             })),
             None if !groups.is_empty() && frontend.is_some() && !deleting => {
                 Err(ProviderError::Foreign {

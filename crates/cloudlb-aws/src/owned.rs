@@ -12,8 +12,8 @@
 //! and the non-default certificates of TLS listeners.
 
 use super::AwsProvider;
-use super::convert::{self, tag_map_ec2};
-use aws_sdk_ec2::types::{Filter, SecurityGroup};
+use super::convert;
+use super::ec2::{Filter, SecurityGroup};
 use aws_sdk_elasticloadbalancingv2::types as elb;
 use cloudlb_core::model::{ServiceRef, naming, tags};
 use cloudlb_core::provider::{
@@ -125,11 +125,7 @@ impl AwsProvider {
             }
         }
         for sg in sgs {
-            let Some(id) = sg.group_id.as_deref() else {
-                continue;
-            };
-            let tag_map = tag_map_ec2(sg.tags.as_deref().unwrap_or_default());
-            if let Some(svc) = owner(id, Some(&tag_map)) {
+            if let Some(svc) = owner(&sg.id, Some(&sg.tags)) {
                 found.entry(svc).or_default().sgs.push(sg);
             }
         }
@@ -190,15 +186,15 @@ impl AwsProvider {
 
         let sg = pick(
             found.sgs,
-            |g| g.group_name.as_deref() == Some(sg_name.as_str()),
-            |g| g.group_id.clone().unwrap_or_default(),
+            |g| g.name == sg_name,
+            |g| g.id.clone(),
             "security group",
             &service,
         );
         observed.security_group = sg.map(|g| ObservedSecurityGroup {
-            id: g.group_id.clone().unwrap_or_default(),
-            name: g.group_name.clone().unwrap_or_default(),
-            ingress: convert::ingress_rules(g.ip_permissions.as_deref().unwrap_or_default()),
+            id: g.id,
+            name: g.name,
+            ingress: g.ingress,
         });
         Ok((service, observed))
     }
@@ -268,31 +264,16 @@ impl AwsProvider {
 
     /// Security groups tagged for this cluster (in the configured VPC, if any).
     async fn describe_cluster_security_groups(&self) -> Result<Vec<SecurityGroup>, ProviderError> {
-        let mut filters = vec![
-            Filter::builder()
-                .name(format!("tag:{}", tags::CLUSTER))
-                .values(&self.settings.cluster)
-                .build(),
-        ];
+        let mut filters = vec![Filter::new(
+            &format!("tag:{}", tags::CLUSTER),
+            [self.settings.cluster.clone()],
+        )];
         if let Some(vpc) = &self.settings.vpc_id {
-            filters.push(Filter::builder().name("vpc-id").values(vpc).build());
+            filters.push(Filter::new("vpc-id", [vpc.clone()]));
         }
         let groups = self
-            .calls
-            .pages(
-                "DescribeSecurityGroups",
-                false,
-                |token| {
-                    let req = self.ec2.describe_security_groups();
-                    req.set_filters(Some(filters.clone()))
-                        .set_next_token(token)
-                        .send()
-                },
-                |resp, out| {
-                    out.extend(resp.security_groups.into_iter().flatten());
-                    resp.next_token
-                },
-            )
+            .ec2
+            .describe_security_groups(&self.calls, &filters)
             .await?;
         Ok(groups)
     }

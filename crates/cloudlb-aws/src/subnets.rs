@@ -3,8 +3,7 @@
 //! few minutes so a burst of new Services does not describe the subnets once each.
 
 use super::AwsProvider;
-use super::convert::tag_map_ec2;
-use aws_sdk_ec2::types::{Filter, SubnetState};
+use super::ec2::Filter;
 use cloudlb_core::model::{Scheme, Subnets, tags};
 use cloudlb_core::provider::ProviderError;
 use std::collections::{BTreeMap, HashMap};
@@ -50,13 +49,7 @@ impl SubnetCache {
 }
 
 /// What discovery needs to know of one subnet.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct SubnetInfo {
-    pub id: String,
-    pub vpc_id: String,
-    pub zone: String,
-    pub tags: BTreeMap<String, String>,
-}
+pub(crate) use super::ec2::Subnet as SubnetInfo;
 
 fn role_tag(scheme: Scheme) -> &'static str {
     match scheme {
@@ -130,26 +123,8 @@ pub(crate) fn pick_subnets(
     })
 }
 
-fn info(s: &aws_sdk_ec2::types::Subnet) -> Option<SubnetInfo> {
-    if s.state
-        .as_ref()
-        .is_some_and(|st| *st != SubnetState::Available)
-    {
-        return None;
-    }
-    Some(SubnetInfo {
-        id: s.subnet_id.clone()?,
-        vpc_id: s.vpc_id.clone().unwrap_or_default(),
-        zone: s.availability_zone.clone().unwrap_or_default(),
-        tags: tag_map_ec2(s.tags.as_deref().unwrap_or_default()),
-    })
-}
-
 fn filter(name: &str, values: impl IntoIterator<Item = String>) -> Filter {
-    Filter::builder()
-        .name(name)
-        .set_values(Some(values.into_iter().collect()))
-        .build()
+    Filter::new(name, values)
 }
 
 impl AwsProvider {
@@ -250,24 +225,7 @@ impl AwsProvider {
         filters: Vec<Filter>,
         ids: Vec<String>,
     ) -> Result<Vec<SubnetInfo>, ProviderError> {
-        let found = self
-            .calls
-            .pages(
-                "DescribeSubnets",
-                false,
-                |token| {
-                    let req = self.ec2.describe_subnets();
-                    req.set_filters((!filters.is_empty()).then(|| filters.clone()))
-                        .set_subnet_ids((!ids.is_empty()).then(|| ids.clone()))
-                        .set_next_token(token)
-                        .send()
-                },
-                |resp, out| {
-                    out.extend(resp.subnets.iter().flatten().filter_map(info));
-                    resp.next_token
-                },
-            )
-            .await;
+        let found = self.ec2.describe_subnets(&self.calls, &filters, &ids).await;
         match found {
             Ok(subnets) => Ok(subnets),
             Err(e) if e.is_not_found() => Err(ProviderError::InvalidConfig(format!(

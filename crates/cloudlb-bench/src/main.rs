@@ -50,8 +50,6 @@ pub enum BenchError {
     Io(#[from] std::io::Error),
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("YAML: {0}")]
-    Yaml(#[from] serde_yaml::Error),
     #[error("JSON: {0}")]
     Json(#[from] serde_json::Error),
     #[error(transparent)]

@@ -477,7 +477,7 @@ fn write_kubeconfig(path: &Path, url: &str, ca_file: &Path, token: &str) {
         }}],
         "current-context": "cloudlb-test",
     });
-    let yaml = serde_yaml::to_string(&kubeconfig).expect("serialize the kubeconfig");
+    let yaml = serde_saphyr::to_string(&kubeconfig).expect("serialize the kubeconfig");
     std::fs::write(path, yaml).expect("write the kubeconfig");
 }
 

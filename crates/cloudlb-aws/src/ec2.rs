@@ -1,0 +1,371 @@
+//! The EC2 side of the AWS provider: the six calls cloudlb makes — security groups (describe,
+//! create, authorize and revoke ingress, delete) and subnets (describe) — behind [`Ec2`], in our
+//! own types. The rest of the provider never sees an EC2 SDK type; [`SdkEc2`] is the one
+//! implementation, through `aws-sdk-ec2`, each call through [`Calls`] (rate limit, retries,
+//! counting).
+
+use super::calls::Calls;
+use super::error::AwsError;
+use aws_sdk_ec2::types as sdk;
+use cloudlb_core::model::IngressRule;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A filter of a Describe call: the field and the values it may have.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Filter {
+    pub name: String,
+    pub values: Vec<String>,
+}
+
+impl Filter {
+    pub(crate) fn new(name: &str, values: impl IntoIterator<Item = String>) -> Self {
+        Filter {
+            name: name.to_string(),
+            values: values.into_iter().collect(),
+        }
+    }
+}
+
+/// A security group as cloudlb reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SecurityGroup {
+    pub id: String,
+    pub name: String,
+    pub tags: BTreeMap<String, String>,
+    /// The single-port TCP/UDP rules by CIDR (the only kind cloudlb writes); others are left out.
+    pub ingress: BTreeSet<IngressRule>,
+}
+
+/// What subnet discovery needs to know of one available subnet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Subnet {
+    pub id: String,
+    pub vpc_id: String,
+    pub zone: String,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[async_trait::async_trait]
+pub(crate) trait Ec2: Send + Sync + std::fmt::Debug {
+    /// Every page.
+    async fn describe_security_groups(
+        &self,
+        calls: &Calls,
+        filters: &[Filter],
+    ) -> Result<Vec<SecurityGroup>, AwsError>;
+
+    /// The new group's id (`None` if the answer had none), tagged at creation.
+    async fn create_security_group(
+        &self,
+        calls: &Calls,
+        name: &str,
+        description: &str,
+        vpc: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<Option<String>, AwsError>;
+
+    async fn authorize_ingress(
+        &self,
+        calls: &Calls,
+        id: &str,
+        rules: &[IngressRule],
+    ) -> Result<(), AwsError>;
+
+    async fn revoke_ingress(
+        &self,
+        calls: &Calls,
+        id: &str,
+        rules: &[IngressRule],
+    ) -> Result<(), AwsError>;
+
+    async fn delete_security_group(&self, calls: &Calls, id: &str) -> Result<(), AwsError>;
+
+    /// Every page; only available subnets.
+    async fn describe_subnets(
+        &self,
+        calls: &Calls,
+        filters: &[Filter],
+        ids: &[String],
+    ) -> Result<Vec<Subnet>, AwsError>;
+}
+
+/// [`Ec2`] through the AWS SDK.
+#[derive(Debug)]
+pub(crate) struct SdkEc2(pub aws_sdk_ec2::Client);
+
+fn sdk_filters(filters: &[Filter]) -> Option<Vec<sdk::Filter>> {
+    (!filters.is_empty()).then(|| {
+        filters
+            .iter()
+            .map(|f| {
+                sdk::Filter::builder()
+                    .name(&f.name)
+                    .set_values(Some(f.values.clone()))
+                    .build()
+            })
+            .collect()
+    })
+}
+
+#[async_trait::async_trait]
+impl Ec2 for SdkEc2 {
+    async fn describe_security_groups(
+        &self,
+        calls: &Calls,
+        filters: &[Filter],
+    ) -> Result<Vec<SecurityGroup>, AwsError> {
+        let filters = sdk_filters(filters);
+        calls
+            .pages(
+                "DescribeSecurityGroups",
+                false,
+                |token| {
+                    let req = self.0.describe_security_groups();
+                    req.set_filters(filters.clone())
+                        .set_next_token(token)
+                        .send()
+                },
+                |resp, out| {
+                    out.extend(resp.security_groups.iter().flatten().filter_map(group));
+                    resp.next_token
+                },
+            )
+            .await
+    }
+
+    async fn create_security_group(
+        &self,
+        calls: &Calls,
+        name: &str,
+        description: &str,
+        vpc: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<Option<String>, AwsError> {
+        let spec = sdk::TagSpecification::builder()
+            .resource_type(sdk::ResourceType::SecurityGroup)
+            .set_tags(Some(
+                tags.iter()
+                    .map(|(k, v)| sdk::Tag::builder().key(k).value(v).build())
+                    .collect(),
+            ))
+            .build();
+        let req = self
+            .0
+            .create_security_group()
+            .group_name(name)
+            .description(description)
+            .vpc_id(vpc)
+            .tag_specifications(spec);
+        let resp = calls
+            .run("CreateSecurityGroup", || req.clone().send())
+            .await?;
+        Ok(resp.group_id)
+    }
+
+    async fn authorize_ingress(
+        &self,
+        calls: &Calls,
+        id: &str,
+        rules: &[IngressRule],
+    ) -> Result<(), AwsError> {
+        let req = self
+            .0
+            .authorize_security_group_ingress()
+            .group_id(id)
+            .set_ip_permissions(Some(ip_permissions(rules)));
+        calls
+            .run("AuthorizeSecurityGroupIngress", || req.clone().send())
+            .await?;
+        Ok(())
+    }
+
+    async fn revoke_ingress(
+        &self,
+        calls: &Calls,
+        id: &str,
+        rules: &[IngressRule],
+    ) -> Result<(), AwsError> {
+        let req = self
+            .0
+            .revoke_security_group_ingress()
+            .group_id(id)
+            .set_ip_permissions(Some(ip_permissions(rules)));
+        calls
+            .run("RevokeSecurityGroupIngress", || req.clone().send())
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_security_group(&self, calls: &Calls, id: &str) -> Result<(), AwsError> {
+        let req = self.0.delete_security_group().group_id(id);
+        calls
+            .run("DeleteSecurityGroup", || req.clone().send())
+            .await?;
+        Ok(())
+    }
+
+    async fn describe_subnets(
+        &self,
+        calls: &Calls,
+        filters: &[Filter],
+        ids: &[String],
+    ) -> Result<Vec<Subnet>, AwsError> {
+        let filters = sdk_filters(filters);
+        let ids = (!ids.is_empty()).then(|| ids.to_vec());
+        calls
+            .pages(
+                "DescribeSubnets",
+                false,
+                |token| {
+                    let req = self.0.describe_subnets();
+                    req.set_filters(filters.clone())
+                        .set_subnet_ids(ids.clone())
+                        .set_next_token(token)
+                        .send()
+                },
+                |resp, out| {
+                    out.extend(resp.subnets.iter().flatten().filter_map(subnet));
+                    resp.next_token
+                },
+            )
+            .await
+    }
+}
+
+fn tag_map(tags: Option<&[sdk::Tag]>) -> BTreeMap<String, String> {
+    tags.unwrap_or_default()
+        .iter()
+        .filter_map(|t| Some((t.key.clone()?, t.value.clone().unwrap_or_default())))
+        .collect()
+}
+
+fn group(g: &sdk::SecurityGroup) -> Option<SecurityGroup> {
+    Some(SecurityGroup {
+        id: g.group_id.clone()?,
+        name: g.group_name.clone().unwrap_or_default(),
+        tags: tag_map(g.tags.as_deref()),
+        ingress: ingress_rules(g.ip_permissions.as_deref().unwrap_or_default()),
+    })
+}
+
+fn subnet(s: &sdk::Subnet) -> Option<Subnet> {
+    if s.state
+        .as_ref()
+        .is_some_and(|st| *st != sdk::SubnetState::Available)
+    {
+        return None;
+    }
+    Some(Subnet {
+        id: s.subnet_id.clone()?,
+        vpc_id: s.vpc_id.clone().unwrap_or_default(),
+        zone: s.availability_zone.clone().unwrap_or_default(),
+        tags: tag_map(s.tags.as_deref()),
+    })
+}
+
+/// The single-port TCP/UDP rules by CIDR of EC2 permissions.
+fn ingress_rules(perms: &[sdk::IpPermission]) -> BTreeSet<IngressRule> {
+    let mut out = BTreeSet::new();
+    for p in perms {
+        let protocol = match p.ip_protocol.as_deref() {
+            Some("tcp") | Some("6") => "tcp",
+            Some("udp") | Some("17") => "udp",
+            _ => continue,
+        };
+        let (Some(from), Some(to)) = (p.from_port, p.to_port) else {
+            continue;
+        };
+        let Ok(port) = u16::try_from(from) else {
+            continue;
+        };
+        if from != to {
+            continue;
+        }
+        let v4 = p
+            .ip_ranges
+            .iter()
+            .flatten()
+            .filter_map(|r| r.cidr_ip.clone());
+        let v6 = p
+            .ipv6_ranges
+            .iter()
+            .flatten()
+            .filter_map(|r| r.cidr_ipv6.clone());
+        for cidr in v4.chain(v6) {
+            out.insert(IngressRule {
+                protocol: protocol.to_string(),
+                port,
+                cidr,
+            });
+        }
+    }
+    out
+}
+
+/// Our rules as EC2 permissions: one per rule.
+fn ip_permissions(rules: &[IngressRule]) -> Vec<sdk::IpPermission> {
+    rules
+        .iter()
+        .map(|r| {
+            let b = sdk::IpPermission::builder()
+                .ip_protocol(&r.protocol)
+                .from_port(i32::from(r.port))
+                .to_port(i32::from(r.port));
+            if r.cidr.contains(':') {
+                b.ipv6_ranges(sdk::Ipv6Range::builder().cidr_ipv6(&r.cidr).build())
+            } else {
+                b.ip_ranges(sdk::IpRange::builder().cidr_ip(&r.cidr).build())
+            }
+            .build()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ingress_round_trip() {
+        let rules = vec![
+            IngressRule {
+                protocol: "tcp".into(),
+                port: 80,
+                cidr: "0.0.0.0/0".into(),
+            },
+            IngressRule {
+                protocol: "udp".into(),
+                port: 53,
+                cidr: "::/0".into(),
+            },
+        ];
+        let back = ingress_rules(&ip_permissions(&rules));
+        assert_eq!(back, rules.into_iter().collect());
+    }
+
+    #[test]
+    fn only_available_subnets_with_an_id() {
+        let available = sdk::Subnet::builder()
+            .subnet_id("subnet-1")
+            .vpc_id("vpc-1")
+            .availability_zone("eu-west-1a")
+            .state(sdk::SubnetState::Available)
+            .tags(sdk::Tag::builder().key("Name").value("a").build())
+            .build();
+        let pending = sdk::Subnet::builder()
+            .subnet_id("subnet-2")
+            .state(sdk::SubnetState::Pending)
+            .build();
+        assert_eq!(
+            subnet(&available),
+            Some(Subnet {
+                id: "subnet-1".into(),
+                vpc_id: "vpc-1".into(),
+                zone: "eu-west-1a".into(),
+                tags: [("Name".to_string(), "a".to_string())].into(),
+            })
+        );
+        assert_eq!(subnet(&pending), None);
+        assert_eq!(subnet(&sdk::Subnet::builder().build()), None);
+    }
+}
