@@ -704,3 +704,84 @@ fn local_errors_name_the_class_field_the_value_and_what_is_allowed() {
     assert_eq!(drain.allowed, "must be 0-3600 seconds");
     assert_eq!(errors.len(), 3, "{errors:?}");
 }
+
+#[test]
+fn every_class_field_of_the_settings_table_is_read() {
+    let hc = HealthCheckSpec {
+        protocol: Some("http".into()),
+        port: Some("8080".into()),
+        path: Some("/healthz".into()),
+        interval_seconds: Some(11),
+        timeout_seconds: Some(12),
+        healthy_threshold: Some(3),
+        unhealthy_threshold: Some(4),
+        success_codes: Some("200-299".into()),
+    };
+    let map = |k: &str| {
+        BTreeMap::from([
+            (format!("{k}.b"), "1".into()),
+            (format!("{k}.a"), "2".into()),
+        ])
+    };
+    let aws = AwsClassSpec {
+        scheme: Some("internal".into()),
+        ip_address_type: Some("dualstack".into()),
+        subnets: Some(vec!["subnet-1".into(), "subnet-2".into()]),
+        target_type: Some("ip".into()),
+        health_check: Some(hc),
+        cross_zone_load_balancing: Some(true),
+        deletion_protection: Some(false),
+        proxy_protocol: Some(true),
+        load_balancer_attributes: Some(map("lb")),
+        target_group_attributes: Some(map("tg")),
+        additional_tags: Some(map("tag")),
+        security_groups: Some(vec!["sg-1".into(), "sg-2".into()]),
+        source_ranges: Some(vec!["10.0.0.0/8".into()]),
+        manage_backend_security_group_rules: Some(false),
+        target_node_labels: Some(map("label")),
+        ssl_negotiation_policy: Some("ELBSecurityPolicy-TLS13-1-2-2021-06".into()),
+    };
+    let mut got = class_values("web", &aws);
+    got.sort();
+    let sources: Vec<(&str, String)> = got.iter().map(|(n, s, _)| (*n, s.clone())).collect();
+    let mut want_sources: Vec<(&str, String)> = keys::SETTINGS
+        .iter()
+        .filter_map(|s| Some((s.name, format!("LoadBalancerClass web {}", s.class_field?))))
+        .collect();
+    want_sources.sort();
+    assert_eq!(sources, want_sources, "one value for each class field");
+    let values: Vec<(&str, &str)> = got.iter().map(|(n, _, v)| (*n, v.as_str())).collect();
+    assert_eq!(
+        values,
+        [
+            ("additional-resource-tags", "tag.a=2,tag.b=1"),
+            ("cross-zone-load-balancing-enabled", "true"),
+            ("deletion-protection", "false"),
+            ("healthcheck-healthy-threshold", "3"),
+            ("healthcheck-interval", "11"),
+            ("healthcheck-path", "/healthz"),
+            ("healthcheck-port", "8080"),
+            ("healthcheck-protocol", "http"),
+            ("healthcheck-success-codes", "200-299"),
+            ("healthcheck-timeout", "12"),
+            ("healthcheck-unhealthy-threshold", "4"),
+            ("ip-address-type", "dualstack"),
+            ("load-balancer-attributes", "lb.a=2,lb.b=1"),
+            ("manage-backend-security-group-rules", "false"),
+            ("proxy-protocol", "true"),
+            ("scheme", "internal"),
+            ("security-groups", "sg-1,sg-2"),
+            ("source-ranges", "10.0.0.0/8"),
+            (
+                "ssl-negotiation-policy",
+                "ELBSecurityPolicy-TLS13-1-2-2021-06"
+            ),
+            ("subnets", "subnet-1,subnet-2"),
+            ("target-group-attributes", "tg.a=2,tg.b=1"),
+            ("target-node-labels", "label.a=2,label.b=1"),
+            ("target-type", "ip"),
+        ],
+        "in the annotations' form"
+    );
+    assert!(class_values("web", &AwsClassSpec::default()).is_empty());
+}
