@@ -7,7 +7,7 @@ pub mod class;
 use crate::model::local::{self, AddressPool, Algorithm, LocalSpec};
 use crate::model::{HealthCheckProtocol, IpAddressType, Scheme, Subnets, TargetType};
 use annotations as keys;
-use class::{AwsClassSpec, HealthCheckSpec, LoadBalancerClass, ProviderKind};
+use class::{AwsClassSpec, LoadBalancerClass, ProviderKind};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use std::collections::BTreeMap;
 
@@ -207,141 +207,40 @@ fn tcp_ports(ports: &[ServicePort]) -> impl Iterator<Item = u16> + '_ {
         .filter_map(|p| u16::try_from(p.port).ok())
 }
 
-/// The class's settings as raw values: (setting, source, value).
-struct ClassValues<'a> {
-    class_name: &'a str,
-    out: Vec<(&'static str, String, String)>,
-}
-
-impl ClassValues<'_> {
-    fn push(&mut self, name: &'static str, field: &str, v: Option<String>) {
-        if let Some(v) = v {
-            let source = format!("LoadBalancerClass {} spec.aws.{field}", self.class_name);
-            self.out.push((name, source, v));
-        }
-    }
-
-    fn health_check(&mut self, hc: &HealthCheckSpec) {
-        self.push(
-            keys::HC_PROTOCOL,
-            "healthCheck.protocol",
-            hc.protocol.clone(),
-        );
-        self.push(keys::HC_PORT, "healthCheck.port", hc.port.clone());
-        self.push(keys::HC_PATH, "healthCheck.path", hc.path.clone());
-        self.push(
-            keys::HC_INTERVAL,
-            "healthCheck.intervalSeconds",
-            hc.interval_seconds.map(|v| v.to_string()),
-        );
-        self.push(
-            keys::HC_TIMEOUT,
-            "healthCheck.timeoutSeconds",
-            hc.timeout_seconds.map(|v| v.to_string()),
-        );
-        self.push(
-            keys::HC_HEALTHY,
-            "healthCheck.healthyThreshold",
-            hc.healthy_threshold.map(|v| v.to_string()),
-        );
-        self.push(
-            keys::HC_UNHEALTHY,
-            "healthCheck.unhealthyThreshold",
-            hc.unhealthy_threshold.map(|v| v.to_string()),
-        );
-        self.push(
-            keys::HC_SUCCESS_CODES,
-            "healthCheck.successCodes",
-            hc.success_codes.clone(),
-        );
-    }
-}
-
-/// `k=v,k=v`, the annotation form of a map.
-fn kv(m: &BTreeMap<String, String>) -> String {
-    m.iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
+/// The class's settings as raw values: (setting, source, value), for each setting whose class
+/// field (in the settings table) the class sets.
 fn class_values(class_name: &str, aws: &AwsClassSpec) -> Vec<(&'static str, String, String)> {
-    let mut v = ClassValues {
-        class_name,
-        out: Vec::new(),
-    };
-    v.push(keys::SCHEME, "scheme", aws.scheme.clone());
-    v.push(
-        keys::IP_ADDRESS_TYPE,
-        "ipAddressType",
-        aws.ip_address_type.clone(),
-    );
-    v.push(
-        keys::SUBNETS,
-        "subnets",
-        aws.subnets.as_ref().map(|v| v.join(",")),
-    );
-    v.push(keys::TARGET_TYPE, "targetType", aws.target_type.clone());
-    if let Some(hc) = &aws.health_check {
-        v.health_check(hc);
+    // The JSON form has the class's field names and leaves out the fields not set.
+    let aws = serde_json::to_value(aws).unwrap_or_default();
+    keys::SETTINGS
+        .iter()
+        .filter_map(|s| {
+            let field = s.class_field?;
+            let path = field.strip_prefix("spec.aws.")?;
+            let value = aws
+                .pointer(&format!("/{}", path.replace('.', "/")))
+                .filter(|v| !v.is_null())?;
+            let source = format!("LoadBalancerClass {class_name} {field}");
+            Some((s.name, source, annotation_form(value)))
+        })
+        .collect()
+}
+
+/// A class field's value the way its annotation writes it: a list as `a,b`, a map as `k=v,k=v`.
+fn annotation_form(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    let joined = |items: Vec<String>| items.join(",");
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Array(items) => joined(items.iter().map(annotation_form).collect()),
+        Value::Object(map) => joined(
+            map.iter()
+                .map(|(k, v)| format!("{k}={}", annotation_form(v)))
+                .collect(),
+        ),
+        // Booleans and numbers.
+        other => other.to_string(),
     }
-    v.push(
-        keys::CROSS_ZONE,
-        "crossZoneLoadBalancing",
-        aws.cross_zone_load_balancing.map(|v| v.to_string()),
-    );
-    v.push(
-        keys::DELETION_PROTECTION,
-        "deletionProtection",
-        aws.deletion_protection.map(|v| v.to_string()),
-    );
-    v.push(
-        keys::PROXY_PROTOCOL,
-        "proxyProtocol",
-        aws.proxy_protocol.map(|v| v.to_string()),
-    );
-    v.push(
-        keys::LB_ATTRIBUTES,
-        "loadBalancerAttributes",
-        aws.load_balancer_attributes.as_ref().map(kv),
-    );
-    v.push(
-        keys::TG_ATTRIBUTES,
-        "targetGroupAttributes",
-        aws.target_group_attributes.as_ref().map(kv),
-    );
-    v.push(
-        keys::ADDITIONAL_TAGS,
-        "additionalTags",
-        aws.additional_tags.as_ref().map(kv),
-    );
-    v.push(
-        keys::SECURITY_GROUPS,
-        "securityGroups",
-        aws.security_groups.as_ref().map(|v| v.join(",")),
-    );
-    v.push(
-        keys::SOURCE_RANGES,
-        "sourceRanges",
-        aws.source_ranges.as_ref().map(|v| v.join(",")),
-    );
-    v.push(
-        keys::MANAGE_BACKEND_SG,
-        "manageBackendSecurityGroupRules",
-        aws.manage_backend_security_group_rules
-            .map(|v| v.to_string()),
-    );
-    v.push(
-        keys::TARGET_NODE_LABELS,
-        "targetNodeLabels",
-        aws.target_node_labels.as_ref().map(kv),
-    );
-    v.push(
-        keys::SSL_POLICY,
-        "sslNegotiationPolicy",
-        aws.ssl_negotiation_policy.clone(),
-    );
-    v.out
 }
 
 impl Parser<'_> {
