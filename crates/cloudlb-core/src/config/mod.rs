@@ -248,49 +248,50 @@ impl Parser<'_> {
         self.raw.get(name)
     }
 
-    fn parse_enum<T: Copy>(&mut self, name: &str, options: &[(&str, T)]) -> Option<T> {
+    /// Setting `name` as `parse` reads it; a value it refuses is an error that says what is
+    /// `allowed`.
+    fn parse_with<T>(
+        &mut self,
+        name: &str,
+        allowed: impl Into<String>,
+        parse: impl FnOnce(&str) -> Option<T>,
+    ) -> Option<T> {
         let raw = self.get(name)?.clone();
-        let v = raw.value.trim().to_ascii_lowercase();
-        match options.iter().find(|(k, _)| *k == v) {
-            Some((_, t)) => Some(*t),
-            None => {
-                let allowed: Vec<_> = options.iter().map(|(k, _)| *k).collect();
-                self.errors.push(err(
-                    &raw.source,
-                    &raw.value,
-                    format!("allowed values: {}", allowed.join(", ")),
-                ));
-                None
-            }
+        let parsed = parse(&raw.value);
+        if parsed.is_none() {
+            self.errors.push(err(&raw.source, &raw.value, allowed));
         }
+        parsed
+    }
+
+    fn parse_enum<T: Copy>(&mut self, name: &str, options: &[(&str, T)]) -> Option<T> {
+        let allowed: Vec<_> = options.iter().map(|(k, _)| *k).collect();
+        let allowed = format!("allowed values: {}", allowed.join(", "));
+        self.parse_with(name, allowed, |v| {
+            let v = v.trim().to_ascii_lowercase();
+            options.iter().find(|(k, _)| *k == v).map(|(_, t)| *t)
+        })
     }
 
     fn parse_bool(&mut self, name: &str) -> Option<bool> {
-        let raw = self.get(name)?.clone();
-        match raw.value.trim().to_ascii_lowercase().as_str() {
-            "true" => Some(true),
-            "false" => Some(false),
-            _ => {
-                self.errors
-                    .push(err(&raw.source, &raw.value, "must be true or false"));
-                None
+        let allowed = "must be true or false";
+        self.parse_with(name, allowed, |v| {
+            match v.trim().to_ascii_lowercase().as_str() {
+                "true" => Some(true),
+                "false" => Some(false),
+                _ => None,
             }
-        }
+        })
     }
 
     fn parse_u32(&mut self, name: &str, min: u32, max: u32) -> Option<u32> {
-        let raw = self.get(name)?.clone();
-        match raw.value.trim().parse::<u32>() {
-            Ok(n) if (min..=max).contains(&n) => Some(n),
-            _ => {
-                self.errors.push(err(
-                    &raw.source,
-                    &raw.value,
-                    format!("must be an integer from {min} to {max}"),
-                ));
-                None
-            }
-        }
+        let allowed = format!("must be an integer from {min} to {max}");
+        self.parse_with(name, allowed, |v| {
+            v.trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (min..=max).contains(n))
+        })
     }
 
     fn parse_list(&mut self, name: &str) -> Option<(Raw, Vec<String>)> {
@@ -605,50 +606,26 @@ impl Parser<'_> {
 
     /// `Some(None)`: explicitly the traffic port.
     fn health_check_port(&mut self) -> Option<Option<u16>> {
-        let raw = self.get(keys::HC_PORT).cloned()?;
-        let v = raw.value.trim();
-        if v == "traffic-port" {
-            return Some(None);
-        }
-        match v.parse::<u16>() {
-            Ok(n) if n > 0 => Some(Some(n)),
-            _ => {
-                self.errors.push(err(
-                    &raw.source,
-                    &raw.value,
-                    "must be traffic-port or a port number 1-65535",
-                ));
-                None
-            }
-        }
+        let allowed = "must be traffic-port or a port number 1-65535";
+        self.parse_with(keys::HC_PORT, allowed, |v| match v.trim() {
+            "traffic-port" => Some(None),
+            v => v.parse::<u16>().ok().filter(|n| *n > 0).map(Some),
+        })
     }
 
     fn health_check_path(&mut self) -> Option<String> {
-        let raw = self.get(keys::HC_PATH).cloned()?;
-        if raw.value.starts_with('/') && raw.value.len() <= 1024 && raw.value.is_ascii() {
-            Some(raw.value)
-        } else {
-            self.errors.push(err(
-                &raw.source,
-                &raw.value,
-                "must be an ASCII path starting with / (at most 1024 characters)",
-            ));
-            None
-        }
+        let allowed = "must be an ASCII path starting with / (at most 1024 characters)";
+        self.parse_with(keys::HC_PATH, allowed, |v| {
+            (v.starts_with('/') && v.len() <= 1024 && v.is_ascii()).then(|| v.to_string())
+        })
     }
 
     fn health_check_success_codes(&mut self) -> Option<String> {
-        let raw = self.get(keys::HC_SUCCESS_CODES).cloned()?;
-        if valid_success_codes(raw.value.trim()) {
-            Some(raw.value.trim().to_string())
-        } else {
-            self.errors.push(err(
-                &raw.source,
-                &raw.value,
-                "must be HTTP codes 200-599: 200, 200,202 or a range 200-399",
-            ));
-            None
-        }
+        let allowed = "must be HTTP codes 200-599: 200, 200,202 or a range 200-399";
+        self.parse_with(keys::HC_SUCCESS_CODES, allowed, |v| {
+            let v = v.trim();
+            valid_success_codes(v).then(|| v.to_string())
+        })
     }
 
     /// Certificates, the ports that get TLS listeners, the policy and TLS to the backends.
