@@ -59,6 +59,18 @@ fn resolve_err(c: &LoadBalancerClass, s: &Service) -> Vec<ConfigError> {
     }
 }
 
+/// The problems of a Service with `annotations` and `ports` (default class); the first one's
+/// `allowed` says `needle`.
+fn first_error_says(
+    annotations: &[(&str, &str)],
+    ports: Vec<ServicePort>,
+    needle: &str,
+) -> Vec<ConfigError> {
+    let errs = resolve_err(&class(None), &svc(annotations, ports));
+    assert!(errs[0].allowed.contains(needle), "{needle:?} in {errs:?}");
+    errs
+}
+
 #[test]
 fn defaults_without_annotations() {
     let cfg = resolve_ok(&class(None), &svc(&[], web()));
@@ -115,7 +127,7 @@ fn our_keys_and_compatible_keys_mean_the_same() {
 
 #[test]
 fn conflicting_keys_are_an_error() {
-    let s = svc(
+    let errs = first_error_says(
         &[
             ("cloudlb.io/scheme", "internal"),
             (
@@ -124,16 +136,9 @@ fn conflicting_keys_are_an_error() {
             ),
         ],
         web(),
+        "conflicts with annotation cloudlb.io/scheme",
     );
-    let errs = resolve_err(&class(None), &s);
     assert_eq!(errs.len(), 1, "{errs:?}");
-    assert!(
-        errs[0]
-            .allowed
-            .contains("conflicts with annotation cloudlb.io/scheme"),
-        "{}",
-        errs[0]
-    );
 
     let s = svc(
         &[
@@ -215,57 +220,42 @@ fn tls_ports_default_to_every_tcp_port_and_respect_names() {
 #[test]
 fn tls_on_a_udp_port_is_rejected() {
     let cert = "arn:aws:acm:us-east-1:123456789012:certificate/abc";
-    let s = svc(
+    first_error_says(
         &[
             ("cloudlb.io/ssl-cert", cert),
             ("cloudlb.io/ssl-ports", "dns"),
         ],
         vec![port("dns", 53, "UDP")],
-    );
-    let errs = resolve_err(&class(None), &s);
-    assert!(
-        errs[0]
-            .allowed
-            .contains("is UDP, TLS listeners need a TCP port"),
-        "{errs:?}"
+        "is UDP, TLS listeners need a TCP port",
     );
 }
 
 #[test]
 fn eip_count_must_match_subnets_and_scheme() {
-    let s = svc(
-        &[
-            ("cloudlb.io/subnets", "subnet-1,subnet-2"),
-            ("cloudlb.io/eip-allocations", "eipalloc-1"),
-        ],
-        web(),
-    );
-    let errs = resolve_err(&class(None), &s);
-    assert!(errs[0].allowed.contains("1 given, 2 subnets"), "{errs:?}");
-
-    let s = svc(
-        &[("cloudlb.io/eip-allocations", "eipalloc-1,eipalloc-2")],
-        web(),
-    );
-    assert!(
-        resolve_err(&class(None), &s)[0]
-            .allowed
-            .contains("requires explicit subnets")
-    );
-
-    let s = svc(
-        &[
-            ("cloudlb.io/scheme", "internal"),
-            ("cloudlb.io/subnets", "subnet-1"),
-            ("cloudlb.io/eip-allocations", "eipalloc-1"),
-        ],
-        web(),
-    );
-    assert!(
-        resolve_err(&class(None), &s)[0]
-            .allowed
-            .contains("require scheme internet-facing")
-    );
+    let cases: [(&[(&str, &str)], &str); 3] = [
+        (
+            &[
+                ("cloudlb.io/subnets", "subnet-1,subnet-2"),
+                ("cloudlb.io/eip-allocations", "eipalloc-1"),
+            ],
+            "1 given, 2 subnets",
+        ),
+        (
+            &[("cloudlb.io/eip-allocations", "eipalloc-1,eipalloc-2")],
+            "requires explicit subnets",
+        ),
+        (
+            &[
+                ("cloudlb.io/scheme", "internal"),
+                ("cloudlb.io/subnets", "subnet-1"),
+                ("cloudlb.io/eip-allocations", "eipalloc-1"),
+            ],
+            "require scheme internet-facing",
+        ),
+    ];
+    for (annotations, needle) in cases {
+        first_error_says(annotations, web(), needle);
+    }
 
     let ok = svc(
         &[
@@ -307,17 +297,13 @@ fn source_ranges_precedence_and_enforcement() {
     assert_eq!(resolve_err(&class(None), &bad).len(), 2);
 
     // Our own groups are never edited, so source ranges cannot be enforced with user groups.
-    let mixed = svc(
+    first_error_says(
         &[
             ("cloudlb.io/source-ranges", "10.0.0.0/8"),
             ("cloudlb.io/security-groups", "sg-1"),
         ],
         web(),
-    );
-    assert!(
-        resolve_err(&class(None), &mixed)[0]
-            .allowed
-            .contains("cannot be enforced")
+        "cannot be enforced",
     );
 
     let dual = svc(&[("cloudlb.io/ip-address-type", "dualstack")], web());
@@ -451,17 +437,13 @@ fn proxy_protocol_and_attributes() {
         Some("logs")
     );
 
-    let no_bucket = svc(
+    first_error_says(
         &[(
             "cloudlb.io/load-balancer-attributes",
             "access_logs.s3.enabled=true",
         )],
         web(),
-    );
-    assert!(
-        resolve_err(&class(None), &no_bucket)[0]
-            .allowed
-            .contains("access_logs.s3.bucket")
+        "access_logs.s3.bucket",
     );
 }
 
