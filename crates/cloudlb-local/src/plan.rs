@@ -165,28 +165,15 @@ pub(crate) fn listener_id(address: IpAddr, port: u16, protocol: Protocol) -> Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::{listener, local_lb, svc, target_group, tcp_check};
     use cloudlb_core::model::{
-        AddressPool, Algorithm, FrontendSecurityGroup, HealthCheck, HealthCheckProtocol,
-        IngressRule, IpAddressType, Listener, Scheme, Security, ServiceRef, Subnets, Target,
-        TargetType,
+        AddressPool, Algorithm, FrontendSecurityGroup, IngressRule, IpAddressType, Scheme, Subnets,
+        Target,
     };
     use cloudlb_core::provider::{LbState, ObservedLb};
     use std::collections::{BTreeMap, BTreeSet};
 
     const ADDRESS: &str = "127.0.1.5";
-
-    fn check() -> HealthCheck {
-        HealthCheck {
-            protocol: HealthCheckProtocol::Tcp,
-            port: None,
-            path: None,
-            interval_seconds: 10,
-            timeout_seconds: 10,
-            healthy_threshold: 3,
-            unhealthy_threshold: 3,
-            success_codes: None,
-        }
-    }
 
     fn targets(ips: &[&str], port: u16) -> BTreeSet<Target> {
         ips.iter()
@@ -198,66 +185,37 @@ mod tests {
     }
 
     fn tg(key: &str, port: u16, ips: &[&str]) -> TargetGroup {
-        TargetGroup {
-            key: key.into(),
-            name: format!("k8s-shop-web-{key}"),
-            protocol: Protocol::Tcp,
+        let name = format!("k8s-shop-web-{key}");
+        target_group(
+            key,
+            name,
+            Protocol::Tcp,
             port,
-            target_type: TargetType::Ip,
-            health_check: check(),
-            attributes: BTreeMap::new(),
-            targets: targets(ips, port),
-            tags: BTreeMap::new(),
-        }
-    }
-
-    fn listener(port: u16, protocol: Protocol, key: &str) -> Listener {
-        Listener {
-            port,
-            protocol,
-            target_group: key.into(),
-            certificates: vec![],
-            ssl_policy: None,
-            alpn_policy: None,
-        }
+            tcp_check(10, 3),
+            targets(ips, port),
+        )
     }
 
     /// A model as the build makes it for a local class: TCP 80 and UDP 53, two nodes.
     fn desired() -> Desired {
         let nodes = ["10.0.0.1", "10.0.0.2"];
-        let lb = LoadBalancer {
-            name: "k8s-shop-web".into(),
-            scheme: Scheme::InternetFacing,
-            ip_address_type: IpAddressType::Ipv4,
-            subnets: Subnets::Discover,
-            eip_allocations: vec![],
-            private_ipv4_addresses: vec![],
-            security: Security {
-                frontend: None,
-                extra_security_groups: vec![],
-                manage_backend_rules: false,
-            },
-            attributes: BTreeMap::new(),
-            tags: BTreeMap::new(),
-            listeners: vec![
+        let lb = local_lb(
+            "k8s-shop-web".into(),
+            vec![
                 listener(53, Protocol::Udp, "udp-53"),
                 listener(80, Protocol::Tcp, "tcp-80"),
             ],
-            target_groups: vec![tg("udp-53", 30053, &nodes), tg("tcp-80", 30080, &nodes)],
-            status_ports: vec![(80, Protocol::Tcp), (53, Protocol::Udp)],
-            local: Some(LocalSpec {
+            vec![tg("udp-53", 30053, &nodes), tg("tcp-80", 30080, &nodes)],
+            vec![(80, Protocol::Tcp), (53, Protocol::Udp)],
+            LocalSpec {
                 address_pool: AddressPool::parse("127.0.1.0/28").expect("pool"),
                 algorithm: Algorithm::RoundRobin,
                 drain_timeout_seconds: 30,
                 requested_address: None,
-            }),
-        };
-        Desired {
-            service: ServiceRef {
-                namespace: "shop".into(),
-                name: "web".into(),
-                uid: "uid-web".into(),
             },
+        );
+        Desired {
+            service: svc("web"),
             lb_name: lb.name.clone(),
             lb: Some(lb),
         }

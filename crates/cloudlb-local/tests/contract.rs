@@ -8,9 +8,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
 use cloudlb_core::model::{
-    AddressPool, Algorithm, Desired, FrontendSecurityGroup, HealthCheck, HealthCheckProtocol,
-    IngressRule, IpAddressType, Listener, LoadBalancer, LocalSpec, Protocol, Scheme, Security,
-    ServiceRef, Subnets, Target, TargetGroup, TargetType,
+    AddressPool, Algorithm, Desired, FrontendSecurityGroup, HealthCheck, IngressRule, LocalSpec,
+    Protocol, ServiceRef, Target,
 };
 use cloudlb_core::plan::{Op, Plan};
 use cloudlb_core::provider::{Observed, Provider, ProviderError};
@@ -23,6 +22,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
+
+#[path = "support/fixtures.rs"]
+mod fixtures;
+use fixtures::{listener, local_lb, svc, target_group, tcp_check};
 
 const NODE_PORT: u16 = 30080;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -229,27 +232,6 @@ async fn refused(addr: SocketAddr) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Models
 
-fn svc(name: &str) -> ServiceRef {
-    ServiceRef {
-        namespace: "shop".into(),
-        name: name.into(),
-        uid: format!("uid-{name}"),
-    }
-}
-
-fn tcp_check(interval: u32, threshold: u32) -> HealthCheck {
-    HealthCheck {
-        protocol: HealthCheckProtocol::Tcp,
-        port: None,
-        path: None,
-        interval_seconds: interval,
-        timeout_seconds: interval,
-        healthy_threshold: threshold,
-        unhealthy_threshold: threshold,
-        success_codes: None,
-    }
-}
-
 /// A model for a local class, by hand: one target group per listener, every node at the node
 /// port, the typed local settings; and also the AWS parts an aws class would have (attributes,
 /// a frontend security group), which the local provider must ignore.
@@ -325,67 +307,57 @@ impl Spec {
                 cidr: "0.0.0.0/0".into(),
             });
         }
-        let lb = LoadBalancer {
-            name: name.clone(),
-            scheme: Scheme::InternetFacing,
-            ip_address_type: IpAddressType::Ipv4,
-            subnets: Subnets::Discover,
-            eip_allocations: vec![],
-            private_ipv4_addresses: vec![],
-            security: Security {
-                frontend: Some(FrontendSecurityGroup {
-                    name: format!("{name}-sg"),
-                    description: "frontend".into(),
-                    ingress,
-                }),
-                extra_security_groups: vec![],
-                manage_backend_rules: false,
-            },
-            attributes,
-            tags: BTreeMap::from([("cloudlb.io/cluster".to_string(), "test".to_string())]),
-            listeners: self
-                .listeners
-                .iter()
-                .map(|(port, p)| Listener {
-                    port: *port,
-                    protocol: *p,
-                    target_group: key(*port, *p),
-                    certificates: vec![],
-                    ssl_policy: None,
-                    alpn_policy: None,
-                })
-                .collect(),
-            target_groups: self
-                .listeners
-                .iter()
-                .map(|(port, p)| TargetGroup {
-                    key: key(*port, *p),
-                    name: format!("k8s-{}-{port}-{}", self.service.name, self.node_port),
-                    protocol: *p,
-                    port: self.node_port,
-                    target_type: TargetType::Ip,
-                    health_check: self.check.clone(),
-                    attributes: BTreeMap::from([
-                        (
-                            "deregistration_delay.timeout_seconds".to_string(),
-                            "300".to_string(),
-                        ),
-                        ("proxy_protocol_v2.enabled".to_string(), "false".to_string()),
-                    ]),
-                    targets: self
-                        .nodes
-                        .iter()
-                        .map(|ip| Target {
-                            id: ip.clone(),
-                            port: self.node_port,
-                        })
-                        .collect(),
-                    tags: BTreeMap::new(),
-                })
-                .collect(),
-            status_ports: self.listeners.clone(),
-            local: Some(self.local.clone()),
-        };
+        let listeners = self
+            .listeners
+            .iter()
+            .map(|(port, p)| listener(*port, *p, &key(*port, *p)))
+            .collect();
+        let target_groups = self
+            .listeners
+            .iter()
+            .map(|(port, p)| {
+                let name = format!("k8s-{}-{port}-{}", self.service.name, self.node_port);
+                let targets = self
+                    .nodes
+                    .iter()
+                    .map(|ip| Target {
+                        id: ip.clone(),
+                        port: self.node_port,
+                    })
+                    .collect();
+                let mut tg = target_group(
+                    &key(*port, *p),
+                    name,
+                    *p,
+                    self.node_port,
+                    self.check.clone(),
+                    targets,
+                );
+                tg.attributes = BTreeMap::from([
+                    (
+                        "deregistration_delay.timeout_seconds".to_string(),
+                        "300".to_string(),
+                    ),
+                    ("proxy_protocol_v2.enabled".to_string(), "false".to_string()),
+                ]);
+                tg
+            })
+            .collect();
+        let mut lb = local_lb(
+            name.clone(),
+            listeners,
+            target_groups,
+            self.listeners.clone(),
+            self.local.clone(),
+        );
+        // The AWS parts.
+        lb.security.frontend = Some(FrontendSecurityGroup {
+            name: format!("{name}-sg"),
+            description: "frontend".into(),
+            ingress,
+        });
+        lb.attributes = attributes;
+        lb.tags = BTreeMap::from([("cloudlb.io/cluster".to_string(), "test".to_string())]);
         Desired {
             service: self.service.clone(),
             lb_name: name,
@@ -953,14 +925,7 @@ async fn changes_converge_in_place_and_replan_is_empty() {
 
     // A UDP listener with its own target group and node port joins.
     let lb = changed.lb.as_mut().expect("lb");
-    lb.listeners.push(Listener {
-        port: 8053,
-        protocol: Protocol::Udp,
-        target_group: "udp-8053".into(),
-        certificates: vec![],
-        ssl_policy: None,
-        alpn_policy: None,
-    });
+    lb.listeners.push(listener(8053, Protocol::Udp, "udp-8053"));
     let mut tg = lb.target_groups[0].clone();
     tg.key = "udp-8053".into();
     tg.name = "k8s-change-8053-30081".into();
