@@ -767,3 +767,37 @@ fn every_class_field_of_the_settings_table_is_read() {
     );
     assert!(class_values("web", &AwsClassSpec::default()).is_empty());
 }
+
+#[test]
+fn each_bad_list_entry_is_named() {
+    let all = |annotations: &[(&str, &str)]| -> Vec<String> {
+        resolve_err(&class(None), &svc(annotations, web()))
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    };
+    assert_eq!(
+        all(&[
+            ("cloudlb.io/subnets", "subnet-1,subnet-2"),
+            ("cloudlb.io/eip-allocations", "eipalloc-1,eip-2"),
+            ("cloudlb.io/ssl-cert", "arn:aws:acm:x,cert-1,cert-2"),
+        ]),
+        [
+            "annotation cloudlb.io/eip-allocations = \"eipalloc-1,eip-2\": entry 2 (\"eip-2\") is not an allocation id (eipalloc-…)",
+            "annotation cloudlb.io/ssl-cert = \"arn:aws:acm:x,cert-1,cert-2\": \"cert-1\" is not a certificate ARN (arn:aws:acm:… or arn:aws:iam:…)",
+            "annotation cloudlb.io/ssl-cert = \"arn:aws:acm:x,cert-1,cert-2\": \"cert-2\" is not a certificate ARN (arn:aws:acm:… or arn:aws:iam:…)",
+        ]
+    );
+    assert_eq!(
+        all(&[
+            ("cloudlb.io/scheme", "internal"),
+            ("cloudlb.io/subnets", "subnet-1,subnet-2"),
+            ("cloudlb.io/private-ipv4-addresses", "10.0.1.10,10.0.2"),
+            ("cloudlb.io/security-groups", "sg-1,group"),
+        ]),
+        [
+            "annotation cloudlb.io/private-ipv4-addresses = \"10.0.1.10,10.0.2\": \"10.0.2\" is not an IPv4 address",
+            "annotation cloudlb.io/security-groups = \"sg-1,group\": \"group\" is not a security-group id (sg-…)",
+        ]
+    );
+}
