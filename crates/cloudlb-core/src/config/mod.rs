@@ -294,6 +294,24 @@ impl Parser<'_> {
         })
     }
 
+    /// An error for each of `entries` (of list setting `name`) that `problem` finds fault with:
+    /// `problem(index, entry)` says what is wrong.
+    fn check_entries(
+        &mut self,
+        name: &str,
+        entries: &[String],
+        problem: impl Fn(usize, &str) -> Option<String>,
+    ) {
+        let Some(raw) = self.get(name).cloned() else {
+            return;
+        };
+        for (i, e) in entries.iter().enumerate() {
+            if let Some(why) = problem(i, e) {
+                self.errors.push(err(&raw.source, &raw.value, why));
+            }
+        }
+    }
+
     fn parse_list(&mut self, name: &str) -> Option<(Raw, Vec<String>)> {
         let raw = self.get(name)?.clone();
         let l = list(&raw.value);
@@ -488,37 +506,24 @@ impl Parser<'_> {
             "EIP allocations",
             subnet_count,
         );
-        for (i, e) in eip_allocations.iter().enumerate() {
-            if !e.starts_with("eipalloc-")
-                && let Some(raw) = self.get(keys::EIP_ALLOCATIONS).cloned()
-            {
-                self.errors.push(err(
-                    &raw.source,
-                    &raw.value,
-                    format!(
-                        "entry {} ({e:?}) is not an allocation id (eipalloc-…)",
-                        i + 1
-                    ),
-                ));
-            }
-        }
+        self.check_entries(keys::EIP_ALLOCATIONS, &eip_allocations, |i, e| {
+            (!e.starts_with("eipalloc-")).then(|| {
+                format!(
+                    "entry {} ({e:?}) is not an allocation id (eipalloc-…)",
+                    i + 1
+                )
+            })
+        });
         let private_ipv4_addresses = self.per_subnet(
             keys::PRIVATE_IPV4,
             (scheme, Scheme::Internal),
             "private IPv4 addresses",
             subnet_count,
         );
-        for a in &private_ipv4_addresses {
-            if a.parse::<std::net::Ipv4Addr>().is_err()
-                && let Some(raw) = self.get(keys::PRIVATE_IPV4).cloned()
-            {
-                self.errors.push(err(
-                    &raw.source,
-                    &raw.value,
-                    format!("{a:?} is not an IPv4 address"),
-                ));
-            }
-        }
+        self.check_entries(keys::PRIVATE_IPV4, &private_ipv4_addresses, |_, a| {
+            (a.parse::<std::net::Ipv4Addr>().is_err())
+                .then(|| format!("{a:?} is not an IPv4 address"))
+        });
         Placement {
             subnets,
             eip_allocations,
@@ -654,17 +659,10 @@ impl Parser<'_> {
             .parse_list(keys::SSL_CERT)
             .map(|(_, l)| l)
             .unwrap_or_default();
-        if let Some(raw) = self.get(keys::SSL_CERT).cloned() {
-            for c in &ssl_certificates {
-                if !c.starts_with("arn:") {
-                    self.errors.push(err(
-                        &raw.source,
-                        &raw.value,
-                        format!("{c:?} is not a certificate ARN (arn:aws:acm:… or arn:aws:iam:…)"),
-                    ));
-                }
-            }
-        }
+        self.check_entries(keys::SSL_CERT, &ssl_certificates, |_, c| {
+            (!c.starts_with("arn:"))
+                .then(|| format!("{c:?} is not a certificate ARN (arn:aws:acm:… or arn:aws:iam:…)"))
+        });
         ssl_certificates
     }
 
@@ -870,19 +868,11 @@ impl Parser<'_> {
     fn security_groups(&mut self) -> Vec<String> {
         let security_groups = self
             .parse_list(keys::SECURITY_GROUPS)
-            .map(|(raw, l)| {
-                for g in &l {
-                    if !g.starts_with("sg-") {
-                        self.errors.push(err(
-                            &raw.source,
-                            &raw.value,
-                            format!("{g:?} is not a security-group id (sg-…)"),
-                        ));
-                    }
-                }
-                l
-            })
+            .map(|(_, l)| l)
             .unwrap_or_default();
+        self.check_entries(keys::SECURITY_GROUPS, &security_groups, |_, g| {
+            (!g.starts_with("sg-")).then(|| format!("{g:?} is not a security-group id (sg-…)"))
+        });
         if self.parse_bool(keys::MANAGE_BACKEND_SG) == Some(true)
             && let Some(raw) = self.get(keys::MANAGE_BACKEND_SG).cloned()
         {
