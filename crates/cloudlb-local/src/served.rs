@@ -432,31 +432,26 @@ impl ServiceLb {
         let group = self.groups.get(&l.target_group).cloned();
         let (sockets, group) = match (sockets, group) {
             (Some(s), Some(g)) => (s, g),
-            (None, _) => {
+            (sockets, _) => {
+                // Not servable: what is open on the port closes.
                 closing.extend(
                     self.listeners
                         .remove(&port)
                         .into_iter()
                         .flat_map(ListenerRt::close),
                 );
-                return Err(vec![LocalError::Unsupported {
-                    service: ctx.service(),
-                    port,
-                    protocol: l.protocol.as_aws(),
-                    reason: "TLS termination is not supported; use TCP",
-                }]);
-            }
-            (_, None) => {
-                closing.extend(
-                    self.listeners
-                        .remove(&port)
-                        .into_iter()
-                        .flat_map(ListenerRt::close),
-                );
-                return Err(vec![LocalError::MissingGroup {
-                    service: ctx.service(),
-                    port,
-                    group: l.target_group.clone(),
+                return Err(vec![match sockets {
+                    None => LocalError::Unsupported {
+                        service: ctx.service(),
+                        port,
+                        protocol: l.protocol.as_aws(),
+                        reason: "TLS termination is not supported; use TCP",
+                    },
+                    Some(_) => LocalError::MissingGroup {
+                        service: ctx.service(),
+                        port,
+                        group: l.target_group.clone(),
+                    },
                 }]);
             }
         };
