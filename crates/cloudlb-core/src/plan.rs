@@ -15,7 +15,7 @@
 use crate::model::observed::{Observed, ObservedLb, ObservedListener, ObservedTargetGroup};
 use crate::model::{Algorithm, Desired, IngressRule, Listener, LoadBalancer, Target, TargetGroup};
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "op", rename_all = "camelCase")]
@@ -171,24 +171,14 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
 }
 
 fn plan_delete(observed: &Observed, ops: &mut Vec<Op>) -> Result<(), PlanError> {
-    if let Some(lb) = &observed.lb {
-        if lb.attributes.get(DELETION_PROTECTION).map(String::as_str) == Some("true") {
-            return Err(PlanError::DeletionProtected {
-                name: lb.name.clone(),
-            });
-        }
-        ops.push(Op::DeleteLoadBalancer {
-            arn: lb.arn.clone(),
+    if let Some(lb) = &observed.lb
+        && lb.attributes.get(DELETION_PROTECTION).map(String::as_str) == Some("true")
+    {
+        return Err(PlanError::DeletionProtected {
             name: lb.name.clone(),
-            reason: "the Service no longer wants a load balancer".into(),
         });
     }
-    for tg in &observed.target_groups {
-        ops.push(Op::DeleteTargetGroup {
-            arn: tg.arn.clone(),
-            name: tg.name.clone(),
-        });
-    }
+    plan_delete_all(observed, ops);
     if let Some(sg) = &observed.security_group {
         ops.push(Op::DeleteSecurityGroup { id: sg.id.clone() });
     }
@@ -334,26 +324,9 @@ fn plan_listeners(
     observed_listeners: &[ObservedListener],
     ops: &mut Vec<Op>,
 ) {
-    for have in observed_listeners {
-        if !lb.listeners.iter().any(|l| l.port == have.port) {
-            ops.push(Op::DeleteListener {
-                arn: have.arn.clone(),
-                port: have.port,
-            });
-        }
-    }
-    for want in &lb.listeners {
-        match observed_listeners.iter().find(|l| l.port == want.port) {
-            None => ops.push(Op::CreateListener { port: want.port }),
-            Some(have) if listener_differs(lb, want, have, observed) => {
-                ops.push(Op::ModifyListener {
-                    arn: have.arn.clone(),
-                    port: want.port,
-                });
-            }
-            Some(_) => {}
-        }
-    }
+    plan_listeners_by_port(&lb.listeners, observed_listeners, ops, |want, have| {
+        listener_differs(lb, want, have, observed)
+    });
 }
 
 fn listener_differs(
@@ -383,14 +356,9 @@ fn listener_differs(
 /// 6. Target groups no longer wanted, now that no listener forwards to them; then our security
 ///    group, when the user switched to their own.
 fn plan_cleanup(lb: &LoadBalancer, observed: &Observed, ops: &mut Vec<Op>) {
-    for have in &observed.target_groups {
-        if !lb.target_groups.iter().any(|t| t.name == have.name) {
-            ops.push(Op::DeleteTargetGroup {
-                arn: have.arn.clone(),
-                name: have.name.clone(),
-            });
-        }
-    }
+    plan_unwanted_target_groups(&observed.target_groups, ops, |have| {
+        lb.target_groups.iter().any(|t| t.name == have.name)
+    });
     if lb.security.frontend.is_none()
         && let Some(sg) = &observed.security_group
     {
@@ -412,12 +380,7 @@ fn plan_target_group(tg: &TargetGroup, have: Option<&ObservedTargetGroup>, ops: 
                     attributes: attrs,
                 });
             }
-            if !tg.targets.is_empty() {
-                ops.push(Op::RegisterTargets {
-                    key,
-                    targets: tg.targets.iter().cloned().collect(),
-                });
-            }
+            plan_targets(key, &tg.targets, &BTreeSet::new(), ops);
         }
         Some(have) => {
             if have.health_check != tg.health_check {
@@ -435,18 +398,87 @@ fn plan_target_group(tg: &TargetGroup, have: Option<&ObservedTargetGroup>, ops: 
                     attributes: attrs,
                 });
             }
-            let gone: Vec<_> = have.targets.difference(&tg.targets).cloned().collect();
-            let new: Vec<_> = tg.targets.difference(&have.targets).cloned().collect();
-            if !gone.is_empty() {
-                ops.push(Op::DeregisterTargets {
-                    key: key.clone(),
-                    targets: gone,
-                });
-            }
-            if !new.is_empty() {
-                ops.push(Op::RegisterTargets { key, targets: new });
-            }
+            plan_targets(key, &tg.targets, &have.targets, ops);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Steps every provider's planner takes the same way.
+
+/// Everything observed goes, for the empty model: the load balancer, then every target group.
+pub fn plan_delete_all(observed: &Observed, ops: &mut Vec<Op>) {
+    if let Some(lb) = &observed.lb {
+        ops.push(Op::DeleteLoadBalancer {
+            arn: lb.arn.clone(),
+            name: lb.name.clone(),
+            reason: "the Service no longer wants a load balancer".into(),
+        });
+    }
+    plan_unwanted_target_groups(&observed.target_groups, ops, |_| false);
+}
+
+/// Listeners, matched by port: delete those no port wants, then create the missing ones and
+/// modify those that `differs` from what is wanted.
+pub fn plan_listeners_by_port(
+    want: &[Listener],
+    have: &[ObservedListener],
+    ops: &mut Vec<Op>,
+    differs: impl Fn(&Listener, &ObservedListener) -> bool,
+) {
+    for h in have {
+        if !want.iter().any(|l| l.port == h.port) {
+            ops.push(Op::DeleteListener {
+                arn: h.arn.clone(),
+                port: h.port,
+            });
+        }
+    }
+    for w in want {
+        match have.iter().find(|l| l.port == w.port) {
+            None => ops.push(Op::CreateListener { port: w.port }),
+            Some(h) if differs(w, h) => ops.push(Op::ModifyListener {
+                arn: h.arn.clone(),
+                port: w.port,
+            }),
+            Some(_) => {}
+        }
+    }
+}
+
+/// Deletes the observed target groups that `wanted` does not keep.
+pub fn plan_unwanted_target_groups(
+    observed: &[ObservedTargetGroup],
+    ops: &mut Vec<Op>,
+    wanted: impl Fn(&ObservedTargetGroup) -> bool,
+) {
+    for have in observed {
+        if !wanted(have) {
+            ops.push(Op::DeleteTargetGroup {
+                arn: have.arn.clone(),
+                name: have.name.clone(),
+            });
+        }
+    }
+}
+
+/// The targets of group `key` brought from `have` to `want`: deregister before register.
+pub fn plan_targets(
+    key: String,
+    want: &BTreeSet<Target>,
+    have: &BTreeSet<Target>,
+    ops: &mut Vec<Op>,
+) {
+    let gone: Vec<_> = have.difference(want).cloned().collect();
+    let new: Vec<_> = want.difference(have).cloned().collect();
+    if !gone.is_empty() {
+        ops.push(Op::DeregisterTargets {
+            key: key.clone(),
+            targets: gone,
+        });
+    }
+    if !new.is_empty() {
+        ops.push(Op::RegisterTargets { key, targets: new });
     }
 }
 

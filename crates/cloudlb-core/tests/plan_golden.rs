@@ -9,6 +9,9 @@ use cloudlb_core::model::observed::Observed;
 use cloudlb_core::plan::plan;
 use std::path::{Path, PathBuf};
 
+#[path = "support/golden.rs"]
+mod golden;
+
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Case {
@@ -35,61 +38,31 @@ fn run_case(path: &Path) -> String {
 }
 
 fn expected_path(case: &Path) -> PathBuf {
-    let name = case.file_name().and_then(|n| n.to_str()).expect("name");
-    let stem = name.strip_suffix(".json").expect(".json");
+    let stem = golden::name(case).strip_suffix(".json").expect(".json");
     case.with_file_name(format!("{stem}{EXPECTED}"))
 }
 
 #[test]
 fn golden_plans() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/plan");
-    let files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("golden dir")
-        .map(|e| e.expect("dir entry").path())
-        .collect();
-    let name = |p: &PathBuf| {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("")
-            .to_string()
-    };
-    let mut cases: Vec<_> = files
-        .iter()
-        .filter(|p| name(p).ends_with(".json") && !name(p).ends_with(EXPECTED))
-        .cloned()
-        .collect();
-    cases.sort();
-    assert!(
-        cases.len() >= 10,
-        "expected the golden cases in {}",
-        dir.display()
-    );
+    let files = golden::files(&dir);
+    let cases = golden::cases(&dir, &files, |n| {
+        n.ends_with(".json") && !n.ends_with(EXPECTED)
+    });
     let orphans: Vec<_> = files
         .iter()
-        .filter(|p| name(p).ends_with(EXPECTED))
+        .filter(|p| golden::name(p).ends_with(EXPECTED))
         .filter(|p| !cases.iter().any(|c| expected_path(c) == **p))
         .collect();
     assert!(
         orphans.is_empty(),
         "expected files without a case: {orphans:?}"
     );
-
-    let mut failures = Vec::new();
-    for case in &cases {
-        let got = run_case(case);
-        let expected_path = expected_path(case);
-        if bless() {
-            std::fs::write(&expected_path, &got).expect("write golden");
-            continue;
-        }
-        let expected = std::fs::read_to_string(&expected_path).unwrap_or_default();
-        if expected != got {
-            failures.push(format!("{}:\n{got}", case.display()));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "plan golden mismatch (CLOUDLB_BLESS=1 to accept, then review the diff):\n{}",
-        failures.join("\n")
+    golden::check(
+        &cases,
+        expected_path,
+        run_case,
+        bless(),
+        "plan golden mismatch (CLOUDLB_BLESS=1 to accept, then review the diff)",
     );
 }

@@ -36,6 +36,9 @@
 //! addresses per subnet, tags) are ignored.
 
 mod error;
+#[cfg(test)]
+#[path = "../tests/support/fixtures.rs"]
+mod fixtures;
 mod group;
 mod health;
 pub mod plan;

@@ -22,8 +22,11 @@
 //! the drain time only when targets are removed, so changing either plans nothing.
 
 use cloudlb_core::model::{Desired, LoadBalancer, LocalSpec, Protocol, TargetGroup};
-use cloudlb_core::plan::{Op, Plan};
+use cloudlb_core::plan::{
+    Op, Plan, plan_delete_all, plan_listeners_by_port, plan_targets, plan_unwanted_target_groups,
+};
 use cloudlb_core::provider::{Observed, ObservedListener, ObservedTargetGroup};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 /// The operations that make what is served (`observed`) equal to `desired`; `defaults` are the
@@ -31,7 +34,7 @@ use std::net::IpAddr;
 pub fn plan(desired: &Desired, observed: &Observed, defaults: &LocalSpec) -> Plan {
     let mut ops = Vec::new();
     match &desired.lb {
-        None => plan_delete(observed, &mut ops),
+        None => plan_delete_all(observed, &mut ops),
         Some(lb) => plan_ensure(
             lb,
             lb.local.as_ref().unwrap_or(defaults),
@@ -40,22 +43,6 @@ pub fn plan(desired: &Desired, observed: &Observed, defaults: &LocalSpec) -> Pla
         ),
     }
     Plan { ops }
-}
-
-fn plan_delete(observed: &Observed, ops: &mut Vec<Op>) {
-    if let Some(lb) = &observed.lb {
-        ops.push(Op::DeleteLoadBalancer {
-            arn: lb.arn.clone(),
-            name: lb.name.clone(),
-            reason: "the Service no longer wants a load balancer".into(),
-        });
-    }
-    for tg in &observed.target_groups {
-        ops.push(Op::DeleteTargetGroup {
-            arn: tg.arn.clone(),
-            name: tg.name.clone(),
-        });
-    }
 }
 
 fn plan_ensure(lb: &LoadBalancer, spec: &LocalSpec, observed: &Observed, ops: &mut Vec<Op>) {
@@ -88,39 +75,15 @@ fn plan_ensure(lb: &LoadBalancer, spec: &LocalSpec, observed: &Observed, ops: &m
     for tg in &lb.target_groups {
         plan_target_group(tg, spec, observed_tg(observed, &tg.key), ops);
     }
-    // 3. Listeners, by port: delete, modify, create.
-    for have in listeners {
-        if !lb.listeners.iter().any(|l| l.port == have.port) {
-            ops.push(Op::DeleteListener {
-                arn: have.arn.clone(),
-                port: have.port,
-            });
-        }
-    }
-    for want in &lb.listeners {
-        match listeners.iter().find(|l| l.port == want.port) {
-            None => ops.push(Op::CreateListener { port: want.port }),
-            Some(have)
-                if have.protocol != want.protocol
-                    || have.target_group_arn.as_deref() != Some(want.target_group.as_str()) =>
-            {
-                ops.push(Op::ModifyListener {
-                    arn: have.arn.clone(),
-                    port: want.port,
-                });
-            }
-            Some(_) => {}
-        }
-    }
+    // 3. Listeners, by port: delete, create, modify.
+    plan_listeners_by_port(&lb.listeners, listeners, ops, |want, have| {
+        have.protocol != want.protocol
+            || have.target_group_arn.as_deref() != Some(want.target_group.as_str())
+    });
     // 4. Target groups no listener forwards to any more.
-    for have in &observed.target_groups {
-        if !lb.target_groups.iter().any(|t| t.key == have.arn) {
-            ops.push(Op::DeleteTargetGroup {
-                arn: have.arn.clone(),
-                name: have.name.clone(),
-            });
-        }
-    }
+    plan_unwanted_target_groups(&observed.target_groups, ops, |have| {
+        lb.target_groups.iter().any(|t| t.key == have.arn)
+    });
 }
 
 /// The local provider's id of a target group is its key.
@@ -137,12 +100,7 @@ fn plan_target_group(
     let key = tg.key.clone();
     let Some(have) = have else {
         ops.push(Op::CreateTargetGroup { key: key.clone() });
-        if !tg.targets.is_empty() {
-            ops.push(Op::RegisterTargets {
-                key,
-                targets: tg.targets.iter().cloned().collect(),
-            });
-        }
+        plan_targets(key, &tg.targets, &BTreeSet::new(), ops);
         return;
     };
     if have.health_check != tg.health_check {
@@ -154,17 +112,7 @@ fn plan_target_group(
             algorithm: spec.algorithm,
         });
     }
-    let gone: Vec<_> = have.targets.difference(&tg.targets).cloned().collect();
-    let new: Vec<_> = tg.targets.difference(&have.targets).cloned().collect();
-    if !gone.is_empty() {
-        ops.push(Op::DeregisterTargets {
-            key: key.clone(),
-            targets: gone,
-        });
-    }
-    if !new.is_empty() {
-        ops.push(Op::RegisterTargets { key, targets: new });
-    }
+    plan_targets(key, &tg.targets, &have.targets, ops);
 }
 
 /// Whether `op` is one the local provider plans (and so can apply).
@@ -217,28 +165,15 @@ pub(crate) fn listener_id(address: IpAddr, port: u16, protocol: Protocol) -> Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::{listener, local_lb, svc, target_group, tcp_check};
     use cloudlb_core::model::{
-        AddressPool, Algorithm, FrontendSecurityGroup, HealthCheck, HealthCheckProtocol,
-        IngressRule, IpAddressType, Listener, Scheme, Security, ServiceRef, Subnets, Target,
-        TargetType,
+        AddressPool, Algorithm, FrontendSecurityGroup, IngressRule, IpAddressType, Scheme, Subnets,
+        Target,
     };
     use cloudlb_core::provider::{LbState, ObservedLb};
     use std::collections::{BTreeMap, BTreeSet};
 
     const ADDRESS: &str = "127.0.1.5";
-
-    fn check() -> HealthCheck {
-        HealthCheck {
-            protocol: HealthCheckProtocol::Tcp,
-            port: None,
-            path: None,
-            interval_seconds: 10,
-            timeout_seconds: 10,
-            healthy_threshold: 3,
-            unhealthy_threshold: 3,
-            success_codes: None,
-        }
-    }
 
     fn targets(ips: &[&str], port: u16) -> BTreeSet<Target> {
         ips.iter()
@@ -250,66 +185,37 @@ mod tests {
     }
 
     fn tg(key: &str, port: u16, ips: &[&str]) -> TargetGroup {
-        TargetGroup {
-            key: key.into(),
-            name: format!("k8s-shop-web-{key}"),
-            protocol: Protocol::Tcp,
+        let name = format!("k8s-shop-web-{key}");
+        target_group(
+            key,
+            name,
+            Protocol::Tcp,
             port,
-            target_type: TargetType::Ip,
-            health_check: check(),
-            attributes: BTreeMap::new(),
-            targets: targets(ips, port),
-            tags: BTreeMap::new(),
-        }
-    }
-
-    fn listener(port: u16, protocol: Protocol, key: &str) -> Listener {
-        Listener {
-            port,
-            protocol,
-            target_group: key.into(),
-            certificates: vec![],
-            ssl_policy: None,
-            alpn_policy: None,
-        }
+            tcp_check(10, 3),
+            targets(ips, port),
+        )
     }
 
     /// A model as the build makes it for a local class: TCP 80 and UDP 53, two nodes.
     fn desired() -> Desired {
         let nodes = ["10.0.0.1", "10.0.0.2"];
-        let lb = LoadBalancer {
-            name: "k8s-shop-web".into(),
-            scheme: Scheme::InternetFacing,
-            ip_address_type: IpAddressType::Ipv4,
-            subnets: Subnets::Discover,
-            eip_allocations: vec![],
-            private_ipv4_addresses: vec![],
-            security: Security {
-                frontend: None,
-                extra_security_groups: vec![],
-                manage_backend_rules: false,
-            },
-            attributes: BTreeMap::new(),
-            tags: BTreeMap::new(),
-            listeners: vec![
+        let lb = local_lb(
+            "k8s-shop-web".into(),
+            vec![
                 listener(53, Protocol::Udp, "udp-53"),
                 listener(80, Protocol::Tcp, "tcp-80"),
             ],
-            target_groups: vec![tg("udp-53", 30053, &nodes), tg("tcp-80", 30080, &nodes)],
-            status_ports: vec![(80, Protocol::Tcp), (53, Protocol::Udp)],
-            local: Some(LocalSpec {
+            vec![tg("udp-53", 30053, &nodes), tg("tcp-80", 30080, &nodes)],
+            vec![(80, Protocol::Tcp), (53, Protocol::Udp)],
+            LocalSpec {
                 address_pool: AddressPool::parse("127.0.1.0/28").expect("pool"),
                 algorithm: Algorithm::RoundRobin,
                 drain_timeout_seconds: 30,
                 requested_address: None,
-            }),
-        };
-        Desired {
-            service: ServiceRef {
-                namespace: "shop".into(),
-                name: "web".into(),
-                uid: "uid-web".into(),
             },
+        );
+        Desired {
+            service: svc("web"),
             lb_name: lb.name.clone(),
             lb: Some(lb),
         }

@@ -432,31 +432,26 @@ impl ServiceLb {
         let group = self.groups.get(&l.target_group).cloned();
         let (sockets, group) = match (sockets, group) {
             (Some(s), Some(g)) => (s, g),
-            (None, _) => {
+            (sockets, _) => {
+                // Not servable: what is open on the port closes.
                 closing.extend(
                     self.listeners
                         .remove(&port)
                         .into_iter()
                         .flat_map(ListenerRt::close),
                 );
-                return Err(vec![LocalError::Unsupported {
-                    service: ctx.service(),
-                    port,
-                    protocol: l.protocol.as_aws(),
-                    reason: "TLS termination is not supported; use TCP",
-                }]);
-            }
-            (_, None) => {
-                closing.extend(
-                    self.listeners
-                        .remove(&port)
-                        .into_iter()
-                        .flat_map(ListenerRt::close),
-                );
-                return Err(vec![LocalError::MissingGroup {
-                    service: ctx.service(),
-                    port,
-                    group: l.target_group.clone(),
+                return Err(vec![match sockets {
+                    None => LocalError::Unsupported {
+                        service: ctx.service(),
+                        port,
+                        protocol: l.protocol.as_aws(),
+                        reason: "TLS termination is not supported; use TCP",
+                    },
+                    Some(_) => LocalError::MissingGroup {
+                        service: ctx.service(),
+                        port,
+                        group: l.target_group.clone(),
+                    },
                 }]);
             }
         };
@@ -475,54 +470,37 @@ impl ServiceLb {
                 *slot = group.clone();
             }
         }
-        let mut errors = Vec::new();
         let addr = SocketAddr::new(address, port);
         let (want_tcp, want_udp) = sockets;
-        if !want_tcp {
-            closing.extend(rt.tcp.take().into_iter().flat_map(Part::close));
-        } else if rt.tcp.is_none() {
+        let bind_error = |protocol, source| LocalError::Bind {
+            service: ctx.service(),
+            address: addr,
+            protocol,
+            source,
+        };
+        let tcp = ensure_part(&mut rt.tcp, want_tcp, closing, || {
             if let Some((held, owner)) = reserved_clash(&settings.reserved, addr) {
-                errors.push(LocalError::OwnListener {
+                return Err(LocalError::OwnListener {
                     service: ctx.service(),
                     address: addr,
                     held: *held,
                     owner: owner.clone(),
                 });
-            } else {
-                match tcp::bind(addr)
-                    .and_then(|l| start_tcp(workers, l, &rt.slot, settings.connect_timeout))
-                {
-                    Ok(part) => {
-                        rt.tcp = Some(part);
-                        tracing::info!(service = %ctx.desired.service, %addr, "listening (tcp)");
-                    }
-                    Err(source) => errors.push(LocalError::Bind {
-                        service: ctx.service(),
-                        address: addr,
-                        protocol: "TCP",
-                        source,
-                    }),
-                }
             }
-        }
-        if !want_udp {
-            closing.extend(rt.udp.take().into_iter().flat_map(Part::close));
-        } else if rt.udp.is_none() {
-            match udp::bind(addr)
+            let part = tcp::bind(addr)
+                .and_then(|l| start_tcp(workers, l, &rt.slot, settings.connect_timeout))
+                .map_err(|source| bind_error("TCP", source))?;
+            tracing::info!(service = %ctx.desired.service, %addr, "listening (tcp)");
+            Ok(part)
+        });
+        let udp = ensure_part(&mut rt.udp, want_udp, closing, || {
+            let part = udp::bind(addr)
                 .and_then(|socket| start_udp(workers, socket, &rt.slot, settings.udp_idle_timeout))
-            {
-                Ok(part) => {
-                    rt.udp = Some(part);
-                    tracing::info!(service = %ctx.desired.service, %addr, "listening (udp)");
-                }
-                Err(source) => errors.push(LocalError::Bind {
-                    service: ctx.service(),
-                    address: addr,
-                    protocol: "UDP",
-                    source,
-                }),
-            }
-        }
+                .map_err(|source| bind_error("UDP", source))?;
+            tracing::info!(service = %ctx.desired.service, %addr, "listening (udp)");
+            Ok(part)
+        });
+        let errors: Vec<_> = tcp.into_iter().chain(udp).collect();
         if rt.tcp.is_none() && rt.udp.is_none() {
             self.listeners.remove(&port);
         }
@@ -532,6 +510,25 @@ impl ServiceLb {
             Err(errors)
         }
     }
+}
+
+/// One socket of a listener: closed when it is not `wanted`, started when it is and does not run
+/// yet; the error of a start that failed.
+fn ensure_part(
+    part: &mut Option<Part>,
+    wanted: bool,
+    closing: &mut Vec<JoinHandle<()>>,
+    start: impl FnOnce() -> Result<Part, LocalError>,
+) -> Option<LocalError> {
+    if !wanted {
+        closing.extend(part.take().into_iter().flat_map(Part::close));
+    } else if part.is_none() {
+        match start() {
+            Ok(started) => *part = Some(started),
+            Err(e) => return Some(e),
+        }
+    }
+    None
 }
 
 /// The operator's own listener that a TCP listener on `addr` would collide with: the same port

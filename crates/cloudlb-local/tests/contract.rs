@@ -8,9 +8,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
 use cloudlb_core::model::{
-    AddressPool, Algorithm, Desired, FrontendSecurityGroup, HealthCheck, HealthCheckProtocol,
-    IngressRule, IpAddressType, Listener, LoadBalancer, LocalSpec, Protocol, Scheme, Security,
-    ServiceRef, Subnets, Target, TargetGroup, TargetType,
+    AddressPool, Algorithm, Desired, FrontendSecurityGroup, HealthCheck, IngressRule, LocalSpec,
+    Protocol, ServiceRef, Target,
 };
 use cloudlb_core::plan::{Op, Plan};
 use cloudlb_core::provider::{Observed, Provider, ProviderError};
@@ -23,6 +22,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
+
+#[path = "support/fixtures.rs"]
+mod fixtures;
+use fixtures::{listener, local_lb, svc, target_group, tcp_check};
 
 const NODE_PORT: u16 = 30080;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -229,27 +232,6 @@ async fn refused(addr: SocketAddr) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Models
 
-fn svc(name: &str) -> ServiceRef {
-    ServiceRef {
-        namespace: "shop".into(),
-        name: name.into(),
-        uid: format!("uid-{name}"),
-    }
-}
-
-fn tcp_check(interval: u32, threshold: u32) -> HealthCheck {
-    HealthCheck {
-        protocol: HealthCheckProtocol::Tcp,
-        port: None,
-        path: None,
-        interval_seconds: interval,
-        timeout_seconds: interval,
-        healthy_threshold: threshold,
-        unhealthy_threshold: threshold,
-        success_codes: None,
-    }
-}
-
 /// A model for a local class, by hand: one target group per listener, every node at the node
 /// port, the typed local settings; and also the AWS parts an aws class would have (attributes,
 /// a frontend security group), which the local provider must ignore.
@@ -325,67 +307,57 @@ impl Spec {
                 cidr: "0.0.0.0/0".into(),
             });
         }
-        let lb = LoadBalancer {
-            name: name.clone(),
-            scheme: Scheme::InternetFacing,
-            ip_address_type: IpAddressType::Ipv4,
-            subnets: Subnets::Discover,
-            eip_allocations: vec![],
-            private_ipv4_addresses: vec![],
-            security: Security {
-                frontend: Some(FrontendSecurityGroup {
-                    name: format!("{name}-sg"),
-                    description: "frontend".into(),
-                    ingress,
-                }),
-                extra_security_groups: vec![],
-                manage_backend_rules: false,
-            },
-            attributes,
-            tags: BTreeMap::from([("cloudlb.io/cluster".to_string(), "test".to_string())]),
-            listeners: self
-                .listeners
-                .iter()
-                .map(|(port, p)| Listener {
-                    port: *port,
-                    protocol: *p,
-                    target_group: key(*port, *p),
-                    certificates: vec![],
-                    ssl_policy: None,
-                    alpn_policy: None,
-                })
-                .collect(),
-            target_groups: self
-                .listeners
-                .iter()
-                .map(|(port, p)| TargetGroup {
-                    key: key(*port, *p),
-                    name: format!("k8s-{}-{port}-{}", self.service.name, self.node_port),
-                    protocol: *p,
-                    port: self.node_port,
-                    target_type: TargetType::Ip,
-                    health_check: self.check.clone(),
-                    attributes: BTreeMap::from([
-                        (
-                            "deregistration_delay.timeout_seconds".to_string(),
-                            "300".to_string(),
-                        ),
-                        ("proxy_protocol_v2.enabled".to_string(), "false".to_string()),
-                    ]),
-                    targets: self
-                        .nodes
-                        .iter()
-                        .map(|ip| Target {
-                            id: ip.clone(),
-                            port: self.node_port,
-                        })
-                        .collect(),
-                    tags: BTreeMap::new(),
-                })
-                .collect(),
-            status_ports: self.listeners.clone(),
-            local: Some(self.local.clone()),
-        };
+        let listeners = self
+            .listeners
+            .iter()
+            .map(|(port, p)| listener(*port, *p, &key(*port, *p)))
+            .collect();
+        let target_groups = self
+            .listeners
+            .iter()
+            .map(|(port, p)| {
+                let name = format!("k8s-{}-{port}-{}", self.service.name, self.node_port);
+                let targets = self
+                    .nodes
+                    .iter()
+                    .map(|ip| Target {
+                        id: ip.clone(),
+                        port: self.node_port,
+                    })
+                    .collect();
+                let mut tg = target_group(
+                    &key(*port, *p),
+                    name,
+                    *p,
+                    self.node_port,
+                    self.check.clone(),
+                    targets,
+                );
+                tg.attributes = BTreeMap::from([
+                    (
+                        "deregistration_delay.timeout_seconds".to_string(),
+                        "300".to_string(),
+                    ),
+                    ("proxy_protocol_v2.enabled".to_string(), "false".to_string()),
+                ]);
+                tg
+            })
+            .collect();
+        let mut lb = local_lb(
+            name.clone(),
+            listeners,
+            target_groups,
+            self.listeners.clone(),
+            self.local.clone(),
+        );
+        // The AWS parts.
+        lb.security.frontend = Some(FrontendSecurityGroup {
+            name: format!("{name}-sg"),
+            description: "frontend".into(),
+            ingress,
+        });
+        lb.attributes = attributes;
+        lb.tags = BTreeMap::from([("cloudlb.io/cluster".to_string(), "test".to_string())]);
         Desired {
             service: self.service.clone(),
             lb_name: name,
@@ -402,10 +374,27 @@ fn node_addr(node: &str) -> SocketAddr {
     SocketAddr::new(node.parse().expect("node ip"), NODE_PORT)
 }
 
+/// `node{i}` and its address at `port`, for every node.
+fn named(nodes: &[String], port: u16) -> impl Iterator<Item = (String, SocketAddr)> + '_ {
+    nodes.iter().enumerate().map(move |(i, n)| {
+        let ip = n.parse().expect("node ip");
+        (format!("node{i}"), SocketAddr::new(ip, port))
+    })
+}
+
 async fn start_tcp_nodes(nodes: &[String]) -> Vec<TcpBackend> {
     let mut out = Vec::new();
-    for (i, n) in nodes.iter().enumerate() {
-        out.push(TcpBackend::start(&format!("node{i}"), node_addr(n)).await);
+    for (name, addr) in named(nodes, NODE_PORT) {
+        out.push(TcpBackend::start(&name, addr).await);
+    }
+    out
+}
+
+/// A UDP backend on every node at `port` (see [`UdpBackend::start`] for `health_port`).
+async fn start_udp_nodes(nodes: &[String], port: u16, health_port: bool) -> Vec<UdpBackend> {
+    let mut out = Vec::new();
+    for (name, addr) in named(nodes, port) {
+        out.push(UdpBackend::start(&name, addr, health_port).await);
     }
     out
 }
@@ -415,6 +404,41 @@ fn provider() -> LocalProvider {
         connect_timeout: Duration::from_secs(1),
         ..LocalSettings::default()
     })
+}
+
+/// Test `test`'s `n` nodes, serving TCP at the node port as long as the backends live, and a
+/// provider.
+async fn setup(test: u8, n: u8) -> (Vec<String>, Vec<TcpBackend>, LocalProvider) {
+    let nodes = nodes(test, n);
+    let backends = start_tcp_nodes(&nodes).await;
+    (nodes, backends, provider())
+}
+
+/// A connection to `addr`, and the backend that answered its first `ping`.
+async fn open_conn(addr: SocketAddr) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let served_by = ping(&mut s).await.expect("ping");
+    (s, served_by)
+}
+
+/// The empty model of `d`'s Service.
+fn empty_of(d: &Desired) -> Desired {
+    Desired::empty(d.service.clone(), d.lb_name.clone())
+}
+
+/// `node` as a target at the node port.
+fn target(node: &str) -> Target {
+    Target {
+        id: node.to_string(),
+        port: NODE_PORT,
+    }
+}
+
+/// What is served for `d` now, and the provider's plan from there.
+async fn observe_and_plan(p: &LocalProvider, d: &Desired) -> (Observed, Plan) {
+    let before = p.observe(d).await.expect("observe");
+    let ops = plan(p, d, &before);
+    (before, ops)
 }
 
 /// The provider's own plan (what the controller asks for).
@@ -457,8 +481,7 @@ fn assert_local_shaped(o: &Observed) {
 /// Applies `d` the way the controller does (observe, plan, apply) and checks the contract: the
 /// result is what observe returns next, the re-plan is empty, nothing is AWS-shaped.
 async fn apply_ok(p: &LocalProvider, d: &Desired) -> Observed {
-    let before = p.observe(d).await.expect("observe");
-    let ops = plan(p, d, &before);
+    let (before, ops) = observe_and_plan(p, d).await;
     let after = p.apply(d, &before, &ops).await.expect("apply");
     assert_eq!(
         after,
@@ -472,8 +495,7 @@ async fn apply_ok(p: &LocalProvider, d: &Desired) -> Observed {
 }
 
 async fn apply_err(p: &LocalProvider, d: &Desired) -> String {
-    let before = p.observe(d).await.expect("observe");
-    let ops = plan(p, d, &before);
+    let (before, ops) = observe_and_plan(p, d).await;
     match p.apply(d, &before, &ops).await {
         Err(ProviderError::Conflict(m)) => m,
         other => panic!("expected a conflict, got {other:?}"),
@@ -512,15 +534,10 @@ async fn wait_health(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_and_udp_reach_every_node() {
-    let nodes = nodes(10, 3);
-    let _tcp = start_tcp_nodes(&nodes[..]).await;
-    // UDP nodes answer on the same port number (other protocol), plus TCP on 30081 for TCP_UDP.
-    let mut udp = Vec::new();
-    for (i, n) in nodes.iter().enumerate() {
-        // The TCP nodes already answer the TCP health check on this port.
-        udp.push(UdpBackend::start(&format!("node{i}"), node_addr(n), false).await);
-    }
-    let p = provider();
+    let (nodes, _tcp, p) = setup(10, 3).await;
+    // UDP nodes answer on the same port number (other protocol); the TCP nodes already answer
+    // the TCP health check on it.
+    let _udp = start_udp_nodes(&nodes, NODE_PORT, false).await;
     let rr = Spec::new("rr", "127.0.10.0/28")
         .algorithm(Algorithm::RoundRobin)
         .listeners(&[(8080, Protocol::Tcp), (8053, Protocol::Udp)])
@@ -585,18 +602,14 @@ async fn tcp_and_udp_reach_every_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_still_gets_the_whole_response() {
-    let nodes = nodes(11, 1);
-    let _b = start_tcp_nodes(&nodes).await;
-    let p = provider();
+    let (nodes, _b, p) = setup(11, 1).await;
     let o = apply_ok(
         &p,
         &Spec::new("half", "127.0.11.0/28").nodes(&nodes).desired(),
     )
     .await;
-    let mut s = TcpStream::connect(SocketAddr::new(lb_ip(&o), 8080))
-        .await
-        .expect("connect");
-    assert_eq!(ping(&mut s).await.expect("ping"), "node0");
+    let (mut s, served_by) = open_conn(SocketAddr::new(lb_ip(&o), 8080)).await;
+    assert_eq!(served_by, "node0");
     let size = 4 * 1024 * 1024 + 17;
     s.write_all(format!("bulk {size}\n").as_bytes())
         .await
@@ -619,9 +632,7 @@ async fn half_close_still_gets_the_whole_response() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_node_is_taken_out_and_put_back() {
-    let nodes = nodes(12, 3);
-    let mut backends = start_tcp_nodes(&nodes).await;
-    let p = provider();
+    let (nodes, mut backends, p) = setup(12, 3).await;
     let mut events = p.health_events();
     // Interval 1 s, thresholds 2.
     let spec = Spec::new("hc", "127.0.12.0/28")
@@ -664,9 +675,7 @@ async fn failed_node_is_taken_out_and_put_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_unhealthy_fails_open() {
-    let nodes = nodes(13, 3);
-    let _b = start_tcp_nodes(&nodes).await;
-    let p = provider();
+    let (nodes, _b, p) = setup(13, 3).await;
     let mut events = p.health_events();
     // The check probes a port nothing listens on: every node turns unhealthy.
     let mut check = tcp_check(1, 2);
@@ -687,9 +696,7 @@ async fn all_unhealthy_fails_open() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removed_node_drains_then_closes() {
-    let nodes = nodes(14, 3);
-    let _b = start_tcp_nodes(&nodes).await;
-    let p = provider();
+    let (nodes, _b, p) = setup(14, 3).await;
     let spec = Spec::new("drain", "127.0.14.0/28")
         .algorithm(Algorithm::RoundRobin)
         .drain_seconds(2)
@@ -697,8 +704,7 @@ async fn removed_node_drains_then_closes() {
     let o = apply_ok(&p, &spec.desired()).await;
     let lb = SocketAddr::new(lb_ip(&o), 8080);
 
-    let mut open = TcpStream::connect(lb).await.expect("connect");
-    let victim = ping(&mut open).await.expect("ping");
+    let (mut open, victim) = open_conn(lb).await;
     let victim_ip = nodes[victim
         .strip_prefix("node")
         .and_then(|i| i.parse::<usize>().ok())
@@ -734,9 +740,7 @@ async fn removed_node_drains_then_closes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn port_in_use_is_a_conflict_and_the_rest_is_served() {
-    let nodes = nodes(15, 2);
-    let _b = start_tcp_nodes(&nodes).await;
-    let p = provider();
+    let (nodes, _b, p) = setup(15, 2).await;
     let spec = Spec::new("busy", "127.0.15.1")
         .listeners(&[(8080, Protocol::Tcp), (8081, Protocol::Tcp)])
         .nodes(&nodes);
@@ -760,10 +764,7 @@ async fn port_in_use_is_a_conflict_and_the_rest_is_served() {
     assert_eq!(again.ops, vec![Op::CreateListener { port: 8081 }]);
 
     // Freed: the next apply serves it, without disturbing 8080.
-    let mut open = TcpStream::connect("127.0.15.1:8080")
-        .await
-        .expect("connect");
-    ping(&mut open).await.expect("ping");
+    let (mut open, _) = open_conn("127.0.15.1:8080".parse().expect("addr")).await;
     drop(squatter);
     apply_ok(&p, &d).await;
     assert!(ask("127.0.15.1:8081".parse().expect("addr")).await.is_ok());
@@ -772,9 +773,7 @@ async fn port_in_use_is_a_conflict_and_the_rest_is_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_pool_is_a_conflict() {
-    let nodes = nodes(16, 1);
-    let _b = start_tcp_nodes(&nodes).await;
-    let p = provider();
+    let (nodes, _b, p) = setup(16, 1).await;
     let a = Spec::new("first", "127.0.16.1").nodes(&nodes).desired();
     let b = Spec::new("second", "127.0.16.1").nodes(&nodes).desired();
     let o = apply_ok(&p, &a).await;
@@ -789,7 +788,7 @@ async fn exhausted_pool_is_a_conflict() {
     assert!(ask("127.0.16.1:8080".parse().expect("addr")).await.is_ok());
 
     // Deleting the first frees the address for the second.
-    let empty = Desired::empty(a.service.clone(), a.lb_name.clone());
+    let empty = empty_of(&a);
     assert_eq!(apply_ok(&p, &empty).await, Observed::default());
     let o = apply_ok(&p, &b).await;
     assert_eq!(lb_ip(&o).to_string(), "127.0.16.1");
@@ -797,10 +796,8 @@ async fn exhausted_pool_is_a_conflict() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn address_is_stable_across_restarts() {
-    let nodes = nodes(17, 1);
-    let _b = start_tcp_nodes(&nodes).await;
+    let (nodes, _b, first) = setup(17, 1).await;
     let pool = "127.0.17.0/28";
-    let first = provider();
     let a = Spec::new("stable", pool).nodes(&nodes);
     let had = lb_ip(&apply_ok(&first, &a.desired()).await);
     first.shutdown().await;
@@ -841,21 +838,9 @@ async fn address_is_stable_across_restarts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_converge_in_place_and_replan_is_empty() {
-    let nodes = nodes(18, 3);
-    let _b = start_tcp_nodes(&nodes).await;
-    let mut udp = Vec::new();
-    for (i, n) in nodes.iter().enumerate() {
-        // UDP nodes on another port: 30081.
-        udp.push(
-            UdpBackend::start(
-                &format!("node{i}"),
-                SocketAddr::new(n.parse().expect("ip"), 30081),
-                true,
-            )
-            .await,
-        );
-    }
-    let p = provider();
+    let (nodes, _b, p) = setup(18, 3).await;
+    // UDP nodes on another port: 30081.
+    let _udp = start_udp_nodes(&nodes, 30081, true).await;
     let spec = Spec::new("change", "127.0.18.0/28")
         .listeners(&[(8080, Protocol::Tcp), (8081, Protocol::Tcp)])
         .nodes(&nodes[..2]);
@@ -886,10 +871,7 @@ async fn changes_converge_in_place_and_replan_is_empty() {
         "applying the same model again changes nothing"
     );
 
-    let mut open = TcpStream::connect(SocketAddr::new(ip, 8080))
-        .await
-        .expect("connect");
-    let served_by = ping(&mut open).await.expect("ping");
+    let (mut open, served_by) = open_conn(SocketAddr::new(ip, 8080)).await;
 
     // Targets (+1), health check, algorithm; port 8081 removed, 8082 and a UDP one added.
     let mut check = tcp_check(2, 3);
@@ -900,13 +882,8 @@ async fn changes_converge_in_place_and_replan_is_empty() {
         .check(check)
         .listeners(&[(8080, Protocol::Tcp), (8082, Protocol::Tcp)])
         .desired();
-    let before = p.observe(&changed).await.expect("observe");
-    let ops = plan(&p, &changed, &before);
+    let (_, ops) = observe_and_plan(&p, &changed).await;
     assert!(ops.ops.contains(&Op::CreateListener { port: 8082 }));
-    let target = |n: &String| Target {
-        id: n.clone(),
-        port: NODE_PORT,
-    };
     assert_eq!(
         ops.ops,
         vec![
@@ -926,7 +903,7 @@ async fn changes_converge_in_place_and_replan_is_empty() {
             },
             Op::RegisterTargets {
                 key: "tcp-8082".into(),
-                targets: nodes.iter().map(target).collect()
+                targets: nodes.iter().map(|n| target(n)).collect()
             },
             Op::DeleteListener {
                 arn: format!("{ip}:8081/TCP"),
@@ -948,14 +925,7 @@ async fn changes_converge_in_place_and_replan_is_empty() {
 
     // A UDP listener with its own target group and node port joins.
     let lb = changed.lb.as_mut().expect("lb");
-    lb.listeners.push(Listener {
-        port: 8053,
-        protocol: Protocol::Udp,
-        target_group: "udp-8053".into(),
-        certificates: vec![],
-        ssl_policy: None,
-        alpn_policy: None,
-    });
+    lb.listeners.push(listener(8053, Protocol::Udp, "udp-8053"));
     let mut tg = lb.target_groups[0].clone();
     tg.key = "udp-8053".into();
     tg.name = "k8s-change-8053-30081".into();
@@ -977,23 +947,17 @@ async fn changes_converge_in_place_and_replan_is_empty() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_model_and_drop_close_everything() {
-    let nodes = nodes(19, 1);
-    let _b = start_tcp_nodes(&nodes).await;
-    let p = provider();
+    let (nodes, _b, p) = setup(19, 1).await;
     let spec = Spec::new("gone", "127.0.19.1")
         .listeners(&[(8080, Protocol::Tcp), (8081, Protocol::TcpUdp)])
         .nodes(&nodes);
     let d = spec.desired();
     let o = apply_ok(&p, &d).await;
     let ip = lb_ip(&o);
-    let mut open = TcpStream::connect(SocketAddr::new(ip, 8080))
-        .await
-        .expect("connect");
-    ping(&mut open).await.expect("ping");
+    let (mut open, _) = open_conn(SocketAddr::new(ip, 8080)).await;
 
-    let empty = Desired::empty(d.service.clone(), d.lb_name.clone());
-    let before = p.observe(&empty).await.expect("observe");
-    let ops = plan(&p, &empty, &before);
+    let empty = empty_of(&d);
+    let (before, ops) = observe_and_plan(&p, &empty).await;
     assert!(!ops.is_empty(), "something to delete");
     assert_eq!(
         ops.ops,
@@ -1044,10 +1008,7 @@ async fn empty_model_and_drop_close_everything() {
 async fn udp_flow_ends_after_idle_timeout() {
     let nodes = nodes(20, 2);
     let _tcp = start_tcp_nodes(&nodes).await;
-    let mut udp = Vec::new();
-    for (i, n) in nodes.iter().enumerate() {
-        udp.push(UdpBackend::start(&format!("node{i}"), node_addr(n), false).await);
-    }
+    let _udp = start_udp_nodes(&nodes, NODE_PORT, false).await;
     let p = LocalProvider::new(LocalSettings {
         udp_idle_timeout: Duration::from_secs(1),
         ..LocalSettings::default()
@@ -1077,9 +1038,7 @@ async fn udp_flow_ends_after_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unchanged_model_plans_nothing_and_an_empty_plan_changes_nothing() {
-    let nodes = nodes(21, 2);
-    let _b = start_tcp_nodes(&nodes).await;
-    let p = provider();
+    let (nodes, _b, p) = setup(21, 2).await;
     let spec = Spec::new("same", "127.0.21.0/28")
         .algorithm(Algorithm::RoundRobin)
         .listeners(&[(8080, Protocol::Tcp), (8081, Protocol::TcpUdp)])
@@ -1087,10 +1046,7 @@ async fn unchanged_model_plans_nothing_and_an_empty_plan_changes_nothing() {
     let d = spec.desired();
     let o = apply_ok(&p, &d).await;
     let ip = lb_ip(&o);
-    let mut open = TcpStream::connect(SocketAddr::new(ip, 8080))
-        .await
-        .expect("connect");
-    let served_by = ping(&mut open).await.expect("ping");
+    let (mut open, served_by) = open_conn(SocketAddr::new(ip, 8080)).await;
 
     // The same model again, and again after what the controller caches: nothing to do.
     let observed = p.observe(&d).await.expect("observe");
@@ -1112,19 +1068,13 @@ async fn unchanged_model_plans_nothing_and_an_empty_plan_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_change_plans_only_registrations() {
-    let nodes = nodes(22, 3);
-    let _b = start_tcp_nodes(&nodes).await;
-    let p = provider();
+    let (nodes, _b, p) = setup(22, 3).await;
     let spec = Spec::new("targets", "127.0.22.0/28")
         .algorithm(Algorithm::RoundRobin)
         .listeners(&[(8080, Protocol::Tcp), (8081, Protocol::Tcp)])
         .nodes(&nodes[..2]);
     let o = apply_ok(&p, &spec.desired()).await;
     let ip = lb_ip(&o);
-    let target = |n: &String| Target {
-        id: n.clone(),
-        port: NODE_PORT,
-    };
 
     // node0 replaced by node2.
     let changed = spec.nodes(&nodes[1..]).desired();
@@ -1165,9 +1115,7 @@ async fn a_target_change_plans_only_registrations() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_aws_shaped_is_observed_or_owned() {
-    let nodes = nodes(23, 1);
-    let _b = start_tcp_nodes(&nodes).await;
-    let p = provider();
+    let (nodes, _b, p) = setup(23, 1).await;
     // The model carries a frontend security group, the user's security groups and AWS
     // attributes (as for an aws class): none of it is served, none of it is reported.
     let mut d = Spec::new("nosg", "127.0.23.0/28").nodes(&nodes).desired();
@@ -1177,8 +1125,7 @@ async fn nothing_aws_shaped_is_observed_or_owned() {
     lb.target_groups[0]
         .attributes
         .insert("stickiness.enabled".into(), "true".into());
-    let before = p.observe(&d).await.expect("observe");
-    let ops = plan(&p, &d, &before);
+    let (_, ops) = observe_and_plan(&p, &d).await;
     assert_eq!(
         ops.ops,
         vec![
@@ -1188,10 +1135,7 @@ async fn nothing_aws_shaped_is_observed_or_owned() {
             },
             Op::RegisterTargets {
                 key: "tcp-8080".into(),
-                targets: vec![Target {
-                    id: nodes[0].clone(),
-                    port: NODE_PORT
-                }]
+                targets: vec![target(&nodes[0])]
             },
             Op::CreateListener { port: 8080 },
         ],
@@ -1212,7 +1156,7 @@ async fn nothing_aws_shaped_is_observed_or_owned() {
     assert_local_shaped(&owned[0].1);
 
     // The orphan sweep's plan for it deletes what is served, and nothing else.
-    let empty = Desired::empty(d.service.clone(), d.lb_name.clone());
+    let empty = empty_of(&d);
     let sweep = plan(&p, &empty, &owned[0].1);
     assert_eq!(sweep.ops.len(), 2, "{:?}", sweep.ops);
     assert_eq!(
@@ -1224,9 +1168,7 @@ async fn nothing_aws_shaped_is_observed_or_owned() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operation_of_another_provider_is_refused_and_nothing_changes() {
-    let nodes = nodes(24, 1);
-    let _b = start_tcp_nodes(&nodes).await;
-    let p = provider();
+    let (nodes, _b, p) = setup(24, 1).await;
     let d = Spec::new("foreign", "127.0.24.0/28")
         .nodes(&nodes)
         .desired();

@@ -7,6 +7,9 @@ use crate::config::class::{LoadBalancerClass, LoadBalancerClassSpec, ProviderKin
 use serde::Deserialize;
 use std::path::Path;
 
+#[path = "../../tests/support/golden.rs"]
+mod golden;
+
 fn default_class() -> LoadBalancerClass {
     let mut c = LoadBalancerClass::new(
         "default",
@@ -53,36 +56,13 @@ fn run_case(path: &Path) -> serde_json::Value {
 #[test]
 fn golden_models() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/build");
-    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
-    let mut cases: Vec<_> = std::fs::read_dir(&dir)
-        .expect("golden dir")
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    cases.sort();
-    assert!(
-        cases.len() >= 10,
-        "expected the golden cases in {}",
-        dir.display()
-    );
-    let mut failures = Vec::new();
-    for case in &cases {
-        let got = serde_json::to_string_pretty(&run_case(case)).expect("json") + "\n";
-        let expected_path = case.with_extension("json");
-        if update {
-            std::fs::write(&expected_path, &got).expect("write golden");
-            continue;
-        }
-        let expected = std::fs::read_to_string(&expected_path).unwrap_or_default();
-        if expected != got {
-            failures.push(format!("{}:\n{got}", case.display()));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "golden mismatch (UPDATE_GOLDEN=1 to accept):\n{}",
-        failures.join("\n")
+    let cases = golden::cases(&dir, &golden::files(&dir), |n| n.ends_with(".yaml"));
+    golden::check(
+        &cases,
+        |case| case.with_extension("json"),
+        |case| serde_json::to_string_pretty(&run_case(case)).expect("json") + "\n",
+        std::env::var_os("UPDATE_GOLDEN").is_some(),
+        "golden mismatch (UPDATE_GOLDEN=1 to accept)",
     );
 }
 

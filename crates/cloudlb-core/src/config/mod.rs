@@ -7,7 +7,7 @@ pub mod class;
 use crate::model::local::{self, AddressPool, Algorithm, LocalSpec};
 use crate::model::{HealthCheckProtocol, IpAddressType, Scheme, Subnets, TargetType};
 use annotations as keys;
-use class::{AwsClassSpec, HealthCheckSpec, LoadBalancerClass, ProviderKind};
+use class::{AwsClassSpec, LoadBalancerClass, ProviderKind};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use std::collections::BTreeMap;
 
@@ -207,141 +207,40 @@ fn tcp_ports(ports: &[ServicePort]) -> impl Iterator<Item = u16> + '_ {
         .filter_map(|p| u16::try_from(p.port).ok())
 }
 
-/// The class's settings as raw values: (setting, source, value).
-struct ClassValues<'a> {
-    class_name: &'a str,
-    out: Vec<(&'static str, String, String)>,
-}
-
-impl ClassValues<'_> {
-    fn push(&mut self, name: &'static str, field: &str, v: Option<String>) {
-        if let Some(v) = v {
-            let source = format!("LoadBalancerClass {} spec.aws.{field}", self.class_name);
-            self.out.push((name, source, v));
-        }
-    }
-
-    fn health_check(&mut self, hc: &HealthCheckSpec) {
-        self.push(
-            keys::HC_PROTOCOL,
-            "healthCheck.protocol",
-            hc.protocol.clone(),
-        );
-        self.push(keys::HC_PORT, "healthCheck.port", hc.port.clone());
-        self.push(keys::HC_PATH, "healthCheck.path", hc.path.clone());
-        self.push(
-            keys::HC_INTERVAL,
-            "healthCheck.intervalSeconds",
-            hc.interval_seconds.map(|v| v.to_string()),
-        );
-        self.push(
-            keys::HC_TIMEOUT,
-            "healthCheck.timeoutSeconds",
-            hc.timeout_seconds.map(|v| v.to_string()),
-        );
-        self.push(
-            keys::HC_HEALTHY,
-            "healthCheck.healthyThreshold",
-            hc.healthy_threshold.map(|v| v.to_string()),
-        );
-        self.push(
-            keys::HC_UNHEALTHY,
-            "healthCheck.unhealthyThreshold",
-            hc.unhealthy_threshold.map(|v| v.to_string()),
-        );
-        self.push(
-            keys::HC_SUCCESS_CODES,
-            "healthCheck.successCodes",
-            hc.success_codes.clone(),
-        );
-    }
-}
-
-/// `k=v,k=v`, the annotation form of a map.
-fn kv(m: &BTreeMap<String, String>) -> String {
-    m.iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
+/// The class's settings as raw values: (setting, source, value), for each setting whose class
+/// field (in the settings table) the class sets.
 fn class_values(class_name: &str, aws: &AwsClassSpec) -> Vec<(&'static str, String, String)> {
-    let mut v = ClassValues {
-        class_name,
-        out: Vec::new(),
-    };
-    v.push(keys::SCHEME, "scheme", aws.scheme.clone());
-    v.push(
-        keys::IP_ADDRESS_TYPE,
-        "ipAddressType",
-        aws.ip_address_type.clone(),
-    );
-    v.push(
-        keys::SUBNETS,
-        "subnets",
-        aws.subnets.as_ref().map(|v| v.join(",")),
-    );
-    v.push(keys::TARGET_TYPE, "targetType", aws.target_type.clone());
-    if let Some(hc) = &aws.health_check {
-        v.health_check(hc);
+    // The JSON form has the class's field names and leaves out the fields not set.
+    let aws = serde_json::to_value(aws).unwrap_or_default();
+    keys::SETTINGS
+        .iter()
+        .filter_map(|s| {
+            let field = s.class_field?;
+            let path = field.strip_prefix("spec.aws.")?;
+            let value = aws
+                .pointer(&format!("/{}", path.replace('.', "/")))
+                .filter(|v| !v.is_null())?;
+            let source = format!("LoadBalancerClass {class_name} {field}");
+            Some((s.name, source, annotation_form(value)))
+        })
+        .collect()
+}
+
+/// A class field's value the way its annotation writes it: a list as `a,b`, a map as `k=v,k=v`.
+fn annotation_form(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    let joined = |items: Vec<String>| items.join(",");
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Array(items) => joined(items.iter().map(annotation_form).collect()),
+        Value::Object(map) => joined(
+            map.iter()
+                .map(|(k, v)| format!("{k}={}", annotation_form(v)))
+                .collect(),
+        ),
+        // Booleans and numbers.
+        other => other.to_string(),
     }
-    v.push(
-        keys::CROSS_ZONE,
-        "crossZoneLoadBalancing",
-        aws.cross_zone_load_balancing.map(|v| v.to_string()),
-    );
-    v.push(
-        keys::DELETION_PROTECTION,
-        "deletionProtection",
-        aws.deletion_protection.map(|v| v.to_string()),
-    );
-    v.push(
-        keys::PROXY_PROTOCOL,
-        "proxyProtocol",
-        aws.proxy_protocol.map(|v| v.to_string()),
-    );
-    v.push(
-        keys::LB_ATTRIBUTES,
-        "loadBalancerAttributes",
-        aws.load_balancer_attributes.as_ref().map(kv),
-    );
-    v.push(
-        keys::TG_ATTRIBUTES,
-        "targetGroupAttributes",
-        aws.target_group_attributes.as_ref().map(kv),
-    );
-    v.push(
-        keys::ADDITIONAL_TAGS,
-        "additionalTags",
-        aws.additional_tags.as_ref().map(kv),
-    );
-    v.push(
-        keys::SECURITY_GROUPS,
-        "securityGroups",
-        aws.security_groups.as_ref().map(|v| v.join(",")),
-    );
-    v.push(
-        keys::SOURCE_RANGES,
-        "sourceRanges",
-        aws.source_ranges.as_ref().map(|v| v.join(",")),
-    );
-    v.push(
-        keys::MANAGE_BACKEND_SG,
-        "manageBackendSecurityGroupRules",
-        aws.manage_backend_security_group_rules
-            .map(|v| v.to_string()),
-    );
-    v.push(
-        keys::TARGET_NODE_LABELS,
-        "targetNodeLabels",
-        aws.target_node_labels.as_ref().map(kv),
-    );
-    v.push(
-        keys::SSL_POLICY,
-        "sslNegotiationPolicy",
-        aws.ssl_negotiation_policy.clone(),
-    );
-    v.out
 }
 
 impl Parser<'_> {
@@ -349,47 +248,66 @@ impl Parser<'_> {
         self.raw.get(name)
     }
 
-    fn parse_enum<T: Copy>(&mut self, name: &str, options: &[(&str, T)]) -> Option<T> {
+    /// Setting `name` as `parse` reads it; a value it refuses is an error that says what is
+    /// `allowed`.
+    fn parse_with<T>(
+        &mut self,
+        name: &str,
+        allowed: impl Into<String>,
+        parse: impl FnOnce(&str) -> Option<T>,
+    ) -> Option<T> {
         let raw = self.get(name)?.clone();
-        let v = raw.value.trim().to_ascii_lowercase();
-        match options.iter().find(|(k, _)| *k == v) {
-            Some((_, t)) => Some(*t),
-            None => {
-                let allowed: Vec<_> = options.iter().map(|(k, _)| *k).collect();
-                self.errors.push(err(
-                    &raw.source,
-                    &raw.value,
-                    format!("allowed values: {}", allowed.join(", ")),
-                ));
-                None
-            }
+        let parsed = parse(&raw.value);
+        if parsed.is_none() {
+            self.errors.push(err(&raw.source, &raw.value, allowed));
         }
+        parsed
+    }
+
+    fn parse_enum<T: Copy>(&mut self, name: &str, options: &[(&str, T)]) -> Option<T> {
+        let allowed: Vec<_> = options.iter().map(|(k, _)| *k).collect();
+        let allowed = format!("allowed values: {}", allowed.join(", "));
+        self.parse_with(name, allowed, |v| {
+            let v = v.trim().to_ascii_lowercase();
+            options.iter().find(|(k, _)| *k == v).map(|(_, t)| *t)
+        })
     }
 
     fn parse_bool(&mut self, name: &str) -> Option<bool> {
-        let raw = self.get(name)?.clone();
-        match raw.value.trim().to_ascii_lowercase().as_str() {
-            "true" => Some(true),
-            "false" => Some(false),
-            _ => {
-                self.errors
-                    .push(err(&raw.source, &raw.value, "must be true or false"));
-                None
+        let allowed = "must be true or false";
+        self.parse_with(name, allowed, |v| {
+            match v.trim().to_ascii_lowercase().as_str() {
+                "true" => Some(true),
+                "false" => Some(false),
+                _ => None,
             }
-        }
+        })
     }
 
     fn parse_u32(&mut self, name: &str, min: u32, max: u32) -> Option<u32> {
-        let raw = self.get(name)?.clone();
-        match raw.value.trim().parse::<u32>() {
-            Ok(n) if (min..=max).contains(&n) => Some(n),
-            _ => {
-                self.errors.push(err(
-                    &raw.source,
-                    &raw.value,
-                    format!("must be an integer from {min} to {max}"),
-                ));
-                None
+        let allowed = format!("must be an integer from {min} to {max}");
+        self.parse_with(name, allowed, |v| {
+            v.trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (min..=max).contains(n))
+        })
+    }
+
+    /// An error for each of `entries` (of list setting `name`) that `problem` finds fault with:
+    /// `problem(index, entry)` says what is wrong.
+    fn check_entries(
+        &mut self,
+        name: &str,
+        entries: &[String],
+        problem: impl Fn(usize, &str) -> Option<String>,
+    ) {
+        let Some(raw) = self.get(name).cloned() else {
+            return;
+        };
+        for (i, e) in entries.iter().enumerate() {
+            if let Some(why) = problem(i, e) {
+                self.errors.push(err(&raw.source, &raw.value, why));
             }
         }
     }
@@ -588,37 +506,24 @@ impl Parser<'_> {
             "EIP allocations",
             subnet_count,
         );
-        for (i, e) in eip_allocations.iter().enumerate() {
-            if !e.starts_with("eipalloc-")
-                && let Some(raw) = self.get(keys::EIP_ALLOCATIONS).cloned()
-            {
-                self.errors.push(err(
-                    &raw.source,
-                    &raw.value,
-                    format!(
-                        "entry {} ({e:?}) is not an allocation id (eipalloc-…)",
-                        i + 1
-                    ),
-                ));
-            }
-        }
+        self.check_entries(keys::EIP_ALLOCATIONS, &eip_allocations, |i, e| {
+            (!e.starts_with("eipalloc-")).then(|| {
+                format!(
+                    "entry {} ({e:?}) is not an allocation id (eipalloc-…)",
+                    i + 1
+                )
+            })
+        });
         let private_ipv4_addresses = self.per_subnet(
             keys::PRIVATE_IPV4,
             (scheme, Scheme::Internal),
             "private IPv4 addresses",
             subnet_count,
         );
-        for a in &private_ipv4_addresses {
-            if a.parse::<std::net::Ipv4Addr>().is_err()
-                && let Some(raw) = self.get(keys::PRIVATE_IPV4).cloned()
-            {
-                self.errors.push(err(
-                    &raw.source,
-                    &raw.value,
-                    format!("{a:?} is not an IPv4 address"),
-                ));
-            }
-        }
+        self.check_entries(keys::PRIVATE_IPV4, &private_ipv4_addresses, |_, a| {
+            (a.parse::<std::net::Ipv4Addr>().is_err())
+                .then(|| format!("{a:?} is not an IPv4 address"))
+        });
         Placement {
             subnets,
             eip_allocations,
@@ -706,50 +611,26 @@ impl Parser<'_> {
 
     /// `Some(None)`: explicitly the traffic port.
     fn health_check_port(&mut self) -> Option<Option<u16>> {
-        let raw = self.get(keys::HC_PORT).cloned()?;
-        let v = raw.value.trim();
-        if v == "traffic-port" {
-            return Some(None);
-        }
-        match v.parse::<u16>() {
-            Ok(n) if n > 0 => Some(Some(n)),
-            _ => {
-                self.errors.push(err(
-                    &raw.source,
-                    &raw.value,
-                    "must be traffic-port or a port number 1-65535",
-                ));
-                None
-            }
-        }
+        let allowed = "must be traffic-port or a port number 1-65535";
+        self.parse_with(keys::HC_PORT, allowed, |v| match v.trim() {
+            "traffic-port" => Some(None),
+            v => v.parse::<u16>().ok().filter(|n| *n > 0).map(Some),
+        })
     }
 
     fn health_check_path(&mut self) -> Option<String> {
-        let raw = self.get(keys::HC_PATH).cloned()?;
-        if raw.value.starts_with('/') && raw.value.len() <= 1024 && raw.value.is_ascii() {
-            Some(raw.value)
-        } else {
-            self.errors.push(err(
-                &raw.source,
-                &raw.value,
-                "must be an ASCII path starting with / (at most 1024 characters)",
-            ));
-            None
-        }
+        let allowed = "must be an ASCII path starting with / (at most 1024 characters)";
+        self.parse_with(keys::HC_PATH, allowed, |v| {
+            (v.starts_with('/') && v.len() <= 1024 && v.is_ascii()).then(|| v.to_string())
+        })
     }
 
     fn health_check_success_codes(&mut self) -> Option<String> {
-        let raw = self.get(keys::HC_SUCCESS_CODES).cloned()?;
-        if valid_success_codes(raw.value.trim()) {
-            Some(raw.value.trim().to_string())
-        } else {
-            self.errors.push(err(
-                &raw.source,
-                &raw.value,
-                "must be HTTP codes 200-599: 200, 200,202 or a range 200-399",
-            ));
-            None
-        }
+        let allowed = "must be HTTP codes 200-599: 200, 200,202 or a range 200-399";
+        self.parse_with(keys::HC_SUCCESS_CODES, allowed, |v| {
+            let v = v.trim();
+            valid_success_codes(v).then(|| v.to_string())
+        })
     }
 
     /// Certificates, the ports that get TLS listeners, the policy and TLS to the backends.
@@ -778,17 +659,10 @@ impl Parser<'_> {
             .parse_list(keys::SSL_CERT)
             .map(|(_, l)| l)
             .unwrap_or_default();
-        if let Some(raw) = self.get(keys::SSL_CERT).cloned() {
-            for c in &ssl_certificates {
-                if !c.starts_with("arn:") {
-                    self.errors.push(err(
-                        &raw.source,
-                        &raw.value,
-                        format!("{c:?} is not a certificate ARN (arn:aws:acm:… or arn:aws:iam:…)"),
-                    ));
-                }
-            }
-        }
+        self.check_entries(keys::SSL_CERT, &ssl_certificates, |_, c| {
+            (!c.starts_with("arn:"))
+                .then(|| format!("{c:?} is not a certificate ARN (arn:aws:acm:… or arn:aws:iam:…)"))
+        });
         ssl_certificates
     }
 
@@ -994,19 +868,11 @@ impl Parser<'_> {
     fn security_groups(&mut self) -> Vec<String> {
         let security_groups = self
             .parse_list(keys::SECURITY_GROUPS)
-            .map(|(raw, l)| {
-                for g in &l {
-                    if !g.starts_with("sg-") {
-                        self.errors.push(err(
-                            &raw.source,
-                            &raw.value,
-                            format!("{g:?} is not a security-group id (sg-…)"),
-                        ));
-                    }
-                }
-                l
-            })
+            .map(|(_, l)| l)
             .unwrap_or_default();
+        self.check_entries(keys::SECURITY_GROUPS, &security_groups, |_, g| {
+            (!g.starts_with("sg-")).then(|| format!("{g:?} is not a security-group id (sg-…)"))
+        });
         if self.parse_bool(keys::MANAGE_BACKEND_SG) == Some(true)
             && let Some(raw) = self.get(keys::MANAGE_BACKEND_SG).cloned()
         {

@@ -59,6 +59,18 @@ fn resolve_err(c: &LoadBalancerClass, s: &Service) -> Vec<ConfigError> {
     }
 }
 
+/// The problems of a Service with `annotations` and `ports` (default class); the first one's
+/// `allowed` says `needle`.
+fn first_error_says(
+    annotations: &[(&str, &str)],
+    ports: Vec<ServicePort>,
+    needle: &str,
+) -> Vec<ConfigError> {
+    let errs = resolve_err(&class(None), &svc(annotations, ports));
+    assert!(errs[0].allowed.contains(needle), "{needle:?} in {errs:?}");
+    errs
+}
+
 #[test]
 fn defaults_without_annotations() {
     let cfg = resolve_ok(&class(None), &svc(&[], web()));
@@ -115,7 +127,7 @@ fn our_keys_and_compatible_keys_mean_the_same() {
 
 #[test]
 fn conflicting_keys_are_an_error() {
-    let s = svc(
+    let errs = first_error_says(
         &[
             ("cloudlb.io/scheme", "internal"),
             (
@@ -124,16 +136,9 @@ fn conflicting_keys_are_an_error() {
             ),
         ],
         web(),
+        "conflicts with annotation cloudlb.io/scheme",
     );
-    let errs = resolve_err(&class(None), &s);
     assert_eq!(errs.len(), 1, "{errs:?}");
-    assert!(
-        errs[0]
-            .allowed
-            .contains("conflicts with annotation cloudlb.io/scheme"),
-        "{}",
-        errs[0]
-    );
 
     let s = svc(
         &[
@@ -215,57 +220,42 @@ fn tls_ports_default_to_every_tcp_port_and_respect_names() {
 #[test]
 fn tls_on_a_udp_port_is_rejected() {
     let cert = "arn:aws:acm:us-east-1:123456789012:certificate/abc";
-    let s = svc(
+    first_error_says(
         &[
             ("cloudlb.io/ssl-cert", cert),
             ("cloudlb.io/ssl-ports", "dns"),
         ],
         vec![port("dns", 53, "UDP")],
-    );
-    let errs = resolve_err(&class(None), &s);
-    assert!(
-        errs[0]
-            .allowed
-            .contains("is UDP, TLS listeners need a TCP port"),
-        "{errs:?}"
+        "is UDP, TLS listeners need a TCP port",
     );
 }
 
 #[test]
 fn eip_count_must_match_subnets_and_scheme() {
-    let s = svc(
-        &[
-            ("cloudlb.io/subnets", "subnet-1,subnet-2"),
-            ("cloudlb.io/eip-allocations", "eipalloc-1"),
-        ],
-        web(),
-    );
-    let errs = resolve_err(&class(None), &s);
-    assert!(errs[0].allowed.contains("1 given, 2 subnets"), "{errs:?}");
-
-    let s = svc(
-        &[("cloudlb.io/eip-allocations", "eipalloc-1,eipalloc-2")],
-        web(),
-    );
-    assert!(
-        resolve_err(&class(None), &s)[0]
-            .allowed
-            .contains("requires explicit subnets")
-    );
-
-    let s = svc(
-        &[
-            ("cloudlb.io/scheme", "internal"),
-            ("cloudlb.io/subnets", "subnet-1"),
-            ("cloudlb.io/eip-allocations", "eipalloc-1"),
-        ],
-        web(),
-    );
-    assert!(
-        resolve_err(&class(None), &s)[0]
-            .allowed
-            .contains("require scheme internet-facing")
-    );
+    let cases: [(&[(&str, &str)], &str); 3] = [
+        (
+            &[
+                ("cloudlb.io/subnets", "subnet-1,subnet-2"),
+                ("cloudlb.io/eip-allocations", "eipalloc-1"),
+            ],
+            "1 given, 2 subnets",
+        ),
+        (
+            &[("cloudlb.io/eip-allocations", "eipalloc-1,eipalloc-2")],
+            "requires explicit subnets",
+        ),
+        (
+            &[
+                ("cloudlb.io/scheme", "internal"),
+                ("cloudlb.io/subnets", "subnet-1"),
+                ("cloudlb.io/eip-allocations", "eipalloc-1"),
+            ],
+            "require scheme internet-facing",
+        ),
+    ];
+    for (annotations, needle) in cases {
+        first_error_says(annotations, web(), needle);
+    }
 
     let ok = svc(
         &[
@@ -307,17 +297,13 @@ fn source_ranges_precedence_and_enforcement() {
     assert_eq!(resolve_err(&class(None), &bad).len(), 2);
 
     // Our own groups are never edited, so source ranges cannot be enforced with user groups.
-    let mixed = svc(
+    first_error_says(
         &[
             ("cloudlb.io/source-ranges", "10.0.0.0/8"),
             ("cloudlb.io/security-groups", "sg-1"),
         ],
         web(),
-    );
-    assert!(
-        resolve_err(&class(None), &mixed)[0]
-            .allowed
-            .contains("cannot be enforced")
+        "cannot be enforced",
     );
 
     let dual = svc(&[("cloudlb.io/ip-address-type", "dualstack")], web());
@@ -451,17 +437,13 @@ fn proxy_protocol_and_attributes() {
         Some("logs")
     );
 
-    let no_bucket = svc(
+    first_error_says(
         &[(
             "cloudlb.io/load-balancer-attributes",
             "access_logs.s3.enabled=true",
         )],
         web(),
-    );
-    assert!(
-        resolve_err(&class(None), &no_bucket)[0]
-            .allowed
-            .contains("access_logs.s3.bucket")
+        "access_logs.s3.bucket",
     );
 }
 
@@ -703,4 +685,119 @@ fn local_errors_name_the_class_field_the_value_and_what_is_allowed() {
     assert_eq!(drain.value, "3601");
     assert_eq!(drain.allowed, "must be 0-3600 seconds");
     assert_eq!(errors.len(), 3, "{errors:?}");
+}
+
+#[test]
+fn every_class_field_of_the_settings_table_is_read() {
+    let hc = HealthCheckSpec {
+        protocol: Some("http".into()),
+        port: Some("8080".into()),
+        path: Some("/healthz".into()),
+        interval_seconds: Some(11),
+        timeout_seconds: Some(12),
+        healthy_threshold: Some(3),
+        unhealthy_threshold: Some(4),
+        success_codes: Some("200-299".into()),
+    };
+    let map = |k: &str| {
+        BTreeMap::from([
+            (format!("{k}.b"), "1".into()),
+            (format!("{k}.a"), "2".into()),
+        ])
+    };
+    let aws = AwsClassSpec {
+        scheme: Some("internal".into()),
+        ip_address_type: Some("dualstack".into()),
+        subnets: Some(vec!["subnet-1".into(), "subnet-2".into()]),
+        target_type: Some("ip".into()),
+        health_check: Some(hc),
+        cross_zone_load_balancing: Some(true),
+        deletion_protection: Some(false),
+        proxy_protocol: Some(true),
+        load_balancer_attributes: Some(map("lb")),
+        target_group_attributes: Some(map("tg")),
+        additional_tags: Some(map("tag")),
+        security_groups: Some(vec!["sg-1".into(), "sg-2".into()]),
+        source_ranges: Some(vec!["10.0.0.0/8".into()]),
+        manage_backend_security_group_rules: Some(false),
+        target_node_labels: Some(map("label")),
+        ssl_negotiation_policy: Some("ELBSecurityPolicy-TLS13-1-2-2021-06".into()),
+    };
+    let mut got = class_values("web", &aws);
+    got.sort();
+    let sources: Vec<(&str, String)> = got.iter().map(|(n, s, _)| (*n, s.clone())).collect();
+    let mut want_sources: Vec<(&str, String)> = keys::SETTINGS
+        .iter()
+        .filter_map(|s| Some((s.name, format!("LoadBalancerClass web {}", s.class_field?))))
+        .collect();
+    want_sources.sort();
+    assert_eq!(sources, want_sources, "one value for each class field");
+    let values: Vec<(&str, &str)> = got.iter().map(|(n, _, v)| (*n, v.as_str())).collect();
+    assert_eq!(
+        values,
+        [
+            ("additional-resource-tags", "tag.a=2,tag.b=1"),
+            ("cross-zone-load-balancing-enabled", "true"),
+            ("deletion-protection", "false"),
+            ("healthcheck-healthy-threshold", "3"),
+            ("healthcheck-interval", "11"),
+            ("healthcheck-path", "/healthz"),
+            ("healthcheck-port", "8080"),
+            ("healthcheck-protocol", "http"),
+            ("healthcheck-success-codes", "200-299"),
+            ("healthcheck-timeout", "12"),
+            ("healthcheck-unhealthy-threshold", "4"),
+            ("ip-address-type", "dualstack"),
+            ("load-balancer-attributes", "lb.a=2,lb.b=1"),
+            ("manage-backend-security-group-rules", "false"),
+            ("proxy-protocol", "true"),
+            ("scheme", "internal"),
+            ("security-groups", "sg-1,sg-2"),
+            ("source-ranges", "10.0.0.0/8"),
+            (
+                "ssl-negotiation-policy",
+                "ELBSecurityPolicy-TLS13-1-2-2021-06"
+            ),
+            ("subnets", "subnet-1,subnet-2"),
+            ("target-group-attributes", "tg.a=2,tg.b=1"),
+            ("target-node-labels", "label.a=2,label.b=1"),
+            ("target-type", "ip"),
+        ],
+        "in the annotations' form"
+    );
+    assert!(class_values("web", &AwsClassSpec::default()).is_empty());
+}
+
+#[test]
+fn each_bad_list_entry_is_named() {
+    let all = |annotations: &[(&str, &str)]| -> Vec<String> {
+        resolve_err(&class(None), &svc(annotations, web()))
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    };
+    assert_eq!(
+        all(&[
+            ("cloudlb.io/subnets", "subnet-1,subnet-2"),
+            ("cloudlb.io/eip-allocations", "eipalloc-1,eip-2"),
+            ("cloudlb.io/ssl-cert", "arn:aws:acm:x,cert-1,cert-2"),
+        ]),
+        [
+            "annotation cloudlb.io/eip-allocations = \"eipalloc-1,eip-2\": entry 2 (\"eip-2\") is not an allocation id (eipalloc-…)",
+            "annotation cloudlb.io/ssl-cert = \"arn:aws:acm:x,cert-1,cert-2\": \"cert-1\" is not a certificate ARN (arn:aws:acm:… or arn:aws:iam:…)",
+            "annotation cloudlb.io/ssl-cert = \"arn:aws:acm:x,cert-1,cert-2\": \"cert-2\" is not a certificate ARN (arn:aws:acm:… or arn:aws:iam:…)",
+        ]
+    );
+    assert_eq!(
+        all(&[
+            ("cloudlb.io/scheme", "internal"),
+            ("cloudlb.io/subnets", "subnet-1,subnet-2"),
+            ("cloudlb.io/private-ipv4-addresses", "10.0.1.10,10.0.2"),
+            ("cloudlb.io/security-groups", "sg-1,group"),
+        ]),
+        [
+            "annotation cloudlb.io/private-ipv4-addresses = \"10.0.1.10,10.0.2\": \"10.0.2\" is not an IPv4 address",
+            "annotation cloudlb.io/security-groups = \"sg-1,group\": \"group\" is not a security-group id (sg-…)",
+        ]
+    );
 }

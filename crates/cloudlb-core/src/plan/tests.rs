@@ -42,15 +42,26 @@ fn desired_with(
         .desired
 }
 
+/// The web Service's ports: 80 and 443, TCP.
+fn web_ports() -> serde_json::Value {
+    serde_json::json!([
+        {"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080},
+        {"name": "https", "port": 443, "protocol": "TCP", "nodePort": 30443}
+    ])
+}
+
 fn web(nodes: &[&str]) -> Desired {
-    desired_with(
-        serde_json::json!({}),
-        serde_json::json!([
-            {"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080},
-            {"name": "https", "port": 443, "protocol": "TCP", "nodePort": 30443}
-        ]),
-        nodes,
-    )
+    desired_with(serde_json::json!({}), web_ports(), nodes)
+}
+
+/// The web Service on node `i-1`, with `annotations`.
+fn web_annotated(annotations: serde_json::Value) -> Desired {
+    desired_with(annotations, web_ports(), &["i-1"])
+}
+
+/// The plan from what the cloud holds for the web Service on node `i-1` to `after`.
+fn plan_from_web(after: &Desired) -> Plan {
+    plan(after, &observed_for(&web(&["i-1"]))).expect("plan")
 }
 
 /// What the cloud holds when it matches `d` exactly.
@@ -175,20 +186,11 @@ fn node_added_or_removed_is_one_call_per_target_group() {
 
 #[test]
 fn health_check_and_attribute_changes_modify_in_place() {
-    let before = web(&["i-1"]);
-    let after = desired_with(
-        serde_json::json!({
-            "cloudlb.io/healthcheck-interval": "30",
-            "cloudlb.io/target-group-attributes": "deregistration_delay.timeout_seconds=30",
-            "cloudlb.io/cross-zone-load-balancing-enabled": "true"
-        }),
-        serde_json::json!([
-            {"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080},
-            {"name": "https", "port": 443, "protocol": "TCP", "nodePort": 30443}
-        ]),
-        &["i-1"],
-    );
-    let p = plan(&after, &observed_for(&before)).expect("plan");
+    let p = plan_from_web(&web_annotated(serde_json::json!({
+        "cloudlb.io/healthcheck-interval": "30",
+        "cloudlb.io/target-group-attributes": "deregistration_delay.timeout_seconds=30",
+        "cloudlb.io/cross-zone-load-balancing-enabled": "true"
+    })));
     assert_eq!(
         names(&p),
         [
@@ -215,12 +217,11 @@ fn health_check_and_attribute_changes_modify_in_place() {
 
 #[test]
 fn scheme_change_replaces_the_load_balancer_and_keeps_target_groups() {
-    let before = web(&["i-1"]);
-    let mut after = before.clone();
+    let mut after = web(&["i-1"]);
     if let Some(lb) = after.lb.as_mut() {
         lb.scheme = Scheme::Internal;
     }
-    let p = plan(&after, &observed_for(&before)).expect("plan");
+    let p = plan_from_web(&after);
     assert_eq!(
         names(&p),
         [
@@ -234,13 +235,12 @@ fn scheme_change_replaces_the_load_balancer_and_keeps_target_groups() {
 
 #[test]
 fn port_removed_deletes_listener_before_its_target_group() {
-    let before = web(&["i-1"]);
     let after = desired_with(
         serde_json::json!({}),
         serde_json::json!([{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}]),
         &["i-1"],
     );
-    let p = plan(&after, &observed_for(&before)).expect("plan");
+    let p = plan_from_web(&after);
     assert_eq!(
         names(&p),
         ["revokeIngress", "deleteListener", "deleteTargetGroup"]
@@ -250,7 +250,6 @@ fn port_removed_deletes_listener_before_its_target_group() {
 
 #[test]
 fn immutable_target_group_change_creates_new_switches_listener_then_deletes_old() {
-    let before = web(&["i-1"]);
     let after = desired_with(
         serde_json::json!({}),
         serde_json::json!([
@@ -259,7 +258,7 @@ fn immutable_target_group_change_creates_new_switches_listener_then_deletes_old(
         ]),
         &["i-1"],
     );
-    let p = plan(&after, &observed_for(&before)).expect("plan");
+    let p = plan_from_web(&after);
     assert_eq!(
         names(&p),
         [
@@ -273,14 +272,8 @@ fn immutable_target_group_change_creates_new_switches_listener_then_deletes_old(
 
 #[test]
 fn protocol_change_of_a_port_modifies_the_listener() {
-    let before = web(&["i-1"]);
-    let after = desired_with(
+    let after = web_annotated(
         serde_json::json!({"cloudlb.io/ssl-cert": "arn:aws:acm:us-east-1:1:certificate/x", "cloudlb.io/ssl-ports": "443"}),
-        serde_json::json!([
-            {"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080},
-            {"name": "https", "port": 443, "protocol": "TCP", "nodePort": 30443}
-        ]),
-        &["i-1"],
     );
     let tls = after
         .lb
@@ -288,7 +281,7 @@ fn protocol_change_of_a_port_modifies_the_listener() {
         .and_then(|l| l.listeners.iter().find(|l| l.port == 443))
         .map(|l| l.protocol);
     assert_eq!(tls, Some(Protocol::Tls));
-    let p = plan(&after, &observed_for(&before)).expect("plan");
+    let p = plan_from_web(&after);
     assert_eq!(names(&p), ["modifyListener"]);
 }
 
@@ -356,16 +349,9 @@ fn drift_is_repaired() {
 
 #[test]
 fn switching_to_user_security_groups_detaches_and_deletes_ours() {
-    let before = web(&["i-1"]);
-    let after = desired_with(
+    let p = plan_from_web(&web_annotated(
         serde_json::json!({"cloudlb.io/security-groups": "sg-user"}),
-        serde_json::json!([
-            {"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080},
-            {"name": "https", "port": 443, "protocol": "TCP", "nodePort": 30443}
-        ]),
-        &["i-1"],
-    );
-    let p = plan(&after, &observed_for(&before)).expect("plan");
+    ));
     assert_eq!(names(&p), ["setSecurityGroups", "deleteSecurityGroup"]);
 }
 
