@@ -4,7 +4,6 @@
 
 use super::*;
 use crate::config::class::{LoadBalancerClass, LoadBalancerClassSpec, ProviderKind};
-use serde::Deserialize;
 use std::path::Path;
 
 #[path = "../../tests/support/golden.rs"]
@@ -29,14 +28,14 @@ fn run_case(path: &Path) -> serde_json::Value {
     let mut class = default_class();
     let mut svc = None;
     let mut nodes = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let value = serde_yaml::Value::deserialize(doc).expect("yaml");
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).expect("yaml");
+    for value in docs {
         match value.get("kind").and_then(|k| k.as_str()) {
-            Some("LoadBalancerClass") => class = serde_yaml::from_value(value).expect("class"),
+            Some("LoadBalancerClass") => class = serde_json::from_value(value).expect("class"),
             Some("Service") => {
-                svc = Some(serde_yaml::from_value::<Service>(value).expect("service"))
+                svc = Some(serde_json::from_value::<Service>(value).expect("service"))
             }
-            Some("Node") => nodes.push(serde_yaml::from_value::<Node>(value).expect("node")),
+            Some("Node") => nodes.push(serde_json::from_value::<Node>(value).expect("node")),
             other => panic!("{}: unexpected document kind {other:?}", path.display()),
         }
     }

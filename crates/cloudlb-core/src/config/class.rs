@@ -56,9 +56,9 @@ pub struct LoadBalancerClassSpec {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LocalClassSpec {
-    /// Addresses handed to Services: a CIDR (`127.0.1.0/24`, routed to loopback on Linux with no
-    /// set-up) or a comma-separated list of addresses configured on the host. Default
-    /// `127.0.1.0/24`.
+    /// Addresses handed to Services, a comma-separated list of CIDRs (`127.0.1.0/24`, routed to
+    /// loopback on Linux with no set-up), ranges (`192.0.2.10-192.0.2.20`) and single addresses,
+    /// IPv4 or IPv6, configured on the host. Default `127.0.1.0/24`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address_pool: Option<String>,
     /// `random` (default, like kube-proxy) or `round-robin`.
