@@ -692,6 +692,8 @@ async fn remove_load_balancer(
                     outcome::PROTECTED,
                 )));
             }
+            // Only a replacement can hit the other refusals; an empty model replaces nothing.
+            Err(e) => return Err(e.into()),
         };
         if !plan.is_empty() {
             publish(

@@ -111,6 +111,10 @@ pub enum PlanError {
         "load balancer {name} has deletion protection enabled, so it was not deleted; set deletion_protection.enabled=false (annotation load-balancer-attributes) and delete again, or delete it by hand"
     )]
     DeletionProtected { name: String },
+    #[error(
+        "load balancer {name} must be replaced ({reason}) but has deletion protection enabled, so nothing was changed; set deletion_protection.enabled=false (annotation load-balancer-attributes) to let cloudlb replace it, or undo the change"
+    )]
+    ReplaceProtected { name: String, reason: String },
 }
 
 const DELETION_PROTECTION: &str = "deletion_protection.enabled";
@@ -165,14 +169,14 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
     let mut ops = Vec::new();
     match &desired.lb {
         None => plan_delete(observed, &mut ops)?,
-        Some(lb) => plan_ensure(lb, observed, &mut ops),
+        Some(lb) => plan_ensure(lb, observed, &mut ops)?,
     }
     Ok(Plan { ops })
 }
 
 fn plan_delete(observed: &Observed, ops: &mut Vec<Op>) -> Result<(), PlanError> {
     if let Some(lb) = &observed.lb
-        && lb.attributes.get(DELETION_PROTECTION).map(String::as_str) == Some("true")
+        && protected(lb)
     {
         return Err(PlanError::DeletionProtected {
             name: lb.name.clone(),
@@ -185,7 +189,21 @@ fn plan_delete(observed: &Observed, ops: &mut Vec<Op>) -> Result<(), PlanError> 
     Ok(())
 }
 
-fn plan_ensure(lb: &LoadBalancer, observed: &Observed, ops: &mut Vec<Op>) {
+fn protected(lb: &ObservedLb) -> bool {
+    lb.attributes.get(DELETION_PROTECTION).map(String::as_str) == Some("true")
+}
+
+fn plan_ensure(lb: &LoadBalancer, observed: &Observed, ops: &mut Vec<Op>) -> Result<(), PlanError> {
+    // A replacement deletes the load balancer: refused before any write when it is protected.
+    if let Some(have) = &observed.lb
+        && have.scheme != lb.scheme
+        && protected(have)
+    {
+        return Err(PlanError::ReplaceProtected {
+            name: have.name.clone(),
+            reason: replace_reason(have, lb),
+        });
+    }
     plan_security_group(lb, observed, ops);
     let existing = plan_load_balancer(lb, observed, ops);
     plan_lb_attributes(lb, existing, ops);
@@ -201,6 +219,7 @@ fn plan_ensure(lb: &LoadBalancer, observed: &Observed, ops: &mut Vec<Op>) {
     };
     plan_listeners(lb, observed, observed_listeners, ops);
     plan_cleanup(lb, observed, ops);
+    Ok(())
 }
 
 fn observed_tg<'o>(observed: &'o Observed, name: &str) -> Option<&'o ObservedTargetGroup> {
@@ -251,11 +270,7 @@ fn plan_load_balancer<'o>(
         ops.push(Op::DeleteLoadBalancer {
             arn: have.arn.clone(),
             name: have.name.clone(),
-            reason: format!(
-                "scheme changes from {} to {} (immutable)",
-                have.scheme.as_aws(),
-                lb.scheme.as_aws()
-            ),
+            reason: replace_reason(have, lb),
         });
         existing = None;
     }
@@ -271,6 +286,14 @@ fn plan_load_balancer<'o>(
         }
     }
     existing
+}
+
+fn replace_reason(have: &ObservedLb, lb: &LoadBalancer) -> String {
+    format!(
+        "scheme changes from {} to {} (immutable)",
+        have.scheme.as_aws(),
+        lb.scheme.as_aws()
+    )
 }
 
 /// Whether the attached security groups are not exactly ours (if we want one) and the user's.
