@@ -226,17 +226,7 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'stat
     };
     let plan = target.provider.plan(&desired, &observed)?;
     let observed = apply(svc, ctx, &target, &desired, observed, &plan).await?;
-    let provisioning = is_provisioning(&observed);
-    let interners = &ctx.memory.interners;
-    let entry = CacheEntry::new(
-        fingerprint,
-        observed.clone(),
-        target.kind,
-        verified_at,
-        provisioning,
-        interners,
-    );
-    ctx.memory.set_cloud(uid, Some(entry));
+    let provisioning = remember(ctx, &target, fingerprint, &observed, verified_at);
     write_status(&ctx.metrics, &target.api(ctx), svc, &desired, &observed).await?;
     announce(svc, ctx, &plan, &observed).await;
     let result = if plan.is_empty() {
@@ -245,6 +235,28 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'stat
         outcome::APPLIED
     };
     Ok((next_check(ctx, provisioning, ctx.settings.resync), result))
+}
+
+/// Remembers what exists after a reconcile; returns whether it is still provisioning.
+fn remember(
+    ctx: &Context,
+    t: &Target,
+    fingerprint: String,
+    observed: &Observed,
+    verified_at: Instant,
+) -> bool {
+    let provisioning = is_provisioning(observed);
+    let (observed, interners) = (observed.clone(), &ctx.memory.interners);
+    let entry = CacheEntry::new(
+        fingerprint,
+        observed,
+        t.kind,
+        verified_at,
+        provisioning,
+        interners,
+    );
+    ctx.memory.set_cloud(&t.sref.uid, Some(entry));
+    provisioning
 }
 
 /// A Service of ours, resolved against its class.

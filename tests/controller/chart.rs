@@ -1025,19 +1025,23 @@ async fn missing_services_status_permission_is_reported() {
 
 // ------------------------------------------------------------------ docs/install.md IAM policy
 
-/// Every AWS operation the provider calls: the names given to its call helper
-/// (`calls.run("CreateLoadBalancer", …)`) in src/provider/aws.
+/// Every AWS operation the provider calls: the names given to its call helpers
+/// (`calls.run("CreateLoadBalancer", …)`, `calls.pages("DescribeListeners", …)`) in
+/// crates/cloudlb-aws/src.
 fn aws_operations_called() -> std::collections::BTreeSet<String> {
     let mut ops = std::collections::BTreeSet::new();
-    let dir = root().join("src/provider/aws");
-    for entry in std::fs::read_dir(&dir).expect("src/provider/aws") {
+    let dir = root().join("crates/cloudlb-aws/src");
+    for entry in std::fs::read_dir(&dir).expect("crates/cloudlb-aws/src") {
         let path = entry.expect("dir entry").path();
         if path.extension().is_none_or(|e| e != "rs") {
             continue;
         }
         let text = std::fs::read_to_string(&path).expect("read source");
-        for (i, _) in text.match_indices(".run(") {
-            let rest = text[i + ".run(".len()..].trim_start();
+        let calls = text
+            .match_indices(".run(")
+            .chain(text.match_indices(".pages("));
+        for (i, call) in calls {
+            let rest = text[i + call.len()..].trim_start();
             if let Some(name) = rest
                 .strip_prefix('"')
                 .and_then(|r| r.split('"').next())

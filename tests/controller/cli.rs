@@ -59,9 +59,10 @@ async fn plan_previews_changes_and_writes_nothing() {
     install_crd(&client).await;
     let classes: Api<LoadBalancerClass> = Api::all(client.clone());
     let ns = cluster.create_namespace("plan").await;
+    // Nodes are cluster-wide and other tests add theirs: this class targets none of them.
     let class: LoadBalancerClass = serde_json::from_value(json!({
         "metadata": {"name": ns},
-        "spec": {"provider": "aws", "default": true}
+        "spec": {"provider": "aws", "default": true, "aws": {"targetNodeLabels": {"cloudlb.io/test-plan": &ns}}}
     }))
     .expect("class");
     classes
@@ -121,7 +122,7 @@ async fn plan_previews_changes_and_writes_nothing() {
         stdout.contains(&format!("{ns}/web (class {ns}): 5 change(s)")),
         "{stdout}"
     );
-    // No Nodes in this test's cluster: nothing to register yet.
+    // No Node carries the class's label: nothing to register yet.
     assert!(!stdout.contains("registerTargets"), "{stdout}");
     assert!(stdout.contains("\"op\":\"createLoadBalancer\""), "{stdout}");
     assert!(
