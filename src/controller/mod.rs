@@ -235,59 +235,8 @@ pub async fn run(
     let (node_tx, node_rx) = futures::channel::mpsc::channel::<()>(1);
     let (class_tx, class_rx) = futures::channel::mpsc::channel::<()>(1);
 
-    // Nodes: reconcile every Service when the eligible node set (or a target address) changes.
-    let node_stream = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .modify(slim_node)
-        .reflect(node_writer);
-    let node_task = {
-        let mut tx = node_tx;
-        let node_metrics = metrics.clone();
-        async move {
-            let mut digests = NodeDigests::default();
-            futures::pin_mut!(node_stream);
-            while let Some(ev) = node_stream.next().await {
-                match ev {
-                    Err(e) => {
-                        tracing::warn!(error = %e, "node watch error (retrying)");
-                        node_metrics.watch_error("nodes");
-                    }
-                    Ok(event) => {
-                        if digests.apply(event) {
-                            let _ = tx.try_send(());
-                        }
-                    }
-                }
-            }
-        }
-    };
-    let class_stream = reflector::reflector(
-        class_writer,
-        watcher(
-            Api::<LoadBalancerClass>::all(client.clone()),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff()
-    .touched_objects();
-    let class_task = {
-        let mut tx = class_tx;
-        let class_metrics = metrics.clone();
-        async move {
-            futures::pin_mut!(class_stream);
-            while let Some(ev) = class_stream.next().await {
-                match ev {
-                    Ok(_) => {
-                        let _ = tx.try_send(());
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "LoadBalancerClass watch error (retrying)");
-                        class_metrics.watch_error("loadbalancerclasses");
-                    }
-                }
-            }
-        }
-    };
+    let node_task = watch_nodes(&client, node_writer, node_tx, metrics.clone());
+    let class_task = watch_classes(&client, class_writer, class_tx, metrics.clone());
 
     let recorder = events::Recorder::new(client.clone(), settings.reporter.clone());
     let ctx = Arc::new(Context {
@@ -319,22 +268,9 @@ pub async fn run(
     let status_task = class_status::run(ctx.clone(), svc_store);
     let orphan_task = orphans::run(ctx.clone(), ctx.settings.orphan_sweep);
     let health_task = local_health_events(ctx.clone());
-    let dispatch_metrics = ctx.metrics.clone();
     let controller_task = controller
         .run(service::reconcile, service::error_policy, ctx.clone())
-        .for_each(move |res| {
-            let metrics = dispatch_metrics.clone();
-            async move {
-                match res {
-                    Err(kube::runtime::controller::Error::QueueError(e)) => {
-                        tracing::warn!(error = %e, "Service watch error (retrying)");
-                        metrics.watch_error("services");
-                    }
-                    Err(e) => tracing::debug!(error = %e, "reconcile dispatch"),
-                    Ok(_) => {}
-                }
-            }
-        });
+        .for_each(dispatched(ctx.metrics.clone()));
     // Wait for the node and class caches before the first reconcile can use them.
     let ready = || {
         let (nodes, classes) = (nodes.clone(), classes.clone());
@@ -363,6 +299,90 @@ pub async fn run(
         }
         _ = async { ready().await; orphan_task.await } => {}
         _ = health_task => {}
+    }
+}
+
+/// Watches Nodes into `writer`; signals `tx` (reconcile every Service) when the eligible node set
+/// or a target address changes, not on heartbeats.
+fn watch_nodes(
+    client: &Client,
+    writer: reflector::store::Writer<Node>,
+    mut tx: futures::channel::mpsc::Sender<()>,
+    metrics: Arc<crate::telemetry::Metrics>,
+) -> impl std::future::Future<Output = ()> {
+    let stream = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(slim_node)
+        .reflect(writer);
+    async move {
+        let mut digests = NodeDigests::default();
+        futures::pin_mut!(stream);
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Err(e) => {
+                    tracing::warn!(error = %e, "node watch error (retrying)");
+                    metrics.watch_error("nodes");
+                }
+                Ok(event) => {
+                    if digests.apply(event) {
+                        let _ = tx.try_send(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Watches LoadBalancerClasses into `writer`; every change signals `tx`.
+fn watch_classes(
+    client: &Client,
+    writer: reflector::store::Writer<LoadBalancerClass>,
+    mut tx: futures::channel::mpsc::Sender<()>,
+    metrics: Arc<crate::telemetry::Metrics>,
+) -> impl std::future::Future<Output = ()> {
+    let api = Api::<LoadBalancerClass>::all(client.clone());
+    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    async move {
+        futures::pin_mut!(stream);
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(_) => {
+                    let _ = tx.try_send(());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "LoadBalancerClass watch error (retrying)");
+                    metrics.watch_error("loadbalancerclasses");
+                }
+            }
+        }
+    }
+}
+
+type Dispatched = Result<
+    (
+        kube::runtime::reflector::ObjectRef<Service>,
+        kube::runtime::controller::Action,
+    ),
+    kube::runtime::controller::Error<service::Error, kube::runtime::watcher::Error>,
+>;
+
+/// What the controller reports per reconcile: Service watch errors are counted; reconcile
+/// errors were reported by the reconcile itself.
+fn dispatched(
+    metrics: Arc<crate::telemetry::Metrics>,
+) -> impl FnMut(Dispatched) -> std::future::Ready<()> {
+    move |res| {
+        match res {
+            Err(kube::runtime::controller::Error::QueueError(e)) => {
+                tracing::warn!(error = %e, "Service watch error (retrying)");
+                metrics.watch_error("services");
+            }
+            Err(e) => tracing::debug!(error = %e, "reconcile dispatch"),
+            Ok(_) => {}
+        }
+        std::future::ready(())
     }
 }
 

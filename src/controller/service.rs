@@ -652,6 +652,34 @@ async fn cleanup(
     Ok((Action::await_change(), outcome::CLEANED_UP))
 }
 
+/// What a deletion plans against: what this process applied and still trusts needs no re-read;
+/// after a restart, a failed apply or a due drift check, the cloud, plus the target groups memory
+/// knows of that the load balancer no longer references.
+async fn observed_for_deletion(
+    ctx: &Context,
+    provider: &dyn Provider,
+    desired: &Desired,
+    cached: Option<&CacheEntry>,
+) -> Result<Observed, Error> {
+    let remembered = cached.map(|e| e.remembered(&e.fingerprint, e.provider, Instant::now()));
+    if let Some(e) = cached
+        && deletion_basis(remembered, ctx.settings.resync) == Basis::Memory
+    {
+        return Ok(e.observed());
+    }
+    let mut observed = provider.observe(desired).await?;
+    for tg in cached
+        .map(CacheEntry::observed)
+        .unwrap_or_default()
+        .target_groups
+    {
+        if !observed.target_groups.iter().any(|t| t.arn == tg.arn) {
+            observed.target_groups.push(tg);
+        }
+    }
+    Ok(observed)
+}
+
 /// Deletes what provider `kind` holds for the Service and clears its status. `Some(result)`:
 /// stop with it (deletion protection); `None`: nothing of ours is left there.
 async fn remove_load_balancer(
@@ -665,29 +693,7 @@ async fn remove_load_balancer(
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &sref.namespace);
     if let Some(provider) = ctx.providers.get(kind) {
         let desired = Desired::empty(sref.clone(), cleanup_name(ctx, svc, &sref, cached.as_ref()));
-        // What this process applied and still trusts needs no re-read; after a restart, a
-        // failed apply or a due drift check, read the cloud.
-        let remembered = cached
-            .as_ref()
-            .map(|e| e.remembered(&e.fingerprint, kind, Instant::now()));
-        let trusted = cached
-            .as_ref()
-            .filter(|_| deletion_basis(remembered, ctx.settings.resync) == Basis::Memory);
-        let observed = match trusted {
-            Some(e) => e.observed(),
-            None => {
-                let mut observed = provider.observe(&desired).await?;
-                // Target groups the cache knows about but the load balancer no longer references.
-                if let Some(e) = &cached {
-                    for tg in e.observed().target_groups {
-                        if !observed.target_groups.iter().any(|t| t.arn == tg.arn) {
-                            observed.target_groups.push(tg);
-                        }
-                    }
-                }
-                observed
-            }
-        };
+        let observed = observed_for_deletion(ctx, &*provider, &desired, cached.as_ref()).await?;
         let plan = match provider.plan(&desired, &observed) {
             Ok(p) => p,
             Err(e @ PlanError::DeletionProtected { .. }) => {

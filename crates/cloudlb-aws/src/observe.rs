@@ -43,6 +43,34 @@ impl AwsProvider {
         }
 
         // 2. Target groups: attached, plus desired ones by name.
+        observed.target_groups = self.find_target_groups(desired, attached, deleting).await?;
+
+        // 3. The frontend security group, by name.
+        let vpc = self
+            .settings
+            .vpc_id
+            .clone()
+            .or_else(|| lb.as_ref().and_then(|l| l.vpc_id.clone()));
+        observed.security_group = self.find_security_group(desired, vpc, deleting).await?;
+
+        observed
+            .listeners
+            .sort_by(|a, b| a.port.cmp(&b.port).then_with(|| a.arn.cmp(&b.arn)));
+        observed
+            .target_groups
+            .sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.arn.cmp(&b.arn)));
+        Ok(observed)
+    }
+
+    /// Our target groups among those `attached` to the load balancer and those the model wants
+    /// (by name), read in full. A wanted name held by a group without our tags is
+    /// [`ProviderError::Foreign`] (unless deleting).
+    async fn find_target_groups(
+        &self,
+        desired: &Desired,
+        attached: Vec<elb::TargetGroup>,
+        deleting: bool,
+    ) -> Result<Vec<ObservedTargetGroup>, ProviderError> {
         let wanted: Vec<&str> = desired
             .lb
             .iter()
@@ -97,27 +125,11 @@ impl AwsProvider {
             }
         }
         let read = ours.iter().map(|tg| self.read_target_group(tg));
-        observed.target_groups = futures::future::try_join_all(read)
+        Ok(futures::future::try_join_all(read)
             .await?
             .into_iter()
             .flatten()
-            .collect();
-
-        // 3. The frontend security group, by name.
-        let vpc = self
-            .settings
-            .vpc_id
-            .clone()
-            .or_else(|| lb.as_ref().and_then(|l| l.vpc_id.clone()));
-        observed.security_group = self.find_security_group(desired, vpc, deleting).await?;
-
-        observed
-            .listeners
-            .sort_by(|a, b| a.port.cmp(&b.port).then_with(|| a.arn.cmp(&b.arn)));
-        observed
-            .target_groups
-            .sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.arn.cmp(&b.arn)));
-        Ok(observed)
+            .collect())
     }
 
     /// The load balancer named `desired.lb_name` that is ours. Several of that name can exist

@@ -416,6 +416,38 @@ impl ServiceLb {
     /// Creates or modifies the listener on `port` as the model has it: its sockets (TCP, UDP or
     /// both) on the address, forwarding to its target group. What cannot be served is closed and
     /// reported.
+    /// A listener that cannot be served (TLS, or its target group is missing): what is open on
+    /// the port closes, and the error says why.
+    fn unservable(
+        &mut self,
+        port: u16,
+        l: &Listener,
+        tls: bool,
+        ctx: &Ctx<'_>,
+        closing: &mut Vec<JoinHandle<()>>,
+    ) -> LocalError {
+        closing.extend(
+            self.listeners
+                .remove(&port)
+                .into_iter()
+                .flat_map(ListenerRt::close),
+        );
+        if tls {
+            LocalError::Unsupported {
+                service: ctx.service(),
+                port,
+                protocol: l.protocol.as_aws(),
+                reason: "TLS termination is not supported; use TCP",
+            }
+        } else {
+            LocalError::MissingGroup {
+                service: ctx.service(),
+                port,
+                group: l.target_group.clone(),
+            }
+        }
+    }
+
     fn ensure_listener(
         &mut self,
         port: u16,
@@ -433,26 +465,7 @@ impl ServiceLb {
         let (sockets, group) = match (sockets, group) {
             (Some(s), Some(g)) => (s, g),
             (sockets, _) => {
-                // Not servable: what is open on the port closes.
-                closing.extend(
-                    self.listeners
-                        .remove(&port)
-                        .into_iter()
-                        .flat_map(ListenerRt::close),
-                );
-                return Err(vec![match sockets {
-                    None => LocalError::Unsupported {
-                        service: ctx.service(),
-                        port,
-                        protocol: l.protocol.as_aws(),
-                        reason: "TLS termination is not supported; use TCP",
-                    },
-                    Some(_) => LocalError::MissingGroup {
-                        service: ctx.service(),
-                        port,
-                        group: l.target_group.clone(),
-                    },
-                }]);
+                return Err(vec![self.unservable(port, l, sockets.is_none(), ctx, closing)]);
             }
         };
         let Some(workers) = ctx.workers else {
