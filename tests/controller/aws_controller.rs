@@ -217,19 +217,7 @@ async fn service_lifecycle_create_update_nodes_delete() {
     assert_eq!(tg.health_check_port(), Some(hc_port.to_string().as_str()));
 
     // Delete: every resource goes, then the finalizer, then the Service.
-    env.services()
-        .delete("web", &DeleteParams::default())
-        .await
-        .expect("delete");
-    wait_for("service gone", || async {
-        env.services()
-            .get_opt("web")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    crate::support::env::delete_service(&env.services(), "web").await;
     assert!(env.load_balancers().await.is_empty());
     assert!(env.target_groups().await.is_empty());
     assert!(env.our_security_groups().await.is_empty());
@@ -375,19 +363,7 @@ async fn same_named_foreign_nlb_is_never_touched() {
     assert_eq!(env.hostname("web").await, None);
 
     // Deleting the Service leaves the foreign NLB alone.
-    env.services()
-        .delete("web", &DeleteParams::default())
-        .await
-        .expect("delete");
-    wait_for("service gone", || async {
-        env.services()
-            .get_opt("web")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    crate::support::env::delete_service(&env.services(), "web").await;
     let lbs = env.load_balancers().await;
     assert_eq!(lbs.len(), 1);
     assert_eq!(lbs[0].load_balancer_arn(), Some(foreign_arn.as_str()));
@@ -554,19 +530,7 @@ async fn leftovers_of_a_service_that_is_gone_are_swept() {
     env.stop_operator();
     env.patch_service("gone", json!({"metadata": {"finalizers": null}}))
         .await;
-    env.services()
-        .delete("gone", &DeleteParams::default())
-        .await
-        .expect("delete");
-    wait_for("service gone", || async {
-        env.services()
-            .get_opt("gone")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    crate::support::env::delete_service(&env.services(), "gone").await;
 
     // Back up: the sweep finds the resources tagged for the vanished Service and deletes them,
     // and only them.

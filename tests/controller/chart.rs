@@ -12,7 +12,7 @@ use cloudlb::provider::aws::{AwsProvider, AwsSettings};
 use cloudlb::telemetry::Metrics;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -913,19 +913,7 @@ async fn chart_rbac_suffices_for_the_aws_lifecycle() {
     }
 
     // Delete: everything goes, then the finalizer, then the Service.
-    env.services()
-        .delete("web", &DeleteParams::default())
-        .await
-        .expect("delete web");
-    wait_for("web gone", || async {
-        env.services()
-            .get_opt("web")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    crate::support::env::delete_service(&env.services(), "web").await;
     assert!(env.load_balancers().await.is_empty(), "load balancers left");
     assert!(env.target_groups().await.is_empty(), "target groups left");
     assert_eq!(env.our_security_groups().await, 0, "security groups left");
@@ -1007,19 +995,7 @@ async fn missing_services_status_permission_is_reported() {
     assert_eq!(type_, "Warning");
 
     // Deleting still works: the status was never written, so cleanup needs no status patch.
-    env.services()
-        .delete("web", &DeleteParams::default())
-        .await
-        .expect("delete web");
-    wait_for("web gone", || async {
-        env.services()
-            .get_opt("web")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    crate::support::env::delete_service(&env.services(), "web").await;
     assert!(env.load_balancers().await.is_empty(), "load balancers left");
 }
 

@@ -14,7 +14,7 @@ use cloudlb::provider::local::{LocalProvider, LocalSettings};
 use cloudlb::telemetry::Metrics;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -317,19 +317,7 @@ async fn tcp_and_udp_reach_every_node_and_follow_port_changes() {
     );
 
     // Delete: the port and the address are released.
-    env.services()
-        .delete("web", &DeleteParams::default())
-        .await
-        .expect("delete");
-    wait_for("service gone", || async {
-        env.services()
-            .get_opt("web")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    crate::support::env::delete_service(&env.services(), "web").await;
     assert!(
         TcpStream::connect(&new_addr).await.is_err(),
         "port closed after delete"

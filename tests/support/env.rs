@@ -332,6 +332,18 @@ impl Drop for Env {
     }
 }
 
+/// Deletes the Service `name` and waits until it is gone (our finalizer released it).
+pub async fn delete_service(services: &Api<Service>, name: &str) {
+    services
+        .delete(name, &kube::api::DeleteParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("delete Service {name}: {e}"));
+    wait_for(&format!("Service {name} gone"), || async {
+        services.get_opt(name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
 pub async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,

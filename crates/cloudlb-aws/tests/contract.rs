@@ -234,21 +234,51 @@ async fn reconcile(provider: &AwsProvider, desired: &Desired) -> (Observed, Vec<
     (result, ops)
 }
 
-#[tokio::test]
-async fn create_resync_change_and_delete_an_nlb() {
-    let _guard = TestGuard::new();
+/// A moto account of its own with a VPC (tagged subnets for [`CLUSTER`]) and `n` instances in
+/// its first private subnet.
+struct Account {
+    elbv2: support::elbv2::Client,
+    ec2: support::ec2::Client,
+    network: support::Network,
+    instances: Vec<String>,
+}
+
+async fn account(n: i32) -> Account {
     let moto = AwsEmulator::shared().await;
     let account = moto.new_account();
     let (elbv2, ec2) = moto.clients(&account);
     let network = create_vpc_with_subnets(&ec2, CLUSTER).await;
-    let instances: Vec<String> = run_instances(&ec2, &network.private_subnets[0].id, 3)
+    let instances = run_instances(&ec2, &network.private_subnets[0].id, n)
         .await
         .into_iter()
         .map(|i| i.id)
         .collect();
+    Account {
+        elbv2,
+        ec2,
+        network,
+        instances,
+    }
+}
+
+/// The provider with a rate limit high enough not to slow the test down.
+fn fast_provider(elbv2: &support::elbv2::Client, ec2: &support::ec2::Client) -> AwsProvider {
     let mut settings = AwsSettings::new(CLUSTER);
     settings.rate_limit_per_sec = 100.0;
-    let provider = AwsProvider::new(elbv2.clone(), ec2.clone(), settings);
+    AwsProvider::new(elbv2.clone(), ec2.clone(), settings)
+}
+
+#[tokio::test]
+async fn create_resync_change_and_delete_an_nlb() {
+    let _guard = TestGuard::new();
+    let Account {
+        network,
+        elbv2,
+        ec2,
+        instances,
+        ..
+    } = account(3).await;
+    let provider = fast_provider(&elbv2, &ec2);
     assert_eq!(provider.name(), "aws");
 
     // ---- create
@@ -577,15 +607,13 @@ async fn converge(provider: &AwsProvider, want: &Desired) -> (Vec<Op>, BTreeMap<
 #[tokio::test]
 async fn explicit_subnets_modifications_and_scheme_replacement() {
     let _guard = TestGuard::new();
-    let moto = AwsEmulator::shared().await;
-    let account = moto.new_account();
-    let (elbv2, ec2) = moto.clients(&account);
-    let network = create_vpc_with_subnets(&ec2, CLUSTER).await;
-    let instances: Vec<String> = run_instances(&ec2, &network.private_subnets[0].id, 2)
-        .await
-        .into_iter()
-        .map(|i| i.id)
-        .collect();
+    let Account {
+        network,
+        elbv2,
+        ec2,
+        instances,
+        ..
+    } = account(2).await;
     let provider = AwsProvider::new(elbv2.clone(), ec2.clone(), AwsSettings::new(CLUSTER));
 
     // Internal, in subnets given by Name tag, with a non-default LB attribute.
@@ -777,18 +805,14 @@ async fn tagged_target_group(
 #[tokio::test]
 async fn owned_finds_this_clusters_services_and_the_empty_plan_deletes_one() {
     let _guard = TestGuard::new();
-    let moto = AwsEmulator::shared().await;
-    let account = moto.new_account();
-    let (elbv2, ec2) = moto.clients(&account);
-    let network = create_vpc_with_subnets(&ec2, CLUSTER).await;
-    let instances: Vec<String> = run_instances(&ec2, &network.private_subnets[0].id, 2)
-        .await
-        .into_iter()
-        .map(|i| i.id)
-        .collect();
-    let mut settings = AwsSettings::new(CLUSTER);
-    settings.rate_limit_per_sec = 100.0;
-    let provider = AwsProvider::new(elbv2.clone(), ec2.clone(), settings);
+    let Account {
+        network,
+        elbv2,
+        ec2,
+        instances,
+        ..
+    } = account(2).await;
+    let provider = fast_provider(&elbv2, &ec2);
 
     // Two Services of this cluster, two ports each.
     let a = desired(&[TCP_80, UDP_53], &instances);
@@ -982,15 +1006,12 @@ async fn owned_finds_this_clusters_services_and_the_empty_plan_deletes_one() {
 #[tokio::test]
 async fn with_metrics_counts_every_call() {
     let _guard = TestGuard::new();
-    let moto = AwsEmulator::shared().await;
-    let account = moto.new_account();
-    let (elbv2, ec2) = moto.clients(&account);
-    let network = create_vpc_with_subnets(&ec2, CLUSTER).await;
-    let instances: Vec<String> = run_instances(&ec2, &network.private_subnets[0].id, 2)
-        .await
-        .into_iter()
-        .map(|i| i.id)
-        .collect();
+    let Account {
+        elbv2,
+        ec2,
+        instances,
+        ..
+    } = account(2).await;
     let observer = std::sync::Arc::new(Tally::default());
     let provider =
         AwsProvider::new(elbv2, ec2, AwsSettings::new(CLUSTER)).with_metrics(observer.clone());

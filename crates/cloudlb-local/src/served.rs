@@ -465,7 +465,13 @@ impl ServiceLb {
         let (sockets, group) = match (sockets, group) {
             (Some(s), Some(g)) => (s, g),
             (sockets, _) => {
-                return Err(vec![self.unservable(port, l, sockets.is_none(), ctx, closing)]);
+                return Err(vec![self.unservable(
+                    port,
+                    l,
+                    sockets.is_none(),
+                    ctx,
+                    closing,
+                )]);
             }
         };
         let Some(workers) = ctx.workers else {
