@@ -725,8 +725,7 @@ impl<'a> Run<'a> {
             .protocol(elb::ProtocolEnum::from(want.protocol.as_aws()))
             .default_actions(forward(&tg_arn))
             .set_certificates(want.certificates.first().map(|c| vec![certificate(c)]))
-            .set_ssl_policy(want.ssl_policy.clone())
-            .set_alpn_policy(want.alpn_policy.clone().map(|a| vec![a]));
+            .set_ssl_policy(want.ssl_policy.clone());
         let resp = self
             .p
             .calls
@@ -771,7 +770,6 @@ impl<'a> Run<'a> {
             .default_actions(forward(&tg_arn))
             .set_certificates(want.certificates.first().map(|c| vec![certificate(c)]))
             .set_ssl_policy(want.ssl_policy.clone())
-            .set_alpn_policy(want.alpn_policy.clone().map(|a| vec![a]))
             .set_tags(Some(elb_tags(&lb.tags)));
         let resp = self
             .p

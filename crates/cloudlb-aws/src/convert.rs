@@ -141,11 +141,6 @@ pub(crate) fn observed_listener(
         target_group_arn,
         certificates: canonical_certificates(default, others),
         ssl_policy: l.ssl_policy.clone().filter(|s| !s.is_empty()),
-        alpn_policy: l
-            .alpn_policy
-            .as_ref()
-            .and_then(|a| a.first().cloned())
-            .filter(|s| !s.is_empty()),
     })
 }
 

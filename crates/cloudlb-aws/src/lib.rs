@@ -9,7 +9,8 @@
 //! [`Provider::owned`] sweeps the account for everything tagged for this cluster ([`owned`]), so
 //! the controller can delete what Services that no longer exist left behind.
 //!
-//! Not done yet: `Security::manage_backend_rules` (rules on the nodes' security groups) is ignored.
+//! Not done yet: rules on the nodes' security groups (issue "pod-IP targets, node security-group
+//! rules"); an ALPN policy is neither set nor compared (a policy set in the console stays).
 
 mod apply;
 mod calls;

@@ -80,7 +80,6 @@ fn desired_for(cluster: &str, svc: ServiceRef, ports: &[Port], instances: &[Stri
             target_group: key.clone(),
             certificates: Vec::new(),
             ssl_policy: None,
-            alpn_policy: None,
         });
         let mut tg_tags = tags.clone();
         tg_tags.insert(tags::RESOURCE.into(), key.clone());
@@ -139,7 +138,6 @@ fn desired_for(cluster: &str, svc: ServiceRef, ports: &[Port], instances: &[Stri
                     ingress,
                 }),
                 extra_security_groups: Vec::new(),
-                manage_backend_rules: false,
             },
             attributes: BTreeMap::new(),
             tags,

@@ -363,7 +363,6 @@ fn assemble(
         security: Security {
             frontend,
             extra_security_groups: cfg.security_groups.clone(),
-            manage_backend_rules: false,
         },
         attributes,
         tags,
@@ -489,7 +488,6 @@ fn listener(g: &PortGroup, target_group: String, cfg: &LbConfig) -> Listener {
             vec![]
         },
         ssl_policy: if tls { cfg.ssl_policy.clone() } else { None },
-        alpn_policy: None,
     }
 }
 

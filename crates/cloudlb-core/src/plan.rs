@@ -373,7 +373,6 @@ fn listener_differs(
         || have.target_group_arn.as_ref() != tg_arn
         || want_certs != have_certs
         || (want.ssl_policy.is_some() && have.ssl_policy != want.ssl_policy)
-        || have.alpn_policy != want.alpn_policy
 }
 
 /// 6. Target groups no longer wanted, now that no listener forwards to them; then our security

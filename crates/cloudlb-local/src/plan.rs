@@ -253,7 +253,6 @@ mod tests {
                     target_group_arn: Some(l.target_group.clone()),
                     certificates: vec![],
                     ssl_policy: None,
-                    alpn_policy: None,
                 })
                 .collect(),
             target_groups: lb

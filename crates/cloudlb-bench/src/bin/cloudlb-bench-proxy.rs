@@ -432,7 +432,6 @@ fn desired(n: u8) -> Desired {
         security: Security {
             frontend: None,
             extra_security_groups: vec![],
-            manage_backend_rules: false,
         },
         attributes: BTreeMap::new(),
         tags: BTreeMap::new(),
@@ -442,7 +441,6 @@ fn desired(n: u8) -> Desired {
             target_group: "tcp-8080".into(),
             certificates: vec![],
             ssl_policy: None,
-            alpn_policy: None,
         }],
         target_groups: vec![TargetGroup {
             key: "tcp-8080".into(),

@@ -185,9 +185,6 @@ pub struct Security {
     /// User-supplied security groups attached instead of (or, never in addition to) ours.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_security_groups: Vec<String>,
-    /// Manage ingress rules on the nodes' security groups so the LB can reach the nodePorts.
-    #[serde(default)]
-    pub manage_backend_rules: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,8 +215,6 @@ pub struct Listener {
     pub certificates: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssl_policy: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub alpn_policy: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

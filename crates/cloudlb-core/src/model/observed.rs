@@ -53,7 +53,6 @@ pub struct ObservedListener {
     pub target_group_arn: Option<String>,
     pub certificates: Vec<String>,
     pub ssl_policy: Option<String>,
-    pub alpn_policy: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

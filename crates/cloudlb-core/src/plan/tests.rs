@@ -95,7 +95,6 @@ fn observed_for(d: &Desired) -> Observed {
                     .map(|t| tg_arn(&t.name)),
                 certificates: l.certificates.clone(),
                 ssl_policy: l.ssl_policy.clone(),
-                alpn_policy: None,
             })
             .collect(),
         target_groups: lb

@@ -40,7 +40,6 @@ pub fn listener(port: u16, protocol: Protocol, key: &str) -> Listener {
         target_group: key.into(),
         certificates: vec![],
         ssl_policy: None,
-        alpn_policy: None,
     }
 }
 
@@ -85,7 +84,6 @@ pub fn local_lb(
         security: Security {
             frontend: None,
             extra_security_groups: vec![],
-            manage_backend_rules: false,
         },
         attributes: BTreeMap::new(),
         tags: BTreeMap::new(),
