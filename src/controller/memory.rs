@@ -41,15 +41,27 @@ impl Memory {
     }
 
     /// Runs `f` on the memory of the Service `uid` (empty if there is none); an entry left empty
-    /// is dropped.
+    /// is dropped, and none is made for nothing (every reconcile passes here: no allocation when
+    /// there is nothing to remember).
     pub fn with<R>(&self, uid: &str, f: impl FnOnce(&mut ServiceMemory) -> R) -> R {
         let mut services = self.lock();
-        let entry = services.entry(uid.to_string()).or_default();
-        let result = f(entry);
-        if entry.is_empty() {
-            services.remove(uid);
+        match services.get_mut(uid) {
+            Some(entry) => {
+                let result = f(entry);
+                if entry.is_empty() {
+                    services.remove(uid);
+                }
+                result
+            }
+            None => {
+                let mut entry = ServiceMemory::default();
+                let result = f(&mut entry);
+                if !entry.is_empty() {
+                    services.insert(uid.to_string(), entry);
+                }
+                result
+            }
         }
-        result
     }
 
     /// A copy of what is known about the cloud for `uid`.
