@@ -295,10 +295,7 @@ mod tests {
                 .iter()
                 .all(|t| t.targets.is_empty())
         );
-        assert_eq!(
-            e.outline().lb.as_ref().map(|l| &l.dns_name),
-            o.lb.as_ref().map(|l| &l.dns_name)
-        );
+        assert_eq!(e.outline().dns_name(), o.dns_name());
     }
 
     #[test]

@@ -251,26 +251,11 @@ pub async fn run(
     });
 
     let trigger = futures::stream::select(node_rx, class_rx);
-    let (svc_store, svc_writer) = reflector::store();
-    let svc_stream = watcher(services, watcher::Config::default())
-        .default_backoff()
-        .modify(slim_service)
-        .reflect(svc_writer)
-        .applied_objects();
-    let controller = Controller::for_stream(svc_stream, svc_store.clone())
-        .with_config(
-            kube::runtime::controller::Config::default()
-                .concurrency(ctx.settings.concurrency)
-                .debounce(Duration::from_millis(200)),
-        )
-        .reconcile_all_on(trigger)
-        .graceful_shutdown_on(shutdown.clone());
+    let (controller_task, svc_store) =
+        service_controller(ctx.clone(), services, trigger, shutdown.clone());
     let status_task = class_status::run(ctx.clone(), svc_store);
     let orphan_task = orphans::run(ctx.clone(), ctx.settings.orphan_sweep);
     let health_task = local_health_events(ctx.clone());
-    let controller_task = controller
-        .run(service::reconcile, service::error_policy, ctx.clone())
-        .for_each(dispatched(ctx.metrics.clone()));
     // Wait for the node and class caches before the first reconcile can use them.
     let ready = || {
         let (nodes, classes) = (nodes.clone(), classes.clone());
@@ -302,59 +287,91 @@ pub async fn run(
     }
 }
 
+/// The Service controller: reconciles each Service (of `services`) as it changes, and all of them
+/// on every `trigger`; stops taking new work when `shutdown` resolves and ends when the running
+/// reconciles are done. Also returns its Service cache.
+fn service_controller(
+    ctx: Arc<Context>,
+    services: Api<Service>,
+    trigger: impl futures::Stream<Item = ()> + Send + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> (
+    impl std::future::Future<Output = ()>,
+    reflector::Store<Service>,
+) {
+    let (store, writer) = reflector::store();
+    let stream = watcher(services, watcher::Config::default())
+        .default_backoff()
+        .modify(slim_service)
+        .reflect(writer)
+        .applied_objects();
+    let task = Controller::for_stream(stream, store.clone())
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .concurrency(ctx.settings.concurrency)
+                .debounce(Duration::from_millis(200)),
+        )
+        .reconcile_all_on(trigger)
+        .graceful_shutdown_on(shutdown)
+        .run(service::reconcile, service::error_policy, ctx.clone())
+        .for_each(dispatched(ctx.metrics.clone()));
+    (task, store)
+}
+
 /// Watches Nodes into `writer`; signals `tx` (reconcile every Service) when the eligible node set
 /// or a target address changes, not on heartbeats.
 fn watch_nodes(
     client: &Client,
     writer: reflector::store::Writer<Node>,
-    mut tx: futures::channel::mpsc::Sender<()>,
+    tx: futures::channel::mpsc::Sender<()>,
     metrics: Arc<crate::telemetry::Metrics>,
 ) -> impl std::future::Future<Output = ()> {
     let stream = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .modify(slim_node)
         .reflect(writer);
-    async move {
-        let mut digests = NodeDigests::default();
-        futures::pin_mut!(stream);
-        while let Some(ev) = stream.next().await {
-            match ev {
-                Err(e) => {
-                    tracing::warn!(error = %e, "node watch error (retrying)");
-                    metrics.watch_error("nodes");
-                }
-                Ok(event) => {
-                    if digests.apply(event) {
-                        let _ = tx.try_send(());
-                    }
-                }
-            }
-        }
-    }
+    let mut digests = NodeDigests::default();
+    signal_changes(stream, "nodes", metrics, tx, move |event| {
+        digests.apply(event)
+    })
 }
 
 /// Watches LoadBalancerClasses into `writer`; every change signals `tx`.
 fn watch_classes(
     client: &Client,
     writer: reflector::store::Writer<LoadBalancerClass>,
-    mut tx: futures::channel::mpsc::Sender<()>,
+    tx: futures::channel::mpsc::Sender<()>,
     metrics: Arc<crate::telemetry::Metrics>,
 ) -> impl std::future::Future<Output = ()> {
     let api = Api::<LoadBalancerClass>::all(client.clone());
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+    let stream = watcher(api, watcher::Config::default())
         .default_backoff()
-        .touched_objects();
-    async move {
-        futures::pin_mut!(stream);
-        while let Some(ev) = stream.next().await {
-            match ev {
-                Ok(_) => {
+        .reflect(writer);
+    signal_changes(stream, "loadbalancerclasses", metrics, tx, |event| {
+        !matches!(event, watcher::Event::Init | watcher::Event::InitDone)
+    })
+}
+
+/// Drives a watch (its store is filled by `.reflect` upstream), counting its errors under
+/// `resource`, and signals `tx` for every event that `changes` says alters a reconcile's input.
+async fn signal_changes<K>(
+    stream: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    resource: &'static str,
+    metrics: Arc<crate::telemetry::Metrics>,
+    mut tx: futures::channel::mpsc::Sender<()>,
+    mut changes: impl FnMut(watcher::Event<K>) -> bool,
+) {
+    futures::pin_mut!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(event) => {
+                if changes(event) {
                     let _ = tx.try_send(());
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "LoadBalancerClass watch error (retrying)");
-                    metrics.watch_error("loadbalancerclasses");
-                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, resource, "watch error (retrying)");
+                metrics.watch_error(resource);
             }
         }
     }
@@ -487,35 +504,26 @@ async fn local_health_events(ctx: Arc<Context>) {
             }
         };
         let key = (ev.service.uid.clone(), ev.target_group.clone());
-        let reference = events::service_ref(&ev.service);
-        if ev.healthy == 0 && ev.total > 0 {
-            if down.insert(key) {
+        let event = if ev.healthy == 0 && ev.total > 0 {
+            down.insert(key).then(|| {
                 let note = format!(
                     "All {} targets of {} failed their health checks; traffic still goes to all of them (fail open)",
                     ev.total, ev.target_group
                 );
-                events::publish_ref(
-                    &ctx.recorder,
-                    &reference,
-                    events::EventType::Warning,
-                    events::ALL_UNHEALTHY,
-                    note,
-                )
-                .await;
-            }
-        } else if ev.healthy > 0 && down.remove(&key) {
-            let note = format!(
-                "{} of {} targets of {} are healthy again",
-                ev.healthy, ev.total, ev.target_group
-            );
-            events::publish_ref(
-                &ctx.recorder,
-                &reference,
-                events::EventType::Normal,
-                events::TARGETS_HEALTHY,
-                note,
-            )
-            .await;
+                (events::EventType::Warning, events::ALL_UNHEALTHY, note)
+            })
+        } else {
+            (ev.healthy > 0 && down.remove(&key)).then(|| {
+                let note = format!(
+                    "{} of {} targets of {} are healthy again",
+                    ev.healthy, ev.total, ev.target_group
+                );
+                (events::EventType::Normal, events::TARGETS_HEALTHY, note)
+            })
+        };
+        if let Some((kind, reason, note)) = event {
+            let reference = events::service_ref(&ev.service);
+            events::publish_ref(&ctx.recorder, &reference, kind, reason, note).await;
         }
     }
 }

@@ -54,12 +54,7 @@ pub async fn sweep_once(ctx: &Context) -> usize {
             if alive(ctx, &sref).await {
                 continue;
             }
-            let name = observed
-                .lb
-                .as_ref()
-                .map(|l| l.name.clone())
-                .unwrap_or_default();
-            let desired = Desired::empty(sref.clone(), name);
+            let desired = Desired::empty(sref.clone(), observed.lb_name().to_string());
             let plan = match provider.plan(&desired, &observed) {
                 Ok(p) => p,
                 Err(e) => {

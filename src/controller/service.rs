@@ -485,12 +485,7 @@ async fn announce(svc: &Service, ctx: &Context, plan: &Plan, observed: &Observed
         tracing::info!("targets updated");
         return;
     }
-    let dns = observed
-        .lb
-        .as_ref()
-        .map(|l| l.dns_name.as_str())
-        .unwrap_or_default();
-    let note = format!("Ensured load balancer {dns}");
+    let note = format!("Ensured load balancer {}", observed.dns_name());
     publish(&ctx.recorder, svc, EventType::Normal, events::ENSURED, note).await;
 }
 

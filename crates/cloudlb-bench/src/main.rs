@@ -19,7 +19,9 @@ use clap::Parser;
 use cloudlb::config::class::LoadBalancerClass;
 use cloudlb_testbed::faultproxy::{FaultProxy, ProxyConfig};
 use cloudlb_testbed::process::{ManagedProcess, free_port, keep_scratch_dirs};
-use cloudlb_testbed::{AwsEmulator, TestCluster};
+use cloudlb_testbed::{
+    AwsEmulator, TestCluster, create_node, create_vpc_with_subnets, node_for, run_instances,
+};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -37,12 +39,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLUSTER: &str = "bench";
 const NAMESPACE: &str = "bench";
-const REGION: &str = "us-east-1";
-const ZONES: [&str; 2] = ["us-east-1a", "us-east-1b"];
+/// The account moto puts requests without an account header in.
+const MOTO_DEFAULT_ACCOUNT: &str = "123456789012";
 /// The Node added and removed in the node phases.
 const EXTRA_NODE: &str = "node-extra";
-/// An AMI from moto's built-in list.
-const AMI: &str = "ami-12c6146b";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -130,13 +130,7 @@ pub enum StopAfter {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    cloudlb_bench::init_logging();
     let args = Args::parse();
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -304,121 +298,13 @@ struct Aws {
 }
 
 impl Aws {
+    /// Clients for moto's default account, the one the operator's calls land in.
     fn new(endpoint: &str) -> Aws {
-        let credentials = aws_sdk_ec2::config::Credentials::new(
-            "AKIACLOUDLBBENCH0000",
-            "cloudlb-bench-secret",
-            None,
-            None,
-            "cloudlb-bench",
-        );
-        let config = aws_config::SdkConfig::builder()
-            .region(aws_config::Region::new(REGION))
-            .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(
-                credentials,
-            ))
-            .endpoint_url(endpoint)
-            .behavior_version(aws_config::BehaviorVersion::latest())
-            .build();
+        let config = cloudlb_testbed::aws_sdk_config(endpoint, MOTO_DEFAULT_ACCOUNT);
         Aws {
             elbv2: aws_sdk_elasticloadbalancingv2::Client::new(&config),
             ec2: aws_sdk_ec2::Client::new(&config),
         }
-    }
-
-    /// A VPC with a public and a private subnet per zone, tagged for the cluster.
-    async fn network(&self) -> Result<Vec<(String, String)>, BenchError> {
-        use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
-        let tags = |kind: ResourceType, pairs: &[(&str, &str)]| {
-            pairs
-                .iter()
-                .fold(
-                    TagSpecification::builder().resource_type(kind),
-                    |b, (k, v)| b.tags(Tag::builder().key(*k).value(*v).build()),
-                )
-                .build()
-        };
-        let vpc = self
-            .ec2
-            .create_vpc()
-            .cidr_block("10.0.0.0/16")
-            .send()
-            .await
-            .map_err(|e| aws_err("CreateVpc", e))?;
-        let vpc_id = vpc
-            .vpc()
-            .and_then(|v| v.vpc_id())
-            .ok_or_else(|| BenchError::Aws("CreateVpc returned no id".into()))?
-            .to_string();
-        let cluster_tag = format!("kubernetes.io/cluster/{CLUSTER}");
-        let mut public = Vec::new();
-        for (i, az) in ZONES.iter().enumerate() {
-            for (role, cidr, is_public) in [
-                (
-                    "kubernetes.io/role/elb",
-                    format!("10.0.{}.0/20", i * 16),
-                    true,
-                ),
-                (
-                    "kubernetes.io/role/internal-elb",
-                    format!("10.0.{}.0/20", 128 + i * 16),
-                    false,
-                ),
-            ] {
-                let out = self
-                    .ec2
-                    .create_subnet()
-                    .vpc_id(&vpc_id)
-                    .cidr_block(cidr)
-                    .availability_zone(*az)
-                    .tag_specifications(tags(
-                        ResourceType::Subnet,
-                        &[(role, "1"), (&cluster_tag, "owned")],
-                    ))
-                    .send()
-                    .await
-                    .map_err(|e| aws_err("CreateSubnet", e))?;
-                let id = out
-                    .subnet()
-                    .and_then(|s| s.subnet_id())
-                    .ok_or_else(|| BenchError::Aws("CreateSubnet returned no id".into()))?;
-                if is_public {
-                    public.push((id.to_string(), az.to_string()));
-                }
-            }
-        }
-        Ok(public)
-    }
-
-    /// `n` instances in `subnet`: (id, az, private IP).
-    async fn instances(
-        &self,
-        subnet: &str,
-        n: usize,
-    ) -> Result<Vec<(String, String, String)>, BenchError> {
-        let n = i32::try_from(n).map_err(|_| BenchError::Aws("too many instances".into()))?;
-        let out = self
-            .ec2
-            .run_instances()
-            .image_id(AMI)
-            .instance_type(aws_sdk_ec2::types::InstanceType::T3Medium)
-            .min_count(n)
-            .max_count(n)
-            .subnet_id(subnet)
-            .send()
-            .await
-            .map_err(|e| aws_err("RunInstances", e))?;
-        Ok(out
-            .instances()
-            .iter()
-            .filter_map(|i| {
-                Some((
-                    i.instance_id()?.to_string(),
-                    i.placement()?.availability_zone()?.to_string(),
-                    i.private_ip_address()?.to_string(),
-                ))
-            })
-            .collect())
     }
 
     /// (load balancers, target groups, our security groups) in the account.
@@ -455,34 +341,6 @@ impl Aws {
             .len();
         Ok((lbs, tgs, sgs))
     }
-}
-
-fn node(name: &str, id: &str, az: &str, ip: &str) -> Result<Node, BenchError> {
-    Ok(serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {
-            "kubernetes.io/hostname": name,
-            "topology.kubernetes.io/zone": az,
-            "topology.kubernetes.io/region": REGION,
-        }},
-        "spec": {"providerID": format!("aws:///{az}/{id}")},
-        "status": {
-            "addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}],
-            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-                "message": "bench node", "lastHeartbeatTime": "2024-01-01T00:00:00Z",
-                "lastTransitionTime": "2024-01-01T00:00:00Z"}],
-        },
-    }))?)
-}
-
-/// Creates the Node and writes its status (a create drops it).
-async fn create_node(client: &Client, node: Node) -> Result<(), BenchError> {
-    let api: Api<Node> = Api::all(client.clone());
-    let name = node.metadata.name.clone().unwrap_or_default();
-    let status = json!({"status": node.status});
-    api.create(&PostParams::default(), &node).await?;
-    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-        .await?;
-    Ok(())
 }
 
 fn service(i: usize) -> Result<Service, BenchError> {
@@ -638,24 +496,24 @@ async fn run(args: Args) -> Result<(), BenchError> {
 
     // Nodes: instances in moto (directly, not through the proxy) and Node objects.
     let aws = Aws::new(moto.endpoint());
-    let subnets = aws.network().await?;
-    if subnets.is_empty() {
-        return Err(BenchError::Aws("no public subnet was created".into()));
-    }
+    let subnets = create_vpc_with_subnets(&aws.ec2, CLUSTER)
+        .await
+        .public_subnets;
     let mut instances = Vec::new();
     let mut i = 0;
     while instances.len() < args.nodes {
-        let (subnet, _) = &subnets[i % subnets.len()];
-        let batch = (args.nodes - instances.len()).min(100);
-        instances.extend(aws.instances(subnet, batch).await?);
+        let subnet = &subnets[i % subnets.len()];
+        // RunInstances in batches of 100, round-robin over the zones.
+        let batch = (args.nodes - instances.len()).min(100) as i32;
+        instances.extend(run_instances(&aws.ec2, &subnet.id, batch).await);
         i += 1;
     }
     let instances = Arc::new(instances);
     for_each(instances.len(), args.concurrency, |i| {
         let (client, instances) = (client.clone(), instances.clone());
         async move {
-            let (id, az, ip) = &instances[i];
-            create_node(&client, node(&format!("node-{i:05}"), id, az, ip)?).await
+            create_node(&client, &node_for(&instances[i], &format!("node-{i:05}"))).await;
+            Ok(())
         }
     })
     .await?;
@@ -672,7 +530,7 @@ async fn run(args: Args) -> Result<(), BenchError> {
         ("AWS_ENDPOINT_URL", proxy.endpoint()),
         ("AWS_ACCESS_KEY_ID", "AKIACLOUDLBBENCH0000".to_string()),
         ("AWS_SECRET_ACCESS_KEY", "cloudlb-bench-secret".to_string()),
-        ("AWS_REGION", REGION.to_string()),
+        ("AWS_REGION", cloudlb_testbed::aws::REGION.to_string()),
         ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
     ];
     let op_args: Vec<String> = [
@@ -729,7 +587,7 @@ async fn run(args: Args) -> Result<(), BenchError> {
         client: client.clone(),
         services: Api::namespaced(client.clone(), NAMESPACE),
         aws: &aws,
-        subnet: subnets[0].0.clone(),
+        subnet: subnets[0].id.clone(),
         track,
         tgs,
         quiet: Duration::from_secs(args.quiet_secs),
@@ -971,13 +829,13 @@ impl Bench<'_> {
     }
 
     async fn node_added(&self, report: &mut Report) -> Result<(), BenchError> {
-        let extra = self.aws.instances(&self.subnet, 1).await?;
-        let Some((id, az, ip)) = extra.first().cloned() else {
+        let extra = run_instances(&self.aws.ec2, &self.subnet, 1).await;
+        let Some(instance) = extra.first() else {
             return Err(BenchError::Aws("RunInstances returned nothing".into()));
         };
         let m = mark(self.proxy, self.op).await;
         let t0 = Instant::now();
-        create_node(&self.client, node(EXTRA_NODE, &id, &az, &ip)?).await?;
+        create_node(&self.client, &node_for(instance, EXTRA_NODE)).await;
         report.phase(
             self.node_phase("node added", "RegisterTargets", m, t0)
                 .await?,

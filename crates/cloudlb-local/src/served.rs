@@ -575,10 +575,7 @@ fn start_tcp(
         for me in 0..pool.len() {
             let handle = pool.handle(me);
             let dup = listener.try_clone()?;
-            let registered = {
-                let _in_worker = handle.enter();
-                tokio::net::TcpListener::from_std(dup)?
-            };
+            let registered = in_worker(handle, || tokio::net::TcpListener::from_std(dup))?;
             tasks.push(handle.spawn(tcp::serve(
                 registered,
                 me,
@@ -599,6 +596,16 @@ fn start_tcp(
     }
 }
 
+/// Runs `register` (a `from_std` of a socket) inside worker `handle`'s runtime, so the socket is
+/// driven by that worker's I/O reactor.
+fn in_worker<T>(
+    handle: &tokio::runtime::Handle,
+    register: impl FnOnce() -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    let _in_worker = handle.enter();
+    register()
+}
+
 /// Receives on `socket` in one worker.
 fn start_udp(
     workers: &Workers,
@@ -609,10 +616,7 @@ fn start_udp(
     let token = Token::default();
     let pool = workers.pool();
     let handle = pool.handle(pool.next());
-    let registered = {
-        let _in_worker = handle.enter();
-        tokio::net::UdpSocket::from_std(socket)?
-    };
+    let registered = in_worker(handle, || tokio::net::UdpSocket::from_std(socket))?;
     let task = handle.spawn(udp::serve(
         registered,
         slot.clone(),

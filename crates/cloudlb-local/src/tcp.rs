@@ -46,10 +46,8 @@ pub(crate) async fn serve(
     let cancelled = token.cancelled();
     tokio::pin!(cancelled);
     loop {
-        let accepted = tokio::select! {
-            biased;
-            () = &mut cancelled => break,
-            r = listener.accept() => r,
+        let Some(accepted) = cancelled.as_mut().race(listener.accept()).await else {
+            break;
         };
         let (client, peer) = match accepted {
             Ok(c) => c,

@@ -59,6 +59,18 @@ pub(crate) struct Cancelled<'a> {
     registered: Option<(u64, Waker)>,
 }
 
+impl Cancelled<'_> {
+    /// `work`'s output, or `None` when the token is (or gets) cancelled first. A loop keeps one
+    /// pinned `Cancelled` across its rounds, so its waker is registered once, not every round.
+    pub(crate) async fn race<T>(self: Pin<&mut Self>, work: impl Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            biased;
+            () = self => None,
+            out = work => Some(out),
+        }
+    }
+}
+
 impl Future for Cancelled<'_> {
     type Output = ();
 

@@ -59,10 +59,8 @@ pub(crate) async fn serve(
     let cancelled = token.cancelled();
     tokio::pin!(cancelled);
     loop {
-        let received = tokio::select! {
-            biased;
-            () = &mut cancelled => break,
-            r = socket.recv_from(&mut buf) => r,
+        let Some(received) = cancelled.as_mut().race(socket.recv_from(&mut buf)).await else {
+            break;
         };
         let (n, client) = match received {
             Ok(r) => r,

@@ -14,7 +14,10 @@ use aws_sdk_ec2::types::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
-use crate::process::{ManagedProcess, TempDir, cache_dir, find_binary, free_port, lost_port_race};
+use crate::process::{
+    ManagedProcess, TempDir, announce_started, cache_dir, find_binary, free_port,
+    start_on_free_ports,
+};
 
 pub use aws_sdk_ec2 as ec2;
 pub use aws_sdk_elasticloadbalancingv2 as elbv2;
@@ -25,7 +28,6 @@ pub const ZONES: [&str; 2] = ["us-east-1a", "us-east-1b"];
 /// An AMI id from moto's built-in image list (moto does not validate AMIs by default).
 pub const TEST_AMI: &str = "ami-12c6146b";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-const START_ATTEMPTS: usize = 3;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -86,7 +88,8 @@ pub struct AwsEmulator {
     process: ManagedProcess,
     endpoint: String,
     start_time: Duration,
-    dir: TempDir,
+    /// moto's working directory, removed on drop (kept when a test failed).
+    _dir: TempDir,
 }
 
 impl AwsEmulator {
@@ -116,49 +119,31 @@ impl AwsEmulator {
                 .unwrap_or_else(|e| panic!("write moto's sitecustomize.py: {e}"));
             env.push(("PYTHONPATH", site.display().to_string()));
         }
-        let mut last_failure = String::new();
-        for attempt in 1..=START_ATTEMPTS {
+        let (moto, env, scratch) = (&moto, &env, &dir);
+        let started_on = start_on_free_ports("moto", || async move {
             let port = free_port();
-            let args = vec![
-                "-H".to_string(),
-                "127.0.0.1".to_string(),
-                "-p".to_string(),
-                port.to_string(),
-            ];
+            let args = ["-H", "127.0.0.1", "-p", &port.to_string()].map(String::from);
             let mut process =
-                ManagedProcess::spawn_with_env("moto", &moto, &args, &env, dir.path())
-                    .unwrap_or_else(|e| panic!("start moto_server: {e}"));
-            let endpoint = format!("http://127.0.0.1:{port}");
-            match wait_ready(&mut process, port).await {
-                Ok(()) => {
-                    let emulator = AwsEmulator {
-                        process,
-                        endpoint,
-                        start_time: started.elapsed(),
-                        dir,
-                    };
-                    eprintln!(
-                        "moto server started in {} ms ({}; dir {})",
-                        emulator.start_time.as_millis(),
-                        emulator.endpoint,
-                        emulator.dir.path().display()
-                    );
-                    return emulator;
-                }
-                Err(log) => {
-                    last_failure = log;
-                    if !lost_port_race(&last_failure) {
-                        break;
-                    }
-                    eprintln!("testbed: moto lost a port race on attempt {attempt}, retrying");
-                }
-            }
+                ManagedProcess::spawn_with_env("moto", moto, &args, env, scratch.path())
+                    .map_err(|e| format!("start moto_server: {e}"))?;
+            wait_ready(&mut process, port).await?;
+            Ok((process, format!("http://127.0.0.1:{port}")))
+        })
+        .await;
+        let (process, endpoint) = started_on.unwrap_or_else(|log| {
+            panic!(
+                "moto server did not start (venv {}; run scripts/install-test-deps):\n{log}",
+                cache_dir().join("moto-venv").display()
+            )
+        });
+        let start_time = started.elapsed();
+        announce_started("moto server", start_time, &endpoint, &dir);
+        AwsEmulator {
+            process,
+            endpoint,
+            start_time,
+            _dir: dir,
         }
-        crate::process::mark_failed();
-        panic!(
-            "moto server did not start (venv {}; run scripts/install-test-deps):\n{last_failure}",
-            cache_dir().join("moto-venv").display()
-        );
     }
 
     /// `http://127.0.0.1:<port>`.

@@ -15,11 +15,11 @@ use serde_json::json;
 use tokio::sync::OnceCell;
 
 use crate::process::{
-    ManagedProcess, TempDir, etcd_binary, free_port, kube_binary, lost_port_race,
+    ManagedProcess, TempDir, announce_started, etcd_binary, free_port, kube_binary,
+    start_on_free_ports,
 };
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
-const START_ATTEMPTS: usize = 3;
 const ADMIN_USER: &str = "admin";
 
 static SHARED: OnceCell<TestCluster> = OnceCell::const_new();
@@ -72,52 +72,33 @@ impl TestClusterBuilder {
         let started = Instant::now();
         let dir = TempDir::new().expect("create a scratch directory for the test cluster");
         let files = ClusterFiles::write(dir.path());
-        let mut last_failure = String::new();
-        for attempt in 1..=START_ATTEMPTS {
-            match self.try_start(&dir, &files).await {
-                Ok((procs, commands, url, ca_der)) => {
-                    let kubeconfig = dir.path().join("kubeconfig");
-                    let cluster = TestCluster {
-                        processes: std::sync::Mutex::new(procs),
-                        commands,
-                        url,
-                        admin_token: files.admin_token.clone(),
-                        ca_der,
-                        kubeconfig,
-                        start_time: started.elapsed(),
-                        dir,
-                    };
-                    eprintln!(
-                        "TestCluster started in {} ms ({}; dir {})",
-                        cluster.start_time.as_millis(),
-                        cluster.url,
-                        cluster.dir.path().display()
-                    );
-                    return cluster;
-                }
-                Err(StartFailure::PortTaken(log)) if attempt < START_ATTEMPTS => {
-                    eprintln!("testbed: port race on attempt {attempt}, retrying:\n{log}");
-                    last_failure = log;
-                }
-                Err(StartFailure::PortTaken(log) | StartFailure::Fatal(log)) => {
-                    last_failure = log;
-                    break;
-                }
-            }
+        let started_on =
+            start_on_free_ports("kube-apiserver", || self.try_start(&dir, &files)).await;
+        let (procs, commands, url, ca_der) = started_on.unwrap_or_else(|log| {
+            panic!(
+                "the test cluster did not start (scratch dir {}):\n{log}",
+                dir.path().display()
+            )
+        });
+        let start_time = started.elapsed();
+        announce_started("TestCluster", start_time, &url, &dir);
+        TestCluster {
+            processes: std::sync::Mutex::new(procs),
+            commands,
+            url,
+            admin_token: files.admin_token.clone(),
+            ca_der,
+            kubeconfig: dir.path().join("kubeconfig"),
+            start_time,
+            dir,
         }
-        // Keep the directory for inspection.
-        crate::process::mark_failed();
-        panic!(
-            "the test cluster did not start (scratch dir {}):\n{last_failure}",
-            dir.path().display()
-        );
     }
 
     async fn try_start(
         &self,
         dir: &TempDir,
         files: &ClusterFiles,
-    ) -> Result<(Processes, Commands, String, Vec<Vec<u8>>), StartFailure> {
+    ) -> Result<(Processes, Commands, String, Vec<Vec<u8>>), String> {
         let etcd_bin = etcd_binary();
         let apiserver_bin = kube_binary("CLOUDLB_KUBE_APISERVER", "kube-apiserver");
         let kcm_bin = kube_binary("CLOUDLB_KUBE_CONTROLLER_MANAGER", "kube-controller-manager");
@@ -127,63 +108,41 @@ impl TestClusterBuilder {
         let _ = std::fs::remove_dir_all(&etcd_data);
         let client_url = format!("http://127.0.0.1:{etcd_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
-        let etcd_args: Vec<String> = [
-            "--name",
-            "testbed",
-            "--data-dir",
-            path_str(&etcd_data),
-            "--listen-client-urls",
-            &client_url,
-            "--advertise-client-urls",
-            &client_url,
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-            "--initial-cluster",
-            &format!("testbed={peer_url}"),
+        // One flag and its value per entry.
+        let etcd_args = vec![
+            "--name=testbed".to_string(),
+            format!("--data-dir={}", path_str(&etcd_data)),
+            format!("--listen-client-urls={client_url}"),
+            format!("--advertise-client-urls={client_url}"),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster=testbed={peer_url}"),
             // Test data: durability across a machine crash does not matter, speed does.
-            "--unsafe-no-fsync",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+            "--unsafe-no-fsync".to_string(),
+        ];
         let mut etcd = ManagedProcess::spawn("etcd", &etcd_bin, &etcd_args, dir.path())
-            .map_err(|e| StartFailure::Fatal(format!("start etcd: {e}")))?;
+            .map_err(|e| format!("start etcd: {e}"))?;
 
-        let mut apiserver_args: Vec<String> = [
-            "--etcd-servers",
-            &client_url,
-            "--bind-address",
-            "127.0.0.1",
-            "--secure-port",
-            &secure_port.to_string(),
-            "--advertise-address",
-            "127.0.0.1",
-            "--cert-dir",
-            path_str(&files.cert_dir),
-            "--token-auth-file",
-            path_str(&files.token_file),
-            "--authorization-mode",
-            "RBAC",
-            "--service-account-key-file",
-            path_str(&files.sa_pub),
-            "--service-account-signing-key-file",
-            path_str(&files.sa_key),
-            "--service-account-issuer",
-            "https://kubernetes.default.svc",
-            "--service-cluster-ip-range",
-            "10.96.0.0/16",
-            "--service-node-port-range",
-            &self.node_port_range,
+        let mut apiserver_args = vec![
+            format!("--etcd-servers={client_url}"),
+            "--bind-address=127.0.0.1".to_string(),
+            format!("--secure-port={secure_port}"),
+            "--advertise-address=127.0.0.1".to_string(),
+            format!("--cert-dir={}", path_str(&files.cert_dir)),
+            format!("--token-auth-file={}", path_str(&files.token_file)),
+            "--authorization-mode=RBAC".to_string(),
+            format!("--service-account-key-file={}", path_str(&files.sa_pub)),
+            format!(
+                "--service-account-signing-key-file={}",
+                path_str(&files.sa_key)
+            ),
+            "--service-account-issuer=https://kubernetes.default.svc".to_string(),
+            "--service-cluster-ip-range=10.96.0.0/16".to_string(),
+            format!("--service-node-port-range={}", self.node_port_range),
             // No kubelets or other API servers: nothing to reconcile the `kubernetes` Endpoints
             // for (from 1.37 a loopback --advertise-address is refused without this).
-            "--endpoint-reconciler-type",
-            "none",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+            "--endpoint-reconciler-type=none".to_string(),
+        ];
         apiserver_args.extend(self.extra_args.iter().cloned());
         let mut apiserver = ManagedProcess::spawn(
             "kube-apiserver",
@@ -191,7 +150,7 @@ impl TestClusterBuilder {
             &apiserver_args,
             dir.path(),
         )
-        .map_err(|e| StartFailure::Fatal(format!("start kube-apiserver: {e}")))?;
+        .map_err(|e| format!("start kube-apiserver: {e}"))?;
 
         let url = format!("https://127.0.0.1:{secure_port}");
         let deadline = Instant::now() + READY_TIMEOUT;
@@ -201,23 +160,18 @@ impl TestClusterBuilder {
                 .into_iter()
                 .find_map(|p| p.exited().map(|status| (p.name().to_string(), status)));
             if let Some((name, status)) = exited {
-                let log = format!(
+                return Err(format!(
                     "{name} exited early ({status}):\n{}\n{}",
                     etcd.log_section(30),
                     apiserver.log_section(60)
-                );
-                return Err(if lost_port_race(&log) {
-                    StartFailure::PortTaken(log)
-                } else {
-                    StartFailure::Fatal(log)
-                });
+                ));
             }
             if Instant::now() > deadline {
-                return Err(StartFailure::Fatal(format!(
+                return Err(format!(
                     "kube-apiserver was not ready within {READY_TIMEOUT:?} (last: {last_error}):\n{}\n{}",
                     etcd.log_section(30),
                     apiserver.log_section(80)
-                )));
+                ));
             }
             // The server writes its self-signed certificate (plus CA) at start-up.
             match read_pem_certs(&files.ca_file) {
@@ -284,31 +238,27 @@ async fn start_controller_manager(
     program: &Path,
     client: &Client,
     deadline: Instant,
-) -> Result<ManagedProcess, StartFailure> {
-    let args: Vec<String> = [
-        "--kubeconfig",
-        path_str(kubeconfig),
-        "--leader-elect=false",
+) -> Result<ManagedProcess, String> {
+    let args = vec![
+        format!("--kubeconfig={}", path_str(kubeconfig)),
+        "--leader-elect=false".to_string(),
         // No HTTPS endpoint: nothing reads it, and no port to race for.
-        "--secure-port=0",
-        "--controllers",
-        CONTROLLERS,
-        "--service-account-private-key-file",
-        path_str(&files.sa_key),
-        "--root-ca-file",
-        path_str(&files.ca_file),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+        "--secure-port=0".to_string(),
+        format!("--controllers={CONTROLLERS}"),
+        format!(
+            "--service-account-private-key-file={}",
+            path_str(&files.sa_key)
+        ),
+        format!("--root-ca-file={}", path_str(&files.ca_file)),
+    ];
     let mut kcm = ManagedProcess::spawn("kube-controller-manager", program, &args, dir.path())
-        .map_err(|e| StartFailure::Fatal(format!("start kube-controller-manager: {e}")))?;
+        .map_err(|e| format!("start kube-controller-manager: {e}"))?;
     match wait_for_default_account(client, "default", deadline, || kcm.exited()).await {
         Ok(()) => Ok(kcm),
-        Err(why) => Err(StartFailure::Fatal(format!(
+        Err(why) => Err(format!(
             "kube-controller-manager {why}:\n{}",
             kcm.log_section(60)
-        ))),
+        )),
     }
 }
 
@@ -352,11 +302,6 @@ struct Processes {
 struct Commands {
     etcd: (PathBuf, Vec<String>),
     apiserver: (PathBuf, Vec<String>),
-}
-
-enum StartFailure {
-    PortTaken(String),
-    Fatal(String),
 }
 
 /// Credentials and keys written before the first start attempt.

@@ -318,6 +318,47 @@ pub fn lost_port_race(log_tail: &str) -> bool {
     log_tail.contains("address already in use")
 }
 
+/// How often a server is started on fresh ports before its failure is final.
+const START_ATTEMPTS: usize = 3;
+
+/// Runs `attempt` (a start on fresh ports) until it succeeds, again only when its failure log
+/// says it lost a race for a port ([`free_port`] releases the port before the server binds it).
+/// On the final failure the scratch directories are kept and the last log is returned.
+pub async fn start_on_free_ports<T, Fut>(
+    what: &str,
+    mut attempt: impl FnMut() -> Fut,
+) -> Result<T, String>
+where
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let mut last_failure = String::new();
+    for n in 1..=START_ATTEMPTS {
+        match attempt().await {
+            Ok(started) => return Ok(started),
+            Err(log) => {
+                last_failure = log;
+                if n == START_ATTEMPTS || !lost_port_race(&last_failure) {
+                    break;
+                }
+                eprintln!(
+                    "testbed: {what} lost a port race on attempt {n}, retrying:\n{last_failure}"
+                );
+            }
+        }
+    }
+    mark_failed();
+    Err(last_failure)
+}
+
+/// Prints how long a testbed server took to start, where it listens and its scratch directory.
+pub fn announce_started(what: &str, took: std::time::Duration, address: &str, dir: &TempDir) {
+    eprintln!(
+        "{what} started in {} ms ({address}; dir {})",
+        took.as_millis(),
+        dir.path().display()
+    );
+}
+
 /// Locates a testbed binary: `$env_var`, then `<cache>/<cache_relative>` (`CLOUDLB_CACHE`, else
 /// `$XDG_CACHE_HOME/cloudlb`, else `~/.cache/cloudlb`), then `fallbacks`.
 pub fn find_binary(env_var: &str, cache_relative: &str, fallbacks: &[&str]) -> PathBuf {

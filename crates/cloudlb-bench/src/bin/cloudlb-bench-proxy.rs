@@ -13,8 +13,8 @@
 
 use clap::Parser;
 use cloudlb::model::{
-    Algorithm, Desired, HealthCheck, HealthCheckProtocol, IpAddressType, Listener, LoadBalancer,
-    LocalSpec, Protocol, Scheme, Security, ServiceRef, Subnets, Target, TargetGroup, TargetType,
+    Algorithm, Desired, HealthCheck, HealthCheckProtocol, Listener, LoadBalancer, LocalSpec,
+    Protocol, ServiceRef, Target, TargetGroup, TargetType,
 };
 use cloudlb::provider::Provider;
 use cloudlb::provider::local::{LocalProvider, LocalSettings};
@@ -71,13 +71,7 @@ fn backend_addr(i: u8) -> SocketAddr {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn main() -> Result<(), BoxError> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    cloudlb_bench::init_logging();
     let args = Args::parse();
     for tool in ["wrk", "haproxy"] {
         if !on_path(tool) {
@@ -228,6 +222,20 @@ struct WrkResult {
     requests: f64,
 }
 
+impl WrkResult {
+    /// Each measure of `self` over the same measure of `base` (1.0: equal).
+    fn relative_to(&self, base: &WrkResult) -> WrkResult {
+        WrkResult {
+            rps: self.rps / base.rps,
+            p50_ms: self.p50_ms / base.p50_ms,
+            p99_ms: self.p99_ms / base.p99_ms,
+            errors: self.errors,
+            cpu_us_per_req: self.cpu_us_per_req / base.cpu_us_per_req,
+            requests: self.requests / base.requests,
+        }
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
@@ -268,24 +276,25 @@ fn print_report(scenario: &str, results: &BTreeMap<&str, Vec<WrkResult>>) {
             label, r.rps, r.p50_ms, r.p99_ms, r.cpu_us_per_req, r.errors
         );
     }
+    let (ab, ac) = (a.relative_to(&b), a.relative_to(&c));
     let _ = writeln!(
         out,
         "(a)/(b): throughput {:.1}% (goal >= 90%), p50 {:.2}x, p99 {:.2}x (goal <= 1.2x)",
-        100.0 * a.rps / b.rps,
-        a.p50_ms / b.p50_ms,
-        a.p99_ms / b.p99_ms
+        100.0 * ab.rps,
+        ab.p50_ms,
+        ab.p99_ms
     );
     let _ = writeln!(
         out,
         "(a)/(b): proxy CPU per request {:.2}x",
-        a.cpu_us_per_req / b.cpu_us_per_req
+        ab.cpu_us_per_req
     );
     let _ = writeln!(
         out,
         "(a)/(c): throughput {:.1}%, p50 {:.2}x, p99 {:.2}x",
-        100.0 * a.rps / c.rps,
-        a.p50_ms / c.p50_ms,
-        a.p99_ms / c.p99_ms
+        100.0 * ac.rps,
+        ac.p50_ms,
+        ac.p99_ms
     );
     print!("{out}");
 }
@@ -423,18 +432,6 @@ fn desired(n: u8) -> Desired {
         ..LocalSpec::default()
     };
     let lb = LoadBalancer {
-        name: "k8s-bench-web".into(),
-        scheme: Scheme::InternetFacing,
-        ip_address_type: IpAddressType::Ipv4,
-        subnets: Subnets::Discover,
-        eip_allocations: vec![],
-        private_ipv4_addresses: vec![],
-        security: Security {
-            frontend: None,
-            extra_security_groups: vec![],
-        },
-        attributes: BTreeMap::new(),
-        tags: BTreeMap::new(),
         listeners: vec![Listener {
             port: LB_PORT,
             protocol: Protocol::Tcp,
@@ -468,7 +465,7 @@ fn desired(n: u8) -> Desired {
             tags: BTreeMap::new(),
         }],
         status_ports: vec![(LB_PORT, Protocol::Tcp)],
-        local: Some(local),
+        ..LoadBalancer::served_locally("k8s-bench-web".into(), local)
     };
     Desired {
         service,

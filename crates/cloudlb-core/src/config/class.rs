@@ -24,6 +24,7 @@ impl std::fmt::Display for ProviderKind {
 }
 
 /// Defaults for every Service of this class. Service annotations override each field.
+#[serde_with::skip_serializing_none]
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "cloudlb.io",
@@ -45,99 +46,73 @@ pub struct LoadBalancerClassSpec {
     #[serde(default)]
     pub default: bool,
     /// Defaults for AWS Network Load Balancers (provider `aws`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aws: Option<AwsClassSpec>,
     /// Settings of the local provider (the operator serves the load balancer itself).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local: Option<LocalClassSpec>,
 }
 
 /// Local provider settings.
+#[serde_with::skip_serializing_none]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LocalClassSpec {
     /// Addresses handed to Services, a comma-separated list of CIDRs (`127.0.1.0/24`, routed to
     /// loopback on Linux with no set-up), ranges (`192.0.2.10-192.0.2.20`) and single addresses,
     /// IPv4 or IPv6, configured on the host. Default `127.0.1.0/24`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address_pool: Option<String>,
     /// `random` (default, like kube-proxy) or `round-robin`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub algorithm: Option<String>,
     /// How long connections to a removed node may finish. Default 30.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_timeout_seconds: Option<u32>,
 }
 
 /// AWS defaults; each field has the annotation of the same name (see docs/annotations.md).
+#[serde_with::skip_serializing_none]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AwsClassSpec {
     /// `internet-facing` or `internal`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheme: Option<String>,
     /// `ipv4` or `dualstack`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_address_type: Option<String>,
     /// Subnet ids or Name tags; empty: discovered by tags.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subnets: Option<Vec<String>>,
     /// `instance` or `ip`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_type: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheckSpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cross_zone_load_balancing: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_protection: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<bool>,
     /// Load-balancer attributes (`key: value`), e.g. `access_logs.s3.enabled: "true"`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer_attributes: Option<BTreeMap<String, String>>,
     /// Target-group attributes, e.g. `deregistration_delay.timeout_seconds: "30"`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_group_attributes: Option<BTreeMap<String, String>>,
     /// Tags added to every resource.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub additional_tags: Option<BTreeMap<String, String>>,
     /// Security groups to attach instead of the one cloudlb manages.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security_groups: Option<Vec<String>>,
     /// Default source ranges when a Service sets none.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_ranges: Option<Vec<String>>,
     /// Manage node security-group rules so the load balancer reaches the nodePorts.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manage_backend_security_group_rules: Option<bool>,
     /// Only nodes with all these labels are targets.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_node_labels: Option<BTreeMap<String, String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssl_negotiation_policy: Option<String>,
 }
 
+#[serde_with::skip_serializing_none]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HealthCheckSpec {
     /// `tcp`, `http` or `https`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
     /// `traffic-port` or a port number.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval_seconds: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthy_threshold: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unhealthy_threshold: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub success_codes: Option<String>,
 }
 
@@ -151,6 +126,7 @@ pub struct LoadBalancerClassStatus {
     pub conditions: Vec<ClassCondition>,
 }
 
+#[serde_with::skip_serializing_none]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClassCondition {
@@ -161,7 +137,6 @@ pub struct ClassCondition {
     pub status: String,
     pub reason: String,
     pub message: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_transition_time: Option<String>,
 }
 

@@ -183,6 +183,46 @@ struct Tls {
     backend_tls: bool,
 }
 
+/// A list setting given as one entry per explicit subnet, allowed with one scheme only.
+#[derive(Clone, Copy)]
+struct PerSubnet {
+    key: &'static str,
+    /// The scheme the setting needs.
+    scheme: Scheme,
+    /// What the entries are, for messages.
+    what: &'static str,
+    /// Why entry `i` (from 0) is not valid, if it is not.
+    problem: fn(usize, &str) -> Option<String>,
+}
+
+const EIP_ALLOCATIONS: PerSubnet = PerSubnet {
+    key: keys::EIP_ALLOCATIONS,
+    scheme: Scheme::InternetFacing,
+    what: "EIP allocations",
+    problem: not_an_allocation_id,
+};
+
+const PRIVATE_IPV4_ADDRESSES: PerSubnet = PerSubnet {
+    key: keys::PRIVATE_IPV4,
+    scheme: Scheme::Internal,
+    what: "private IPv4 addresses",
+    problem: not_an_ipv4_address,
+};
+
+fn not_an_allocation_id(i: usize, entry: &str) -> Option<String> {
+    (!entry.starts_with("eipalloc-")).then(|| {
+        format!(
+            "entry {} ({entry:?}) is not an allocation id (eipalloc-…)",
+            i + 1
+        )
+    })
+}
+
+fn not_an_ipv4_address(_: usize, entry: &str) -> Option<String> {
+    (entry.parse::<std::net::Ipv4Addr>().is_err())
+        .then(|| format!("{entry:?} is not an IPv4 address"))
+}
+
 fn err(source: &str, value: &str, allowed: impl Into<String>) -> ConfigError {
     ConfigError {
         source: source.to_string(),
@@ -500,30 +540,8 @@ impl Parser<'_> {
             Subnets::Explicit(l) => Some(l.len()),
             Subnets::Discover => None,
         };
-        let eip_allocations = self.per_subnet(
-            keys::EIP_ALLOCATIONS,
-            (scheme, Scheme::InternetFacing),
-            "EIP allocations",
-            subnet_count,
-        );
-        self.check_entries(keys::EIP_ALLOCATIONS, &eip_allocations, |i, e| {
-            (!e.starts_with("eipalloc-")).then(|| {
-                format!(
-                    "entry {} ({e:?}) is not an allocation id (eipalloc-…)",
-                    i + 1
-                )
-            })
-        });
-        let private_ipv4_addresses = self.per_subnet(
-            keys::PRIVATE_IPV4,
-            (scheme, Scheme::Internal),
-            "private IPv4 addresses",
-            subnet_count,
-        );
-        self.check_entries(keys::PRIVATE_IPV4, &private_ipv4_addresses, |_, a| {
-            (a.parse::<std::net::Ipv4Addr>().is_err())
-                .then(|| format!("{a:?} is not an IPv4 address"))
-        });
+        let eip_allocations = self.per_subnet(&EIP_ALLOCATIONS, scheme, subnet_count);
+        let private_ipv4_addresses = self.per_subnet(&PRIVATE_IPV4_ADDRESSES, scheme, subnet_count);
         Placement {
             subnets,
             eip_allocations,
@@ -531,16 +549,20 @@ impl Parser<'_> {
         }
     }
 
-    /// A list setting with one entry per explicit subnet, allowed with one scheme only:
-    /// `(scheme, want)` is the scheme the Service has and the one the setting needs.
+    /// The entries of `setting` for a Service of `scheme` with `subnet_count` explicit subnets.
     fn per_subnet(
         &mut self,
-        name: &str,
-        (scheme, want): (Scheme, Scheme),
-        what: &str,
+        setting: &PerSubnet,
+        scheme: Scheme,
         subnet_count: Option<usize>,
     ) -> Vec<String> {
-        let Some((raw, l)) = self.parse_list(name) else {
+        let PerSubnet {
+            key,
+            scheme: want,
+            what,
+            problem,
+        } = *setting;
+        let Some((raw, l)) = self.parse_list(key) else {
             return vec![];
         };
         if scheme != want {
@@ -566,6 +588,7 @@ impl Parser<'_> {
                 ),
             ));
         }
+        self.check_entries(key, &l, problem);
         l
     }
 

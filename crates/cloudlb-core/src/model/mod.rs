@@ -176,6 +176,32 @@ pub struct LoadBalancer {
     pub local: Option<LocalSpec>,
 }
 
+impl LoadBalancer {
+    /// A load balancer served by the local provider with `local`'s settings and nothing yet to
+    /// serve (no listeners or target groups): its AWS parts are at their plainest (discovered
+    /// subnets, no security group, attributes or tags), which the local provider ignores.
+    pub fn served_locally(name: String, local: LocalSpec) -> Self {
+        LoadBalancer {
+            name,
+            scheme: Scheme::InternetFacing,
+            ip_address_type: IpAddressType::Ipv4,
+            subnets: Subnets::Discover,
+            eip_allocations: vec![],
+            private_ipv4_addresses: vec![],
+            security: Security {
+                frontend: None,
+                extra_security_groups: vec![],
+            },
+            attributes: BTreeMap::new(),
+            tags: BTreeMap::new(),
+            listeners: vec![],
+            target_groups: vec![],
+            status_ports: vec![],
+            local: Some(local),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Security {

@@ -22,6 +22,18 @@ pub struct Observed {
     pub security_group: Option<ObservedSecurityGroup>,
 }
 
+impl Observed {
+    /// The load balancer's name; empty when there is none.
+    pub fn lb_name(&self) -> &str {
+        self.lb.as_ref().map_or("", |l| l.name.as_str())
+    }
+
+    /// The load balancer's DNS name; empty when there is none (or it has none yet).
+    pub fn dns_name(&self) -> &str {
+        self.lb.as_ref().map_or("", |l| l.dns_name.as_str())
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LbState {
     Provisioning,

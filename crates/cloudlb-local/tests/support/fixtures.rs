@@ -3,8 +3,8 @@
 //! `#[path]`.
 
 use cloudlb_core::model::{
-    HealthCheck, HealthCheckProtocol, IpAddressType, Listener, LoadBalancer, LocalSpec, Protocol,
-    Scheme, Security, ServiceRef, Subnets, Target, TargetGroup, TargetType,
+    HealthCheck, HealthCheckProtocol, Listener, LoadBalancer, LocalSpec, Protocol, ServiceRef,
+    Target, TargetGroup, TargetType,
 };
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -65,8 +65,7 @@ pub fn target_group(
     }
 }
 
-/// A load balancer for a local class: the `local` settings, and AWS parts at their plainest (no
-/// security group, attributes or tags).
+/// A load balancer for a local class (see [`LoadBalancer::served_locally`]).
 pub fn local_lb(
     name: String,
     listeners: Vec<Listener>,
@@ -75,21 +74,9 @@ pub fn local_lb(
     local: LocalSpec,
 ) -> LoadBalancer {
     LoadBalancer {
-        name,
-        scheme: Scheme::InternetFacing,
-        ip_address_type: IpAddressType::Ipv4,
-        subnets: Subnets::Discover,
-        eip_allocations: vec![],
-        private_ipv4_addresses: vec![],
-        security: Security {
-            frontend: None,
-            extra_security_groups: vec![],
-        },
-        attributes: BTreeMap::new(),
-        tags: BTreeMap::new(),
         listeners,
         target_groups,
         status_ports,
-        local: Some(local),
+        ..LoadBalancer::served_locally(name, local)
     }
 }
