@@ -3,16 +3,26 @@
 //! attributes of a resource just created (its defaults are not in the create response), and the
 //! subnets (cached) when a new load balancer, security group or target group needs them.
 
-use super::AwsProvider;
 use super::convert::{self, desired_certificates, elb_tags};
-use super::error::{AwsError, ErrorKind};
+use super::error::{AwsError, CallResult, ErrorKind};
+use super::{AwsProvider, Change};
+use aws_sdk_elasticloadbalancingv2::operation::{
+    create_listener::builders::CreateListenerFluentBuilder,
+    create_target_group::builders::CreateTargetGroupFluentBuilder,
+    modify_listener::builders::ModifyListenerFluentBuilder,
+    modify_target_group::builders::ModifyTargetGroupFluentBuilder,
+};
 use aws_sdk_elasticloadbalancingv2::types as elb;
 use cloudlb_core::model::{
-    Desired, HealthCheckProtocol, IngressRule, Listener, LoadBalancer, Target, TargetGroup,
+    Desired, HealthCheck, HealthCheckProtocol, IngressRule, Listener, LoadBalancer, Target,
+    TargetGroup,
 };
 use cloudlb_core::plan::{Op, Plan};
-use cloudlb_core::provider::{Observed, ObservedListener, ObservedTargetGroup, ProviderError};
+use cloudlb_core::provider::{
+    Observed, ObservedLb, ObservedListener, ObservedTargetGroup, ProviderError,
+};
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 
 /// Targets per (De)RegisterTargets call.
 const TARGETS_PER_CALL: usize = 500;
@@ -45,6 +55,12 @@ struct Run<'a> {
 
 fn internal(what: impl std::fmt::Display) -> ProviderError {
     ProviderError::InvalidConfig(format!("internal error (plan and model disagree): {what}"))
+}
+
+/// The id of something an operation needs; `None` is an internal error (`missing`): the plan
+/// orders the operations so that what one needs is observed or created before.
+fn needed(id: Option<&String>, missing: &str) -> Result<String, ProviderError> {
+    id.cloned().ok_or_else(|| internal(missing))
 }
 
 fn unexpected(operation: &'static str, what: &str) -> ProviderError {
@@ -82,13 +98,96 @@ fn certificate(arn: &str) -> elb::Certificate {
     elb::Certificate::builder().certificate_arn(arn).build()
 }
 
-/// Deletes are idempotent: already gone is done.
-fn gone_is_ok<T>(r: Result<T, AwsError>) -> Result<Option<T>, AwsError> {
-    match r {
-        Ok(v) => Ok(Some(v)),
-        Err(e) if e.is_not_found() => Ok(None),
-        Err(e) => Err(e),
+/// The first resource of a response's list: create and modify calls answer with the one they
+/// made or changed.
+fn first<T>(items: Option<Vec<T>>) -> Option<T> {
+    items.into_iter().flatten().next()
+}
+
+/// The defaults of the attributes `managed` names: what a resource just created has (its
+/// defaults are not in the create response, and reading them would be one more call).
+fn defaults(
+    managed: &BTreeMap<String, String>,
+    default: impl Fn(&str) -> Option<&'static str>,
+) -> BTreeMap<String, String> {
+    managed
+        .keys()
+        .filter_map(|k| default(k).map(|v| (k.clone(), v.to_string())))
+        .collect()
+}
+
+/// The settings of a target group's health check, on both calls that set them
+/// (CreateTargetGroup and ModifyTargetGroup: two builder types with the same setters).
+trait WithHealthCheck {
+    /// Enables the check of `hc`; path and matcher only for an HTTP(S) check.
+    fn with_health_check(self, hc: &HealthCheck) -> Self;
+}
+
+/// The settings of a listener, on both calls that set them (CreateListener and ModifyListener).
+trait WithListener {
+    /// Port, protocol, forward to `tg_arn`, and the default certificate and TLS policy of `want`
+    /// (the other certificates are [`Run::sync_extra_certificates`]' business).
+    fn with_listener(self, want: &Listener, tg_arn: &str) -> Self;
+}
+
+macro_rules! impl_with_health_check {
+    ($($builder:ty),+) => {$(
+        impl WithHealthCheck for $builder {
+            fn with_health_check(self, hc: &HealthCheck) -> Self {
+                let http = hc.protocol != HealthCheckProtocol::Tcp;
+                self.health_check_enabled(true)
+                    .health_check_protocol(elb::ProtocolEnum::from(hc.protocol.as_aws()))
+                    .health_check_port(hc.port_string())
+                    .health_check_interval_seconds(int(hc.interval_seconds))
+                    .health_check_timeout_seconds(int(hc.timeout_seconds))
+                    .healthy_threshold_count(int(hc.healthy_threshold))
+                    .unhealthy_threshold_count(int(hc.unhealthy_threshold))
+                    .set_health_check_path(hc.path.clone().filter(|_| http))
+                    .set_matcher(
+                        hc.success_codes
+                            .as_ref()
+                            .filter(|_| http)
+                            .map(|c| elb::Matcher::builder().http_code(c).build()),
+                    )
+            }
+        }
+    )+};
+}
+
+macro_rules! impl_with_listener {
+    ($($builder:ty),+) => {$(
+        impl WithListener for $builder {
+            fn with_listener(self, want: &Listener, tg_arn: &str) -> Self {
+                self.port(i32::from(want.port))
+                    .protocol(elb::ProtocolEnum::from(want.protocol.as_aws()))
+                    .default_actions(forward(tg_arn))
+                    .set_certificates(want.certificates.first().map(|c| vec![certificate(c)]))
+                    .set_ssl_policy(want.ssl_policy.clone())
+            }
+        }
+    )+};
+}
+
+impl_with_health_check!(
+    CreateTargetGroupFluentBuilder,
+    ModifyTargetGroupFluentBuilder
+);
+impl_with_listener!(CreateListenerFluentBuilder, ModifyListenerFluentBuilder);
+
+/// The listener a create/modify call answered with, as observed, with the certificates of
+/// `want` (the answer has only the default one).
+fn answered_listener(
+    operation: &'static str,
+    listeners: Option<Vec<elb::Listener>>,
+    want: &Listener,
+) -> Result<ObservedListener, ProviderError> {
+    let listener = first(listeners).ok_or_else(|| unexpected(operation, "no listener"))?;
+    let mut observed = convert::observed_listener(&listener, None)
+        .ok_or_else(|| unexpected(operation, "a listener cloudlb cannot read"))?;
+    if !want.certificates.is_empty() {
+        observed.certificates = desired_certificates(&want.certificates);
     }
+    Ok(observed)
 }
 
 /// Overlays the attributes a modify call reports, then those we asked for that it did not report
@@ -149,11 +248,11 @@ impl<'a> Run<'a> {
     }
 
     fn lb_arn(&self) -> Result<String, ProviderError> {
-        self.out
-            .lb
-            .as_ref()
-            .map(|l| l.arn.clone())
-            .ok_or_else(|| internal("an operation needs the load balancer, which does not exist"))
+        let arn = self.out.lb.as_ref().map(|l| &l.arn);
+        needed(
+            arn,
+            "an operation needs the load balancer, which does not exist",
+        )
     }
 
     fn target_group(&self, key: &str) -> Result<&'a TargetGroup, ProviderError> {
@@ -184,11 +283,8 @@ impl<'a> Run<'a> {
     }
 
     fn sg_id(&self) -> Result<String, ProviderError> {
-        self.out
-            .security_group
-            .as_ref()
-            .map(|s| s.id.clone())
-            .ok_or_else(|| internal("the frontend security group does not exist"))
+        let id = self.out.security_group.as_ref().map(|s| &s.id);
+        needed(id, "the frontend security group does not exist")
     }
 
     /// Our frontend group (when the model wants one) plus the user's.
@@ -223,8 +319,8 @@ impl<'a> Run<'a> {
             Op::SetAlgorithm { key, .. } => Err(ProviderError::InvalidConfig(format!(
                 "SetAlgorithm ({key}) is an operation of the local provider; the AWS provider does not plan it"
             ))),
-            Op::AuthorizeIngress { rules } => self.authorize(rules).await,
-            Op::RevokeIngress { rules } => self.revoke(rules).await,
+            Op::AuthorizeIngress { rules } => self.change_ingress(rules, Change::Add).await,
+            Op::RevokeIngress { rules } => self.change_ingress(rules, Change::Remove).await,
             Op::DeleteLoadBalancer { arn, name, reason } => self.delete_lb(arn, name, reason).await,
             Op::CreateLoadBalancer => self.create_lb().await,
             Op::SetIpAddressType => self.set_ip_address_type().await,
@@ -237,8 +333,12 @@ impl<'a> Run<'a> {
             Op::SetTargetGroupAttributes { key, attributes } => {
                 self.set_tg_attributes(key, attributes).await
             }
-            Op::DeregisterTargets { key, targets } => self.deregister(key, targets).await,
-            Op::RegisterTargets { key, targets } => self.register(key, targets).await,
+            Op::DeregisterTargets { key, targets } => {
+                self.change_targets(key, targets, Change::Remove).await
+            }
+            Op::RegisterTargets { key, targets } => {
+                self.change_targets(key, targets, Change::Add).await
+            }
             Op::DeleteListener { arn, .. } => self.delete_listener(arn).await,
             Op::ModifyListener { arn, port } => self.modify_listener(arn, *port).await,
             Op::CreateListener { port } => self.create_listener(*port).await,
@@ -271,44 +371,33 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    async fn authorize(&mut self, rules: &[IngressRule]) -> Result<(), ProviderError> {
+    async fn change_ingress(
+        &mut self,
+        rules: &[IngressRule],
+        change: Change,
+    ) -> Result<(), ProviderError> {
         if rules.is_empty() {
             return Ok(());
         }
         let id = self.sg_id()?;
         let p = self.p;
         p.ec2
-            .authorize_ingress(&p.calls, &id, rules)
+            .change_ingress(&p.calls, &id, rules, change)
             .await
-            .map_err(|e| e.gone("security group"))?;
+            .gone("security group")?;
         if let Some(sg) = &mut self.out.security_group {
-            sg.ingress.extend(rules.iter().cloned());
-        }
-        Ok(())
-    }
-
-    async fn revoke(&mut self, rules: &[IngressRule]) -> Result<(), ProviderError> {
-        if rules.is_empty() {
-            return Ok(());
-        }
-        let id = self.sg_id()?;
-        let p = self.p;
-        p.ec2
-            .revoke_ingress(&p.calls, &id, rules)
-            .await
-            .map_err(|e| e.gone("security group"))?;
-        if let Some(sg) = &mut self.out.security_group {
-            for r in rules {
-                sg.ingress.remove(r);
-            }
+            change.apply_to(&mut sg.ingress, rules);
         }
         Ok(())
     }
 
     async fn delete_security_group(&mut self, id: &str) -> Result<(), ProviderError> {
         let p = self.p;
-        gone_is_ok(p.ec2.delete_security_group(&p.calls, id).await)
-            .map_err(|e| e.in_use("security group"))?;
+        p.ec2
+            .delete_security_group(&p.calls, id)
+            .await
+            .found()
+            .in_use("security group")?;
         if self.out.security_group.as_ref().is_some_and(|s| s.id == id) {
             self.out.security_group = None;
         }
@@ -324,13 +413,10 @@ impl<'a> Run<'a> {
         reason: &str,
     ) -> Result<(), ProviderError> {
         tracing::info!(load_balancer = name, reason, "deleting load balancer");
-        let req = self.p.elbv2.delete_load_balancer().load_balancer_arn(arn);
-        match gone_is_ok(
-            self.p
-                .calls
-                .run("DeleteLoadBalancer", || req.clone().send())
-                .await,
-        ) {
+        let p = self.p;
+        let req = p.elbv2.delete_load_balancer().load_balancer_arn(arn);
+        let sent = p.calls.run("DeleteLoadBalancer", || req.clone().send());
+        match sent.await.found() {
             Ok(_) => {}
             Err(e) if e.code.as_deref() == Some("OperationNotPermitted") => {
                 return Err(ProviderError::DeletionProtected {
@@ -396,109 +482,94 @@ impl<'a> Run<'a> {
                 .collect();
             req = req.set_subnet_mappings(Some(mappings));
         }
-        let resp = self
+        let sent = self
             .p
             .calls
-            .run("CreateLoadBalancer", || req.clone().send())
-            .await?;
-        let created = resp
-            .load_balancers
-            .into_iter()
-            .flatten()
-            .next()
+            .run("CreateLoadBalancer", || req.clone().send());
+        let created = first(sent.await?.load_balancers)
             .ok_or_else(|| unexpected("CreateLoadBalancer", "no load balancer"))?;
         if created.load_balancer_arn.is_none() {
             return Err(unexpected("CreateLoadBalancer", "no LoadBalancerArn"));
         }
         // A new load balancer has the default attributes: no read needed. Only the keys the
         // model manages matter to the planner; a later SetLoadBalancerAttributes merges in.
-        let attributes = self
-            .lb()?
-            .attributes
-            .keys()
-            .filter_map(|k| {
-                cloudlb_core::plan::lb_attribute_default(k).map(|v| (k.clone(), v.to_string()))
-            })
-            .collect();
+        let attributes = defaults(
+            &self.lb()?.attributes,
+            cloudlb_core::plan::lb_attribute_default,
+        );
         self.out.lb = convert::observed_lb(&created, attributes);
         self.out.listeners.clear();
         Ok(())
     }
 
-    async fn set_ip_address_type(&mut self) -> Result<(), ProviderError> {
-        let lb = self.lb()?;
-        let req = self
-            .p
-            .elbv2
-            .set_ip_address_type()
-            .load_balancer_arn(self.lb_arn()?)
-            .ip_address_type(elb::IpAddressType::from(lb.ip_address_type.as_aws()));
-        let resp = self
-            .p
-            .calls
-            .run("SetIpAddressType", || req.clone().send())
-            .await
-            .map_err(|e| e.gone("load balancer"))?;
+    /// Waits for a change of the load balancer and records what it answered in what we
+    /// observed; not found means the load balancer is gone.
+    async fn changed_lb<R>(
+        &mut self,
+        sent: impl Future<Output = Result<R, AwsError>>,
+        record: impl FnOnce(&mut ObservedLb, R),
+    ) -> Result<(), ProviderError> {
+        let resp = sent.await.gone("load balancer")?;
         if let Some(o) = &mut self.out.lb {
-            o.ip_address_type = match resp.ip_address_type.as_ref() {
-                Some(t) => convert::ip_address_type(Some(t)),
-                None => lb.ip_address_type,
-            };
+            record(o, resp);
         }
         Ok(())
     }
 
+    async fn set_ip_address_type(&mut self) -> Result<(), ProviderError> {
+        let (p, want) = (self.p, self.lb()?.ip_address_type);
+        let req = p
+            .elbv2
+            .set_ip_address_type()
+            .load_balancer_arn(self.lb_arn()?);
+        let req = req.ip_address_type(elb::IpAddressType::from(want.as_aws()));
+        let sent = p.calls.run("SetIpAddressType", || req.clone().send());
+        self.changed_lb(sent, |o, resp| {
+            o.ip_address_type = match resp.ip_address_type.as_ref() {
+                Some(t) => convert::ip_address_type(Some(t)),
+                None => want,
+            };
+        })
+        .await
+    }
+
     async fn set_security_groups(&mut self) -> Result<(), ProviderError> {
-        let ids = self.security_groups()?;
-        let req = self
-            .p
+        let (p, ids) = (self.p, self.security_groups()?);
+        let req = p
             .elbv2
             .set_security_groups()
-            .load_balancer_arn(self.lb_arn()?)
-            .set_security_groups(Some(ids.clone()));
-        let resp = self
-            .p
-            .calls
-            .run("SetSecurityGroups", || req.clone().send())
-            .await
-            .map_err(|e| e.gone("load balancer"))?;
-        if let Some(o) = &mut self.out.lb {
+            .load_balancer_arn(self.lb_arn()?);
+        let req = req.set_security_groups(Some(ids.clone()));
+        let sent = p.calls.run("SetSecurityGroups", || req.clone().send());
+        self.changed_lb(sent, |o, resp| {
             o.security_groups = resp.security_group_ids.unwrap_or(ids);
-        }
-        Ok(())
+        })
+        .await
     }
 
     async fn set_lb_attributes(
         &mut self,
         attributes: &BTreeMap<String, String>,
     ) -> Result<(), ProviderError> {
-        let req = self
-            .p
-            .elbv2
-            .modify_load_balancer_attributes()
+        let p = self.p;
+        let list = attributes.iter().map(|(k, v)| {
+            elb::LoadBalancerAttribute::builder()
+                .key(k)
+                .value(v)
+                .build()
+        });
+        let req = p.elbv2.modify_load_balancer_attributes();
+        let req = req
             .load_balancer_arn(self.lb_arn()?)
-            .set_attributes(Some(
-                attributes
-                    .iter()
-                    .map(|(k, v)| {
-                        elb::LoadBalancerAttribute::builder()
-                            .key(k)
-                            .value(v)
-                            .build()
-                    })
-                    .collect(),
-            ));
-        let resp = self
-            .p
+            .set_attributes(Some(list.collect()));
+        let sent = p
             .calls
-            .run("ModifyLoadBalancerAttributes", || req.clone().send())
-            .await
-            .map_err(|e| e.gone("load balancer"))?;
-        let reported = convert::lb_attributes(resp.attributes.as_deref().unwrap_or_default());
-        if let Some(o) = &mut self.out.lb {
+            .run("ModifyLoadBalancerAttributes", || req.clone().send());
+        self.changed_lb(sent, |o, resp| {
+            let reported = convert::lb_attributes(resp.attributes.as_deref().unwrap_or_default());
             merge_attributes(&mut o.attributes, reported, attributes);
-        }
-        Ok(())
+        })
+        .await
     }
 
     // ----------------------------------------------------------------- target groups
@@ -506,8 +577,6 @@ impl<'a> Run<'a> {
     async fn create_tg(&mut self, key: &str) -> Result<(), ProviderError> {
         let tg = self.target_group(key)?;
         let vpc = self.vpc().await?;
-        let hc = &tg.health_check;
-        let http = hc.protocol != HealthCheckProtocol::Tcp;
         let req = self
             .p
             .elbv2
@@ -517,45 +586,19 @@ impl<'a> Run<'a> {
             .port(i32::from(tg.port))
             .vpc_id(vpc)
             .target_type(elb::TargetTypeEnum::from(tg.target_type.as_aws()))
-            .health_check_enabled(true)
-            .health_check_protocol(elb::ProtocolEnum::from(hc.protocol.as_aws()))
-            .health_check_port(hc.port_string())
-            .health_check_interval_seconds(int(hc.interval_seconds))
-            .health_check_timeout_seconds(int(hc.timeout_seconds))
-            .healthy_threshold_count(int(hc.healthy_threshold))
-            .unhealthy_threshold_count(int(hc.unhealthy_threshold))
-            .set_health_check_path(hc.path.clone().filter(|_| http))
-            .set_matcher(
-                hc.success_codes
-                    .as_ref()
-                    .filter(|_| http)
-                    .map(|c| elb::Matcher::builder().http_code(c).build()),
-            )
+            .with_health_check(&tg.health_check)
             .set_tags(Some(elb_tags(&tg.tags)));
-        let resp = self
-            .p
-            .calls
-            .run("CreateTargetGroup", || req.clone().send())
-            .await?;
-        let created = resp
-            .target_groups
-            .into_iter()
-            .flatten()
-            .next()
+        let sent = self.p.calls.run("CreateTargetGroup", || req.clone().send());
+        let created = first(sent.await?.target_groups)
             .ok_or_else(|| unexpected("CreateTargetGroup", "no target group"))?;
         let arn = created
             .target_group_arn
             .clone()
             .ok_or_else(|| unexpected("CreateTargetGroup", "no TargetGroupArn"))?;
         // A new target group has the default attributes: no read needed (see create_lb).
-        let tg = self.target_group(key)?;
-        let attributes = tg
-            .attributes
-            .keys()
-            .filter_map(|k| {
-                cloudlb_core::plan::tg_attribute_default(k, tg).map(|v| (k.clone(), v.to_string()))
-            })
-            .collect();
+        let attributes = defaults(&tg.attributes, |k| {
+            cloudlb_core::plan::tg_attribute_default(k, tg)
+        });
         let observed = convert::observed_tg(&created, attributes, BTreeSet::new())
             .ok_or_else(|| unexpected("CreateTargetGroup", "a target group cloudlb cannot read"))?;
         self.out.target_groups.retain(|t| t.name != observed.name);
@@ -564,46 +607,32 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    async fn modify_health_check(&mut self, key: &str) -> Result<(), ProviderError> {
-        let tg = self.target_group(key)?;
-        let arn = self.tg_arn(key)?;
-        let hc = &tg.health_check;
-        let http = hc.protocol != HealthCheckProtocol::Tcp;
-        let req = self
-            .p
-            .elbv2
-            .modify_target_group()
-            .target_group_arn(&arn)
-            .health_check_enabled(true)
-            .health_check_protocol(elb::ProtocolEnum::from(hc.protocol.as_aws()))
-            .health_check_port(hc.port_string())
-            .health_check_interval_seconds(int(hc.interval_seconds))
-            .health_check_timeout_seconds(int(hc.timeout_seconds))
-            .healthy_threshold_count(int(hc.healthy_threshold))
-            .unhealthy_threshold_count(int(hc.unhealthy_threshold))
-            .set_health_check_path(hc.path.clone().filter(|_| http))
-            .set_matcher(
-                hc.success_codes
-                    .as_ref()
-                    .filter(|_| http)
-                    .map(|c| elb::Matcher::builder().http_code(c).build()),
-            );
-        let resp = self
-            .p
-            .calls
-            .run("ModifyTargetGroup", || req.clone().send())
-            .await
-            .map_err(|e| e.gone("target group"))?;
-        let reported = resp
-            .target_groups
-            .into_iter()
-            .flatten()
-            .next()
-            .map(|t| convert::health_check(&t));
-        if let Some(o) = self.observed_tg_mut(&arn) {
-            o.health_check = reported.unwrap_or_else(|| hc.clone());
+    /// Waits for a change of the target group `arn` and records what it answered in what we
+    /// observed; not found means the target group is gone.
+    async fn changed_tg<R>(
+        &mut self,
+        arn: &str,
+        sent: impl Future<Output = Result<R, AwsError>>,
+        record: impl FnOnce(&mut ObservedTargetGroup, R),
+    ) -> Result<(), ProviderError> {
+        let resp = sent.await.gone("target group")?;
+        if let Some(o) = self.observed_tg_mut(arn) {
+            record(o, resp);
         }
         Ok(())
+    }
+
+    async fn modify_health_check(&mut self, key: &str) -> Result<(), ProviderError> {
+        let (p, want) = (self.p, &self.target_group(key)?.health_check);
+        let arn = self.tg_arn(key)?;
+        let req = p.elbv2.modify_target_group().target_group_arn(&arn);
+        let req = req.with_health_check(want);
+        let sent = p.calls.run("ModifyTargetGroup", || req.clone().send());
+        self.changed_tg(&arn, sent, |o, resp| {
+            let reported = first(resp.target_groups).map(|t| convert::health_check(&t));
+            o.health_check = reported.unwrap_or_else(|| want.clone());
+        })
+        .await
     }
 
     async fn set_tg_attributes(
@@ -611,88 +640,66 @@ impl<'a> Run<'a> {
         key: &str,
         attributes: &BTreeMap<String, String>,
     ) -> Result<(), ProviderError> {
-        let arn = self.tg_arn(key)?;
-        let req = self
-            .p
-            .elbv2
-            .modify_target_group_attributes()
+        let (p, arn) = (self.p, self.tg_arn(key)?);
+        let list = attributes
+            .iter()
+            .map(|(k, v)| elb::TargetGroupAttribute::builder().key(k).value(v).build());
+        let req = p.elbv2.modify_target_group_attributes();
+        let req = req
             .target_group_arn(&arn)
-            .set_attributes(Some(
-                attributes
-                    .iter()
-                    .map(|(k, v)| elb::TargetGroupAttribute::builder().key(k).value(v).build())
-                    .collect(),
-            ));
-        let resp = self
-            .p
+            .set_attributes(Some(list.collect()));
+        let sent = p
             .calls
-            .run("ModifyTargetGroupAttributes", || req.clone().send())
-            .await
-            .map_err(|e| e.gone("target group"))?;
-        let reported = convert::tg_attributes(resp.attributes.as_deref().unwrap_or_default());
-        if let Some(o) = self.observed_tg_mut(&arn) {
+            .run("ModifyTargetGroupAttributes", || req.clone().send());
+        self.changed_tg(&arn, sent, |o, resp| {
+            let reported = convert::tg_attributes(resp.attributes.as_deref().unwrap_or_default());
             merge_attributes(&mut o.attributes, reported, attributes);
-        }
-        Ok(())
+        })
+        .await
     }
 
-    async fn deregister(&mut self, key: &str, targets: &[Target]) -> Result<(), ProviderError> {
+    /// (De)registers `targets` in chunks of [`TARGETS_PER_CALL`].
+    async fn change_targets(
+        &mut self,
+        key: &str,
+        targets: &[Target],
+        change: Change,
+    ) -> Result<(), ProviderError> {
         let arn = self.tg_arn(key)?;
+        let p = self.p;
         for chunk in targets.chunks(TARGETS_PER_CALL) {
-            let req = self
-                .p
-                .elbv2
-                .deregister_targets()
-                .target_group_arn(&arn)
-                .set_targets(Some(elb_targets(chunk)));
-            self.p
-                .calls
-                .run("DeregisterTargets", || req.clone().send())
-                .await
-                .map_err(|e| match e.code.as_deref() {
-                    // Already not registered.
-                    Some("InvalidTarget") => e.gone("target"),
-                    _ => e.gone("target group"),
-                })?;
-            if let Some(o) = self.observed_tg_mut(&arn) {
-                for t in chunk {
-                    o.targets.remove(t);
+            let members = Some(elb_targets(chunk));
+            let sent = match change {
+                Change::Add => {
+                    let req = p.elbv2.register_targets().target_group_arn(&arn);
+                    let req = req.set_targets(members);
+                    let send = || req.clone().send();
+                    p.calls.run("RegisterTargets", send).await.map(drop)
                 }
-            }
-        }
-        Ok(())
-    }
-
-    async fn register(&mut self, key: &str, targets: &[Target]) -> Result<(), ProviderError> {
-        let arn = self.tg_arn(key)?;
-        for chunk in targets.chunks(TARGETS_PER_CALL) {
-            let req = self
-                .p
-                .elbv2
-                .register_targets()
-                .target_group_arn(&arn)
-                .set_targets(Some(elb_targets(chunk)));
-            self.p
-                .calls
-                .run("RegisterTargets", || req.clone().send())
-                .await
-                .map_err(|e| e.gone("target group"))?;
+                Change::Remove => {
+                    let req = p.elbv2.deregister_targets().target_group_arn(&arn);
+                    let req = req.set_targets(members);
+                    let send = || req.clone().send();
+                    p.calls.run("DeregisterTargets", send).await.map(drop)
+                }
+            };
+            sent.map_err(|e| match (change, e.code.as_deref()) {
+                // Already not registered.
+                (Change::Remove, Some("InvalidTarget")) => e.gone("target"),
+                _ => e.gone("target group"),
+            })?;
             if let Some(o) = self.observed_tg_mut(&arn) {
-                o.targets.extend(chunk.iter().cloned());
+                change.apply_to(&mut o.targets, chunk);
             }
         }
         Ok(())
     }
 
     async fn delete_tg(&mut self, arn: &str) -> Result<(), ProviderError> {
-        let req = self.p.elbv2.delete_target_group().target_group_arn(arn);
-        gone_is_ok(
-            self.p
-                .calls
-                .run("DeleteTargetGroup", || req.clone().send())
-                .await,
-        )
-        .map_err(|e| e.in_use("target group"))?;
+        let p = self.p;
+        let req = p.elbv2.delete_target_group().target_group_arn(arn);
+        let sent = p.calls.run("DeleteTargetGroup", || req.clone().send());
+        sent.await.found().in_use("target group")?;
         self.out.target_groups.retain(|t| t.arn != arn);
         self.tg_arns.retain(|_, v| v != arn);
         Ok(())
@@ -701,43 +708,22 @@ impl<'a> Run<'a> {
     // ----------------------------------------------------------------- listeners
 
     async fn delete_listener(&mut self, arn: &str) -> Result<(), ProviderError> {
-        let req = self.p.elbv2.delete_listener().listener_arn(arn);
-        gone_is_ok(
-            self.p
-                .calls
-                .run("DeleteListener", || req.clone().send())
-                .await,
-        )
-        .map_err(AwsError::into_provider)?;
+        let p = self.p;
+        let req = p.elbv2.delete_listener().listener_arn(arn);
+        let sent = p.calls.run("DeleteListener", || req.clone().send());
+        sent.await.found().map_err(AwsError::into_provider)?;
         self.out.listeners.retain(|l| l.arn != arn);
         Ok(())
     }
 
     async fn modify_listener(&mut self, arn: &str, port: u16) -> Result<(), ProviderError> {
-        let want = self.listener(port)?;
+        let (p, want) = (self.p, self.listener(port)?);
         let tg_arn = self.tg_arn(&want.target_group)?;
-        let req = self
-            .p
-            .elbv2
-            .modify_listener()
-            .listener_arn(arn)
-            .port(i32::from(port))
-            .protocol(elb::ProtocolEnum::from(want.protocol.as_aws()))
-            .default_actions(forward(&tg_arn))
-            .set_certificates(want.certificates.first().map(|c| vec![certificate(c)]))
-            .set_ssl_policy(want.ssl_policy.clone());
-        let resp = self
-            .p
-            .calls
-            .run("ModifyListener", || req.clone().send())
-            .await
-            .map_err(|e| e.gone("listener"))?;
-        let listener = resp
-            .listeners
-            .into_iter()
-            .flatten()
-            .next()
-            .ok_or_else(|| unexpected("ModifyListener", "no listener"))?;
+        let req = p.elbv2.modify_listener().listener_arn(arn);
+        let req = req.with_listener(want, &tg_arn);
+        let sent = p.calls.run("ModifyListener", || req.clone().send());
+        let resp = sent.await.gone("listener")?;
+        let observed = answered_listener("ModifyListener", resp.listeners, want)?;
         let before: Vec<String> = self
             .out
             .listeners
@@ -746,50 +732,24 @@ impl<'a> Run<'a> {
             .map(|l| l.certificates.iter().skip(1).cloned().collect())
             .unwrap_or_default();
         self.sync_extra_certificates(arn, want, &before).await?;
-        let mut observed = convert::observed_listener(&listener, None)
-            .ok_or_else(|| unexpected("ModifyListener", "a listener cloudlb cannot read"))?;
-        if !want.certificates.is_empty() {
-            observed.certificates = desired_certificates(&want.certificates);
-        }
         self.out.listeners.retain(|l| l.arn != arn);
         self.out.listeners.push(observed);
         Ok(())
     }
 
     async fn create_listener(&mut self, port: u16) -> Result<(), ProviderError> {
-        let lb = self.lb()?;
+        let (p, lb) = (self.p, self.lb()?);
         let want = self.listener(port)?;
         let tg_arn = self.tg_arn(&want.target_group)?;
-        let req = self
-            .p
-            .elbv2
-            .create_listener()
-            .load_balancer_arn(self.lb_arn()?)
-            .port(i32::from(port))
-            .protocol(elb::ProtocolEnum::from(want.protocol.as_aws()))
-            .default_actions(forward(&tg_arn))
-            .set_certificates(want.certificates.first().map(|c| vec![certificate(c)]))
-            .set_ssl_policy(want.ssl_policy.clone())
+        let req = p.elbv2.create_listener().load_balancer_arn(self.lb_arn()?);
+        let req = req
+            .with_listener(want, &tg_arn)
             .set_tags(Some(elb_tags(&lb.tags)));
-        let resp = self
-            .p
-            .calls
-            .run("CreateListener", || req.clone().send())
-            .await
-            .map_err(|e| e.gone("load balancer"))?;
-        let listener = resp
-            .listeners
-            .into_iter()
-            .flatten()
-            .next()
-            .ok_or_else(|| unexpected("CreateListener", "no listener"))?;
-        let mut observed: ObservedListener = convert::observed_listener(&listener, None)
-            .ok_or_else(|| unexpected("CreateListener", "a listener cloudlb cannot read"))?;
+        let sent = p.calls.run("CreateListener", || req.clone().send());
+        let resp = sent.await.gone("load balancer")?;
+        let observed = answered_listener("CreateListener", resp.listeners, want)?;
         self.sync_extra_certificates(&observed.arn, want, &[])
             .await?;
-        if !want.certificates.is_empty() {
-            observed.certificates = desired_certificates(&want.certificates);
-        }
         self.out.listeners.retain(|l| l.port != port);
         self.out.listeners.push(observed);
         Ok(())
@@ -819,40 +779,52 @@ impl<'a> Run<'a> {
             .filter(|c| !want_extra.contains(c) && Some(*c) != default)
             .map(|c| certificate(c))
             .collect();
-        if !add.is_empty() {
-            let req = self
-                .p
-                .elbv2
-                .add_listener_certificates()
-                .listener_arn(listener_arn)
-                .set_certificates(Some(add));
-            self.p
-                .calls
-                .run("AddListenerCertificates", || req.clone().send())
-                .await
-                .map_err(|e| e.gone("listener"))?;
+        self.change_certificates(listener_arn, add, Change::Add)
+            .await?;
+        self.change_certificates(listener_arn, remove, Change::Remove)
+            .await
+    }
+
+    /// Adds `certificates` to / removes them from the list of the listener `arn`; removing one
+    /// that is not there (any more) is done.
+    async fn change_certificates(
+        &self,
+        arn: &str,
+        certificates: Vec<elb::Certificate>,
+        change: Change,
+    ) -> Result<(), ProviderError> {
+        if certificates.is_empty() {
+            return Ok(());
         }
-        if !remove.is_empty() {
-            let req = self
-                .p
-                .elbv2
-                .remove_listener_certificates()
-                .listener_arn(listener_arn)
-                .set_certificates(Some(remove));
-            match self
-                .p
-                .calls
-                .run("RemoveListenerCertificates", || req.clone().send())
-                .await
-            {
-                Ok(_) => {}
-                Err(e)
-                    if e.kind == ErrorKind::NotFound
-                        && e.code.as_deref() != Some("ListenerNotFound") => {}
-                Err(e) => return Err(e.gone("listener")),
+        let (p, certificates) = (self.p, Some(certificates));
+        let sent = match change {
+            Change::Add => {
+                let req = p.elbv2.add_listener_certificates().listener_arn(arn);
+                let req = req.set_certificates(certificates);
+                let send = || req.clone().send();
+                p.calls.run("AddListenerCertificates", send).await.map(drop)
             }
+            Change::Remove => {
+                let req = p.elbv2.remove_listener_certificates().listener_arn(arn);
+                let req = req.set_certificates(certificates);
+                let send = || req.clone().send();
+                p.calls
+                    .run("RemoveListenerCertificates", send)
+                    .await
+                    .map(drop)
+            }
+        };
+        match sent {
+            Ok(()) => Ok(()),
+            Err(e)
+                if change == Change::Remove
+                    && e.kind == ErrorKind::NotFound
+                    && e.code.as_deref() != Some("ListenerNotFound") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e.gone("listener")),
         }
-        Ok(())
     }
 }
 

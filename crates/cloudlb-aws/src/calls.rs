@@ -3,15 +3,82 @@
 //! `Operation/outcome`, and, when metrics are attached, as
 //! `cloudlb_cloud_api_calls_total{provider="aws",operation,outcome}`.
 
-use super::error::{AwsError, ErrorKind};
+use super::error::{AwsError, ErrorKind, OperationError};
 use aws_sdk_elasticloadbalancingv2::config::http::HttpResponse;
-use aws_sdk_elasticloadbalancingv2::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_elasticloadbalancingv2::error::SdkError;
+use aws_sdk_elasticloadbalancingv2::types as elb;
 use cloudlb_core::provider::CallObserver;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// What an SDK request's `send()` answers.
+pub(crate) type SdkResult<T, E> = Result<T, SdkError<E, HttpResponse>>;
+
+/// A paginated listing: the request (its SDK builder) that [`Calls::pages`] sends once per page.
+pub(crate) trait Listing: Clone + Send + Sync {
+    type Output;
+    type Error: OperationError;
+    type Item;
+
+    /// Sends the request for the page after `token` (`None`: the first).
+    fn page(
+        self,
+        token: Option<String>,
+    ) -> impl Future<Output = SdkResult<Self::Output, Self::Error>> + Send;
+
+    /// A page's items and the next page's token (none or empty: the last page).
+    fn items(output: Self::Output) -> (Vec<Self::Item>, Option<String>);
+}
+
+/// Implements [`Listing`] for SDK requests: `sdk::operation::Request => Output, Error { the
+/// token's setter, the next token's field, the items' field: their type }`.
+macro_rules! listings {
+    ($($sdk:ident::$op:ident::$builder:ident => $output:ident, $error:ident {
+        $set_token:ident, $next_token:ident, $items:ident: $item:ty
+    })+) => {$(
+        impl Listing for $sdk::operation::$op::builders::$builder {
+            type Output = $sdk::operation::$op::$output;
+            type Error = $sdk::operation::$op::$error;
+            type Item = $item;
+
+            fn page(
+                self,
+                token: Option<String>,
+            ) -> impl Future<Output = SdkResult<Self::Output, Self::Error>> + Send {
+                self.$set_token(token).send()
+            }
+
+            fn items(output: Self::Output) -> (Vec<$item>, Option<String>) {
+                (output.$items.unwrap_or_default(), output.$next_token)
+            }
+        }
+    )+};
+}
+
+// The paginated listings cloudlb makes.
+listings! {
+    aws_sdk_elasticloadbalancingv2::describe_load_balancers::DescribeLoadBalancersFluentBuilder
+        => DescribeLoadBalancersOutput, DescribeLoadBalancersError
+        { set_marker, next_marker, load_balancers: elb::LoadBalancer }
+    aws_sdk_elasticloadbalancingv2::describe_target_groups::DescribeTargetGroupsFluentBuilder
+        => DescribeTargetGroupsOutput, DescribeTargetGroupsError
+        { set_marker, next_marker, target_groups: elb::TargetGroup }
+    aws_sdk_elasticloadbalancingv2::describe_listeners::DescribeListenersFluentBuilder
+        => DescribeListenersOutput, DescribeListenersError
+        { set_marker, next_marker, listeners: elb::Listener }
+    aws_sdk_elasticloadbalancingv2::describe_listener_certificates::DescribeListenerCertificatesFluentBuilder
+        => DescribeListenerCertificatesOutput, DescribeListenerCertificatesError
+        { set_marker, next_marker, certificates: elb::Certificate }
+    aws_sdk_ec2::describe_security_groups::DescribeSecurityGroupsFluentBuilder
+        => DescribeSecurityGroupsOutput, DescribeSecurityGroupsError
+        { set_next_token, next_token, security_groups: aws_sdk_ec2::types::SecurityGroup }
+    aws_sdk_ec2::describe_subnets::DescribeSubnetsFluentBuilder
+        => DescribeSubnetsOutput, DescribeSubnetsError
+        { set_next_token, next_token, subnets: aws_sdk_ec2::types::Subnet }
+}
 
 /// Rate-limit families: reads, writes, and target (de)registrations (the busiest writes, kept
 /// apart so a node storm cannot starve the other writes).
@@ -24,12 +91,10 @@ pub(crate) enum Family {
 
 impl Family {
     pub(crate) fn of(operation: &str) -> Family {
-        if operation.starts_with("Describe") {
-            Family::Describe
-        } else if operation == "RegisterTargets" || operation == "DeregisterTargets" {
-            Family::Targets
-        } else {
-            Family::Write
+        match operation {
+            "RegisterTargets" | "DeregisterTargets" => Family::Targets,
+            _ if operation.starts_with("Describe") => Family::Describe,
+            _ => Family::Write,
         }
     }
 }
@@ -148,31 +213,29 @@ impl Calls {
         }
     }
 
-    /// Every item of a paginated listing, one [`run`](Self::run) per page: `send(token)` sends
-    /// the request for the page after `token` (`None`: the first), `page` moves a response's
-    /// items into the output and returns the next page's token (none or empty: the last page).
+    /// Every item of a paginated listing, one [`run`](Self::run) per page.
     /// `not_found_is_empty`: a not-found answer ends the listing (AWS answers some listings of
     /// a resource that is gone with an empty list, moto with an error).
-    pub(crate) async fn pages<R, T, E, Fut>(
+    pub(crate) async fn pages<L: Listing>(
         &self,
         operation: &'static str,
         not_found_is_empty: bool,
-        send: impl Fn(Option<String>) -> Fut,
-        mut page: impl FnMut(R, &mut Vec<T>) -> Option<String>,
-    ) -> Result<Vec<T>, AwsError>
-    where
-        Fut: Future<Output = Result<R, SdkError<E, HttpResponse>>>,
-        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    {
+        request: L,
+    ) -> Result<Vec<L::Item>, AwsError> {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let resp = match self.run(operation, || send(token.clone())).await {
+            let resp = match self
+                .run(operation, || request.clone().page(token.clone()))
+                .await
+            {
                 Ok(r) => r,
                 Err(e) if not_found_is_empty && e.is_not_found() => break,
                 Err(e) => return Err(e),
             };
-            match page(resp, &mut out) {
+            let (items, next) = L::items(resp);
+            out.extend(items);
+            match next {
                 Some(t) if !t.is_empty() => token = Some(t),
                 _ => break,
             }
@@ -193,8 +256,8 @@ impl Calls {
     ) -> Result<T, AwsError>
     where
         F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
-        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        Fut: Future<Output = SdkResult<T, E>>,
+        E: OperationError,
     {
         let bucket = match Family::of(operation) {
             Family::Describe => &self.describe,

@@ -4,6 +4,7 @@
 //! implementation, through `aws-sdk-ec2`, each call through [`Calls`] (rate limit, retries,
 //! counting).
 
+use super::Change;
 use super::calls::Calls;
 use super::error::AwsError;
 use aws_sdk_ec2::types as sdk;
@@ -64,18 +65,13 @@ pub(crate) trait Ec2: Send + Sync + std::fmt::Debug {
         tags: &BTreeMap<String, String>,
     ) -> Result<Option<String>, AwsError>;
 
-    async fn authorize_ingress(
+    /// Adds (authorizes) or removes (revokes) the ingress `rules` of the group `id`.
+    async fn change_ingress(
         &self,
         calls: &Calls,
         id: &str,
         rules: &[IngressRule],
-    ) -> Result<(), AwsError>;
-
-    async fn revoke_ingress(
-        &self,
-        calls: &Calls,
-        id: &str,
-        rules: &[IngressRule],
+        change: Change,
     ) -> Result<(), AwsError>;
 
     async fn delete_security_group(&self, calls: &Calls, id: &str) -> Result<(), AwsError>;
@@ -114,23 +110,12 @@ impl Ec2 for SdkEc2 {
         calls: &Calls,
         filters: &[Filter],
     ) -> Result<Vec<SecurityGroup>, AwsError> {
-        let filters = sdk_filters(filters);
-        calls
-            .pages(
-                "DescribeSecurityGroups",
-                false,
-                |token| {
-                    let req = self.0.describe_security_groups();
-                    req.set_filters(filters.clone())
-                        .set_next_token(token)
-                        .send()
-                },
-                |resp, out| {
-                    out.extend(resp.security_groups.iter().flatten().filter_map(group));
-                    resp.next_token
-                },
-            )
-            .await
+        let req = self
+            .0
+            .describe_security_groups()
+            .set_filters(sdk_filters(filters));
+        let groups = calls.pages("DescribeSecurityGroups", false, req).await?;
+        Ok(groups.iter().filter_map(group).collect())
     }
 
     async fn create_security_group(
@@ -162,38 +147,34 @@ impl Ec2 for SdkEc2 {
         Ok(resp.group_id)
     }
 
-    async fn authorize_ingress(
+    async fn change_ingress(
         &self,
         calls: &Calls,
         id: &str,
         rules: &[IngressRule],
+        change: Change,
     ) -> Result<(), AwsError> {
-        let req = self
-            .0
-            .authorize_security_group_ingress()
-            .group_id(id)
-            .set_ip_permissions(Some(ip_permissions(rules)));
-        calls
-            .run("AuthorizeSecurityGroupIngress", || req.clone().send())
-            .await?;
-        Ok(())
-    }
-
-    async fn revoke_ingress(
-        &self,
-        calls: &Calls,
-        id: &str,
-        rules: &[IngressRule],
-    ) -> Result<(), AwsError> {
-        let req = self
-            .0
-            .revoke_security_group_ingress()
-            .group_id(id)
-            .set_ip_permissions(Some(ip_permissions(rules)));
-        calls
-            .run("RevokeSecurityGroupIngress", || req.clone().send())
-            .await?;
-        Ok(())
+        let permissions = Some(ip_permissions(rules));
+        match change {
+            Change::Add => {
+                let req = self.0.authorize_security_group_ingress().group_id(id);
+                let req = req.set_ip_permissions(permissions);
+                let send = || req.clone().send();
+                calls
+                    .run("AuthorizeSecurityGroupIngress", send)
+                    .await
+                    .map(drop)
+            }
+            Change::Remove => {
+                let req = self.0.revoke_security_group_ingress().group_id(id);
+                let req = req.set_ip_permissions(permissions);
+                let send = || req.clone().send();
+                calls
+                    .run("RevokeSecurityGroupIngress", send)
+                    .await
+                    .map(drop)
+            }
+        }
     }
 
     async fn delete_security_group(&self, calls: &Calls, id: &str) -> Result<(), AwsError> {
@@ -210,25 +191,12 @@ impl Ec2 for SdkEc2 {
         filters: &[Filter],
         ids: &[String],
     ) -> Result<Vec<Subnet>, AwsError> {
-        let filters = sdk_filters(filters);
         let ids = (!ids.is_empty()).then(|| ids.to_vec());
-        calls
-            .pages(
-                "DescribeSubnets",
-                false,
-                |token| {
-                    let req = self.0.describe_subnets();
-                    req.set_filters(filters.clone())
-                        .set_subnet_ids(ids.clone())
-                        .set_next_token(token)
-                        .send()
-                },
-                |resp, out| {
-                    out.extend(resp.subnets.iter().flatten().filter_map(subnet));
-                    resp.next_token
-                },
-            )
-            .await
+        let req = self.0.describe_subnets().set_filters(sdk_filters(filters));
+        let subnets = calls
+            .pages("DescribeSubnets", false, req.set_subnet_ids(ids))
+            .await?;
+        Ok(subnets.iter().filter_map(subnet).collect())
     }
 }
 

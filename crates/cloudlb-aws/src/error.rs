@@ -37,6 +37,14 @@ impl ErrorKind {
     }
 }
 
+/// The error of an SDK operation (ELBv2 or EC2): what [`AwsError::from_sdk`] reads.
+pub(crate) trait OperationError:
+    ProvideErrorMetadata + std::error::Error + Send + Sync + 'static
+{
+}
+
+impl<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static> OperationError for E {}
+
 /// A failed AWS call, classified.
 #[derive(Debug)]
 pub(crate) struct AwsError {
@@ -49,7 +57,7 @@ pub(crate) struct AwsError {
 impl AwsError {
     pub(crate) fn from_sdk<E, R>(operation: &'static str, err: SdkError<E, R>) -> Self
     where
-        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        E: OperationError,
         R: std::fmt::Debug + Send + Sync + 'static,
     {
         let code = err.code().map(str::to_string);
@@ -109,6 +117,37 @@ impl AwsError {
     }
 }
 
+/// The mappings of [`AwsError`], on the result of a call.
+pub(crate) trait CallResult<T> {
+    /// Not found is `None`: a delete of what is already gone (deletes are idempotent), a read
+    /// of what vanished meanwhile.
+    fn found(self) -> Result<Option<T>, AwsError>;
+
+    /// See [`AwsError::gone`].
+    fn gone(self, what: &'static str) -> Result<T, ProviderError>;
+
+    /// See [`AwsError::in_use`].
+    fn in_use(self, what: &'static str) -> Result<T, ProviderError>;
+}
+
+impl<T> CallResult<T> for Result<T, AwsError> {
+    fn found(self) -> Result<Option<T>, AwsError> {
+        match self {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn gone(self, what: &'static str) -> Result<T, ProviderError> {
+        self.map_err(|e| e.gone(what))
+    }
+
+    fn in_use(self, what: &'static str) -> Result<T, ProviderError> {
+        self.map_err(|e| e.in_use(what))
+    }
+}
+
 impl From<AwsError> for ProviderError {
     fn from(e: AwsError) -> Self {
         e.into_provider()
@@ -142,14 +181,19 @@ mod tests {
         assert_eq!(ErrorKind::from_code(None), Other);
     }
 
+    fn error(operation: &'static str, kind: ErrorKind, code: &str, message: &str) -> AwsError {
+        AwsError {
+            operation,
+            kind,
+            code: Some(code.into()),
+            message: message.into(),
+        }
+    }
+
     #[test]
     fn provider_errors() {
-        let e = AwsError {
-            operation: "RegisterTargets",
-            kind: ErrorKind::Throttled,
-            code: Some("Throttling".into()),
-            message: "Rate exceeded".into(),
-        };
+        use ErrorKind::*;
+        let e = error("RegisterTargets", Throttled, "Throttling", "Rate exceeded");
         match e.gone("target group") {
             ProviderError::Api {
                 operation,
@@ -162,19 +206,14 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let e = AwsError {
-            operation: "ModifyTargetGroup",
-            kind: ErrorKind::NotFound,
-            code: Some("TargetGroupNotFound".into()),
-            message: "gone".into(),
-        };
+        let e = error("ModifyTargetGroup", NotFound, "TargetGroupNotFound", "gone");
         assert_eq!(e.gone("target group").category(), "gone");
-        let e = AwsError {
-            operation: "DeleteSecurityGroup",
-            kind: ErrorKind::InUse,
-            code: Some("DependencyViolation".into()),
-            message: "has a dependent object".into(),
-        };
+        let e = error(
+            "DeleteSecurityGroup",
+            InUse,
+            "DependencyViolation",
+            "in use",
+        );
         assert_eq!(e.in_use("security group").category(), "in_use");
     }
 }

@@ -31,6 +31,28 @@ use std::sync::Arc;
 /// The provider label in logs and metrics.
 const PROVIDER_NAME: &str = "aws";
 
+/// Which way a call changes a set: the ingress rules of a security group (authorize, revoke)
+/// or the targets of a target group (register, deregister).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Change {
+    Add,
+    Remove,
+}
+
+impl Change {
+    /// The same change to what we observed of the set.
+    fn apply_to<T: Ord + Clone>(self, set: &mut std::collections::BTreeSet<T>, items: &[T]) {
+        match self {
+            Change::Add => set.extend(items.iter().cloned()),
+            Change::Remove => {
+                for item in items {
+                    set.remove(item);
+                }
+            }
+        }
+    }
+}
+
 /// Settings of the AWS provider.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AwsSettings {

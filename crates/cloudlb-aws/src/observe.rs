@@ -5,10 +5,11 @@
 use super::AwsProvider;
 use super::convert::{self, is_ours, tag_map_elb};
 use super::ec2::Filter;
+use super::error::{AwsError, CallResult};
 use aws_sdk_elasticloadbalancingv2::types as elb;
-use cloudlb_core::model::{Desired, naming};
+use cloudlb_core::model::{Desired, Target, naming};
 use cloudlb_core::provider::{Observed, ObservedSecurityGroup, ObservedTargetGroup, ProviderError};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// DescribeTags takes at most 20 ARNs.
 const TAGS_BATCH: usize = 20;
@@ -25,19 +26,7 @@ impl AwsProvider {
         let mut attached: Vec<elb::TargetGroup> = Vec::new();
         if let Some(lb) = &lb {
             let arn = lb.load_balancer_arn.clone().unwrap_or_default();
-            let attrs = self
-                .calls
-                .run("DescribeLoadBalancerAttributes", || {
-                    self.elbv2
-                        .describe_load_balancer_attributes()
-                        .load_balancer_arn(&arn)
-                        .send()
-                })
-                .await?;
-            observed.lb = convert::observed_lb(
-                lb,
-                convert::lb_attributes(attrs.attributes.as_deref().unwrap_or_default()),
-            );
+            observed.lb = convert::observed_lb(lb, self.lb_attributes(&arn).await?);
             observed.listeners = self.describe_listeners(&arn, true).await?;
             attached = self.describe_attached_target_groups(&arn).await?;
         }
@@ -252,21 +241,8 @@ impl AwsProvider {
         lb_arn: &str,
         all_certificates: bool,
     ) -> Result<Vec<cloudlb_core::provider::ObservedListener>, ProviderError> {
-        let listeners = self
-            .calls
-            .pages(
-                "DescribeListeners",
-                true,
-                |marker| {
-                    let req = self.elbv2.describe_listeners().load_balancer_arn(lb_arn);
-                    req.set_marker(marker).send()
-                },
-                |resp, out| {
-                    out.extend(resp.listeners.into_iter().flatten());
-                    resp.next_marker
-                },
-            )
-            .await?;
+        let req = self.elbv2.describe_listeners().load_balancer_arn(lb_arn);
+        let listeners = self.calls.pages("DescribeListeners", true, req).await?;
         let mut out = Vec::with_capacity(listeners.len());
         for l in &listeners {
             // Only the default certificate is in the listener description: list them all.
@@ -298,22 +274,12 @@ impl AwsProvider {
         &self,
         listener_arn: &str,
     ) -> Result<Vec<elb::Certificate>, ProviderError> {
-        let certificates = self
+        let req = self.elbv2.describe_listener_certificates();
+        let req = req.listener_arn(listener_arn);
+        Ok(self
             .calls
-            .pages(
-                "DescribeListenerCertificates",
-                false,
-                |marker| {
-                    let req = self.elbv2.describe_listener_certificates();
-                    req.listener_arn(listener_arn).set_marker(marker).send()
-                },
-                |resp, out| {
-                    out.extend(resp.certificates.into_iter().flatten());
-                    resp.next_marker
-                },
-            )
-            .await?;
-        Ok(certificates)
+            .pages("DescribeListenerCertificates", false, req)
+            .await?)
     }
 
     async fn describe_attached_target_groups(
@@ -321,25 +287,51 @@ impl AwsProvider {
         lb_arn: &str,
     ) -> Result<Vec<elb::TargetGroup>, ProviderError> {
         // AWS returns an empty list; moto says TargetGroupNotFound.
-        let groups = self
+        let req = self
+            .elbv2
+            .describe_target_groups()
+            .load_balancer_arn(lb_arn);
+        Ok(self.calls.pages("DescribeTargetGroups", true, req).await?)
+    }
+
+    /// The attributes of the load balancer `arn`.
+    pub(super) async fn lb_attributes(
+        &self,
+        arn: &str,
+    ) -> Result<BTreeMap<String, String>, AwsError> {
+        let req = self
+            .elbv2
+            .describe_load_balancer_attributes()
+            .load_balancer_arn(arn);
+        let resp = self
             .calls
-            .pages(
-                "DescribeTargetGroups",
-                true,
-                |marker| {
-                    let req = self
-                        .elbv2
-                        .describe_target_groups()
-                        .load_balancer_arn(lb_arn);
-                    req.set_marker(marker).send()
-                },
-                |resp, out| {
-                    out.extend(resp.target_groups.into_iter().flatten());
-                    resp.next_marker
-                },
-            )
+            .run("DescribeLoadBalancerAttributes", || req.clone().send());
+        Ok(convert::lb_attributes(
+            resp.await?.attributes.as_deref().unwrap_or_default(),
+        ))
+    }
+
+    async fn tg_attributes(&self, arn: &str) -> Result<BTreeMap<String, String>, AwsError> {
+        let req = self
+            .elbv2
+            .describe_target_group_attributes()
+            .target_group_arn(arn);
+        let resp = self
+            .calls
+            .run("DescribeTargetGroupAttributes", || req.clone().send());
+        Ok(convert::tg_attributes(
+            resp.await?.attributes.as_deref().unwrap_or_default(),
+        ))
+    }
+
+    async fn registered_targets(&self, arn: &str) -> Result<BTreeSet<Target>, AwsError> {
+        let req = self.elbv2.describe_target_health().target_group_arn(arn);
+        let resp = self
+            .calls
+            .run("DescribeTargetHealth", || req.clone().send())
             .await?;
-        Ok(groups)
+        let health = resp.target_health_descriptions.unwrap_or_default();
+        Ok(convert::registered_targets(&health))
     }
 
     /// Attributes and registered targets of one of our target groups; `None` if it vanished.
@@ -348,35 +340,11 @@ impl AwsProvider {
         tg: &elb::TargetGroup,
     ) -> Result<Option<ObservedTargetGroup>, ProviderError> {
         let arn = tg.target_group_arn.clone().unwrap_or_default();
-        let attrs = match self
-            .calls
-            .run("DescribeTargetGroupAttributes", || {
-                self.elbv2
-                    .describe_target_group_attributes()
-                    .target_group_arn(&arn)
-                    .send()
-            })
-            .await
-        {
-            Ok(r) => convert::tg_attributes(r.attributes.as_deref().unwrap_or_default()),
-            Err(e) if e.is_not_found() => return Ok(None),
-            Err(e) => return Err(e.into()),
+        let Some(attrs) = self.tg_attributes(&arn).await.found()? else {
+            return Ok(None);
         };
-        let targets = match self
-            .calls
-            .run("DescribeTargetHealth", || {
-                self.elbv2
-                    .describe_target_health()
-                    .target_group_arn(&arn)
-                    .send()
-            })
-            .await
-        {
-            Ok(r) => convert::registered_targets(
-                r.target_health_descriptions.as_deref().unwrap_or_default(),
-            ),
-            Err(e) if e.is_not_found() => return Ok(None),
-            Err(e) => return Err(e.into()),
+        let Some(targets) = self.registered_targets(&arn).await.found()? else {
+            return Ok(None);
         };
         let observed = convert::observed_tg(tg, attrs, targets);
         if observed.is_none() {

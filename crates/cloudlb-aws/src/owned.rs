@@ -14,6 +14,7 @@
 use super::AwsProvider;
 use super::convert;
 use super::ec2::{Filter, SecurityGroup};
+use super::error::CallResult;
 use aws_sdk_elasticloadbalancingv2::types as elb;
 use cloudlb_core::model::{ServiceRef, naming, tags};
 use cloudlb_core::provider::{
@@ -205,19 +206,8 @@ impl AwsProvider {
         lb: &elb::LoadBalancer,
     ) -> Result<(Option<ObservedLb>, Vec<ObservedListener>), ProviderError> {
         let arn = lb.load_balancer_arn.clone().unwrap_or_default();
-        let attrs = match self
-            .calls
-            .run("DescribeLoadBalancerAttributes", || {
-                self.elbv2
-                    .describe_load_balancer_attributes()
-                    .load_balancer_arn(&arn)
-                    .send()
-            })
-            .await
-        {
-            Ok(r) => convert::lb_attributes(r.attributes.as_deref().unwrap_or_default()),
-            Err(e) if e.is_not_found() => return Ok((None, Vec::new())),
-            Err(e) => return Err(e.into()),
+        let Some(attrs) = self.lb_attributes(&arn).await.found()? else {
+            return Ok((None, Vec::new()));
         };
         let mut listeners = self.describe_listeners(&arn, false).await?;
         listeners.sort_by(|a, b| a.port.cmp(&b.port).then_with(|| a.arn.cmp(&b.arn)));
@@ -225,41 +215,16 @@ impl AwsProvider {
     }
 
     async fn describe_all_load_balancers(&self) -> Result<Vec<elb::LoadBalancer>, ProviderError> {
-        let all = self
+        let req = self.elbv2.describe_load_balancers().page_size(PAGE_SIZE);
+        Ok(self
             .calls
-            .pages(
-                "DescribeLoadBalancers",
-                false,
-                |marker| {
-                    let req = self.elbv2.describe_load_balancers().page_size(PAGE_SIZE);
-                    req.set_marker(marker).send()
-                },
-                |resp, out| {
-                    out.extend(resp.load_balancers.into_iter().flatten());
-                    resp.next_marker
-                },
-            )
-            .await?;
-        Ok(all)
+            .pages("DescribeLoadBalancers", false, req)
+            .await?)
     }
 
     async fn describe_all_target_groups(&self) -> Result<Vec<elb::TargetGroup>, ProviderError> {
-        let all = self
-            .calls
-            .pages(
-                "DescribeTargetGroups",
-                false,
-                |marker| {
-                    let req = self.elbv2.describe_target_groups().page_size(PAGE_SIZE);
-                    req.set_marker(marker).send()
-                },
-                |resp, out| {
-                    out.extend(resp.target_groups.into_iter().flatten());
-                    resp.next_marker
-                },
-            )
-            .await?;
-        Ok(all)
+        let req = self.elbv2.describe_target_groups().page_size(PAGE_SIZE);
+        Ok(self.calls.pages("DescribeTargetGroups", false, req).await?)
     }
 
     /// Security groups tagged for this cluster (in the configured VPC, if any).
