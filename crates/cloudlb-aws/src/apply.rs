@@ -684,8 +684,9 @@ impl<'a> Run<'a> {
                 }
             };
             sent.map_err(|e| match (change, e.code.as_deref()) {
-                // Already not registered.
-                (Change::Remove, Some("InvalidTarget")) => e.gone("target"),
+                // A target that no longer exists (a terminated instance): AWS has already taken
+                // it out; the next observe shows the group without it.
+                (Change::Remove, Some("InvalidTarget")) => e.vanished("target"),
                 _ => e.gone("target group"),
             })?;
             if let Some(o) = self.observed_tg_mut(&arn) {

@@ -97,11 +97,16 @@ impl AwsError {
     /// changed under us) means re-observe.
     pub(crate) fn gone(self, what: &'static str) -> ProviderError {
         match self.kind {
-            ErrorKind::NotFound | ErrorKind::Duplicate => ProviderError::Gone {
-                what,
-                message: format!("{}: {}", self.operation, self.describe()),
-            },
+            ErrorKind::NotFound | ErrorKind::Duplicate => self.vanished(what),
             _ => self.into_provider(),
+        }
+    }
+
+    /// `what` is not there (whatever the error's kind): observe again before the next plan.
+    pub(crate) fn vanished(self, what: &'static str) -> ProviderError {
+        ProviderError::Gone {
+            what,
+            message: format!("{}: {}", self.operation, self.describe()),
         }
     }
 

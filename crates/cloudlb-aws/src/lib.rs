@@ -4,7 +4,9 @@
 //! Every SDK call goes through one helper ([`calls`]) that rate-limits it per call family
 //! (describe / write / targets) and counts it as `Operation/outcome`; [`AwsProvider::calls`]
 //! returns those counts, and [`AwsProvider::with_metrics`] also counts them in Prometheus
-//! (`cloudlb_cloud_api_calls_total`). Retries on throttling are the SDK's standard retry.
+//! (`cloudlb_cloud_api_calls_total`). Throttled calls and transient failures (not of creates) are retried
+//! there, up to four attempts with jittered exponential backoff, each through the rate limiter (the SDK's own
+//! retries are off).
 //!
 //! [`Provider::owned`] sweeps the account for everything tagged for this cluster ([`owned`]), so
 //! the controller can delete what Services that no longer exist left behind.
