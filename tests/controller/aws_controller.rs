@@ -4,16 +4,15 @@
 //! other.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
+use crate::helpers;
 use crate::support;
 
 use cloudlb::config::class::LoadBalancerClass;
-use cloudlb::provider::aws::{AwsProvider, AwsSettings};
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::DeleteParams;
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 use support::env::{Env, wait_for};
 use support::{TestGuard, elbv2};
@@ -27,6 +26,21 @@ fn web_ports() -> serde_json::Value {
 
 fn count(calls: &BTreeMap<String, u64>, key: &str) -> u64 {
     calls.get(key).copied().unwrap_or(0)
+}
+
+/// Waits until `registered(targets)` holds for every target group in `arns`.
+async fn wait_every_target_group(
+    env: &Env,
+    arns: &[String],
+    what: &str,
+    registered: impl Fn(&[String]) -> bool,
+) {
+    for arn in arns {
+        wait_for(&format!("{what} in {arn}"), || async {
+            registered(&env.targets(arn).await).then_some(())
+        })
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,15 +118,13 @@ async fn service_lifecycle_create_update_nodes_delete() {
     .await;
 
     // Unchanged resync: an edit that does not change the desired state makes no AWS call.
-    let before = env.provider.calls();
-    let unchanged = env.metrics.reconcile_count("unchanged");
-    env.patch_service(
-        "web",
-        json!({"metadata": {"annotations": {"unrelated": "edit"}}}),
-    )
-    .await;
-    env.wait_reconciles("unchanged", unchanged).await;
-    let delta = env.calls_since(&before);
+    let delta = env
+        .calls_for_edit(
+            "web",
+            json!({"metadata": {"annotations": {"unrelated": "edit"}}}),
+            "unchanged",
+        )
+        .await;
     eprintln!("AWS calls for one unchanged resync: {delta:?}");
     assert!(delta.is_empty(), "unchanged resync made calls: {delta:?}");
 
@@ -124,16 +136,10 @@ async fn service_lifecycle_create_update_nodes_delete() {
         .iter()
         .filter_map(|t| t.target_group_arn().map(String::from))
         .collect();
-    for arn in &tg_arns {
-        let arn = arn.clone();
-        wait_for("new node registered", || {
-            let arn = arn.clone();
-            let env = &env;
-            let extra = extra.id.clone();
-            async move { env.targets(&arn).await.contains(&extra).then_some(()) }
-        })
-        .await;
-    }
+    wait_every_target_group(&env, &tg_arns, "new node registered", |t| {
+        t.contains(&extra.id)
+    })
+    .await;
     let delta = env.calls_since(&before);
     eprintln!("AWS calls for one node added: {delta:?}");
     assert_eq!(
@@ -143,24 +149,11 @@ async fn service_lifecycle_create_update_nodes_delete() {
 
     // Node excluded by label: one DeregisterTargets per target group.
     let before = env.provider.calls();
-    Api::<Node>::all(env.client.clone())
-        .patch(
-            &extra_node,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"labels": {"node.kubernetes.io/exclude-from-external-load-balancers": "true"}}})),
-        )
-        .await
-        .expect("label node");
-    for arn in &tg_arns {
-        let arn = arn.clone();
-        wait_for("excluded node deregistered", || {
-            let arn = arn.clone();
-            let env = &env;
-            let extra = extra.id.clone();
-            async move { (!env.targets(&arn).await.contains(&extra)).then_some(()) }
-        })
-        .await;
-    }
+    helpers::exclude_node(&env.client, &extra_node).await;
+    wait_every_target_group(&env, &tg_arns, "excluded node deregistered", |t| {
+        !t.contains(&extra.id)
+    })
+    .await;
     let delta = env.calls_since(&before);
     assert_eq!(
         delta,
@@ -178,22 +171,13 @@ async fn service_lifecycle_create_update_nodes_delete() {
     }
     env.patch_service("web", json!({"spec": {"ports": ports}}))
         .await;
-    wait_for("third listener", || async {
-        (env.listeners(&lb_arn).await.len() == 3).then_some(())
-    })
-    .await;
+    env.wait_listeners(&lb_arn, 3).await;
     let listeners = env.listeners(&lb_arn).await;
     assert!(listeners.iter().any(|l| l.port() == Some(53) && l.protocol() == Some(&elbv2::types::ProtocolEnum::Udp)));
     env.patch_service("web", json!({"spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}}))
         .await;
-    wait_for("one listener left", || async {
-        (env.listeners(&lb_arn).await.len() == 1).then_some(())
-    })
-    .await;
-    wait_for("one target group left", || async {
-        (env.target_groups().await.len() == 1).then_some(())
-    })
-    .await;
+    env.wait_listeners(&lb_arn, 1).await;
+    env.wait_target_groups(1).await;
 
     // externalTrafficPolicy Local: HTTP health check on the healthCheckNodePort at /healthz.
     env.patch_service("web", json!({"spec": {"externalTrafficPolicy": "Local"}}))
@@ -217,7 +201,7 @@ async fn service_lifecycle_create_update_nodes_delete() {
     assert_eq!(tg.health_check_port(), Some(hc_port.to_string().as_str()));
 
     // Delete: every resource goes, then the finalizer, then the Service.
-    crate::support::env::delete_service(&env.services(), "web").await;
+    helpers::delete_service(&env.services(), "web").await;
     assert!(env.load_balancers().await.is_empty());
     assert!(env.target_groups().await.is_empty());
     assert!(env.our_security_groups().await.is_empty());
@@ -300,15 +284,13 @@ async fn invalid_annotations_give_one_event_and_change_nothing() {
     let hostname = env.wait_hostname("good").await;
     // The NLB provisioned: the state poll saw it active.
     env.wait_reconciles("verified", 0).await;
-    let before = env.provider.calls();
-    let invalid = env.metrics.reconcile_count("invalid");
-    env.patch_service(
-        "good",
-        json!({"metadata": {"annotations": {"cloudlb.io/target-type": "pod"}}}),
-    )
-    .await;
-    env.wait_reconciles("invalid", invalid).await;
-    let delta = env.calls_since(&before);
+    let delta = env
+        .calls_for_edit(
+            "good",
+            json!({"metadata": {"annotations": {"cloudlb.io/target-type": "pod"}}}),
+            "invalid",
+        )
+        .await;
     assert!(delta.is_empty(), "invalid edit made AWS calls: {delta:?}");
     assert_eq!(
         env.hostname("good").await.as_deref(),
@@ -322,19 +304,9 @@ async fn invalid_annotations_give_one_event_and_change_nothing() {
 async fn same_named_foreign_nlb_is_never_touched() {
     let _guard = TestGuard::new();
     let env = Env::start("foreign", Duration::from_secs(3600)).await;
-    let foreign = env
-        .elbv2
-        .create_load_balancer()
-        .name("someone-elses")
-        .r#type(elbv2::types::LoadBalancerTypeEnum::Network)
-        .set_subnets(Some(env.network.public_subnet_ids()))
-        .send()
-        .await
-        .expect("create foreign NLB");
-    let foreign_arn = foreign.load_balancers()[0]
-        .load_balancer_arn()
-        .expect("arn")
-        .to_string();
+    let foreign =
+        helpers::create_nlb(&env.elbv2, "someone-elses", env.network.public_subnet_ids()).await;
+    let foreign_arn = foreign.load_balancer_arn().expect("arn").to_string();
 
     env.create_service(
         "web",
@@ -363,7 +335,7 @@ async fn same_named_foreign_nlb_is_never_touched() {
     assert_eq!(env.hostname("web").await, None);
 
     // Deleting the Service leaves the foreign NLB alone.
-    crate::support::env::delete_service(&env.services(), "web").await;
+    helpers::delete_service(&env.services(), "web").await;
     let lbs = env.load_balancers().await;
     assert_eq!(lbs.len(), 1);
     assert_eq!(lbs[0].load_balancer_arn(), Some(foreign_arn.as_str()));
@@ -408,10 +380,7 @@ async fn load_balancer_deleted_by_hand_is_recreated_by_the_drift_check() {
     })
     .await;
     let arn = new_lb.load_balancer_arn().expect("arn").to_string();
-    wait_for("listeners recreated", || async {
-        (env.listeners(&arn).await.len() == 2).then_some(())
-    })
-    .await;
+    env.wait_listeners(&arn, 2).await;
     wait_for("target re-registered", || async {
         (env.targets(&tg).await.len() == env.instances.len()).then_some(())
     })
@@ -450,18 +419,10 @@ async fn operator_restarted_mid_provisioning_makes_exactly_one_nlb() {
     assert_eq!(partial.len(), 1);
 
     // A fresh operator (empty cache) picks up where the first one stopped.
-    env.provider = Arc::new(AwsProvider::new(
-        env.elbv2.clone(),
-        env.ec2.clone(),
-        AwsSettings::new(env.ns.clone()),
-    ));
-    env.start_operator();
+    env.restart_operator();
     env.wait_hostname("web").await;
     let arn = partial[0].load_balancer_arn().expect("arn").to_string();
-    wait_for("two listeners", || async {
-        (env.listeners(&arn).await.len() == 2).then_some(())
-    })
-    .await;
+    env.wait_listeners(&arn, 2).await;
     assert_eq!(env.load_balancers().await.len(), 1, "exactly one NLB");
     assert_eq!(
         env.target_groups().await.len(),
@@ -530,7 +491,7 @@ async fn leftovers_of_a_service_that_is_gone_are_swept() {
     env.stop_operator();
     env.patch_service("gone", json!({"metadata": {"finalizers": null}}))
         .await;
-    crate::support::env::delete_service(&env.services(), "gone").await;
+    helpers::delete_service(&env.services(), "gone").await;
 
     // Back up: the sweep finds the resources tagged for the vanished Service and deletes them,
     // and only them.
@@ -539,10 +500,8 @@ async fn leftovers_of_a_service_that_is_gone_are_swept() {
         (env.load_balancers().await.len() == 1).then_some(())
     })
     .await;
-    wait_for("orphaned target groups deleted", || async {
-        (env.target_groups().await.len() == 2).then_some(())
-    })
-    .await;
+    // The orphaned target groups deleted.
+    env.wait_target_groups(2).await;
     wait_for("orphaned security group deleted", || async {
         (env.our_security_groups().await.len() == 1).then_some(())
     })

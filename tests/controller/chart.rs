@@ -4,28 +4,22 @@
 //! token only and passes the AWS lifecycle against moto; without one permission it says which.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
+use crate::helpers;
 use crate::support;
 
 use cloudlb::config::class::LoadBalancerClass;
-use cloudlb::controller::{self, Providers, Settings};
-use cloudlb::provider::aws::{AwsProvider, AwsSettings};
-use cloudlb::telemetry::Metrics;
+use cloudlb::controller;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::ListParams;
 use kube::{Api, Client};
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-use support::{
-    AwsEmulator, Instance, Network, TestCluster, TestGuard, create_node, create_vpc_with_subnets,
-    ec2, elbv2, node_for, run_instances,
-};
+use std::time::Duration;
+use support::env::{Env, Setup, wait_for};
+use support::fixtures;
+use support::{TestCluster, TestGuard};
 use tokio::sync::OnceCell;
 
-const LABEL: &str = "cloudlb.test/env";
 const CRD_FILE: &str = "crds/loadbalancerclasses.cloudlb.io.yaml";
 
 fn root() -> &'static Path {
@@ -126,12 +120,7 @@ async fn install_chart_crd(cluster: &TestCluster) {
             &["apply", "-f", file.to_str().expect("UTF-8 path")],
         )
         .await;
-        let classes: Api<LoadBalancerClass> = Api::all(cluster.client());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while classes.list(&ListParams::default()).await.is_err() {
-            assert!(Instant::now() < deadline, "CRD never became established");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        fixtures::wait_crd_established(&cluster.client()).await;
     })
     .await;
 }
@@ -143,21 +132,6 @@ async fn server_version(client: &Client) -> String {
         .await
         .expect("server version")
         .git_version
-}
-
-async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 // ------------------------------------------------------------------ static checks + apply
@@ -575,259 +549,65 @@ async fn rendered_chart_applies_to_a_real_api_server() {
 
 // ------------------------------------------------------------------ RBAC proven
 
-/// One test's world: namespace, chart RBAC applied, a client acting as the chart's
-/// ServiceAccount only, a moto account with a VPC and instances, Nodes for them, a class.
-struct Env {
-    /// Admin: creates the class, Nodes and Services (what users and kubelets do).
-    admin: Client,
-    /// The chart's ServiceAccount: the operator runs with this and nothing else.
-    operator_client: Client,
-    ns: String,
-    sa: String,
-    elbv2: elbv2::Client,
-    ec2: ec2::Client,
-    network: Network,
-    provider: Arc<AwsProvider>,
-    operator: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Env {
-    /// `edit` may change the rendered RBAC objects before they are applied.
-    async fn start(prefix: &str, edit: impl FnOnce(&mut Vec<Value>)) -> Env {
-        let cluster = TestCluster::shared().await;
-        let admin = cluster.client();
-        install_chart_crd(cluster).await;
-        let ns = cluster.create_namespace(prefix).await;
-        let version = server_version(&admin).await;
-        let out = render_ok(&[
-            "--release",
-            &ns,
-            "--namespace",
-            &ns,
-            "--kube-version",
-            &version,
-            "--set",
-            &format!("clusterName={ns}"),
-        ])
-        .await;
-        let mut rbac: Vec<Value> = objects(&out)
-            .into_iter()
-            .filter(|o| {
-                matches!(
-                    kind(o),
-                    "ServiceAccount"
-                        | "ClusterRole"
-                        | "ClusterRoleBinding"
-                        | "Role"
-                        | "RoleBinding"
-                )
-            })
-            .collect();
-        assert_eq!(rbac.len(), 5, "SA, ClusterRole(+Binding), Role(+Binding)");
-        edit(&mut rbac);
-        apply(cluster, &format!("{ns}-rbac"), &rbac, &[]).await;
-        let sa = rbac
-            .iter()
-            .find(|o| kind(o) == "ServiceAccount")
-            .and_then(|o| o["metadata"]["name"].as_str())
-            .expect("the chart's ServiceAccount")
-            .to_string();
-        let operator_client = cluster.service_account_client(&ns, &sa).await;
-
-        let moto = AwsEmulator::shared().await;
-        let account = moto.new_account();
-        let (elbv2, ec2) = moto.clients(&account);
-        let network = create_vpc_with_subnets(&ec2, &ns).await;
-        let class: LoadBalancerClass = serde_json::from_value(json!({
-            "apiVersion": "cloudlb.io/v1alpha1",
-            "kind": "LoadBalancerClass",
-            "metadata": {"name": ns},
-            "spec": {"provider": "aws", "default": true, "aws": {"targetNodeLabels": {LABEL: ns}}}
-        }))
-        .expect("class");
-        Api::<LoadBalancerClass>::all(admin.clone())
-            .create(&PostParams::default(), &class)
-            .await
-            .expect("create class");
-        let provider = Arc::new(AwsProvider::new(
-            elbv2.clone(),
-            ec2.clone(),
-            AwsSettings::new(ns.clone()),
-        ));
-        let mut env = Env {
-            admin,
-            operator_client,
-            ns,
-            sa,
-            elbv2,
-            ec2,
-            network,
-            provider,
-            operator: None,
-        };
-        let instances = run_instances(&env.ec2, &env.network.public_subnets[0].id, 2).await;
-        for (i, instance) in instances.iter().enumerate() {
-            env.add_node(instance, i).await;
-        }
-        env.start_operator();
-        env
-    }
-
-    fn start_operator(&mut self) {
-        let mut settings = Settings::new(self.ns.clone());
-        settings.namespace = Some(self.ns.clone());
-        settings.classes = Some(vec![self.ns.clone()]);
-        settings.resync = Duration::from_secs(3600);
-        settings.provisioning_requeue = Duration::from_millis(500);
-        settings.orphan_sweep = Duration::from_secs(3600);
-        let providers = Providers {
-            aws: Some(self.provider.clone()),
-            local: None,
-        };
-        self.operator = Some(tokio::spawn(controller::run(
-            self.operator_client.clone(),
-            settings,
-            providers,
-            Arc::new(Metrics::new()),
-            std::future::pending(),
-        )));
-    }
-
-    async fn add_node(&self, instance: &Instance, i: usize) {
-        let name = format!("{}-node-{i}", self.ns);
-        let mut node = node_for(instance, &name);
-        node.metadata
-            .labels
-            .get_or_insert_with(BTreeMap::new)
-            .insert(LABEL.into(), self.ns.clone());
-        create_node(&self.admin, &node).await;
-    }
-
-    fn services(&self) -> Api<Service> {
-        Api::namespaced(self.admin.clone(), &self.ns)
-    }
-
-    async fn create_service(&self, name: &str, ports: Value) {
-        let svc: Service = serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "spec": {"type": "LoadBalancer", "selector": {"app": name}, "ports": ports}
-        }))
-        .expect("service");
-        self.services()
-            .create(&PostParams::default(), &svc)
-            .await
-            .expect("create service");
-    }
-
-    async fn hostname(&self, name: &str) -> Option<String> {
-        let svc = self.services().get(name).await.ok()?;
-        svc.status?
-            .load_balancer?
-            .ingress?
-            .first()?
-            .hostname
-            .clone()
-    }
-
-    async fn load_balancers(&self) -> Vec<elbv2::types::LoadBalancer> {
-        self.elbv2
-            .describe_load_balancers()
-            .send()
-            .await
-            .expect("describe load balancers")
-            .load_balancers()
-            .to_vec()
-    }
-
-    async fn target_groups(&self) -> Vec<elbv2::types::TargetGroup> {
-        self.elbv2
-            .describe_target_groups()
-            .send()
-            .await
-            .expect("describe target groups")
-            .target_groups()
-            .to_vec()
-    }
-
-    async fn listeners(&self, lb_arn: &str) -> usize {
-        self.elbv2
-            .describe_listeners()
-            .load_balancer_arn(lb_arn)
-            .send()
-            .await
-            .expect("describe listeners")
-            .listeners()
-            .len()
-    }
-
-    async fn targets(&self, tg_arn: &str) -> Vec<String> {
-        self.elbv2
-            .describe_target_health()
-            .target_group_arn(tg_arn)
-            .send()
-            .await
-            .expect("describe target health")
-            .target_health_descriptions()
-            .iter()
-            .filter(|d| {
-                d.target_health()
-                    .and_then(|h| h.state())
-                    .is_none_or(|s| *s != elbv2::types::TargetHealthStateEnum::Unused)
-            })
-            .filter_map(|d| d.target().and_then(|t| t.id()).map(String::from))
-            .collect()
-    }
-
-    async fn our_security_groups(&self) -> usize {
-        self.ec2
-            .describe_security_groups()
-            .filters(
-                ec2::types::Filter::builder()
-                    .name("tag:cloudlb.io/cluster")
-                    .values(&self.ns)
-                    .build(),
+/// One test's world with the chart's RBAC applied: a [`support::env::Env`] whose operator acts
+/// as the chart's ServiceAccount and nothing else, and that account's name. `edit` may change
+/// the rendered RBAC objects before they are applied.
+async fn start_with_chart_rbac(prefix: &str, edit: impl FnOnce(&mut Vec<Value>)) -> (Env, String) {
+    let cluster = TestCluster::shared().await;
+    let admin = cluster.client();
+    install_chart_crd(cluster).await;
+    let ns = cluster.create_namespace(prefix).await;
+    let version = server_version(&admin).await;
+    let out = render_ok(&[
+        "--release",
+        &ns,
+        "--namespace",
+        &ns,
+        "--kube-version",
+        &version,
+        "--set",
+        &format!("clusterName={ns}"),
+    ])
+    .await;
+    let mut rbac: Vec<Value> = objects(&out)
+        .into_iter()
+        .filter(|o| {
+            matches!(
+                kind(o),
+                "ServiceAccount" | "ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding"
             )
-            .send()
-            .await
-            .expect("describe security groups")
-            .security_groups()
-            .len()
-    }
-
-    /// (type, reason, note) of the Events in the namespace.
-    async fn events(&self) -> Vec<(String, String, String)> {
-        Api::<Event>::namespaced(self.admin.clone(), &self.ns)
-            .list(&ListParams::default())
-            .await
-            .expect("list events")
-            .items
-            .into_iter()
-            .map(|e| {
-                (
-                    e.type_.unwrap_or_default(),
-                    e.reason.unwrap_or_default(),
-                    e.note.unwrap_or_default(),
-                )
-            })
-            .collect()
-    }
-
-    async fn notes(&self, reason: &str) -> Vec<String> {
-        self.events()
-            .await
-            .into_iter()
-            .filter(|(_, r, _)| r == reason)
-            .map(|(_, _, n)| n)
-            .collect()
-    }
+        })
+        .collect();
+    assert_eq!(rbac.len(), 5, "SA, ClusterRole(+Binding), Role(+Binding)");
+    edit(&mut rbac);
+    apply(cluster, &format!("{ns}-rbac"), &rbac, &[]).await;
+    let sa = rbac
+        .iter()
+        .find(|o| kind(o) == "ServiceAccount")
+        .and_then(|o| o["metadata"]["name"].as_str())
+        .expect("the chart's ServiceAccount")
+        .to_string();
+    let operator_client = cluster.service_account_client(&ns, &sa).await;
+    let setup = Setup {
+        operator_client: Some(operator_client),
+        ..Setup::default()
+    };
+    (Env::start_in(cluster, ns, setup).await, sa)
 }
 
-impl Drop for Env {
-    fn drop(&mut self) {
-        if let Some(h) = self.operator.take() {
-            h.abort();
-        }
-    }
+/// (type, reason, note) of the Events in the namespace.
+async fn events(env: &Env) -> Vec<(String, String, String)> {
+    helpers::events(&env.client, &env.ns)
+        .await
+        .into_iter()
+        .map(|e| {
+            (
+                e.type_.unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+            )
+        })
+        .collect()
 }
 
 fn web_ports() -> Value {
@@ -840,8 +620,8 @@ fn web_ports() -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chart_rbac_suffices_for_the_aws_lifecycle() {
     let _guard = TestGuard::new();
-    let env = Env::start("chart-rbac", |_| {}).await;
-    let sa_user = format!("system:serviceaccount:{}:{}", env.ns, env.sa);
+    let (env, sa) = start_with_chart_rbac("chart-rbac", |_| {}).await;
+    let sa_user = format!("system:serviceaccount:{}:{sa}", env.ns);
 
     // What the Deployment does by default (all namespaces) is allowed too.
     Api::<Service>::all(env.operator_client.clone())
@@ -850,8 +630,8 @@ async fn chart_rbac_suffices_for_the_aws_lifecycle() {
         .unwrap_or_else(|e| panic!("{sa_user} cannot list Services cluster-wide: {e}"));
 
     // Create: finalizer, NLB, status.
-    env.create_service("web", web_ports()).await;
-    let hostname = wait_for("status hostname of web", || env.hostname("web")).await;
+    env.create_service("web", json!({}), web_ports()).await;
+    let hostname = env.wait_hostname("web").await;
     let lbs = env.load_balancers().await;
     assert_eq!(lbs.len(), 1);
     assert_eq!(lbs[0].dns_name(), Some(hostname.as_str()));
@@ -864,13 +644,13 @@ async fn chart_rbac_suffices_for_the_aws_lifecycle() {
             .contains(&controller::FINALIZER.to_string())
     );
     // The class status (loadbalancerclasses/status) and Events (events.k8s.io) were written.
-    let classes: Api<LoadBalancerClass> = Api::all(env.admin.clone());
+    let classes: Api<LoadBalancerClass> = Api::all(env.client.clone());
     wait_for("class status serviceCount 1", || async {
         (classes.get(&env.ns).await.ok()?.status?.service_count == 1).then_some(())
     })
     .await;
     wait_for("EnsuredLoadBalancer event", || async {
-        (!env.notes("EnsuredLoadBalancer").await.is_empty()).then_some(())
+        (!env.events("EnsuredLoadBalancer").await.is_empty()).then_some(())
     })
     .await;
 
@@ -879,24 +659,12 @@ async fn chart_rbac_suffices_for_the_aws_lifecycle() {
     if let Some(list) = ports.as_array_mut() {
         list.push(json!({"name": "dns", "port": 53, "protocol": "UDP"}));
     }
-    env.services()
-        .patch(
-            "web",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"ports": ports}})),
-        )
-        .await
-        .expect("patch ports");
-    wait_for("third listener", || async {
-        (env.listeners(&lb_arn).await == 3).then_some(())
-    })
-    .await;
+    env.patch_service("web", json!({"spec": {"ports": ports}}))
+        .await;
+    env.wait_listeners(&lb_arn, 3).await;
 
     // Node change: a new Node with an instance is registered in every target group.
-    let extra = run_instances(&env.ec2, &env.network.public_subnets[0].id, 1)
-        .await
-        .pop()
-        .expect("an instance");
+    let extra = env.new_instance().await;
     env.add_node(&extra, 9).await;
     let tg_arns: Vec<String> = env
         .target_groups()
@@ -913,14 +681,16 @@ async fn chart_rbac_suffices_for_the_aws_lifecycle() {
     }
 
     // Delete: everything goes, then the finalizer, then the Service.
-    crate::support::env::delete_service(&env.services(), "web").await;
+    helpers::delete_service(&env.services(), "web").await;
     assert!(env.load_balancers().await.is_empty(), "load balancers left");
     assert!(env.target_groups().await.is_empty(), "target groups left");
-    assert_eq!(env.our_security_groups().await, 0, "security groups left");
+    assert!(
+        env.our_security_groups().await.is_empty(),
+        "security groups left"
+    );
     // No call was refused. (Other transient Warnings, such as a 409 Conflict retried at once,
     // are not about RBAC.)
-    let refused: Vec<_> = env
-        .events()
+    let refused: Vec<_> = events(&env)
         .await
         .into_iter()
         .filter(|(t, _, note)| t == "Warning" && note.contains("forbidden"))
@@ -959,7 +729,7 @@ async fn chart_rbac_suffices_for_the_aws_lifecycle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_services_status_permission_is_reported() {
     let _guard = TestGuard::new();
-    let env = Env::start("chart-norbac", |objs| {
+    let (env, sa) = start_with_chart_rbac("chart-norbac", |objs| {
         let role = objs
             .iter_mut()
             .find(|o| kind(o) == "ClusterRole")
@@ -971,9 +741,12 @@ async fn missing_services_status_permission_is_reported() {
     })
     .await;
 
-    env.create_service("web", web_ports()).await;
+    env.create_service("web", json!({}), web_ports()).await;
     let note = wait_for("SyncLoadBalancerFailed event", || async {
-        env.notes("SyncLoadBalancerFailed").await.into_iter().next()
+        env.events("SyncLoadBalancerFailed")
+            .await
+            .into_iter()
+            .next()
     })
     .await;
     eprintln!("SyncLoadBalancerFailed: {note}");
@@ -982,12 +755,11 @@ async fn missing_services_status_permission_is_reported() {
         "the Event must name the verb and the resource: {note}"
     );
     assert!(
-        note.contains(&format!("system:serviceaccount:{}:{}", env.ns, env.sa)),
+        note.contains(&format!("system:serviceaccount:{}:{sa}", env.ns)),
         "and who was refused: {note}"
     );
     assert_eq!(env.hostname("web").await, None, "no status was written");
-    let (type_, _, _) = env
-        .events()
+    let (type_, _, _) = events(&env)
         .await
         .into_iter()
         .find(|(_, r, _)| r == "SyncLoadBalancerFailed")
@@ -995,7 +767,7 @@ async fn missing_services_status_permission_is_reported() {
     assert_eq!(type_, "Warning");
 
     // Deleting still works: the status was never written, so cleanup needs no status patch.
-    crate::support::env::delete_service(&env.services(), "web").await;
+    helpers::delete_service(&env.services(), "web").await;
     assert!(env.load_balancers().await.is_empty(), "load balancers left");
 }
 

@@ -4,13 +4,12 @@
 
 use crate::support;
 
-use cloudlb::config::class::LoadBalancerClass;
 use k8s_openapi::api::core::v1::Service;
 use kube::Api;
-use kube::api::PostParams;
 use serde_json::json;
 use std::process::Command;
-use support::env::install_crd;
+use support::fixtures::{self, install_crd};
+use support::operator::aws_env;
 use support::{AwsEmulator, TestCluster, TestGuard};
 
 fn cloudlb() -> Command {
@@ -57,32 +56,21 @@ async fn plan_previews_changes_and_writes_nothing() {
     let cluster = TestCluster::shared().await;
     let client = cluster.client();
     install_crd(&client).await;
-    let classes: Api<LoadBalancerClass> = Api::all(client.clone());
     let ns = cluster.create_namespace("plan").await;
     // Nodes are cluster-wide and other tests add theirs: this class targets none of them.
-    let class: LoadBalancerClass = serde_json::from_value(json!({
-        "metadata": {"name": ns},
-        "spec": {"provider": "aws", "default": true, "aws": {"targetNodeLabels": {"cloudlb.io/test-plan": &ns}}}
-    }))
-    .expect("class");
-    classes
-        .create(&PostParams::default(), &class)
-        .await
-        .expect("create class");
+    fixtures::create_class(
+        &client,
+        &ns,
+        json!({"provider": "aws", "default": true, "aws": {"targetNodeLabels": {"cloudlb.io/test-plan": &ns}}}),
+    )
+    .await;
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     for (name, annotations) in [
         ("web", json!({})),
         ("broken", json!({"cloudlb.io/scheme": "sideways"})),
     ] {
-        let svc: Service = serde_json::from_value(json!({
-            "metadata": {"name": name, "annotations": annotations},
-            "spec": {"type": "LoadBalancer", "ports": [{"port": 80, "protocol": "TCP"}]}
-        }))
-        .expect("service");
-        services
-            .create(&PostParams::default(), &svc)
-            .await
-            .expect("create service");
+        let ports = json!({"ports": [{"port": 80, "protocol": "TCP"}]});
+        fixtures::create_service(&services, &fixtures::lb_service(name, annotations, ports)).await;
     }
 
     let moto = AwsEmulator::shared().await;
@@ -102,10 +90,7 @@ async fn plan_previews_changes_and_writes_nothing() {
                     &ns,
                 ])
                 .env("KUBECONFIG", kubeconfig)
-                .env("AWS_ENDPOINT_URL", endpoint)
-                .env("AWS_ACCESS_KEY_ID", "AKIACLOUDLBTEST00000")
-                .env("AWS_SECRET_ACCESS_KEY", "cloudlb-test-secret")
-                .env("AWS_REGION", "us-east-1")
+                .envs(aws_env(&endpoint))
                 .output()
                 .expect("run cloudlb plan")
         }

@@ -4,30 +4,27 @@
 //! account and operator (`support::env::Env`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
+use crate::helpers;
 use crate::support;
 
 use cloudlb::config::class::LoadBalancerClass;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::events::v1::Event;
 use kube::Api;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams};
 use serde_json::json;
 use std::time::Duration;
 use support::env::{Env, wait_for};
 use support::process::testbed_version;
-use support::{TestCluster, TestGuard};
+use support::{TestCluster, TestGuard, fixtures};
 
 const FINALIZER: &str = "cloudlb.io/load-balancer";
 
 async fn create(env: &Env, name: &str, spec: serde_json::Value) {
-    let mut spec = spec;
-    spec["type"] = json!("LoadBalancer");
-    let svc: Service =
-        serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).expect("service");
-    env.services()
-        .create(&PostParams::default(), &svc)
-        .await
-        .unwrap_or_else(|e| panic!("create service {name}: {e}"));
+    fixtures::create_service(
+        &env.services(),
+        &fixtures::lb_service(name, json!({}), spec),
+    )
+    .await;
 }
 
 fn finalizers(svc: &Service) -> Vec<String> {
@@ -38,11 +35,8 @@ fn finalizers(svc: &Service) -> Vec<String> {
 /// ClusterIP repair loop can race a new Service: `ClusterIPNotAllocated`), so only Events that
 /// cloudlb reported count.
 async fn events_about(env: &Env, name: &str) -> Vec<String> {
-    Api::<Event>::namespaced(env.client.clone(), &env.ns)
-        .list(&ListParams::default())
+    helpers::events(&env.client, &env.ns)
         .await
-        .expect("list events")
-        .items
         .into_iter()
         .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
         .filter(|e| e.reporting_controller.as_deref() == Some("cloudlb"))
@@ -267,9 +261,7 @@ async fn a_class_moved_to_another_provider_moves_the_load_balancer_and_leaves_no
         .await
         .expect("patch class to local");
     let ip = wait_for("a local address in the status", || async {
-        let svc = env.services().get("web").await.ok()?;
-        let ingress = svc.status?.load_balancer?.ingress?;
-        ingress.first()?.ip.clone()
+        fixtures::ingress(&env.services(), "web").await?.ip
     })
     .await;
     assert!(ip.starts_with("127.18.1."), "{ip}");
@@ -294,7 +286,7 @@ async fn a_class_moved_to_another_provider_moves_the_load_balancer_and_leaves_no
             &env.ns,
             &PatchParams::default(),
             &Patch::Merge(json!({"spec": {"provider": "aws", "local": null,
-                                          "aws": {"targetNodeLabels": {support::env::LABEL: env.ns}}}})),
+                                          "aws": {"targetNodeLabels": {fixtures::LABEL: env.ns}}}})),
         )
         .await
         .expect("patch class back to aws");

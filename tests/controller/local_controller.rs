@@ -6,27 +6,26 @@
 //! operator instance.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
+use crate::helpers;
 use crate::support;
 
-use cloudlb::config::class::LoadBalancerClass;
-use cloudlb::controller::{self, Providers, Settings};
+use cloudlb::controller::Providers;
 use cloudlb::provider::local::{LocalProvider, LocalSettings};
 use cloudlb::telemetry::Metrics;
 use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use support::env::{install_crd, wait_for};
+use std::time::Duration;
+use support::env::{operator_settings, spawn_operator, wait_for, wait_within};
+use support::fixtures::{self, LABEL, install_crd};
 use support::{TestCluster, TestGuard};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-const LABEL: &str = "cloudlb.test/env";
 /// A backend on `ip:tcp_port` (TCP) and `ip:udp_port` (UDP) that answers with its node's name;
 /// the returned handles stop it when aborted.
 async fn backend(
@@ -120,15 +119,12 @@ impl Env {
         let client = cluster.client();
         install_crd(&client).await;
         let ns = cluster.create_namespace(prefix).await;
-        let class: LoadBalancerClass = serde_json::from_value(json!({
-            "metadata": {"name": ns},
-            "spec": {"provider": "local", "default": true, "local": {"addressPool": pool, "algorithm": "round-robin"}}
-        }))
-        .expect("class");
-        Api::<LoadBalancerClass>::all(client.clone())
-            .create(&PostParams::default(), &class)
-            .await
-            .expect("create class");
+        fixtures::create_class(
+            &client,
+            &ns,
+            json!({"provider": "local", "default": true, "local": {"addressPool": pool, "algorithm": "round-robin"}}),
+        )
+        .await;
         let mut env = Env {
             client,
             ns,
@@ -165,21 +161,16 @@ impl Env {
     }
 
     fn start_operator(&mut self) {
-        let mut settings = Settings::new(self.ns.clone());
-        settings.namespace = Some(self.ns.clone());
-        settings.classes = Some(vec![self.ns.clone()]);
         let providers = Providers {
             aws: None,
             local: Some(self.local.clone()),
         };
-        let run = controller::run(
+        self.operator = Some(spawn_operator(
             self.client.clone(),
-            settings,
+            operator_settings(&self.ns),
             providers,
             self.metrics.clone(),
-            std::future::pending(),
-        );
-        self.operator = Some(tokio::spawn(run));
+        ));
     }
 
     /// Stops the operator and everything its local provider serves (a process exit).
@@ -196,27 +187,18 @@ impl Env {
 
     /// A JSON merge patch of Service `name`.
     async fn patch_service(&self, name: &str, patch: serde_json::Value) {
-        self.services()
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .unwrap_or_else(|e| panic!("patch service {name} with {patch}: {e}"));
+        helpers::patch_service(&self.services(), name, &patch).await;
     }
 
+    /// A Service whose class selects this test's Nodes.
     async fn create_service(&self, name: &str, ports: serde_json::Value) {
-        let svc: Service = serde_json::from_value(json!({
-            "metadata": {"name": name, "annotations": {"cloudlb.io/target-node-labels": format!("{LABEL}={}", self.ns)}},
-            "spec": {"type": "LoadBalancer", "ports": ports}
-        }))
-        .expect("service");
-        self.services()
-            .create(&PostParams::default(), &svc)
-            .await
-            .expect("create service");
+        let annotations = json!({"cloudlb.io/target-node-labels": format!("{LABEL}={}", self.ns)});
+        let svc = fixtures::lb_service(name, annotations, json!({"ports": ports}));
+        fixtures::create_service(&self.services(), &svc).await;
     }
 
     async fn ip(&self, name: &str) -> Option<String> {
-        let svc = self.services().get(name).await.ok()?;
-        svc.status?.load_balancer?.ingress?.first()?.ip.clone()
+        fixtures::ingress(&self.services(), name).await?.ip
     }
 
     async fn wait_ip(&self, name: &str) -> String {
@@ -227,15 +209,7 @@ impl Env {
     }
 
     async fn events(&self, reason: &str) -> Vec<String> {
-        Api::<Event>::namespaced(self.client.clone(), &self.ns)
-            .list(&ListParams::default())
-            .await
-            .expect("list events")
-            .items
-            .into_iter()
-            .filter(|e| e.reason.as_deref() == Some(reason))
-            .filter_map(|e| e.note)
-            .collect()
+        helpers::notes(&self.client, &self.ns, reason).await
     }
 
     /// Ports at this test's nodePorts, where its backends listen (UDP at nodePort + 100).
@@ -317,7 +291,7 @@ async fn tcp_and_udp_reach_every_node_and_follow_port_changes() {
     );
 
     // Delete: the port and the address are released.
-    crate::support::env::delete_service(&env.services(), "web").await;
+    helpers::delete_service(&env.services(), "web").await;
     assert!(
         TcpStream::connect(&new_addr).await.is_err(),
         "port closed after delete"
@@ -343,14 +317,7 @@ async fn excluded_node_stops_receiving_new_connections() {
     })
     .await;
     let excluded = env.nodes[0].clone();
-    Api::<Node>::all(env.client.clone())
-        .patch(
-            &excluded,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"labels": {"node.kubernetes.io/exclude-from-external-load-balancers": "true"}}})),
-        )
-        .await
-        .expect("label node");
+    helpers::exclude_node(&env.client, &excluded).await;
     wait_for("excluded node gets no new connections", || async {
         let seen = spread(12, async || tcp_ask(&addr).await).await;
         (seen.len() == 2 && !seen.contains_key(&excluded) && seen.values().sum::<usize>() == 12)
@@ -440,14 +407,12 @@ async fn all_backends_down_is_a_warning_event() {
     for b in env.backends.iter().flatten() {
         b.abort();
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if !env.events("AllTargetsUnhealthy").await.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no AllTargetsUnhealthy event");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_within(
+        "an AllTargetsUnhealthy event",
+        Duration::from_secs(30),
+        || async { (!env.events("AllTargetsUnhealthy").await.is_empty()).then_some(()) },
+    )
+    .await;
 }
 
 /// Reconciles that ended without an error or invalid input.
@@ -538,11 +503,8 @@ async fn a_service_port_on_the_operators_own_listener_gets_an_event_naming_both(
         held.port()
     );
     let notes = wait_for("an Event naming the operator's listener", || async {
-        let notes: Vec<String> = Api::<Event>::namespaced(env.client.clone(), &env.ns)
-            .list(&ListParams::default())
+        let notes: Vec<String> = helpers::events(&env.client, &env.ns)
             .await
-            .ok()?
-            .items
             .into_iter()
             .filter_map(|e| e.note)
             .filter(|n| n.contains(&want))

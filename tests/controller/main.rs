@@ -12,6 +12,7 @@ mod aws_controller;
 mod chart;
 mod cli;
 mod current_kubernetes;
+mod helpers;
 mod image;
 mod local_controller;
 mod operator_process;

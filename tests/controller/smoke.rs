@@ -1,6 +1,7 @@
 //! Proves the testbed: a real API server with RBAC, and moto with per-test accounts.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
+use crate::helpers;
 use crate::support;
 
 use k8s_openapi::api::core::v1::Service;
@@ -8,12 +9,11 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::elbv2::types::{
-    Action, ActionTypeEnum, LoadBalancerSchemeEnum, LoadBalancerTypeEnum, ProtocolEnum,
-    TargetDescription, TargetTypeEnum,
+    Action, ActionTypeEnum, LoadBalancerTypeEnum, ProtocolEnum, TargetDescription, TargetTypeEnum,
 };
 use support::{
-    AwsEmulator, Instance, TestCluster, TestGuard, create_node, create_vpc_with_subnets, node_for,
-    run_instances,
+    AwsEmulator, Instance, TestCluster, TestGuard, create_node, create_vpc_with_subnets, describe,
+    node_for, run_instances,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,19 +122,8 @@ async fn moto_serves_an_nlb_with_instance_targets() {
     assert_eq!(instances.len(), 2);
     assert_ne!(instances[0].az, instances[1].az);
 
-    let created = elbv2
-        .create_load_balancer()
-        .name("smoke-nlb")
-        .r#type(LoadBalancerTypeEnum::Network)
-        .scheme(LoadBalancerSchemeEnum::InternetFacing)
-        .set_subnets(Some(network.public_subnet_ids()))
-        .send()
-        .await
-        .expect("CreateLoadBalancer");
-    let lb_arn = created.load_balancers()[0]
-        .load_balancer_arn()
-        .expect("an LB ARN")
-        .to_string();
+    let created = helpers::create_nlb(&elbv2, "smoke-nlb", network.public_subnet_ids()).await;
+    let lb_arn = created.load_balancer_arn().expect("an LB ARN").to_string();
     let described = elbv2
         .describe_load_balancers()
         .names("smoke-nlb")
@@ -177,14 +166,8 @@ async fn moto_serves_an_nlb_with_instance_targets() {
         .send()
         .await
         .expect("RegisterTargets");
-    let health = elbv2
-        .describe_target_health()
-        .target_group_arn(&tg_arn)
-        .send()
-        .await
-        .expect("DescribeTargetHealth");
+    let health = describe::target_health(&elbv2, &tg_arn).await;
     let mut registered: Vec<&str> = health
-        .target_health_descriptions()
         .iter()
         .filter_map(|d| d.target().and_then(|t| t.id()))
         .collect();
@@ -207,13 +190,8 @@ async fn moto_serves_an_nlb_with_instance_targets() {
         .send()
         .await
         .expect("CreateListener");
-    let listeners = elbv2
-        .describe_listeners()
-        .load_balancer_arn(&lb_arn)
-        .send()
-        .await
-        .expect("DescribeListeners");
-    let listener = &listeners.listeners()[0];
+    let listeners = describe::listeners(&elbv2, &lb_arn).await;
+    let listener = &listeners[0];
     assert_eq!(listener.port(), Some(80));
     assert_eq!(
         listener.default_actions()[0].target_group_arn(),

@@ -9,11 +9,9 @@
 
 use crate::support;
 
-use cloudlb::provider::aws::{AwsProvider, AwsSettings};
 use kube::api::{DeleteParams, ListParams};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use std::sync::Arc;
 use std::time::Duration;
 use support::TestGuard;
 use support::cluster::TestCluster;
@@ -22,25 +20,12 @@ use support::env::{Env, wait_for};
 const SERVICES: usize = 8;
 const KILLS_PER_WAVE: usize = 10;
 
-fn restart(env: &mut Env) {
-    env.stop_operator();
-    // A new process: nothing cached.
-    env.provider = Arc::new(
-        AwsProvider::new(
-            env.elbv2.clone(),
-            env.ec2.clone(),
-            AwsSettings::new(env.ns.clone()),
-        )
-        .with_metrics(env.metrics.clone()),
-    );
-    env.start_operator();
-}
-
 async fn kill_at_random_moments(env: &mut Env, rng: &mut rand::rngs::StdRng) {
     for _ in 0..KILLS_PER_WAVE * support::soak() {
         let after = Duration::from_millis(rng.random_range(20..700));
         tokio::time::sleep(after).await;
-        restart(env);
+        // A new process: nothing cached.
+        env.restart_operator();
     }
 }
 
@@ -56,7 +41,7 @@ async fn killed_twenty_times_during_create_and_delete_waves_converges_cleanly() 
     let mut env = Env::start("crash", Duration::from_secs(3600)).await;
     // Leftovers of a kill between two deletes are found by the orphan sweep.
     env.orphan_sweep = Duration::from_secs(3);
-    restart(&mut env);
+    env.restart_operator();
 
     // Create wave.
     for i in 0..SERVICES {
@@ -73,21 +58,16 @@ async fn killed_twenty_times_during_create_and_delete_waves_converges_cleanly() 
     }
     let lbs = env.load_balancers().await;
     assert_eq!(lbs.len(), SERVICES, "one NLB per Service, no duplicates");
-    wait_for("exactly two target groups per Service", || async {
-        (env.target_groups().await.len() == 2 * SERVICES).then_some(())
-    })
-    .await;
+    // Exactly two target groups per Service.
+    env.wait_target_groups(2 * SERVICES).await;
     assert_eq!(
         env.our_security_groups().await.len(),
         SERVICES,
         "one security group per Service"
     );
     for lb in &lbs {
-        let arn = lb.load_balancer_arn().unwrap_or_default().to_string();
-        wait_for("both listeners", || async {
-            (env.listeners(&arn).await.len() == 2).then_some(())
-        })
-        .await;
+        env.wait_listeners(lb.load_balancer_arn().unwrap_or_default(), 2)
+            .await;
     }
 
     // Delete wave.

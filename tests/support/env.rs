@@ -2,50 +2,78 @@
 //! LoadBalancerClass, Nodes (selected by a label), moto account and AWS provider: what the AWS
 //! integration tests drive.
 
-use cloudlb::config::class::LoadBalancerClass;
 use cloudlb::controller::{self, Providers, Settings};
 use cloudlb::provider::aws::{AwsProvider, AwsSettings};
-use cloudlb::provider::local::{LocalProvider, LocalSettings};
+use cloudlb::provider::local::LocalProvider;
 use cloudlb::telemetry::Metrics;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, Client, CustomResourceExt};
+use kube::{Api, Client};
 use serde_json::json;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::describe;
+use super::fixtures;
 use super::{
-    AwsEmulator, Instance, Network, TestCluster, create_node, create_vpc_with_subnets, ec2, elbv2,
-    node_for, run_instances,
+    AwsEmulator, Instance, Network, TestCluster, create_vpc_with_subnets, ec2, elbv2, run_instances,
 };
 
-pub const LABEL: &str = "cloudlb.test/env";
+/// How a test's [`Env`] is set up; [`Setup::default`] is what most tests want.
+pub struct Setup {
+    pub resync: Duration,
+    /// Instances (each with its Node) in every public subnet.
+    pub instances_per_subnet: i32,
+    /// The moto account; a new one when None. (A `cloudlb` process with plain credentials uses
+    /// moto's default account.)
+    pub account: Option<String>,
+    /// The client the in-process operator uses; the admin client when None.
+    pub operator_client: Option<Client>,
+    /// Start an operator in-process; false when the test runs the `cloudlb` binary itself.
+    pub in_process_operator: bool,
+}
 
-/// Installs the LoadBalancerClass CRD (if missing) and waits until it is served. Idempotent.
-pub async fn install_crd(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    match crds
-        .create(&PostParams::default(), &LoadBalancerClass::crd())
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.is_already_exists() => {}
-        Err(e) => panic!("create CRD: {e}"),
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            resync: Duration::from_secs(3600),
+            instances_per_subnet: 1,
+            account: None,
+            operator_client: None,
+            in_process_operator: true,
+        }
     }
-    let classes: Api<LoadBalancerClass> = Api::all(client.clone());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while classes.list(&ListParams::default()).await.is_err() {
-        assert!(Instant::now() < deadline, "CRD never became established");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+}
+
+/// Settings for an operator limited to namespace `ns` and the class named `ns`.
+pub fn operator_settings(ns: &str) -> Settings {
+    let mut settings = Settings::new(ns.to_string());
+    settings.namespace = Some(ns.to_string());
+    settings.classes = Some(vec![ns.to_string()]);
+    settings
+}
+
+/// Runs the operator's controllers in a task (aborting it is a process exit).
+pub fn spawn_operator(
+    client: Client,
+    settings: Settings,
+    providers: Providers,
+    metrics: Arc<Metrics>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(controller::run(
+        client,
+        settings,
+        providers,
+        metrics,
+        std::future::pending(),
+    ))
 }
 
 pub struct Env {
     pub cluster: &'static TestCluster,
+    /// Admin: creates the class, Nodes and Services (what users and kubelets do).
     pub client: Client,
+    /// What the in-process operator runs with.
+    pub operator_client: Client,
     pub ns: String,
     pub elbv2: elbv2::Client,
     pub ec2: ec2::Client,
@@ -69,28 +97,24 @@ impl Env {
 
     /// Like [`Env::start`], on a given cluster (one a test may restart).
     pub async fn start_on(cluster: &'static TestCluster, prefix: &str, resync: Duration) -> Env {
-        let client = cluster.client();
-        install_crd(&client).await;
         let ns = cluster.create_namespace(prefix).await;
+        let setup = Setup {
+            resync,
+            ..Setup::default()
+        };
+        Self::start_in(cluster, ns, setup).await
+    }
+
+    /// An Env in the namespace `ns` (already created): the class `ns`, a moto account with a
+    /// VPC, instances and their Nodes, and (unless `setup` says otherwise) the operator.
+    pub async fn start_in(cluster: &'static TestCluster, ns: String, setup: Setup) -> Env {
+        let client = cluster.client();
+        fixtures::install_crd(&client).await;
         let moto = AwsEmulator::shared().await;
-        let account = moto.new_account();
+        let account = setup.account.unwrap_or_else(|| moto.new_account());
         let (elbv2, ec2) = moto.clients(&account);
         let network = create_vpc_with_subnets(&ec2, &ns).await;
-        let mut instances = Vec::new();
-        for subnet in &network.public_subnets {
-            instances.extend(run_instances(&ec2, &subnet.id, 1).await);
-        }
-        let class: LoadBalancerClass = serde_json::from_value(json!({
-            "apiVersion": "cloudlb.io/v1alpha1",
-            "kind": "LoadBalancerClass",
-            "metadata": {"name": ns},
-            "spec": {"provider": "aws", "default": true, "aws": {"targetNodeLabels": {LABEL: ns}}}
-        }))
-        .expect("class");
-        Api::<LoadBalancerClass>::all(client.clone())
-            .create(&PostParams::default(), &class)
-            .await
-            .expect("create class");
+        fixtures::create_class(&client, &ns, fixtures::aws_class_spec(&ns)).await;
         let metrics = Arc::new(Metrics::new());
         let provider = Arc::new(
             AwsProvider::new(elbv2.clone(), ec2.clone(), AwsSettings::new(ns.clone()))
@@ -98,6 +122,7 @@ impl Env {
         );
         let mut env = Env {
             cluster,
+            operator_client: setup.operator_client.unwrap_or_else(|| client.clone()),
             client,
             ns,
             elbv2,
@@ -107,22 +132,25 @@ impl Env {
             provider,
             local: None,
             metrics,
-            resync,
+            resync: setup.resync,
             orphan_sweep: Duration::from_secs(3600),
             operator: None,
         };
-        for (i, instance) in instances.iter().enumerate() {
+        for subnet in &env.network.public_subnets {
+            let more = run_instances(&env.ec2, &subnet.id, setup.instances_per_subnet).await;
+            env.instances.extend(more);
+        }
+        for (i, instance) in env.instances.iter().enumerate() {
             env.add_node(instance, i).await;
         }
-        env.instances = instances;
-        env.start_operator();
+        if setup.in_process_operator {
+            env.start_operator();
+        }
         env
     }
 
     pub fn start_operator(&mut self) {
-        let mut settings = Settings::new(self.ns.clone());
-        settings.namespace = Some(self.ns.clone());
-        settings.classes = Some(vec![self.ns.clone()]);
+        let mut settings = operator_settings(&self.ns);
         settings.resync = self.resync;
         settings.provisioning_requeue = Duration::from_millis(500);
         settings.orphan_sweep = self.orphan_sweep;
@@ -130,23 +158,26 @@ impl Env {
             aws: Some(self.provider.clone()),
             local: self.local.clone(),
         };
-        let run = controller::run(
-            self.client.clone(),
+        self.operator = Some(spawn_operator(
+            self.operator_client.clone(),
             settings,
             providers,
             self.metrics.clone(),
-            std::future::pending(),
-        );
-        self.operator = Some(tokio::spawn(run));
+        ));
     }
 
-    /// Restarts the operator with the local provider as well as AWS.
-    pub async fn with_local_provider(&mut self) {
+    /// Stops the operator and starts a new one with a new AWS provider: a process restart,
+    /// nothing cached.
+    pub fn restart_operator(&mut self) {
         self.stop_operator();
-        if let Some(local) = self.local.take() {
-            local.shutdown().await;
-        }
-        self.local = Some(Arc::new(LocalProvider::new(LocalSettings::default())));
+        self.provider = Arc::new(
+            AwsProvider::new(
+                self.elbv2.clone(),
+                self.ec2.clone(),
+                AwsSettings::new(self.ns.clone()),
+            )
+            .with_metrics(self.metrics.clone()),
+        );
         self.start_operator();
     }
 
@@ -158,20 +189,8 @@ impl Env {
 
     pub async fn add_node(&self, instance: &Instance, i: usize) -> String {
         let name = format!("{}-node-{i}", self.ns);
-        let mut node = node_for(instance, &name);
-        node.metadata
-            .labels
-            .get_or_insert_with(BTreeMap::new)
-            .insert(LABEL.into(), self.ns.clone());
-        create_node(&self.client, &node).await;
+        fixtures::create_labelled_node(&self.client, instance, &name, &self.ns).await;
         name
-    }
-
-    pub async fn new_instance(&self) -> Instance {
-        run_instances(&self.ec2, &self.network.public_subnets[0].id, 1)
-            .await
-            .pop()
-            .expect("one instance")
     }
 
     pub fn services(&self) -> Api<Service> {
@@ -184,32 +203,16 @@ impl Env {
         annotations: serde_json::Value,
         ports: serde_json::Value,
     ) {
-        let svc: Service = serde_json::from_value(json!({
-            "metadata": {"name": name, "annotations": annotations},
-            "spec": {"type": "LoadBalancer", "selector": {"app": name}, "ports": ports}
-        }))
-        .expect("service");
-        self.services()
-            .create(&PostParams::default(), &svc)
-            .await
-            .expect("create service");
-    }
-
-    pub async fn patch_service(&self, name: &str, patch: serde_json::Value) {
-        self.services()
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .unwrap_or_else(|e| panic!("patch service {name} with {patch}: {e}"));
+        let spec = json!({"selector": {"app": name}, "ports": ports});
+        fixtures::create_service(
+            &self.services(),
+            &fixtures::lb_service(name, annotations, spec),
+        )
+        .await;
     }
 
     pub async fn hostname(&self, name: &str) -> Option<String> {
-        let svc = self.services().get(name).await.ok()?;
-        svc.status?
-            .load_balancer?
-            .ingress?
-            .first()?
-            .hostname
-            .clone()
+        fixtures::ingress(&self.services(), name).await?.hostname
     }
 
     pub async fn wait_hostname(&self, name: &str) -> String {
@@ -220,109 +223,40 @@ impl Env {
     }
 
     pub async fn load_balancers(&self) -> Vec<elbv2::types::LoadBalancer> {
-        self.elbv2
-            .describe_load_balancers()
-            .send()
-            .await
-            .expect("describe load balancers")
-            .load_balancers()
-            .to_vec()
+        describe::load_balancers(&self.elbv2).await
     }
 
     pub async fn target_groups(&self) -> Vec<elbv2::types::TargetGroup> {
-        self.elbv2
-            .describe_target_groups()
-            .send()
-            .await
-            .expect("describe target groups")
-            .target_groups()
-            .to_vec()
+        describe::target_groups(&self.elbv2).await
     }
 
     pub async fn listeners(&self, lb_arn: &str) -> Vec<elbv2::types::Listener> {
-        self.elbv2
-            .describe_listeners()
-            .load_balancer_arn(lb_arn)
-            .send()
-            .await
-            .expect("describe listeners")
-            .listeners()
-            .to_vec()
-    }
-
-    pub async fn targets(&self, tg_arn: &str) -> Vec<String> {
-        let mut ids: Vec<String> = self
-            .elbv2
-            .describe_target_health()
-            .target_group_arn(tg_arn)
-            .send()
-            .await
-            .expect("describe target health")
-            .target_health_descriptions()
-            .iter()
-            .filter(|d| {
-                d.target_health().and_then(|h| h.state()).is_none_or(|s| {
-                    !matches!(
-                        s,
-                        elbv2::types::TargetHealthStateEnum::Unused
-                            | elbv2::types::TargetHealthStateEnum::Draining
-                    )
-                })
-            })
-            .filter_map(|d| d.target().and_then(|t| t.id()).map(String::from))
-            .collect();
-        ids.sort();
-        ids
+        describe::listeners(&self.elbv2, lb_arn).await
     }
 
     /// Security groups cloudlb made (carrying our cluster tag).
     pub async fn our_security_groups(&self) -> Vec<String> {
-        self.ec2
-            .describe_security_groups()
-            .filters(
-                ec2::types::Filter::builder()
-                    .name("tag:cloudlb.io/cluster")
-                    .values(&self.ns)
-                    .build(),
-            )
-            .send()
+        describe::security_groups(&self.ec2, &self.ns)
             .await
-            .expect("describe security groups")
-            .security_groups()
             .iter()
             .filter_map(|g| g.group_id().map(String::from))
             .collect()
     }
 
-    pub async fn events(&self, reason: &str) -> Vec<String> {
-        Api::<Event>::namespaced(self.client.clone(), &self.ns)
-            .list(&ListParams::default())
-            .await
-            .expect("list events")
-            .items
-            .into_iter()
-            .filter(|e| e.reason.as_deref() == Some(reason))
-            .filter_map(|e| e.note)
-            .collect()
-    }
-
-    /// Waits until the operator has finished `n` more reconciles with `outcome` than `before`.
-    pub async fn wait_reconciles(&self, outcome: &str, before: u64) {
-        wait_for(&format!("a reconcile with outcome {outcome}"), || async {
-            (self.metrics.reconcile_count(outcome) > before).then_some(())
+    /// Waits until the load balancer `lb_arn` has `n` listeners.
+    pub async fn wait_listeners(&self, lb_arn: &str, n: usize) {
+        wait_for(&format!("{n} listeners on {lb_arn}"), || async {
+            (self.listeners(lb_arn).await.len() == n).then_some(())
         })
-        .await
+        .await;
     }
 
-    pub fn calls_since(&self, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
-        self.provider
-            .calls()
-            .into_iter()
-            .filter_map(|(k, v)| {
-                let d = v - before.get(&k).copied().unwrap_or(0);
-                (d > 0).then_some((k, d))
-            })
-            .collect()
+    /// Waits until the account holds `n` target groups.
+    pub async fn wait_target_groups(&self, n: usize) {
+        wait_for(&format!("{n} target groups"), || async {
+            (self.target_groups().await.len() == n).then_some(())
+        })
+        .await;
     }
 }
 
@@ -332,29 +266,32 @@ impl Drop for Env {
     }
 }
 
-/// Deletes the Service `name` and waits until it is gone (our finalizer released it).
-pub async fn delete_service(services: &Api<Service>, name: &str) {
-    services
-        .delete(name, &kube::api::DeleteParams::default())
-        .await
-        .unwrap_or_else(|e| panic!("delete Service {name}: {e}"));
-    wait_for(&format!("Service {name} gone"), || async {
-        services.get_opt(name).await.ok()?.is_none().then_some(())
-    })
-    .await;
-}
-
-pub async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
+/// Polls `f` until it returns Some (its value), for at most 40 s.
+pub async fn wait_for<T, F, Fut>(what: &str, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + Duration::from_secs(40);
+    wait_within(what, Duration::from_secs(40), f).await
+}
+
+/// Polls `f` until it returns Some (its value), for at most `limit`; the poll interval grows
+/// with the limit (100 ms to 500 ms), so long waits on heavy checks stay light.
+pub async fn wait_within<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let every = (limit / 400).clamp(Duration::from_millis(100), Duration::from_millis(500));
+    let deadline = Instant::now() + limit;
     loop {
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(every).await;
     }
 }

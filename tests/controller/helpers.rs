@@ -1,0 +1,167 @@
+//! Helpers only the controller binary's tests use (what both test binaries use is in
+//! tests/support): edits, Events, reconcile and call counts, targets, NLBs made by hand.
+
+use cloudlb::provider::local::{LocalProvider, LocalSettings};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::support::elbv2::types::{
+    LoadBalancer, LoadBalancerSchemeEnum, LoadBalancerTypeEnum, TargetHealthStateEnum,
+};
+use crate::support::env::{Env, wait_for};
+use crate::support::{Instance, describe, elbv2, run_instances};
+
+/// What only the controller tests do with an [`Env`].
+impl Env {
+    /// Restarts the operator with the local provider as well as AWS.
+    pub async fn with_local_provider(&mut self) {
+        self.stop_operator();
+        if let Some(local) = self.local.take() {
+            local.shutdown().await;
+        }
+        self.local = Some(Arc::new(LocalProvider::new(LocalSettings::default())));
+        self.start_operator();
+    }
+
+    pub async fn new_instance(&self) -> Instance {
+        run_instances(&self.ec2, &self.network.public_subnets[0].id, 1)
+            .await
+            .pop()
+            .expect("one instance")
+    }
+
+    pub async fn patch_service(&self, name: &str, patch: serde_json::Value) {
+        patch_service(&self.services(), name, &patch).await;
+    }
+
+    pub async fn targets(&self, tg_arn: &str) -> Vec<String> {
+        targets(&self.elbv2, tg_arn).await
+    }
+
+    /// The notes of the Events in the namespace with `reason`.
+    pub async fn events(&self, reason: &str) -> Vec<String> {
+        notes(&self.client, &self.ns, reason).await
+    }
+
+    /// Waits until the operator has finished `n` more reconciles with `outcome` than `before`.
+    pub async fn wait_reconciles(&self, outcome: &str, before: u64) {
+        wait_for(&format!("a reconcile with outcome {outcome}"), || async {
+            (self.metrics.reconcile_count(outcome) > before).then_some(())
+        })
+        .await
+    }
+
+    pub fn calls_since(&self, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+        self.provider
+            .calls()
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let d = v - before.get(&k).copied().unwrap_or(0);
+                (d > 0).then_some((k, d))
+            })
+            .collect()
+    }
+
+    /// Patches Service `name`, waits for the reconcile of the edit (one that ends with
+    /// `outcome`) and returns the AWS calls it made.
+    pub async fn calls_for_edit(
+        &self,
+        name: &str,
+        patch: serde_json::Value,
+        outcome: &str,
+    ) -> BTreeMap<String, u64> {
+        let before = self.provider.calls();
+        let reconciles = self.metrics.reconcile_count(outcome);
+        self.patch_service(name, patch).await;
+        self.wait_reconciles(outcome, reconciles).await;
+        self.calls_since(&before)
+    }
+}
+
+/// Deletes the Service `name` and waits until it is gone (our finalizer released it).
+pub async fn delete_service(services: &Api<Service>, name: &str) {
+    services
+        .delete(name, &kube::api::DeleteParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("delete Service {name}: {e}"));
+    wait_for(&format!("Service {name} gone"), || async {
+        services.get_opt(name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
+/// A JSON merge patch of Service `name`.
+pub async fn patch_service(services: &Api<Service>, name: &str, patch: &Value) {
+    services
+        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap_or_else(|e| panic!("patch service {name} with {patch}: {e}"));
+}
+
+/// Labels Node `name` `node.kubernetes.io/exclude-from-external-load-balancers`.
+pub async fn exclude_node(client: &Client, name: &str) {
+    let label = json!({"metadata": {"labels": {"node.kubernetes.io/exclude-from-external-load-balancers": "true"}}});
+    Api::<Node>::all(client.clone())
+        .patch(name, &PatchParams::default(), &Patch::Merge(&label))
+        .await
+        .unwrap_or_else(|e| panic!("label node {name}: {e}"));
+}
+
+/// The Events in namespace `ns`.
+pub async fn events(client: &Client, ns: &str) -> Vec<Event> {
+    Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .expect("list events")
+        .items
+}
+
+/// The notes of the Events in `ns` with `reason`.
+pub async fn notes(client: &Client, ns: &str, reason: &str) -> Vec<String> {
+    events(client, ns)
+        .await
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .filter_map(|e| e.note)
+        .collect()
+}
+/// The instance IDs registered in a target group (not unused or draining), sorted.
+pub async fn targets(elbv2: &elbv2::Client, tg_arn: &str) -> Vec<String> {
+    let mut ids: Vec<String> = describe::target_health(elbv2, tg_arn)
+        .await
+        .iter()
+        .filter(|d| {
+            d.target_health().and_then(|h| h.state()).is_none_or(|s| {
+                !matches!(
+                    s,
+                    TargetHealthStateEnum::Unused | TargetHealthStateEnum::Draining
+                )
+            })
+        })
+        .filter_map(|d| d.target().and_then(|t| t.id()).map(String::from))
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// An internet-facing NLB created by hand (not by cloudlb) in `subnets`.
+pub async fn create_nlb(elbv2: &elbv2::Client, name: &str, subnets: Vec<String>) -> LoadBalancer {
+    elbv2
+        .create_load_balancer()
+        .name(name)
+        .r#type(LoadBalancerTypeEnum::Network)
+        .scheme(LoadBalancerSchemeEnum::InternetFacing)
+        .set_subnets(Some(subnets))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("CreateLoadBalancer {name}: {e:?}"))
+        .load_balancers()
+        .first()
+        .cloned()
+        .expect("the created load balancer")
+}

@@ -1,0 +1,69 @@
+//! What is in a moto account: the load balancers, target groups, listeners, targets and security
+//! groups there are, read with plain SDK calls.
+
+use super::elbv2::error::ProvideErrorMetadata;
+use super::elbv2::types::{Listener, LoadBalancer, TargetGroup, TargetHealthDescription};
+use super::{ec2, elbv2};
+use cloudlb::model::tags;
+
+/// Every load balancer (all pages).
+pub async fn load_balancers(elbv2: &elbv2::Client) -> Vec<LoadBalancer> {
+    elbv2
+        .describe_load_balancers()
+        .into_paginator()
+        .items()
+        .send()
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .map(|r| r.expect("DescribeLoadBalancers"))
+        .collect()
+}
+
+/// Every target group (none when moto says TargetGroupNotFound).
+pub async fn target_groups(elbv2: &elbv2::Client) -> Vec<TargetGroup> {
+    match elbv2.describe_target_groups().send().await {
+        Ok(out) => out.target_groups().to_vec(),
+        Err(e) if e.code() == Some("TargetGroupNotFound") => Vec::new(),
+        Err(e) => panic!("DescribeTargetGroups: {e:?}"),
+    }
+}
+
+pub async fn listeners(elbv2: &elbv2::Client, lb_arn: &str) -> Vec<Listener> {
+    elbv2
+        .describe_listeners()
+        .load_balancer_arn(lb_arn)
+        .send()
+        .await
+        .expect("DescribeListeners")
+        .listeners()
+        .to_vec()
+}
+
+/// Every target of a target group, in whatever state.
+pub async fn target_health(elbv2: &elbv2::Client, tg_arn: &str) -> Vec<TargetHealthDescription> {
+    elbv2
+        .describe_target_health()
+        .target_group_arn(tg_arn)
+        .send()
+        .await
+        .expect("DescribeTargetHealth")
+        .target_health_descriptions()
+        .to_vec()
+}
+
+/// Security groups tagged `cloudlb.io/cluster=<cluster>` (the ones cloudlb made for it).
+pub async fn security_groups(ec2: &ec2::Client, cluster: &str) -> Vec<ec2::types::SecurityGroup> {
+    ec2.describe_security_groups()
+        .filters(
+            ec2::types::Filter::builder()
+                .name(format!("tag:{}", tags::CLUSTER))
+                .values(cluster)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("DescribeSecurityGroups")
+        .security_groups()
+        .to_vec()
+}
