@@ -113,8 +113,16 @@ struct Env {
 }
 
 impl Env {
-    /// `octet` (nodes at 127.<octet>.0.2-4) and `node_port` must be unique per test.
-    async fn start(prefix: &str, octet: u8, node_port: u16, pool: &str) -> Env {
+    /// `octet` (11-18: nodes at 127.<octet>.0.2-4, nodePorts 30000 + 10 × (`octet` - 10) and the
+    /// nine above) must be unique per test.
+    ///
+    /// The test's nodePorts are fixed (its backends listen on them) and lie in the API server's
+    /// static band, the lowest 86 ports of 30000-32767, from which it allocates a nodePort only
+    /// when every port above is taken: a port the server picks for another test's Service cannot
+    /// be one of them.
+    async fn start(prefix: &str, octet: u8, pool: &str) -> Env {
+        assert!((11..=18).contains(&octet), "octet {octet} is outside 11-18");
+        let node_port = 30000 + 10 * u16::from(octet - 10);
         let cluster = TestCluster::shared().await;
         let client = cluster.client();
         install_crd(&client).await;
@@ -153,7 +161,7 @@ impl Env {
                 .await
                 .expect("node status");
             env.backends
-                .push(backend(&name, &ip, node_port, node_port + 100).await);
+                .push(backend(&name, &ip, node_port, node_port + 1).await);
             env.nodes.push(name);
         }
         env.start_operator();
@@ -212,14 +220,14 @@ impl Env {
         helpers::notes(&self.client, &self.ns, reason).await
     }
 
-    /// Ports at this test's nodePorts, where its backends listen (UDP at nodePort + 100).
+    /// Ports at this test's nodePorts, where its backends listen (UDP at nodePort + 1).
     fn ports(&self, tcp: u16, udp: Option<u16>) -> serde_json::Value {
         let mut ports = vec![
             json!({"name": "tcp", "port": tcp, "protocol": "TCP", "nodePort": self.node_port}),
         ];
         if let Some(udp) = udp {
             // Its own nodePort, where this test's UDP backends listen.
-            ports.push(json!({"name": "udp", "port": udp, "protocol": "UDP", "nodePort": self.node_port + 100}));
+            ports.push(json!({"name": "udp", "port": udp, "protocol": "UDP", "nodePort": self.node_port + 1}));
         }
         json!(ports)
     }
@@ -227,9 +235,12 @@ impl Env {
     /// A port with an allocated nodePort (no backend behind it: for Services that only need an
     /// address and a listener).
     fn any_port(&self, tcp: u16, n: u16) -> serde_json::Value {
-        // An explicit nodePort, nodePort + 100 × (n + 1) (n ≥ 1; + 100 is the UDP backends'):
-        // one the server picked could be another test's fixed nodePort.
-        json!([{"name": "tcp", "port": tcp, "protocol": "TCP", "nodePort": self.node_port + 100 * (n + 1)}])
+        // nodePort + 1 + n (n in 1..=8; + 1 is the UDP backends'), still this test's ten.
+        assert!(
+            (1..=8).contains(&n),
+            "any_port({n}) is outside this test's nodePorts"
+        );
+        json!([{"name": "tcp", "port": tcp, "protocol": "TCP", "nodePort": self.node_port + 1 + n}])
     }
 }
 
@@ -247,7 +258,7 @@ impl Drop for Env {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_and_udp_reach_every_node_and_follow_port_changes() {
     let _guard = TestGuard::new();
-    let env = Env::start("traffic", 11, 31011, "127.11.1.0/28").await;
+    let env = Env::start("traffic", 11, "127.11.1.0/28").await;
     env.create_service("web", env.ports(8080, Some(5353))).await;
     let ip = env.wait_ip("web").await;
     assert!(
@@ -308,7 +319,7 @@ async fn tcp_and_udp_reach_every_node_and_follow_port_changes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn excluded_node_stops_receiving_new_connections() {
     let _guard = TestGuard::new();
-    let env = Env::start("exclude", 12, 31012, "127.12.1.0/28").await;
+    let env = Env::start("exclude", 12, "127.12.1.0/28").await;
     env.create_service("web", env.ports(8080, None)).await;
     let ip = env.wait_ip("web").await;
     let addr = format!("{ip}:8080");
@@ -329,7 +340,7 @@ async fn excluded_node_stops_receiving_new_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_restart_keeps_every_address() {
     let _guard = TestGuard::new();
-    let mut env = Env::start("restart", 13, 31013, "127.13.1.0/28").await;
+    let mut env = Env::start("restart", 13, "127.13.1.0/28").await;
     env.create_service("a", env.ports(8080, None)).await;
     env.create_service("b", env.any_port(8080, 1)).await;
     env.create_service("c", env.any_port(8080, 2)).await;
@@ -360,7 +371,7 @@ async fn operator_restart_keeps_every_address() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_pool_is_a_warning_event_and_others_keep_working() {
     let _guard = TestGuard::new();
-    let env = Env::start("pool", 14, 31014, "127.14.1.7").await;
+    let env = Env::start("pool", 14, "127.14.1.7").await;
     env.create_service("first", env.ports(8080, None)).await;
     let ip = env.wait_ip("first").await;
     assert_eq!(ip, "127.14.1.7");
@@ -386,7 +397,7 @@ async fn exhausted_pool_is_a_warning_event_and_others_keep_working() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_backends_down_is_a_warning_event() {
     let _guard = TestGuard::new();
-    let env = Env::start("health", 15, 31015, "127.15.1.0/28").await;
+    let env = Env::start("health", 15, "127.15.1.0/28").await;
     env.create_service(
         "web",
         json!([{"name": "tcp", "port": 8080, "protocol": "TCP", "nodePort": env.node_port}]),
@@ -426,7 +437,7 @@ fn good_reconciles(metrics: &Metrics) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_is_written_once_per_change_although_the_server_adds_ip_mode() {
     let _guard = TestGuard::new();
-    let env = Env::start("ipmode", 16, 31016, "127.16.1.0/28").await;
+    let env = Env::start("ipmode", 16, "127.16.1.0/28").await;
     env.create_service("web", env.ports(8080, None)).await;
     let ip = env.wait_ip("web").await;
     // The server defaults ipMode (GA in 1.32) on what cloudlb wrote.
@@ -486,7 +497,7 @@ async fn status_is_written_once_per_change_although_the_server_adds_ip_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_port_on_the_operators_own_listener_gets_an_event_naming_both() {
     let _guard = TestGuard::new();
-    let mut env = Env::start("ownport", 17, 31017, "127.17.1.0/28").await;
+    let mut env = Env::start("ownport", 17, "127.17.1.0/28").await;
     // The operator's metrics listener on a wildcard address holds its port on every address.
     let metrics = TcpListener::bind("0.0.0.0:0").await.expect("bind");
     let held = metrics.local_addr().expect("addr");
