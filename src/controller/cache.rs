@@ -218,7 +218,7 @@ impl CacheEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{HealthCheck, HealthCheckProtocol, Protocol, TargetType};
+    use crate::model::{HealthCheck, Protocol, TargetType};
     use crate::model::{IpAddressType, Scheme};
     use crate::provider::{LbState, ObservedLb, ObservedTargetGroup};
 
@@ -237,16 +237,7 @@ mod tests {
             protocol: Protocol::Tcp,
             port: 30000 + i,
             target_type: TargetType::Instance,
-            health_check: HealthCheck {
-                protocol: HealthCheckProtocol::Tcp,
-                port: None,
-                path: None,
-                interval_seconds: 10,
-                timeout_seconds: 10,
-                healthy_threshold: 3,
-                unhealthy_threshold: 3,
-                success_codes: None,
-            },
+            health_check: HealthCheck::TCP_TRAFFIC_PORT,
             algorithm: None,
             attributes: [(
                 "deregistration_delay.timeout_seconds".to_string(),

@@ -104,24 +104,19 @@ impl AwsProvider {
             }
             service
         };
+        // A load balancer or target group (by ARN and VPC) is the Service's its ELB tags name.
+        let elb_owner = |arn: Option<&str>, vpc: Option<&str>| {
+            let arn = arn?;
+            in_vpc(vpc).then(|| owner(arn, elb_tags.get(arn))).flatten()
+        };
         let mut found: BTreeMap<ServiceRef, Found> = BTreeMap::new();
         for lb in lbs {
-            let Some(arn) = lb.load_balancer_arn.as_deref() else {
-                continue;
-            };
-            if let Some(svc) = owner(arn, elb_tags.get(arn))
-                && in_vpc(lb.vpc_id.as_deref())
-            {
+            if let Some(svc) = elb_owner(lb.load_balancer_arn.as_deref(), lb.vpc_id.as_deref()) {
                 found.entry(svc).or_default().lbs.push(lb);
             }
         }
         for tg in tgs {
-            let Some(arn) = tg.target_group_arn.as_deref() else {
-                continue;
-            };
-            if let Some(svc) = owner(arn, elb_tags.get(arn))
-                && in_vpc(tg.vpc_id.as_deref())
-            {
+            if let Some(svc) = elb_owner(tg.target_group_arn.as_deref(), tg.vpc_id.as_deref()) {
                 found.entry(svc).or_default().tgs.push(tg);
             }
         }

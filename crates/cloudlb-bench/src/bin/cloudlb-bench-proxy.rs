@@ -13,8 +13,8 @@
 
 use clap::Parser;
 use cloudlb::model::{
-    Algorithm, Desired, HealthCheck, HealthCheckProtocol, Listener, LoadBalancer, LocalSpec,
-    Protocol, ServiceRef, Target, TargetGroup, TargetType,
+    Algorithm, Desired, HealthCheck, Listener, LoadBalancer, LocalSpec, Protocol, ServiceRef,
+    Target, TargetGroup, TargetType,
 };
 use cloudlb::provider::Provider;
 use cloudlb::provider::local::{LocalProvider, LocalSettings};
@@ -446,14 +446,8 @@ fn desired(n: u8) -> Desired {
             port: BACKEND_PORT,
             target_type: TargetType::Ip,
             health_check: HealthCheck {
-                protocol: HealthCheckProtocol::Tcp,
-                port: None,
-                path: None,
-                interval_seconds: 10,
                 timeout_seconds: 5,
-                healthy_threshold: 3,
-                unhealthy_threshold: 3,
-                success_codes: None,
+                ..HealthCheck::TCP_TRAFFIC_PORT
             },
             attributes: BTreeMap::new(),
             targets: (0..n)

@@ -105,6 +105,20 @@ fn eligibility_follows_the_service_controller() {
     assert_eq!(instance_id(&node("x")).as_deref(), Some("i-x"));
 }
 
+#[test]
+fn a_tcp_service_without_settings_gets_the_tcp_traffic_port_health_check() {
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web", "namespace": "default", "uid": "u"},
+        "spec": {"type": "LoadBalancer", "ports": [{"port": 80, "protocol": "TCP", "nodePort": 30080}]}
+    }))
+    .expect("service");
+    let cfg = crate::config::resolve(&default_class(), &svc).expect("config");
+    let built = build("c", &svc, &[node("a")], &cfg).expect("build");
+    let lb = built.desired.lb.expect("a load balancer");
+    let checks: Vec<_> = lb.target_groups.iter().map(|tg| &tg.health_check).collect();
+    assert_eq!(checks, [&HealthCheck::TCP_TRAFFIC_PORT]);
+}
+
 mod hostile {
     use super::*;
     use crate::model::naming::validate_lb_name;

@@ -352,6 +352,18 @@ impl Parser<'_> {
         }
     }
 
+    /// List setting `name` (empty when unset), with an error for each entry `problem` finds
+    /// fault with.
+    fn checked_list(
+        &mut self,
+        name: &str,
+        problem: impl Fn(usize, &str) -> Option<String>,
+    ) -> Vec<String> {
+        let entries = self.parse_list(name).map(|(_, l)| l).unwrap_or_default();
+        self.check_entries(name, &entries, problem);
+        entries
+    }
+
     fn parse_list(&mut self, name: &str) -> Option<(Raw, Vec<String>)> {
         let raw = self.get(name)?.clone();
         let l = list(&raw.value);
@@ -678,15 +690,10 @@ impl Parser<'_> {
     }
 
     fn ssl_certificates(&mut self) -> Vec<String> {
-        let ssl_certificates = self
-            .parse_list(keys::SSL_CERT)
-            .map(|(_, l)| l)
-            .unwrap_or_default();
-        self.check_entries(keys::SSL_CERT, &ssl_certificates, |_, c| {
+        self.checked_list(keys::SSL_CERT, |_, c| {
             (!c.starts_with("arn:"))
                 .then(|| format!("{c:?} is not a certificate ARN (arn:aws:acm:… or arn:aws:iam:…)"))
-        });
-        ssl_certificates
+        })
     }
 
     /// The Service ports `ssl-ports` names (every TCP port when only a certificate is set), sorted.
@@ -889,11 +896,7 @@ impl Parser<'_> {
 
     /// The user's security groups (and the refused request to manage the nodes' rules).
     fn security_groups(&mut self) -> Vec<String> {
-        let security_groups = self
-            .parse_list(keys::SECURITY_GROUPS)
-            .map(|(_, l)| l)
-            .unwrap_or_default();
-        self.check_entries(keys::SECURITY_GROUPS, &security_groups, |_, g| {
+        let security_groups = self.checked_list(keys::SECURITY_GROUPS, |_, g| {
             (!g.starts_with("sg-")).then(|| format!("{g:?} is not a security-group id (sg-…)"))
         });
         if self.parse_bool(keys::MANAGE_BACKEND_SG) == Some(true)

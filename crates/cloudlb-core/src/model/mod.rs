@@ -308,6 +308,20 @@ pub struct HealthCheck {
 }
 
 impl HealthCheck {
+    /// What a TCP Service gets with no health-check settings and `externalTrafficPolicy: Cluster`:
+    /// a TCP connect to the traffic port every 10 s, 3 to turn healthy or unhealthy (the NLB
+    /// defaults, as aws-load-balancer-controller sets them).
+    pub const TCP_TRAFFIC_PORT: HealthCheck = HealthCheck {
+        protocol: HealthCheckProtocol::Tcp,
+        port: None,
+        path: None,
+        interval_seconds: 10,
+        timeout_seconds: 10,
+        healthy_threshold: 3,
+        unhealthy_threshold: 3,
+        success_codes: None,
+    };
+
     pub fn port_string(&self) -> String {
         self.port
             .map_or_else(|| "traffic-port".to_string(), |p| p.to_string())
