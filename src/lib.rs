@@ -5,7 +5,7 @@
 //! here); [`provider`] talks to the cloud; [`controller`] is the thin kube-runtime glue.
 #![forbid(unsafe_code)]
 
-pub use cloudlb_core::{build, config, model, plan};
+pub use cloudlb_core::{build, config, model, ownership, plan};
 
 pub mod controller;
 pub mod http;

@@ -38,6 +38,12 @@ struct Common {
     /// Cluster name: used in cloud resource names, ownership tags and subnet discovery.
     #[arg(long, env = "CLOUDLB_CLUSTER_NAME")]
     cluster_name: String,
+    /// This installation's name (the chart passes its release name), recorded on every Service
+    /// it owns: it never touches a Service recorded for another installation, so several can
+    /// share a cluster (split by --classes). A DNS label: 1-63 lowercase letters, digits and
+    /// `-`, starting and ending with a letter or digit.
+    #[arg(long, env = "CLOUDLB_INSTALLATION", default_value = cloudlb::controller::DEFAULT_INSTALLATION, value_parser = installation_name)]
+    installation: String,
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "CLOUDLB_NAMESPACE")]
     namespace: Option<String>,
@@ -147,8 +153,25 @@ async fn providers(
     p
 }
 
+/// `--installation`: a DNS label.
+fn installation_name(v: &str) -> Result<String, String> {
+    let ok = (1..=63).contains(&v.len())
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !v.starts_with('-')
+        && !v.ends_with('-');
+    if ok {
+        Ok(v.to_string())
+    } else {
+        Err(format!(
+            "{v:?} is not a DNS label: 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit"
+        ))
+    }
+}
+
 fn settings(common: &Common) -> Settings {
     let mut s = Settings::new(common.cluster_name.clone());
+    s.installation = common.installation.clone();
     s.namespace = common.namespace.clone();
     s.classes = common.classes.clone();
     s.concurrency = common.concurrency;

@@ -55,6 +55,7 @@ pub struct Metrics {
     cloud_throttled: Counter,
     watch_errors: Family<ResourceLabels, Counter>,
     status_writes: Counter,
+    orphan_sweeps: Counter,
     managed_load_balancers: Gauge,
     leader: Gauge,
     ready: std::sync::atomic::AtomicBool,
@@ -75,6 +76,7 @@ impl Metrics {
         let cloud_throttled = Counter::default();
         let watch_errors = Family::<ResourceLabels, Counter>::default();
         let status_writes = Counter::default();
+        let orphan_sweeps = Counter::default();
         let managed_load_balancers = Gauge::default();
         let leader = Gauge::default();
         registry.register(
@@ -108,6 +110,11 @@ impl Metrics {
             status_writes.clone(),
         );
         registry.register(
+            "orphan_sweeps",
+            "Finished sweeps for cloud resources of Services that are gone",
+            orphan_sweeps.clone(),
+        );
+        registry.register(
             "managed_load_balancers",
             "Load balancers this operator manages",
             managed_load_balancers.clone(),
@@ -127,6 +134,7 @@ impl Metrics {
             cloud_throttled,
             watch_errors,
             status_writes,
+            orphan_sweeps,
             managed_load_balancers,
         }
     }
@@ -175,6 +183,16 @@ impl Metrics {
     /// Status writes so far.
     pub fn status_write_count(&self) -> u64 {
         self.status_writes.get()
+    }
+
+    /// An orphan sweep finished.
+    pub fn orphan_swept(&self) {
+        self.orphan_sweeps.inc();
+    }
+
+    /// Orphan sweeps finished so far.
+    pub fn orphan_sweep_count(&self) -> u64 {
+        self.orphan_sweeps.get()
     }
 
     pub fn set_managed_load_balancers(&self, n: i64) {

@@ -6,6 +6,7 @@ use crate::config::{
     self,
     class::{ClassCondition, LoadBalancerClass, LoadBalancerClassStatus},
 };
+use crate::ownership::{Ownership, ownership};
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::Store;
@@ -14,17 +15,21 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The status a class should have.
+/// The status a class should have: `services` count when installation `installation`, serving
+/// `classes`, owns them through `class`.
 pub fn compute(
     class: &LoadBalancerClass,
     classes: &[LoadBalancerClass],
     services: &[Arc<Service>],
+    installation: &str,
 ) -> LoadBalancerClassStatus {
-    let name = class.name_any();
+    let name = class.metadata.name.as_deref();
     let service_count = services
         .iter()
-        .filter(|s| s.metadata.deletion_timestamp.is_none())
-        .filter(|s| config::select_class(s, classes).is_some_and(|c| c.name_any() == name))
+        .filter(|s| match ownership(s, classes, installation) {
+            Ownership::Ours { class, .. } => class.metadata.name.as_deref() == name,
+            _ => false,
+        })
         .count();
     let condition = match config::validate_class(class) {
         Ok(()) => ClassCondition {
@@ -57,7 +62,7 @@ pub async fn run(ctx: Arc<Context>, services: Store<Service>) {
         let classes = ctx.served_classes();
         let svcs = services.state();
         for class in &classes {
-            let mut want = compute(class, &classes, &svcs);
+            let mut want = compute(class, &classes, &svcs, &ctx.settings.installation);
             let have = class.status.clone().unwrap_or_default();
             let same_condition = have.conditions.first().map(|c| (&c.status, &c.message))
                 == want.conditions.first().map(|c| (&c.status, &c.message));

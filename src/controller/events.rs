@@ -36,6 +36,10 @@ pub const INVALID: &str = "InvalidConfiguration";
 pub const TARGETS_SKIPPED: &str = "NodesNotTargeted";
 pub const ALL_UNHEALTHY: &str = "AllTargetsUnhealthy";
 pub const TARGETS_HEALTHY: &str = "TargetsHealthy";
+/// A class-less Service the default class does not adopt: another controller may act on it.
+pub const NOT_ADOPTED: &str = "NotAdopted";
+/// A Service of ours whose class this installation no longer serves: its load balancer is kept.
+pub const CLASS_NOT_SERVED: &str = "LoadBalancerClassNotServed";
 
 /// How long a published Event is remembered: a repeat within it raises the Event's series count
 /// instead of creating another Event (kube-runtime's Recorder uses the same window).

@@ -22,20 +22,19 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Our finalizer on Services that have (or may have) cloud resources.
-pub const FINALIZER: &str = "cloudlb.io/load-balancer";
+pub use crate::ownership::{FINALIZER, INSTALLATION_ANNOTATION, PROVIDER_ANNOTATION};
 
-/// The provider that holds a Service's load balancer (`aws`, `local`), recorded on the Service
-/// with the finalizer, before the first cloud write: cleanup and a class that moves to another
-/// provider act on the provider that made the resources, even after a restart. (A domain of its
-/// own: it is state, not one of the `cloudlb.io/` settings.)
-pub const PROVIDER_ANNOTATION: &str = "state.cloudlb.io/provider";
+/// The installation name when none is given (the chart passes its release name).
+pub const DEFAULT_INSTALLATION: &str = "cloudlb";
 
 /// Operator settings (flags).
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// Cluster name: in cloud names, ownership tags and subnet discovery.
     pub cluster: String,
+    /// This installation's name, recorded on the Services it owns
+    /// ([`INSTALLATION_ANNOTATION`]): it never touches a Service recorded for another.
+    pub installation: String,
     /// Watch only this namespace (default: all).
     pub namespace: Option<String>,
     /// Serve only these LoadBalancerClasses (default: all).
@@ -56,6 +55,7 @@ impl Settings {
     pub fn new(cluster: impl Into<String>) -> Self {
         Settings {
             cluster: cluster.into(),
+            installation: DEFAULT_INSTALLATION.into(),
             namespace: None,
             classes: None,
             resync: Duration::from_secs(600),
@@ -144,6 +144,16 @@ impl Context {
             })
             .map(|c| (**c).clone())
             .collect()
+    }
+
+    /// What this installation does with `svc`, given the classes it serves (`served`, from
+    /// [`Context::served_classes`]).
+    pub fn ownership<'a>(
+        &self,
+        svc: &Service,
+        served: &'a [LoadBalancerClass],
+    ) -> crate::ownership::Ownership<'a> {
+        crate::ownership::ownership(svc, served, &self.settings.installation)
     }
 }
 
@@ -435,15 +445,37 @@ pub async fn plan_all(
     let mut out = String::new();
     for svc in services.list(&ListParams::default()).await?.items {
         let key = format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any());
-        let Some(class) = crate::config::select_class(&svc, &classes) else {
-            if svc.finalizers().iter().any(|f| f == FINALIZER) {
-                let _ = writeln!(
-                    out,
-                    "{key}: no longer ours: its load balancer would be deleted"
-                );
-            }
-            continue;
-        };
+        use crate::ownership::Ownership;
+        let (class, adopted) =
+            match crate::ownership::ownership(&svc, &classes, &settings.installation) {
+                Ownership::Ours { class, adopted } => (class, adopted),
+                Ownership::NotOurs => continue,
+                Ownership::Release => {
+                    let _ = writeln!(
+                        out,
+                        "{key}: no longer ours: its load balancer would be deleted"
+                    );
+                    continue;
+                }
+                Ownership::Unserved { class } => {
+                    let class =
+                        class.map_or_else(|| "no default class".into(), |c| format!("class {c}"));
+                    let _ = writeln!(
+                        out,
+                        "{key}: {class} is not served: its load balancer is kept as it is"
+                    );
+                    continue;
+                }
+                Ownership::Declined { class, reason } => {
+                    let class = class.name_any();
+                    let _ = writeln!(
+                        out,
+                        "{key} (default class {class}): not adopted: {}",
+                        reason.summary()
+                    );
+                    continue;
+                }
+            };
         let line = match plan_one(settings, providers, class, &svc, &nodes).await {
             Ok(p) if p.is_empty() => "up to date".to_string(),
             Ok(p) => {
@@ -456,7 +488,8 @@ pub async fn plan_all(
             }
             Err(e) => format!("error: {e}"),
         };
-        let _ = writeln!(out, "{key} (class {}): {line}", class.name_any());
+        let adopted = if adopted { ", adopted" } else { "" };
+        let _ = writeln!(out, "{key} (class {}{adopted}): {line}", class.name_any());
     }
     Ok(out)
 }

@@ -2,9 +2,9 @@
 //! incarnation with a new UID) are deleted through the normal empty-model path, so a crash between
 //! two steps never leaks a load balancer, target group or security group.
 
-use super::{Context, FINALIZER};
-use crate::config;
+use super::Context;
 use crate::model::Desired;
+use crate::ownership::{Ownership, has_finalizer};
 use k8s_openapi::api::core::v1::Service;
 use kube::{Api, ResourceExt};
 use std::sync::Arc;
@@ -19,9 +19,9 @@ async fn alive(ctx: &Context, sref: &crate::model::ServiceRef) -> bool {
             if svc.uid().as_deref() != Some(sref.uid.as_str()) {
                 return false;
             }
+            // Ours (any installation's finalizer means some cloudlb owns it), or about to be.
             let classes = ctx.served_classes();
-            svc.finalizers().iter().any(|f| f == FINALIZER)
-                || config::select_class(&svc, &classes).is_some()
+            has_finalizer(&svc) || matches!(ctx.ownership(&svc, &classes), Ownership::Ours { .. })
         }
         Ok(None) => false,
         Err(e) => {
@@ -86,6 +86,7 @@ pub async fn run(ctx: Arc<Context>, interval: Duration) {
         let f: f64 = rand::Rng::random_range(&mut rand::rng(), 0.9..1.1);
         tokio::time::sleep(interval.mul_f64(f)).await;
         let n = sweep_once(&ctx).await;
+        ctx.metrics.orphan_swept();
         if n > 0 {
             tracing::info!(services = n, "orphan sweep finished");
         }

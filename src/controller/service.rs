@@ -3,11 +3,12 @@
 
 use super::decide::{Basis, decide, deletion_basis};
 use super::events::{self, EventType, publish};
-use super::{CacheEntry, Context, FINALIZER, PROVIDER_ANNOTATION, status};
+use super::{CacheEntry, Context, FINALIZER, INSTALLATION_ANNOTATION, PROVIDER_ANNOTATION, status};
 use crate::build::{self, BuildError};
 use crate::config::LbConfig;
 use crate::config::{self, annotations, class::ProviderKind};
 use crate::model::{Desired, ServiceRef, naming};
+use crate::ownership::{Ownership, has_finalizer, recorded_installation};
 use crate::plan::{Op, Plan, PlanError};
 use crate::provider::{LbState, Observed, Provider, ProviderError};
 use k8s_openapi::api::core::v1::Service;
@@ -106,42 +107,65 @@ fn is_provisioning(observed: &crate::provider::Observed) -> bool {
         .is_some_and(|lb| lb.state == LbState::Provisioning)
 }
 
-fn has_finalizer(svc: &Service) -> bool {
-    svc.finalizers().iter().any(|f| f == FINALIZER)
-}
+/// The annotation changes of an ownership write: a value to set, or `None` to remove.
+type AnnotationChanges = Vec<(&'static str, Option<String>)>;
 
-/// Sets the finalizer list; `record`: also records the provider ([`PROVIDER_ANNOTATION`]) when
-/// that can go in the same write. Returns whether it did.
-async fn set_finalizers(
+/// Sets the finalizer list and makes the annotation `changes`, in one write that fails (to be
+/// retried) if the finalizers changed meanwhile.
+async fn write_ownership(
     api: &Api<Service>,
     svc: &Service,
     finalizers: Vec<String>,
-    record: Option<ProviderKind>,
-) -> Result<bool, kube::Error> {
+    changes: AnnotationChanges,
+) -> Result<(), kube::Error> {
     let current = svc.finalizers();
-    let mut recorded = false;
+    let present = svc.metadata.annotations.as_ref();
     let patch = if current.is_empty() {
         // Nothing to compare with: the resourceVersion makes this an optimistic update.
-        let mut patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": svc.resource_version()}});
-        if let Some(kind) = record {
-            patch["metadata"]["annotations"] = json!({PROVIDER_ANNOTATION: kind.to_string()});
-            recorded = true;
-        }
-        Patch::Merge(patch)
+        let annotations: serde_json::Map<String, serde_json::Value> = changes
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect();
+        Patch::Merge(json!({"metadata": {
+            "finalizers": finalizers,
+            "resourceVersion": svc.resource_version(),
+            "annotations": annotations,
+        }}))
     } else {
         // Conflicts only when the finalizer list itself changed meanwhile (our own status
         // write changes the resourceVersion, not the list).
-        let ops = json!([
-            {"op": "test", "path": "/metadata/finalizers", "value": current},
-            {"op": "replace", "path": "/metadata/finalizers", "value": finalizers},
-        ]);
+        let mut ops = vec![
+            json!({"op": "test", "path": "/metadata/finalizers", "value": current}),
+            json!({"op": "replace", "path": "/metadata/finalizers", "value": finalizers}),
+        ];
+        let set: serde_json::Map<String, serde_json::Value> = changes
+            .iter()
+            .filter_map(|(k, v)| Some((k.to_string(), json!(v.as_ref()?))))
+            .collect();
+        if present.is_none() && !set.is_empty() {
+            ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": set}));
+        } else {
+            for (key, value) in &changes {
+                let path = format!(
+                    "/metadata/annotations/{}",
+                    key.replace('~', "~0").replace('/', "~1")
+                );
+                match value {
+                    Some(v) => ops.push(json!({"op": "add", "path": path, "value": v})),
+                    None if present.is_some_and(|a| a.contains_key(*key)) => {
+                        ops.push(json!({"op": "remove", "path": path}));
+                    }
+                    None => {}
+                }
+            }
+        }
         let ops: json_patch::Patch =
-            serde_json::from_value(ops).map_err(kube::Error::SerdeError)?;
+            serde_json::from_value(json!(ops)).map_err(kube::Error::SerdeError)?;
         Patch::Json(ops)
     };
     api.patch(&svc.name_any(), &PatchParams::default(), &patch)
         .await?;
-    Ok(recorded)
+    Ok(())
 }
 
 /// A Kubernetes error for humans: the API server's message, not the whole Status object.
@@ -158,20 +182,19 @@ fn kube_message(e: &kube::Error) -> String {
 /// cloud write, wait for the next edit.
 async fn invalid(ctx: &Context, svc: &Service, message: String) -> Action {
     tracing::warn!(%message, "invalid configuration; nothing written");
+    tell(ctx, svc, events::INVALID, message).await;
+    Action::await_change()
+}
+
+/// One Warning Event with `message`, only when it differs from the last one told.
+async fn tell(ctx: &Context, svc: &Service, reason: &'static str, message: String) {
     let changed = ctx.memory.with(uid(svc), |m| {
         m.last_invalid.replace(message.clone()).as_deref() != Some(message.as_str())
     });
     if changed {
-        publish(
-            &ctx.recorder,
-            svc,
-            EventType::Warning,
-            events::INVALID,
-            message,
-        )
-        .await;
+        tracing::info!(reason, %message, "told the Service");
+        publish(&ctx.recorder, svc, EventType::Warning, reason, message).await;
     }
-    Action::await_change()
 }
 
 /// How a reconcile ended (metrics label `result`).
@@ -195,6 +218,10 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'stat
         Resolved::NotOurs => return Ok((Action::await_change(), outcome::NOT_OURS)),
         Resolved::Release(sref) => return cleanup(svc, sref, ctx).await,
         Resolved::Invalid(msg) => return Ok((invalid(ctx, svc, msg).await, outcome::INVALID)),
+        Resolved::Told(reason, msg) => {
+            tell(ctx, svc, reason, msg).await;
+            return Ok((Action::await_change(), outcome::NOT_OURS));
+        }
     };
     let desired = match build_model(svc, ctx, &target).await {
         Ok(Some(desired)) => desired,
@@ -281,6 +308,9 @@ enum Resolved {
     /// Carries our finalizer but no longer wants our load balancer: clean up.
     Release(ServiceRef),
     Invalid(String),
+    /// Left alone, told once with a Warning Event (`reason`, message): a class-less Service
+    /// another controller may act on, or one whose class is no longer served.
+    Told(&'static str, String),
 }
 
 /// The Service's class, provider and configuration.
@@ -289,13 +319,16 @@ fn resolve(svc: &Service, ctx: &Context) -> Resolved {
         return Resolved::NotOurs;
     };
     let classes = ctx.served_classes();
-    let deleting = svc.metadata.deletion_timestamp.is_some();
-    let Some(class) = config::select_class(svc, &classes).filter(|_| !deleting) else {
-        return if has_finalizer(svc) {
-            Resolved::Release(sref)
-        } else {
-            Resolved::NotOurs
-        };
+    let class = match ctx.ownership(svc, &classes) {
+        Ownership::Ours { class, .. } => class,
+        Ownership::NotOurs => return Resolved::NotOurs,
+        Ownership::Release => return Resolved::Release(sref),
+        Ownership::Declined { class, reason } => {
+            return Resolved::Told(events::NOT_ADOPTED, reason.message(&class.name_any()));
+        }
+        Ownership::Unserved { class } => {
+            return Resolved::Told(events::CLASS_NOT_SERVED, unserved(class, ctx));
+        }
     };
     let class_name = class.name_any();
     let kind = class.spec.provider;
@@ -316,6 +349,23 @@ fn resolve(svc: &Service, ctx: &Context) -> Resolved {
             "Not provisioning the load balancer (class {class_name}): {errors}. Nothing was changed."
         )),
     }
+}
+
+/// The message for a Service of ours whose class (`None`: a default class) this installation no
+/// longer serves.
+fn unserved(class: Option<String>, ctx: &Context) -> String {
+    let installation = &ctx.settings.installation;
+    let what = match class {
+        Some(c) => format!(
+            "its LoadBalancerClass {c} is not served by cloudlb installation {installation} (deleted, or left out of --classes)"
+        ),
+        None => format!(
+            "no default LoadBalancerClass is served by cloudlb installation {installation} any more (deleted, no longer default, or left out of --classes)"
+        ),
+    };
+    format!(
+        "The load balancer of this Service is kept as it is, unmanaged: {what}. Create the class again to manage it; deleting the Service still deletes its load balancer."
+    )
 }
 
 /// The desired model (`None`: the Service is not complete yet, e.g. no nodePorts); a Warning
@@ -375,24 +425,30 @@ async fn take_ownership(
     t: &Target,
 ) -> Result<Option<(Action, &'static str)>, Error> {
     let held = recorded_provider(svc);
-    let mut recorded = false;
+    let installation = &ctx.settings.installation;
+    let mut record: AnnotationChanges = Vec::new();
+    if recorded_installation(svc) != Some(installation.as_str()) {
+        record.push((INSTALLATION_ANNOTATION, Some(installation.clone())));
+    }
+    if held.is_none() {
+        record.push((PROVIDER_ANNOTATION, Some(t.kind.to_string())));
+    }
     if !has_finalizer(svc) {
+        // A new Service: finalizer and record in one write.
         let mut f = svc.finalizers().to_vec();
         f.push(FINALIZER.to_string());
-        // A new Service: finalizer and provider in one write.
-        let record = held.is_none().then_some(t.kind);
-        recorded = set_finalizers(&t.api(ctx), svc, f, record).await?;
+        write_ownership(&t.api(ctx), svc, f, record).await?;
+    } else if !record.is_empty() {
+        // Ours from a version that recorded less.
+        annotate(&t.api(ctx), svc, record).await?;
     }
     match held {
-        Some(held) if held == t.kind => {}
-        Some(held) => {
+        Some(held) if held != t.kind => {
             let switched = switch_provider(svc, t.sref.clone(), ctx, held, t.kind).await?;
-            return Ok(Some(switched));
+            Ok(Some(switched))
         }
-        None if recorded => {}
-        None => record_provider(&t.api(ctx), svc, t.kind).await?,
+        _ => Ok(None),
     }
-    Ok(None)
 }
 
 /// While provisioning, only the load balancer's state is read again (one call, not a full
@@ -568,12 +624,17 @@ fn recorded_provider(svc: &Service) -> Option<ProviderKind> {
     }
 }
 
-async fn record_provider(
+/// Makes the annotation `changes` (a merge patch: `None` removes).
+async fn annotate(
     api: &Api<Service>,
     svc: &Service,
-    kind: ProviderKind,
+    changes: AnnotationChanges,
 ) -> Result<(), kube::Error> {
-    let patch = json!({"metadata": {"annotations": {PROVIDER_ANNOTATION: kind.to_string()}}});
+    let annotations: serde_json::Map<String, serde_json::Value> = changes
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    let patch = json!({"metadata": {"annotations": annotations}});
     api.patch(
         &svc.name_any(),
         &PatchParams::default(),
@@ -605,7 +666,12 @@ async fn switch_provider(
         return Ok(stop);
     }
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &sref.namespace);
-    record_provider(&api, svc, wanted).await?;
+    annotate(
+        &api,
+        svc,
+        vec![(PROVIDER_ANNOTATION, Some(wanted.to_string()))],
+    )
+    .await?;
     ctx.memory.set_cloud(&sref.uid, None);
     // Our own annotation write brings the Service back; the requeue is the safety net.
     Ok((
@@ -636,7 +702,10 @@ async fn cleanup(
         .filter(|f| *f != FINALIZER)
         .cloned()
         .collect();
-    match set_finalizers(&api, svc, remaining, None).await {
+    // Nothing of ours is left: the record goes with the finalizer, so that the Service, should
+    // it want a load balancer again, is judged afresh (by any installation).
+    let forget = vec![(INSTALLATION_ANNOTATION, None), (PROVIDER_ANNOTATION, None)];
+    match write_ownership(&api, svc, remaining, forget).await {
         Ok(_) => {}
         // Already gone: nothing left to release.
         Err(kube::Error::Api(e)) if e.code == 404 => {}

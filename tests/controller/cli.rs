@@ -65,9 +65,15 @@ async fn plan_previews_changes_and_writes_nothing() {
     )
     .await;
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    // The class adopts only class-less Services that the cloud's controller leaves alone.
+    let external = "service.beta.kubernetes.io/aws-load-balancer-type";
     for (name, annotations) in [
-        ("web", json!({})),
-        ("broken", json!({"cloudlb.io/scheme": "sideways"})),
+        ("web", json!({external: "external"})),
+        (
+            "broken",
+            json!({external: "external", "cloudlb.io/scheme": "sideways"}),
+        ),
+        ("plain", json!({})),
     ] {
         let ports = json!({"ports": [{"port": 80, "protocol": "TCP"}]});
         fixtures::create_service(&services, &fixtures::lb_service(name, annotations, ports)).await;
@@ -104,7 +110,7 @@ async fn plan_previews_changes_and_writes_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains(&format!("{ns}/web (class {ns}): 5 change(s)")),
+        stdout.contains(&format!("{ns}/web (class {ns}, adopted): 5 change(s)")),
         "{stdout}"
     );
     // No Node carries the class's label: nothing to register yet.
@@ -112,7 +118,13 @@ async fn plan_previews_changes_and_writes_nothing() {
     assert!(stdout.contains("\"op\":\"createLoadBalancer\""), "{stdout}");
     assert!(
         stdout.contains(&format!(
-            "{ns}/broken (class {ns}): error: 1 invalid setting"
+            "{ns}/broken (class {ns}, adopted): error: 1 invalid setting"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "{ns}/plain (default class {ns}): not adopted: no spec.loadBalancerClass and no {external}: external"
         )),
         "{stdout}"
     );

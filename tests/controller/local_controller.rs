@@ -130,7 +130,7 @@ impl Env {
         fixtures::create_class(
             &client,
             &ns,
-            json!({"provider": "local", "default": true, "local": {"addressPool": pool, "algorithm": "round-robin"}}),
+            json!({"provider": "local", "default": true, "adoptAllClasslessServices": true, "local": {"addressPool": pool, "algorithm": "round-robin"}}),
         )
         .await;
         let mut env = Env {

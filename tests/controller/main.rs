@@ -16,4 +16,5 @@ mod helpers;
 mod image;
 mod local_controller;
 mod operator_process;
+mod ownership;
 mod smoke;

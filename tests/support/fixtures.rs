@@ -41,9 +41,10 @@ pub async fn wait_crd_established(client: &Client) {
     .await;
 }
 
-/// The spec of a default AWS class that targets the Nodes labelled [`LABEL`]`=<ns>`.
+/// The spec of a default AWS class that targets the Nodes labelled [`LABEL`]`=<ns>` and adopts
+/// every class-less Service (no cloud service controller runs on the testbed).
 pub fn aws_class_spec(ns: &str) -> Value {
-    json!({"provider": "aws", "default": true, "aws": {"targetNodeLabels": {LABEL: ns}}})
+    json!({"provider": "aws", "default": true, "adoptAllClasslessServices": true, "aws": {"targetNodeLabels": {LABEL: ns}}})
 }
 
 /// Creates the LoadBalancerClass `name` with `spec`.

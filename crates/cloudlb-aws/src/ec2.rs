@@ -155,19 +155,25 @@ impl Ec2 for SdkEc2 {
         change: Change,
     ) -> Result<(), AwsError> {
         let permissions = Some(ip_permissions(rules));
-        // Two request types with the same setters: one body for both.
-        macro_rules! send {
-            ($call:ident, $name:literal) => {{
-                let req = self.0.$call().group_id(id).set_ip_permissions(permissions);
-                calls.run($name, || req.clone().send()).await.map(drop)
-            }};
-        }
         match change {
-            Change::Add => send!(
-                authorize_security_group_ingress,
-                "AuthorizeSecurityGroupIngress"
-            ),
-            Change::Remove => send!(revoke_security_group_ingress, "RevokeSecurityGroupIngress"),
+            Change::Add => {
+                let req = self.0.authorize_security_group_ingress().group_id(id);
+                let req = req.set_ip_permissions(permissions);
+                let send = || req.clone().send();
+                calls
+                    .run("AuthorizeSecurityGroupIngress", send)
+                    .await
+                    .map(drop)
+            }
+            Change::Remove => {
+                let req = self.0.revoke_security_group_ingress().group_id(id);
+                let req = req.set_ip_permissions(permissions);
+                let send = || req.clone().send();
+                calls
+                    .run("RevokeSecurityGroupIngress", send)
+                    .await
+                    .map(drop)
+            }
         }
     }
 

@@ -379,7 +379,7 @@ async fn setup_kube(client: &Client) -> Result<(), BenchError> {
     }
     let class: LoadBalancerClass = serde_json::from_value(json!({
         "metadata": {"name": "bench"},
-        "spec": {"provider": "aws", "default": true},
+        "spec": {"provider": "aws", "default": true, "adoptAllClasslessServices": true},
     }))?;
     classes.create(&PostParams::default(), &class).await?;
     let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NAMESPACE}}))?;

@@ -13,11 +13,14 @@
 //! - [`plan`]: the operations, and the AWS NLB planner: desired × observed → ordered operations
 //!   (table-tested, and golden-tested in `tests/golden/plan/`). The local provider plans with its
 //!   own diff, in `cloudlb-local`.
+//! - [`ownership`]: which Services are ours (class routing, adoption of class-less Services,
+//!   the installation of record).
 //! - [`provider`]: the trait a provider implements, in these types, and what it observes.
 #![forbid(unsafe_code)]
 
 pub mod build;
 pub mod config;
 pub mod model;
+pub mod ownership;
 pub mod plan;
 pub mod provider;

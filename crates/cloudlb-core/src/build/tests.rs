@@ -15,6 +15,7 @@ fn default_class() -> LoadBalancerClass {
         LoadBalancerClassSpec {
             provider: ProviderKind::Aws,
             default: true,
+            adopt_all_classless_services: false,
             aws: None,
             local: None,
         },

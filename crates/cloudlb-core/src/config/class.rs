@@ -42,9 +42,19 @@ impl std::fmt::Display for ProviderKind {
 pub struct LoadBalancerClassSpec {
     /// `aws` or `local`.
     pub provider: ProviderKind,
-    /// Services of `type: LoadBalancer` without `spec.loadBalancerClass` use this class.
+    /// Services of `type: LoadBalancer` without `spec.loadBalancerClass` use this class when no
+    /// other controller acts on them: they are annotated
+    /// `service.beta.kubernetes.io/aws-load-balancer-type: external` (the value the cloud's
+    /// service controller leaves alone), or the class sets `adoptAllClasslessServices`.
     #[serde(default)]
     pub default: bool,
+    /// With `default: true`: adopt every class-less `type: LoadBalancer` Service, even one
+    /// without `service.beta.kubernetes.io/aws-load-balancer-type: external`. Only for clusters
+    /// that run no cloud service controller (self-managed, bare metal): on EKS, GKE or AKS the
+    /// cloud's own controller serves those Services too and each would get two load balancers.
+    /// Services with another controller's finalizer or address are never adopted.
+    #[serde(default)]
+    pub adopt_all_classless_services: bool,
     /// Defaults for AWS Network Load Balancers (provider `aws`).
     pub aws: Option<AwsClassSpec>,
     /// Settings of the local provider (the operator serves the load balancer itself).

@@ -1080,39 +1080,6 @@ impl Parser<'_> {
     }
 }
 
-/// Which class (if any) a Service belongs to: `spec.loadBalancerClass` `cloudlb.io/<class>`, or
-/// no class field and a default class exists. `None`: not ours.
-pub fn select_class<'a>(
-    svc: &Service,
-    classes: &'a [LoadBalancerClass],
-) -> Option<&'a LoadBalancerClass> {
-    let spec = svc.spec.as_ref()?;
-    if spec.type_.as_deref() != Some("LoadBalancer") {
-        return None;
-    }
-    match spec.load_balancer_class.as_deref() {
-        Some(c) => {
-            let name = c.strip_prefix(class::CLASS_PREFIX)?;
-            classes
-                .iter()
-                .find(|k| k.metadata.name.as_deref() == Some(name))
-        }
-        None => {
-            let mut defaults: Vec<_> = classes.iter().filter(|c| c.spec.default).collect();
-            // Several defaults: the oldest wins (like StorageClass admission picks deterministically).
-            defaults.sort_by(|a, b| {
-                a.metadata
-                    .creation_timestamp
-                    .as_ref()
-                    .map(|t| t.0)
-                    .cmp(&b.metadata.creation_timestamp.as_ref().map(|t| t.0))
-                    .then(a.metadata.name.cmp(&b.metadata.name))
-            });
-            defaults.first().copied()
-        }
-    }
-}
-
 /// Validates a class on its own (for its status condition): a dummy Service with one TCP port and
 /// no annotations must resolve.
 pub fn validate_class(class: &LoadBalancerClass) -> Result<(), ConfigErrors> {

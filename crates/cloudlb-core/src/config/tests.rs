@@ -8,6 +8,7 @@ fn class(aws: Option<AwsClassSpec>) -> LoadBalancerClass {
         LoadBalancerClassSpec {
             provider: ProviderKind::Aws,
             default: true,
+            adopt_all_classless_services: false,
             aws,
             local: None,
         },
@@ -447,63 +448,6 @@ fn proxy_protocol_and_attributes() {
     );
 }
 
-#[test]
-fn class_routing() {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-    let mut a = class(None);
-    a.metadata.name = Some("a".into());
-    a.spec.default = false;
-    let mut b = class(None);
-    b.metadata.name = Some("b".into());
-    b.spec.default = true;
-    b.metadata.creation_timestamp = Some(Time(
-        k8s_openapi::jiff::Timestamp::from_second(100).expect("ts"),
-    ));
-    let mut c = b.clone();
-    c.metadata.name = Some("c".into());
-    c.metadata.creation_timestamp = Some(Time(
-        k8s_openapi::jiff::Timestamp::from_second(200).expect("ts"),
-    ));
-    let classes = vec![a, c, b];
-
-    let mut s = svc(&[], web());
-    assert_eq!(
-        select_class(&s, &classes)
-            .and_then(|c| c.metadata.name.clone())
-            .as_deref(),
-        Some("b"),
-        "oldest default"
-    );
-    let set = |s: &mut Service, v: Option<&str>| {
-        if let Some(spec) = s.spec.as_mut() {
-            spec.load_balancer_class = v.map(String::from);
-        }
-    };
-    set(&mut s, Some("cloudlb.io/a"));
-    assert_eq!(
-        select_class(&s, &classes)
-            .and_then(|c| c.metadata.name.clone())
-            .as_deref(),
-        Some("a")
-    );
-    set(&mut s, Some("cloudlb.io/missing"));
-    assert!(select_class(&s, &classes).is_none());
-    set(&mut s, Some("service.k8s.aws/nlb"));
-    assert!(
-        select_class(&s, &classes).is_none(),
-        "other controllers' classes are never ours"
-    );
-    set(&mut s, None);
-    if let Some(spec) = s.spec.as_mut() {
-        spec.type_ = Some("NodePort".into());
-    }
-    assert!(select_class(&s, &classes).is_none());
-    assert!(
-        select_class(&svc(&[], web()), &[classes[0].clone()]).is_none(),
-        "no default class"
-    );
-}
-
 /// Random and hostile annotation values never panic, and every rejected value is reported with
 /// the key and value the Service carries and what is allowed.
 #[test]
@@ -618,6 +562,7 @@ fn local_class(local: Option<class::LocalClassSpec>) -> LoadBalancerClass {
         LoadBalancerClassSpec {
             provider: ProviderKind::Local,
             default: true,
+            adopt_all_classless_services: false,
             aws: None,
             local,
         },

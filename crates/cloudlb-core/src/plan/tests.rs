@@ -31,6 +31,7 @@ fn desired_with(
         LoadBalancerClassSpec {
             provider: ProviderKind::Aws,
             default: true,
+            adopt_all_classless_services: false,
             aws: None,
             local: None,
         },

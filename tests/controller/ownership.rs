@@ -1,0 +1,339 @@
+//! Owning exactly our Services, on the real API server with moto: class-less Services are
+//! adopted only when no other controller can be acting on them, and two installations share a
+//! cluster and a cloud account without touching each other's Services or load balancers.
+//! (Which Service is whose, case by case, is unit-tested in cloudlb-core's `ownership`.)
+
+use crate::helpers;
+use crate::support;
+
+use cloudlb::controller::{INSTALLATION_ANNOTATION, PROVIDER_ANNOTATION, Providers};
+use cloudlb::provider::aws::{AwsProvider, AwsSettings};
+use cloudlb::telemetry::Metrics;
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+use support::env::{Env, Setup, operator_settings, spawn_operator, wait_for};
+use support::fixtures;
+use support::{TestCluster, TestGuard};
+
+const LB_TYPE: &str = "service.beta.kubernetes.io/aws-load-balancer-type";
+const CLOUD_FINALIZER: &str = "service.kubernetes.io/load-balancer-cleanup";
+
+fn ports() -> Value {
+    json!([{"name": "http", "port": 80, "protocol": "TCP"}])
+}
+
+/// A Service of type LoadBalancer with `metadata` (its name, annotations, finalizers) and
+/// `spec` fields besides the ports.
+async fn create(env: &Env, metadata: Value, mut spec: Value) {
+    spec["type"] = json!("LoadBalancer");
+    spec["ports"] = ports();
+    let svc: Service =
+        serde_json::from_value(json!({"metadata": metadata, "spec": spec})).expect("service");
+    env.services()
+        .create(&PostParams::default(), &svc)
+        .await
+        .unwrap_or_else(|e| panic!("create {:?}: {e}", svc.metadata.name));
+}
+
+async fn get(env: &Env, name: &str) -> Service {
+    env.services().get(name).await.expect("get service")
+}
+
+/// The notes of the `NotAdopted` Events about Service `name`.
+async fn not_adopted(env: &Env, name: &str) -> Vec<String> {
+    helpers::events(&env.client, &env.ns)
+        .await
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("NotAdopted"))
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter_map(|e| e.note)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_classless_service_is_adopted_only_when_no_other_controller_acts_on_it() {
+    let _guard = TestGuard::new();
+    let cluster = TestCluster::shared().await;
+    let ns = cluster.create_namespace("adopt").await;
+    let setup = Setup {
+        in_process_operator: false,
+        ..Setup::default()
+    };
+    let mut env = Env::start_in(cluster, ns, setup).await;
+    // The class as the chart ships it: default, without adopting every class-less Service.
+    let classes = Api::<cloudlb::config::class::LoadBalancerClass>::all(env.client.clone());
+    let off = json!({"spec": {"adoptAllClasslessServices": false}});
+    classes
+        .patch(&env.ns, &PatchParams::default(), &Patch::Merge(&off))
+        .await
+        .expect("patch class");
+    env.start_operator();
+    let before = env.provider.calls();
+
+    // Nothing says the cloud's controller leaves it alone: one Warning, nothing written.
+    create(&env, json!({"name": "plain"}), json!({})).await;
+    // The cloud's controller has it (its finalizer), even though it says `external`.
+    create(
+        &env,
+        json!({"name": "claimed", "annotations": {LB_TYPE: "external"}, "finalizers": [CLOUD_FINALIZER]}),
+        json!({}),
+    )
+    .await;
+    // Another controller has written its address (before the Service says `external`, so
+    // that it is never adoptable in between).
+    create(&env, json!({"name": "addressed"}), json!({})).await;
+    let foreign = json!({"status": {"loadBalancer": {"ingress": [{"hostname": "theirs.elb.amazonaws.com"}]}}});
+    env.services()
+        .patch_status(
+            "addressed",
+            &PatchParams::default(),
+            &Patch::Merge(&foreign),
+        )
+        .await
+        .expect("status of addressed");
+    env.patch_service(
+        "addressed",
+        json!({"metadata": {"annotations": {LB_TYPE: "external"}}}),
+    )
+    .await;
+    // Another controller's class: never touched, never told.
+    create(
+        &env,
+        json!({"name": "theirs"}),
+        json!({"loadBalancerClass": "service.k8s.aws/nlb"}),
+    )
+    .await;
+
+    // Each is told why, once, with the fix.
+    let told = |name: &'static str, why: String| {
+        let env = &env;
+        async move {
+            let notes = wait_for(&format!("a NotAdopted Event about {name}"), || async {
+                let notes = not_adopted(env, name).await;
+                notes.iter().any(|n| n.contains(&why)).then_some(notes)
+            })
+            .await;
+            for n in &notes {
+                assert!(
+                    n.contains(&format!("spec.loadBalancerClass: cloudlb.io/{}", env.ns)),
+                    "{n}"
+                );
+            }
+            notes.len()
+        }
+    };
+    assert_eq!(
+        told("plain", "has no spec.loadBalancerClass".into()).await,
+        1
+    );
+    assert_eq!(
+        told("claimed", format!("finalizer {CLOUD_FINALIZER}")).await,
+        1
+    );
+    // (Once more if its reconcile came before its annotation: "no spec.loadBalancerClass".)
+    assert!(told("addressed", "theirs.elb.amazonaws.com".into()).await <= 2);
+    assert!(
+        not_adopted(&env, "theirs").await.is_empty(),
+        "another class's Service was told"
+    );
+    for name in ["plain", "claimed", "addressed", "theirs"] {
+        let svc = get(&env, name).await;
+        assert!(
+            !svc.finalizers()
+                .iter()
+                .any(|f| f == cloudlb::controller::FINALIZER),
+            "{name} got our finalizer"
+        );
+        assert!(
+            !svc.annotations().contains_key(INSTALLATION_ANNOTATION),
+            "{name} recorded"
+        );
+    }
+    let status = get(&env, "addressed")
+        .await
+        .status
+        .and_then(|s| s.load_balancer);
+    assert_eq!(
+        status
+            .and_then(|lb| lb.ingress)
+            .and_then(|i| i.first()?.hostname.clone())
+            .as_deref(),
+        Some("theirs.elb.amazonaws.com"),
+        "another controller's address is never overwritten"
+    );
+    assert!(
+        env.calls_since(&before).is_empty(),
+        "AWS calls for Services not ours: {:?}",
+        env.calls_since(&before)
+    );
+    assert!(env.load_balancers().await.is_empty());
+
+    // Annotated so, it is adopted: finalizer and record before the load balancer.
+    env.patch_service(
+        "plain",
+        json!({"metadata": {"annotations": {LB_TYPE: "external"}}}),
+    )
+    .await;
+    let hostname = env.wait_hostname("plain").await;
+    let svc = get(&env, "plain").await;
+    assert!(
+        svc.finalizers()
+            .iter()
+            .any(|f| f == cloudlb::controller::FINALIZER)
+    );
+    assert_eq!(
+        svc.annotations()
+            .get(INSTALLATION_ANNOTATION)
+            .map(String::as_str),
+        Some("cloudlb")
+    );
+    assert_eq!(
+        svc.annotations()
+            .get(PROVIDER_ANNOTATION)
+            .map(String::as_str),
+        Some("aws")
+    );
+    let lbs = env.load_balancers().await;
+    assert_eq!(lbs.len(), 1, "one load balancer, for plain only");
+    assert_eq!(lbs[0].dns_name(), Some(hostname.as_str()));
+    // Told once: the reconciles of the edit told nothing new.
+    assert_eq!(not_adopted(&env, "plain").await.len(), 1);
+
+    // Deleted: the load balancer goes, and so do the finalizer and the record.
+    helpers::delete_service(&env.services(), "plain").await;
+    assert!(env.load_balancers().await.is_empty());
+    // The test's stand-in for the cloud's controller lets go of its Service.
+    env.patch_service("claimed", json!({"metadata": {"finalizers": null}}))
+        .await;
+}
+
+/// An operator in-process: installation `installation` serving `classes` in `env`'s namespace
+/// and moto account, sweeping orphans every 300 ms.
+fn spawn_installation(
+    env: &Env,
+    installation: &str,
+    classes: &[&str],
+    metrics: &Arc<Metrics>,
+) -> tokio::task::JoinHandle<()> {
+    let mut settings = operator_settings(&env.ns);
+    settings.installation = installation.to_string();
+    settings.classes = Some(classes.iter().map(|c| c.to_string()).collect());
+    settings.provisioning_requeue = Duration::from_millis(500);
+    settings.orphan_sweep = Duration::from_millis(300);
+    let provider = AwsProvider::new(
+        env.elbv2.clone(),
+        env.ec2.clone(),
+        AwsSettings::new(env.ns.clone()),
+    );
+    let providers = Providers {
+        aws: Some(Arc::new(provider)),
+        local: None,
+    };
+    spawn_operator(env.client.clone(), settings, providers, metrics.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_installations_share_a_cluster_and_an_account_without_touching_each_other() {
+    let _guard = TestGuard::new();
+    let cluster = TestCluster::shared().await;
+    let ns = cluster.create_namespace("twoinst").await;
+    let setup = Setup {
+        in_process_operator: false,
+        ..Setup::default()
+    };
+    let env = Env::start_in(cluster, ns, setup).await;
+    let (class_a, class_b) = (env.ns.clone(), format!("{}-b", env.ns));
+    let mut spec_b = fixtures::aws_class_spec(&env.ns);
+    spec_b["default"] = json!(false);
+    fixtures::create_class(&env.client, &class_b, spec_b).await;
+    let (metrics_a, metrics_b) = (Arc::new(Metrics::new()), Arc::new(Metrics::new()));
+    let a = spawn_installation(&env, "team-a", &[&class_a], &metrics_a);
+    let b = spawn_installation(&env, "team-b", &[&class_b], &metrics_b);
+
+    create(
+        &env,
+        json!({"name": "a"}),
+        json!({"loadBalancerClass": format!("cloudlb.io/{class_a}")}),
+    )
+    .await;
+    create(
+        &env,
+        json!({"name": "b"}),
+        json!({"loadBalancerClass": format!("cloudlb.io/{class_b}")}),
+    )
+    .await;
+    let (host_a, host_b) = (env.wait_hostname("a").await, env.wait_hostname("b").await);
+    for (name, installation) in [("a", "team-a"), ("b", "team-b")] {
+        let svc = get(&env, name).await;
+        assert_eq!(
+            svc.annotations()
+                .get(INSTALLATION_ANNOTATION)
+                .map(String::as_str),
+            Some(installation)
+        );
+    }
+    assert_eq!(env.load_balancers().await.len(), 2);
+
+    // Installation a's class goes: its Service keeps its load balancer (told so), and b's is
+    // untouched, through several orphan sweeps of both installations.
+    let classes = Api::<cloudlb::config::class::LoadBalancerClass>::all(env.client.clone());
+    classes
+        .delete(&class_a, &DeleteParams::default())
+        .await
+        .expect("delete class a");
+    let note = wait_for("a LoadBalancerClassNotServed Event", || async {
+        env.events("LoadBalancerClassNotServed")
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    assert!(
+        note.contains(&format!(
+            "LoadBalancerClass {class_a} is not served by cloudlb installation team-a"
+        )),
+        "{note}"
+    );
+    let (sweeps_a, sweeps_b) = (
+        metrics_a.orphan_sweep_count(),
+        metrics_b.orphan_sweep_count(),
+    );
+    wait_for("two more orphan sweeps in each installation", || async {
+        (metrics_a.orphan_sweep_count() >= sweeps_a + 2
+            && metrics_b.orphan_sweep_count() >= sweeps_b + 2)
+            .then_some(())
+    })
+    .await;
+    let dns: Vec<Option<String>> = env
+        .load_balancers()
+        .await
+        .iter()
+        .map(|lb| lb.dns_name().map(String::from))
+        .collect();
+    assert_eq!(dns.len(), 2, "both load balancers kept: {dns:?}");
+    assert!(
+        dns.contains(&Some(host_a.clone())) && dns.contains(&Some(host_b)),
+        "{dns:?}"
+    );
+    assert_eq!(env.hostname("a").await.as_deref(), Some(host_a.as_str()));
+
+    // b's Service goes: installation b deletes its load balancer, and only that.
+    helpers::delete_service(&env.services(), "b").await;
+    let dns: Vec<Option<String>> = env
+        .load_balancers()
+        .await
+        .iter()
+        .map(|lb| lb.dns_name().map(String::from))
+        .collect();
+    assert_eq!(dns, [Some(host_a)]);
+
+    // a's Service goes too: installation a still releases it (its provider of record).
+    helpers::delete_service(&env.services(), "a").await;
+    assert!(env.load_balancers().await.is_empty());
+    a.abort();
+    b.abort();
+}
