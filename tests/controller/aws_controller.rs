@@ -4,7 +4,7 @@
 //! other.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
-use crate::helpers;
+use crate::helpers::{self, web_and_dns_ports, web_ports};
 use crate::support;
 
 use cloudlb::config::class::LoadBalancerClass;
@@ -15,14 +15,7 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use support::env::{Env, wait_for};
-use support::{TestGuard, elbv2};
-
-fn web_ports() -> serde_json::Value {
-    json!([
-        {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
-        {"name": "https", "port": 443, "targetPort": 8443, "protocol": "TCP"}
-    ])
-}
+use support::{TestGuard, describe, elbv2};
 
 fn count(calls: &BTreeMap<String, u64>, key: &str) -> u64 {
     calls.get(key).copied().unwrap_or(0)
@@ -49,8 +42,7 @@ async fn service_lifecycle_create_update_nodes_delete() {
     let env = Env::start("lifecycle", Duration::from_secs(3600)).await;
 
     // Create: status shows the NLB's DNS name, and kubectl shows it as EXTERNAL-IP.
-    env.create_service("web", json!({}), web_ports()).await;
-    let hostname = env.wait_hostname("web").await;
+    let hostname = env.serve_web("web").await;
     let lbs = env.load_balancers().await;
     assert_eq!(lbs.len(), 1);
     assert_eq!(lbs[0].dns_name(), Some(hostname.as_str()));
@@ -132,10 +124,7 @@ async fn service_lifecycle_create_update_nodes_delete() {
     let before = env.provider.calls();
     let extra = env.new_instance().await;
     let extra_node = env.add_node(&extra, 9).await;
-    let tg_arns: Vec<String> = tgs
-        .iter()
-        .filter_map(|t| t.target_group_arn().map(String::from))
-        .collect();
+    let tg_arns = describe::target_group_arns(&tgs);
     wait_every_target_group(&env, &tg_arns, "new node registered", |t| {
         t.contains(&extra.id)
     })
@@ -165,11 +154,7 @@ async fn service_lifecycle_create_update_nodes_delete() {
         .delete(&extra_node, &DeleteParams::default())
         .await
         .expect("delete node");
-    let mut ports = web_ports();
-    if let Some(list) = ports.as_array_mut() {
-        list.push(json!({"name": "dns", "port": 53, "protocol": "UDP"}));
-    }
-    env.patch_service("web", json!({"spec": {"ports": ports}}))
+    env.patch_service("web", json!({"spec": {"ports": web_and_dns_ports()}}))
         .await;
     env.wait_listeners(&lb_arn, 3).await;
     let listeners = env.listeners(&lb_arn).await;
@@ -213,8 +198,7 @@ async fn service_lifecycle_create_update_nodes_delete() {
 async fn type_change_removes_everything_and_the_finalizer() {
     let _guard = TestGuard::new();
     let env = Env::start("typechange", Duration::from_secs(3600)).await;
-    env.create_service("web", json!({}), web_ports()).await;
-    env.wait_hostname("web").await;
+    env.serve_web("web").await;
     assert_eq!(env.load_balancers().await.len(), 1);
 
     // LoadBalancer -> ClusterIP: the API server needs the nodePorts dropped with the type.
@@ -257,11 +241,7 @@ async fn invalid_annotations_give_one_event_and_change_nothing() {
         web_ports(),
     )
     .await;
-    let notes = wait_for("InvalidConfiguration event", || async {
-        let e = env.events("InvalidConfiguration").await;
-        (!e.is_empty()).then_some(e)
-    })
-    .await;
+    let notes = env.wait_events("InvalidConfiguration").await;
     let note = &notes[0];
     assert!(
         note.contains(
@@ -280,8 +260,7 @@ async fn invalid_annotations_give_one_event_and_change_nothing() {
     );
 
     // An existing load balancer stays exactly as it was when its Service turns invalid.
-    env.create_service("good", json!({}), web_ports()).await;
-    let hostname = env.wait_hostname("good").await;
+    let hostname = env.serve_web("good").await;
     // The NLB provisioned: the state poll saw it active.
     env.wait_reconciles("verified", 0).await;
     let delta = env
@@ -314,11 +293,7 @@ async fn same_named_foreign_nlb_is_never_touched() {
         web_ports(),
     )
     .await;
-    let notes = wait_for("SyncLoadBalancerFailed event", || async {
-        let e = env.events("SyncLoadBalancerFailed").await;
-        (!e.is_empty()).then_some(e)
-    })
-    .await;
+    let notes = env.wait_events("SyncLoadBalancerFailed").await;
     assert!(
         notes[0].contains("someone-elses") && notes[0].contains("not ours"),
         "{}",
@@ -346,8 +321,7 @@ async fn load_balancer_deleted_by_hand_is_recreated_by_the_drift_check() {
     let _guard = TestGuard::new();
     // A short re-verification interval so the drift check runs within the test.
     let env = Env::start("drift", Duration::from_secs(3)).await;
-    env.create_service("web", json!({}), web_ports()).await;
-    env.wait_hostname("web").await;
+    env.serve_web("web").await;
     let lbs = env.load_balancers().await;
     let old_arn = lbs[0].load_balancer_arn().expect("arn").to_string();
     env.elbv2

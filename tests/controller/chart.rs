@@ -4,7 +4,7 @@
 //! token only and passes the AWS lifecycle against moto; without one permission it says which.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
-use crate::helpers;
+use crate::helpers::{self, web_and_dns_ports, web_ports};
 use crate::support;
 
 use cloudlb::config::class::LoadBalancerClass;
@@ -16,8 +16,7 @@ use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use support::env::{Env, Setup, wait_for};
-use support::fixtures;
-use support::{TestCluster, TestGuard};
+use support::{TestCluster, TestGuard, describe, fixtures};
 use tokio::sync::OnceCell;
 
 const CRD_FILE: &str = "crds/loadbalancerclasses.cloudlb.io.yaml";
@@ -58,11 +57,31 @@ async fn render_ok(args: &[&str]) -> String {
     }
 }
 
+/// [`render_ok`] as release `release` in namespace `ns` for the API server `version`, with
+/// `values` (`--set`/`-f` arguments).
+async fn render_release(release: &str, ns: &str, version: &str, values: &[&str]) -> String {
+    let mut args = vec![
+        "--release",
+        release,
+        "--namespace",
+        ns,
+        "--kube-version",
+        version,
+    ];
+    args.extend_from_slice(values);
+    render_ok(&args).await
+}
+
 async fn render_err(args: &[&str]) -> String {
     match render_chart(args).await {
         Ok(out) => panic!("scripts/render-chart {args:?} should have failed, but rendered:\n{out}"),
         Err(e) => e,
     }
+}
+
+/// [`render_err`] with the required clusterName and `--set value`: what `value` alone does wrong.
+async fn render_err_with(value: &str) -> String {
+    render_err(&["--set", "clusterName=prod", "--set", value]).await
 }
 
 /// The objects of a multi-document YAML stream.
@@ -374,7 +393,7 @@ async fn chart_lints_renders_and_rejects_bad_values() {
     }
 
     // A typo in a value name fails at render time, naming it.
-    let e = render_err(&["--set", "clusterName=prod", "--set", "replica=3"]).await;
+    let e = render_err_with("replica=3").await;
     assert!(
         e.contains("additional properties 'replica' not allowed"),
         "{e}"
@@ -382,13 +401,7 @@ async fn chart_lints_renders_and_rejects_bad_values() {
     let e = render_err(&["--set", "clusterNme=prod"]).await;
     assert!(e.contains("'clusterNme' not allowed"), "{e}");
     assert!(e.contains("missing property 'clusterName'"), "{e}");
-    let e = render_err(&[
-        "--set",
-        "clusterName=prod",
-        "--set",
-        "defaultClass.aws.schme=internal",
-    ])
-    .await;
+    let e = render_err_with("defaultClass.aws.schme=internal").await;
     assert!(e.contains("'schme' not allowed"), "{e}");
     // clusterName: required and validated.
     let e = render_err(&[]).await;
@@ -401,29 +414,17 @@ async fn chart_lints_renders_and_rejects_bad_values() {
     let e = render_err(&["--set", "clusterName="]).await;
     assert!(e.contains("/clusterName"), "{e}");
     // Wrong types and values.
-    let e = render_err(&["--set", "clusterName=prod", "--set", "replicas=two"]).await;
+    let e = render_err_with("replicas=two").await;
     assert!(e.contains("/replicas"), "{e}");
-    let e = render_err(&["--set", "clusterName=prod", "--set", "logFormat=xml"]).await;
+    let e = render_err_with("logFormat=xml").await;
     assert!(e.contains("/logFormat"), "{e}");
     // Settings that cannot work fail with a message saying why.
-    let e = render_err(&[
-        "--set",
-        "clusterName=prod",
-        "--set",
-        "leaderElection.enabled=false",
-    ])
-    .await;
+    let e = render_err_with("leaderElection.enabled=false").await;
     assert!(
         e.contains("replicas > 1 needs leaderElection.enabled=true"),
         "{e}"
     );
-    let e = render_err(&[
-        "--set",
-        "clusterName=prod",
-        "--set",
-        "defaultClass.provider=local",
-    ])
-    .await;
+    let e = render_err_with("defaultClass.provider=local").await;
     assert!(e.contains("providers.local.enabled is false"), "{e}");
 }
 
@@ -449,20 +450,19 @@ async fn rendered_chart_applies_to_a_real_api_server() {
     let version = server_version(&client).await;
     let ns = cluster.create_namespace("chart-apply").await;
 
-    let out = render_ok(&[
-        "--release",
+    let out = render_release(
         &ns,
-        "--namespace",
         &ns,
-        "--kube-version",
         &version,
-        "--set",
-        "clusterName=testbed",
-        "--set",
-        &format!("defaultClass.name={ns}"),
-        "--set",
-        "defaultClass.default=false",
-    ])
+        &[
+            "--set",
+            "clusterName=testbed",
+            "--set",
+            &format!("defaultClass.name={ns}"),
+            "--set",
+            "defaultClass.default=false",
+        ],
+    )
     .await;
     let objs = objects(&out);
     let dry = apply(cluster, &format!("{ns}-dry"), &objs, &["--dry-run=server"]).await;
@@ -520,22 +520,21 @@ async fn rendered_chart_applies_to_a_real_api_server() {
 
     // Every option at once (the ServiceMonitor needs prometheus-operator's CRD, not here).
     let everything = chart_dir().join("ci/everything-values.yaml");
-    let out = render_ok(&[
-        "--release",
+    let out = render_release(
         &format!("{ns}-all"),
-        "--namespace",
         &ns,
-        "--kube-version",
         &version,
-        "-f",
-        everything.to_str().expect("path"),
-        "--set",
-        "metrics.serviceMonitor.enabled=false",
-        "--set",
-        &format!("defaultClass.name={ns}-all"),
-        "--set",
-        "defaultClass.default=false",
-    ])
+        &[
+            "-f",
+            everything.to_str().expect("path"),
+            "--set",
+            "metrics.serviceMonitor.enabled=false",
+            "--set",
+            &format!("defaultClass.name={ns}-all"),
+            "--set",
+            "defaultClass.default=false",
+        ],
+    )
     .await;
     let dry = apply(
         cluster,
@@ -558,17 +557,7 @@ async fn start_with_chart_rbac(prefix: &str, edit: impl FnOnce(&mut Vec<Value>))
     install_chart_crd(cluster).await;
     let ns = cluster.create_namespace(prefix).await;
     let version = server_version(&admin).await;
-    let out = render_ok(&[
-        "--release",
-        &ns,
-        "--namespace",
-        &ns,
-        "--kube-version",
-        &version,
-        "--set",
-        &format!("clusterName={ns}"),
-    ])
-    .await;
+    let out = render_release(&ns, &ns, &version, &["--set", &format!("clusterName={ns}")]).await;
     let mut rbac: Vec<Value> = objects(&out)
         .into_iter()
         .filter(|o| {
@@ -610,13 +599,6 @@ async fn events(env: &Env) -> Vec<(String, String, String)> {
         .collect()
 }
 
-fn web_ports() -> Value {
-    json!([
-        {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
-        {"name": "https", "port": 443, "targetPort": 8443, "protocol": "TCP"}
-    ])
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chart_rbac_suffices_for_the_aws_lifecycle() {
     let _guard = TestGuard::new();
@@ -630,8 +612,7 @@ async fn chart_rbac_suffices_for_the_aws_lifecycle() {
         .unwrap_or_else(|e| panic!("{sa_user} cannot list Services cluster-wide: {e}"));
 
     // Create: finalizer, NLB, status.
-    env.create_service("web", json!({}), web_ports()).await;
-    let hostname = env.wait_hostname("web").await;
+    let hostname = env.serve_web("web").await;
     let lbs = env.load_balancers().await;
     assert_eq!(lbs.len(), 1);
     assert_eq!(lbs[0].dns_name(), Some(hostname.as_str()));
@@ -649,29 +630,17 @@ async fn chart_rbac_suffices_for_the_aws_lifecycle() {
         (classes.get(&env.ns).await.ok()?.status?.service_count == 1).then_some(())
     })
     .await;
-    wait_for("EnsuredLoadBalancer event", || async {
-        (!env.events("EnsuredLoadBalancer").await.is_empty()).then_some(())
-    })
-    .await;
+    env.wait_events("EnsuredLoadBalancer").await;
 
     // Update: a third port → a third listener.
-    let mut ports = web_ports();
-    if let Some(list) = ports.as_array_mut() {
-        list.push(json!({"name": "dns", "port": 53, "protocol": "UDP"}));
-    }
-    env.patch_service("web", json!({"spec": {"ports": ports}}))
+    env.patch_service("web", json!({"spec": {"ports": web_and_dns_ports()}}))
         .await;
     env.wait_listeners(&lb_arn, 3).await;
 
     // Node change: a new Node with an instance is registered in every target group.
     let extra = env.new_instance().await;
     env.add_node(&extra, 9).await;
-    let tg_arns: Vec<String> = env
-        .target_groups()
-        .await
-        .iter()
-        .filter_map(|t| t.target_group_arn().map(String::from))
-        .collect();
+    let tg_arns = describe::target_group_arns(&env.target_groups().await);
     assert_eq!(tg_arns.len(), 3);
     for arn in &tg_arns {
         wait_for("new node registered", || async {
@@ -742,13 +711,7 @@ async fn missing_services_status_permission_is_reported() {
     .await;
 
     env.create_service("web", json!({}), web_ports()).await;
-    let note = wait_for("SyncLoadBalancerFailed event", || async {
-        env.events("SyncLoadBalancerFailed")
-            .await
-            .into_iter()
-            .next()
-    })
-    .await;
+    let note = env.wait_events("SyncLoadBalancerFailed").await.remove(0);
     eprintln!("SyncLoadBalancerFailed: {note}");
     assert!(
         note.contains("cannot patch resource \"services/status\""),

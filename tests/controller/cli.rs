@@ -9,7 +9,7 @@ use kube::Api;
 use serde_json::json;
 use std::process::Command;
 use support::fixtures::{self, install_crd};
-use support::operator::aws_env;
+use support::operator::{operator_env, scope_args};
 use support::{AwsEmulator, TestCluster, TestGuard};
 
 fn cloudlb() -> Command {
@@ -81,22 +81,13 @@ async fn plan_previews_changes_and_writes_nothing() {
 
     let moto = AwsEmulator::shared().await;
     let out = tokio::task::spawn_blocking({
-        let kubeconfig = cluster.kubeconfig_path().to_path_buf();
-        let endpoint = moto.endpoint().to_string();
+        let vars = operator_env(moto.endpoint(), cluster);
         let ns = ns.clone();
         move || {
             cloudlb()
-                .args([
-                    "plan",
-                    "--cluster-name",
-                    &ns,
-                    "--namespace",
-                    &ns,
-                    "--classes",
-                    &ns,
-                ])
-                .env("KUBECONFIG", kubeconfig)
-                .envs(aws_env(&endpoint))
+                .arg("plan")
+                .args(scope_args(&ns))
+                .envs(vars)
                 .output()
                 .expect("run cloudlb plan")
         }

@@ -28,6 +28,13 @@ impl Env {
         self.start_operator();
     }
 
+    /// Creates Service `name` with [`web_ports`] and no annotations and waits until it is served:
+    /// its hostname.
+    pub async fn serve_web(&self, name: &str) -> String {
+        self.create_service(name, json!({}), web_ports()).await;
+        self.wait_hostname(name).await
+    }
+
     pub async fn new_instance(&self) -> Instance {
         run_instances(&self.ec2, &self.network.public_subnets[0].id, 1)
             .await
@@ -46,6 +53,11 @@ impl Env {
     /// The notes of the Events in the namespace with `reason`.
     pub async fn events(&self, reason: &str) -> Vec<String> {
         notes(&self.client, &self.ns, reason).await
+    }
+
+    /// Waits until the namespace has Events with `reason`; their notes.
+    pub async fn wait_events(&self, reason: &str) -> Vec<String> {
+        wait_notes(&self.client, &self.ns, reason).await
     }
 
     /// Waits until the operator has finished `n` more reconciles with `outcome` than `before`.
@@ -81,6 +93,23 @@ impl Env {
         self.wait_reconciles(outcome, reconciles).await;
         self.calls_since(&before)
     }
+}
+
+/// An HTTP and an HTTPS port: the ports of most test Services.
+pub fn web_ports() -> Value {
+    json!([
+        {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+        {"name": "https", "port": 443, "targetPort": 8443, "protocol": "TCP"}
+    ])
+}
+
+/// [`web_ports`] and a third one, DNS over UDP.
+pub fn web_and_dns_ports() -> Value {
+    let mut ports = web_ports();
+    if let Some(list) = ports.as_array_mut() {
+        list.push(json!({"name": "dns", "port": 53, "protocol": "UDP"}));
+    }
+    ports
 }
 
 /// Deletes the Service `name` and waits until it is gone (our finalizer released it).
@@ -130,6 +159,15 @@ pub async fn notes(client: &Client, ns: &str, reason: &str) -> Vec<String> {
         .filter_map(|e| e.note)
         .collect()
 }
+/// Waits until there are Events in `ns` with `reason`; their notes.
+pub async fn wait_notes(client: &Client, ns: &str, reason: &str) -> Vec<String> {
+    wait_for(&format!("a {reason} Event"), || async {
+        let notes = notes(client, ns, reason).await;
+        (!notes.is_empty()).then_some(notes)
+    })
+    .await
+}
+
 /// The instance IDs registered in a target group (not unused or draining), sorted.
 pub async fn targets(elbv2: &elbv2::Client, tg_arn: &str) -> Vec<String> {
     let mut ids: Vec<String> = describe::target_health(elbv2, tg_arn)

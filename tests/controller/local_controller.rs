@@ -220,6 +220,27 @@ impl Env {
         helpers::notes(&self.client, &self.ns, reason).await
     }
 
+    /// Waits until the namespace has Events with `reason`; their notes.
+    async fn wait_events(&self, reason: &str) -> Vec<String> {
+        helpers::wait_notes(&self.client, &self.ns, reason).await
+    }
+
+    /// Creates Service `name` with `ports` and waits until it is served: its address.
+    async fn serve(&self, name: &str, ports: serde_json::Value) -> String {
+        self.create_service(name, ports).await;
+        self.wait_ip(name).await
+    }
+
+    /// Patches Service `name` and waits for a good reconcile after it (one of the edit).
+    async fn patch_and_wait_reconcile(&self, name: &str, patch: serde_json::Value) {
+        let before = good_reconciles(&self.metrics);
+        self.patch_service(name, patch).await;
+        wait_for("a reconcile of the edit", || async {
+            (good_reconciles(&self.metrics) > before).then_some(())
+        })
+        .await;
+    }
+
     /// Ports at this test's nodePorts, where its backends listen (UDP at nodePort + 1).
     fn ports(&self, tcp: u16, udp: Option<u16>) -> serde_json::Value {
         let mut ports = vec![
@@ -259,8 +280,7 @@ impl Drop for Env {
 async fn tcp_and_udp_reach_every_node_and_follow_port_changes() {
     let _guard = TestGuard::new();
     let env = Env::start("traffic", 11, "127.11.1.0/28").await;
-    env.create_service("web", env.ports(8080, Some(5353))).await;
-    let ip = env.wait_ip("web").await;
+    let ip = env.serve("web", env.ports(8080, Some(5353))).await;
     assert!(
         ip.starts_with("127.11.1."),
         "address from the class pool: {ip}"
@@ -307,8 +327,7 @@ async fn tcp_and_udp_reach_every_node_and_follow_port_changes() {
         TcpStream::connect(&new_addr).await.is_err(),
         "port closed after delete"
     );
-    env.create_service("again", env.ports(9090, None)).await;
-    let reused = env.wait_ip("again").await;
+    let reused = env.serve("again", env.ports(9090, None)).await;
     wait_for(
         "the released address and port serve the new Service",
         || async { TcpStream::connect(format!("{reused}:9090")).await.ok() },
@@ -320,8 +339,7 @@ async fn tcp_and_udp_reach_every_node_and_follow_port_changes() {
 async fn excluded_node_stops_receiving_new_connections() {
     let _guard = TestGuard::new();
     let env = Env::start("exclude", 12, "127.12.1.0/28").await;
-    env.create_service("web", env.ports(8080, None)).await;
-    let ip = env.wait_ip("web").await;
+    let ip = env.serve("web", env.ports(8080, None)).await;
     let addr = format!("{ip}:8080");
     wait_for("all three nodes answer", || async {
         (spread(9, async || tcp_ask(&addr).await).await.len() == 3).then_some(())
@@ -372,15 +390,10 @@ async fn operator_restart_keeps_every_address() {
 async fn exhausted_pool_is_a_warning_event_and_others_keep_working() {
     let _guard = TestGuard::new();
     let env = Env::start("pool", 14, "127.14.1.7").await;
-    env.create_service("first", env.ports(8080, None)).await;
-    let ip = env.wait_ip("first").await;
+    let ip = env.serve("first", env.ports(8080, None)).await;
     assert_eq!(ip, "127.14.1.7");
     env.create_service("second", env.any_port(8080, 1)).await;
-    let notes = wait_for("pool exhausted event", || async {
-        let e = env.events("SyncLoadBalancerFailed").await;
-        (!e.is_empty()).then_some(e)
-    })
-    .await;
+    let notes = env.wait_events("SyncLoadBalancerFailed").await;
     assert!(
         notes
             .iter()
@@ -438,8 +451,7 @@ fn good_reconciles(metrics: &Metrics) -> u64 {
 async fn status_is_written_once_per_change_although_the_server_adds_ip_mode() {
     let _guard = TestGuard::new();
     let env = Env::start("ipmode", 16, "127.16.1.0/28").await;
-    env.create_service("web", env.ports(8080, None)).await;
-    let ip = env.wait_ip("web").await;
+    let ip = env.serve("web", env.ports(8080, None)).await;
     // The server defaults ipMode (GA in 1.32) on what cloudlb wrote.
     let ingress = env
         .services()
@@ -458,15 +470,10 @@ async fn status_is_written_once_per_change_although_the_server_adds_ip_mode() {
 
     // Edits that change nothing about the load balancer: reconciled, never rewritten.
     for i in 0..3 {
-        let before = good_reconciles(&env.metrics);
-        env.patch_service(
+        env.patch_and_wait_reconcile(
             "web",
             json!({"metadata": {"labels": {"touch": i.to_string()}}}),
         )
-        .await;
-        wait_for("a reconcile of the edit", || async {
-            (good_reconciles(&env.metrics) > before).then_some(())
-        })
         .await;
     }
     assert_eq!(
@@ -484,13 +491,8 @@ async fn status_is_written_once_per_change_although_the_server_adds_ip_mode() {
         ports.iter().any(|p| p.port == 9090).then_some(())
     })
     .await;
-    let before = good_reconciles(&env.metrics);
-    env.patch_service("web", json!({"metadata": {"labels": {"touch": "after"}}}))
+    env.patch_and_wait_reconcile("web", json!({"metadata": {"labels": {"touch": "after"}}}))
         .await;
-    wait_for("a reconcile of the edit", || async {
-        (good_reconciles(&env.metrics) > before).then_some(())
-    })
-    .await;
     assert_eq!(env.metrics.status_write_count(), writes + 1);
 }
 

@@ -9,7 +9,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 use support::describe;
 use support::env::{Env, Setup, wait_within};
-use support::operator::{OperatorProcess, aws_env};
+use support::operator::{OperatorProcess, operator_env, scope_args};
 use support::process::free_port;
 use support::{AwsEmulator, TestCluster, TestGuard};
 
@@ -85,18 +85,9 @@ async fn two_replicas_one_writer_and_failover_after_kill_9_mid_wave() {
     };
     let env = Env::start_in(cluster, ns.clone(), setup).await;
 
-    let mut vars = aws_env(AwsEmulator::shared().await.endpoint());
-    vars.push((
-        "KUBECONFIG",
-        cluster.kubeconfig_path().display().to_string(),
-    ));
-    let args = [
-        "--cluster-name",
-        &ns,
-        "--namespace",
-        &ns,
-        "--classes",
-        &ns,
+    let vars = operator_env(AwsEmulator::shared().await.endpoint(), cluster);
+    let mut args = scope_args(&ns);
+    args.extend([
         "--no-local",
         "--leader-elect",
         "--lease-namespace",
@@ -108,7 +99,7 @@ async fn two_replicas_one_writer_and_failover_after_kill_9_mid_wave() {
         // Slow enough that the kill below lands in the middle of the wave.
         "--aws-rate-limit",
         "5",
-    ];
+    ]);
     let mut a = OperatorProcess::start(
         "a",
         &[&args[..], &["--lease-identity", "replica-a"]].concat(),
@@ -223,12 +214,7 @@ async fn two_replicas_one_writer_and_failover_after_kill_9_mid_wave() {
 
     // No duplicates: exactly one NLB per Service. Only this test uses moto's default account
     // in this test binary.
-    let ours: Vec<_> = env
-        .load_balancers()
-        .await
-        .iter()
-        .filter_map(|l| l.load_balancer_name().map(String::from))
-        .collect();
+    let ours = env.load_balancer_names().await;
     assert_eq!(
         ours.len(),
         WAVE + 2,

@@ -27,7 +27,7 @@ use support::aws::elbv2::error::ProvideErrorMetadata;
 use support::describe;
 use support::env::{Env, Setup, wait_within};
 use support::faultproxy::{Counts, Family, FaultConfig, FaultProxy, Outcome, ProxyConfig};
-use support::operator::{OperatorProcess, aws_env};
+use support::operator::{OperatorProcess, operator_env, scope_args};
 use support::{AwsEmulator, TestCluster, TestGuard, ec2, elbv2};
 
 /// Services in the 20%-faults test: the 200 the issue asks for. They converge in about two
@@ -51,24 +51,13 @@ fn wave_limit() -> Duration {
 
 /// `cloudlb run` limited to the test's namespace and class, its AWS calls through `proxy`.
 fn start_operator(env: &Env, proxy: &FaultProxy, extra: &[&str]) -> OperatorProcess {
-    let mut vars = aws_env(&proxy.endpoint());
-    vars.push((
-        "KUBECONFIG",
-        env.cluster.kubeconfig_path().display().to_string(),
-    ));
-    let args = [
-        "--cluster-name",
-        &env.ns,
-        "--namespace",
-        &env.ns,
-        "--classes",
-        &env.ns,
-        "--no-local",
-    ];
+    let mut args = scope_args(&env.ns);
+    args.push("--no-local");
+    args.extend_from_slice(extra);
     OperatorProcess::start(
         &format!("faults-{}", env.ns),
-        &[&args[..], extra].concat(),
-        &vars,
+        &args,
+        &operator_env(&proxy.endpoint(), env.cluster),
     )
 }
 
@@ -189,6 +178,18 @@ fn print_counts(what: &str, counts: &Counts) {
     }
 }
 
+/// Asserts that the proxy counted 3 requests (the SDK's attempts: the first and its 2 retries)
+/// for each of `calls` (action, outcome).
+fn assert_three_attempts(counts: &Counts, calls: &[(&str, Outcome)]) {
+    for &(action, outcome) in calls {
+        assert_eq!(
+            counts.get(action, outcome),
+            3,
+            "{action} {outcome:?}: {counts:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_percent_faults_converge_without_duplicates_and_clean_up() {
     let _guard = TestGuard::new();
@@ -290,10 +291,7 @@ async fn twenty_percent_faults_converge_without_duplicates_and_clean_up() {
     // Exactly the right target groups: one per Service port, each tagged for its Service and
     // behind a listener of that Service's NLB, holding exactly the nodes.
     let tgs = env.target_groups().await;
-    let tg_arns: Vec<String> = tgs
-        .iter()
-        .filter_map(|t| t.target_group_arn().map(String::from))
-        .collect();
+    let tg_arns = describe::target_group_arns(&tgs);
     let tg_tags = elb_tags(&env, &tg_arns).await;
     let mut per_uid: BTreeMap<String, usize> = BTreeMap::new();
     for arn in &tg_arns {
@@ -399,12 +397,7 @@ async fn twenty_percent_faults_converge_without_duplicates_and_clean_up() {
         ),
         &proxy.counts(),
     );
-    let lbs: Vec<String> = env
-        .load_balancers()
-        .await
-        .iter()
-        .filter_map(|l| l.load_balancer_name().map(String::from))
-        .collect();
+    let lbs = env.load_balancer_names().await;
     let tgs: Vec<String> = env
         .target_groups()
         .await
@@ -555,16 +548,12 @@ async fn proxy_faults_are_what_the_sdk_parses_and_retries() {
     assert_eq!(err.code(), Some("Throttling"), "{err:?}");
     let err = ec2c.describe_vpcs().send().await.expect_err("throttled");
     assert_eq!(err.code(), Some("RequestLimitExceeded"), "{err:?}");
-    let counts = proxy.counts();
-    assert_eq!(
-        counts.get("DescribeLoadBalancers", Outcome::Throttled),
-        3,
-        "{counts:?}"
-    );
-    assert_eq!(
-        counts.get("DescribeVpcs", Outcome::Throttled),
-        3,
-        "{counts:?}"
+    assert_three_attempts(
+        &proxy.counts(),
+        &[
+            ("DescribeLoadBalancers", Outcome::Throttled),
+            ("DescribeVpcs", Outcome::Throttled),
+        ],
     );
 
     // 500/503 and resets: retried as transient errors.
@@ -589,16 +578,12 @@ async fn proxy_faults_are_what_the_sdk_parses_and_retries() {
         .send()
         .await
         .expect_err("reset");
-    let counts = proxy.counts();
-    assert_eq!(
-        counts.get("DescribeLoadBalancers", Outcome::ServerError),
-        3,
-        "{counts:?}"
-    );
-    assert_eq!(
-        counts.get("DescribeLoadBalancers", Outcome::Reset),
-        3,
-        "{counts:?}"
+    assert_three_attempts(
+        &proxy.counts(),
+        &[
+            ("DescribeLoadBalancers", Outcome::ServerError),
+            ("DescribeLoadBalancers", Outcome::Reset),
+        ],
     );
 
     // A lost create response: applied once upstream; the SDK's retries of the identical request

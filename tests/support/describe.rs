@@ -20,6 +20,13 @@ pub async fn load_balancers(elbv2: &elbv2::Client) -> Vec<LoadBalancer> {
         .collect()
 }
 
+/// The ARNs of `tgs`.
+pub fn target_group_arns(tgs: &[TargetGroup]) -> Vec<String> {
+    tgs.iter()
+        .filter_map(|t| t.target_group_arn().map(String::from))
+        .collect()
+}
+
 /// Every target group (none when moto says TargetGroupNotFound).
 pub async fn target_groups(elbv2: &elbv2::Client) -> Vec<TargetGroup> {
     match elbv2.describe_target_groups().send().await {

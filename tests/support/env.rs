@@ -226,6 +226,15 @@ impl Env {
         describe::load_balancers(&self.elbv2).await
     }
 
+    /// The names of the load balancers in the account.
+    pub async fn load_balancer_names(&self) -> Vec<String> {
+        self.load_balancers()
+            .await
+            .iter()
+            .filter_map(|l| l.load_balancer_name().map(String::from))
+            .collect()
+    }
+
     pub async fn target_groups(&self) -> Vec<elbv2::types::TargetGroup> {
         describe::target_groups(&self.elbv2).await
     }

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
+use super::TestCluster;
 use super::aws::REGION;
 use super::process::free_port;
 
@@ -17,6 +18,24 @@ pub fn aws_env(endpoint: &str) -> Vec<(&'static str, String)> {
         ("AWS_REGION", REGION.to_string()),
         ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
     ]
+}
+
+/// The environment of a `cloudlb` process against the testbed: [`aws_env`] for `endpoint` and
+/// the kubeconfig of `cluster`.
+pub fn operator_env(endpoint: &str, cluster: &TestCluster) -> Vec<(&'static str, String)> {
+    let mut vars = aws_env(endpoint);
+    vars.push((
+        "KUBECONFIG",
+        cluster.kubeconfig_path().display().to_string(),
+    ));
+    vars
+}
+
+/// The arguments that give a `cloudlb run` or `cloudlb plan` a test's own world: the cluster
+/// name, the namespace and the LoadBalancerClass, all named `ns` (as [`super::env::Env`] sets
+/// them up).
+pub fn scope_args(ns: &str) -> Vec<&str> {
+    vec!["--cluster-name", ns, "--namespace", ns, "--classes", ns]
 }
 
 /// Lines of the operator's log printed when a test fails.

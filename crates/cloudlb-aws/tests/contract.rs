@@ -13,8 +13,12 @@ use cloudlb_core::model::{
 use cloudlb_core::plan::{Op, plan};
 use cloudlb_core::provider::{LbState, Observed, Provider, ProviderError};
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
 use support::ec2::types::Filter;
-use support::elbv2::types::{LoadBalancerSchemeEnum, LoadBalancerTypeEnum};
+use support::elbv2::types::{
+    LoadBalancer as LbDescription, LoadBalancerSchemeEnum, LoadBalancerTypeEnum,
+    TargetGroup as TgDescription,
+};
 use support::{AwsEmulator, TestGuard, create_vpc_with_subnets, run_instances};
 
 const CLUSTER: &str = "provider-test";
@@ -232,8 +236,14 @@ async fn reconcile(provider: &AwsProvider, desired: &Desired) -> (Observed, Vec<
     (result, ops)
 }
 
-/// A moto account of its own with a VPC (tagged subnets for [`CLUSTER`]) and `n` instances in
-/// its first private subnet.
+/// Clients for a new moto account, the test's own.
+async fn moto_account() -> (support::elbv2::Client, support::ec2::Client) {
+    let moto = AwsEmulator::shared().await;
+    moto.clients(&moto.new_account())
+}
+
+/// A moto account of its own with a VPC (tagged subnets for [`CLUSTER`]) and instances in its
+/// first private subnet: what most tests start from (see [`account`]).
 struct Account {
     elbv2: support::elbv2::Client,
     ec2: support::ec2::Client,
@@ -241,10 +251,9 @@ struct Account {
     instances: Vec<String>,
 }
 
+/// A new [`Account`] with `n` instances.
 async fn account(n: i32) -> Account {
-    let moto = AwsEmulator::shared().await;
-    let account = moto.new_account();
-    let (elbv2, ec2) = moto.clients(&account);
+    let (elbv2, ec2) = moto_account().await;
     let network = create_vpc_with_subnets(&ec2, CLUSTER).await;
     let instances = run_instances(&ec2, &network.private_subnets[0].id, n)
         .await
@@ -259,28 +268,102 @@ async fn account(n: i32) -> Account {
     }
 }
 
-/// The provider with a rate limit high enough not to slow the test down.
-fn fast_provider(elbv2: &support::elbv2::Client, ec2: &support::ec2::Client) -> AwsProvider {
-    let mut settings = AwsSettings::new(CLUSTER);
-    settings.rate_limit_per_sec = 100.0;
-    AwsProvider::new(elbv2.clone(), ec2.clone(), settings)
+impl Account {
+    /// The provider on this account, with `settings`.
+    fn provider(&self, settings: AwsSettings) -> AwsProvider {
+        AwsProvider::new(self.elbv2.clone(), self.ec2.clone(), settings)
+    }
+
+    /// The provider for [`CLUSTER`] with a rate limit high enough not to slow the test down.
+    fn fast_provider(&self) -> AwsProvider {
+        let mut settings = AwsSettings::new(CLUSTER);
+        settings.rate_limit_per_sec = 100.0;
+        self.provider(settings)
+    }
+
+    /// The load balancers named `name` (DescribeLoadBalancers: an error when there is none).
+    async fn load_balancers_named(&self, name: &str) -> Result<Vec<LbDescription>, impl Debug> {
+        let out = self
+            .elbv2
+            .describe_load_balancers()
+            .names(name)
+            .send()
+            .await;
+        out.map(|o| o.load_balancers().to_vec())
+    }
+
+    /// The target groups named `name` (DescribeTargetGroups: an error when there is none).
+    async fn target_groups_named(&self, name: &str) -> Result<Vec<TgDescription>, impl Debug> {
+        let out = self.elbv2.describe_target_groups().names(name).send().await;
+        out.map(|o| o.target_groups().to_vec())
+    }
+}
+
+/// A network load balancer made by hand (without tags) in `subnets`.
+async fn nlb_by_hand(elbv2: &support::elbv2::Client, name: &str, subnets: Vec<String>) {
+    elbv2
+        .create_load_balancer()
+        .name(name)
+        .r#type(LoadBalancerTypeEnum::Network)
+        .set_subnets(Some(subnets))
+        .send()
+        .await
+        .expect("CreateLoadBalancer by hand");
+}
+
+/// A TCP target group made by hand on `port`, with `tags` (none when empty); its ARN.
+async fn target_group_by_hand(
+    elbv2: &support::elbv2::Client,
+    vpc_id: &str,
+    name: &str,
+    port: i32,
+    tags: &BTreeMap<String, String>,
+) -> String {
+    let tags: Vec<_> = tags
+        .iter()
+        .map(|(k, v)| {
+            support::elbv2::types::Tag::builder()
+                .key(k)
+                .value(v)
+                .build()
+        })
+        .collect();
+    elbv2
+        .create_target_group()
+        .name(name)
+        .protocol(support::elbv2::types::ProtocolEnum::Tcp)
+        .port(port)
+        .vpc_id(vpc_id)
+        .set_tags((!tags.is_empty()).then_some(tags))
+        .send()
+        .await
+        .expect("CreateTargetGroup by hand")
+        .target_groups()[0]
+        .target_group_arn()
+        .expect("arn")
+        .to_string()
+}
+
+/// Observing `want` fails: a resource of `want_kind` named `want_name` exists without our tags.
+async fn assert_foreign(provider: &AwsProvider, want: &Desired, want_kind: &str, want_name: &str) {
+    match provider.observe(want).await {
+        Err(ProviderError::Foreign { kind, name }) => {
+            assert_eq!(kind, want_kind);
+            assert_eq!(name, want_name);
+        }
+        other => panic!("expected Foreign, got {other:?}"),
+    }
 }
 
 #[tokio::test]
 async fn create_resync_change_and_delete_an_nlb() {
     let _guard = TestGuard::new();
-    let Account {
-        network,
-        elbv2,
-        ec2,
-        instances,
-        ..
-    } = account(3).await;
-    let provider = fast_provider(&elbv2, &ec2);
+    let account = account(3).await;
+    let provider = account.fast_provider();
     assert_eq!(provider.name(), "aws");
 
     // ---- create
-    let want = desired(&[TCP_80, UDP_53], &instances);
+    let want = desired(&[TCP_80, UDP_53], &account.instances);
     let lb = want.lb.as_ref().expect("a load balancer");
     let (created, ops) = reconcile(&provider, &want).await;
     assert_eq!(ops.first(), Some(&Op::CreateSecurityGroup));
@@ -306,20 +389,19 @@ async fn create_resync_change_and_delete_an_nlb() {
     );
 
     // What exists, as the SDK sees it.
-    let lbs = elbv2
-        .describe_load_balancers()
-        .names(&want.lb_name)
-        .send()
+    let lbs = account
+        .load_balancers_named(&want.lb_name)
         .await
         .expect("the NLB exists");
-    let [nlb] = lbs.load_balancers() else {
+    let [nlb] = lbs.as_slice() else {
         panic!("exactly one NLB named {}: {lbs:?}", want.lb_name);
     };
     assert_eq!(nlb.r#type(), Some(&LoadBalancerTypeEnum::Network));
     assert_eq!(nlb.scheme(), Some(&LoadBalancerSchemeEnum::InternetFacing));
     let nlb_arn = nlb.load_balancer_arn().expect("arn");
-    assert!(has_our_tags(&elb_tags(&elbv2, nlb_arn).await));
-    let public: BTreeSet<&str> = network
+    assert!(has_our_tags(&elb_tags(&account.elbv2, nlb_arn).await));
+    let public: BTreeSet<&str> = account
+        .network
         .public_subnets
         .iter()
         .map(|s| s.id.as_str())
@@ -331,16 +413,19 @@ async fn create_resync_change_and_delete_an_nlb() {
         .collect();
     assert_eq!(azs, public, "one discovered public subnet per zone");
     for tg in &lb.target_groups {
-        let found = elbv2
-            .describe_target_groups()
-            .names(&tg.name)
-            .send()
+        let found = account
+            .target_groups_named(&tg.name)
             .await
             .expect("the target group exists");
-        let arn = found.target_groups()[0].target_group_arn().expect("arn");
-        assert!(has_our_tags(&elb_tags(&elbv2, arn).await), "{}", tg.name);
+        let arn = found[0].target_group_arn().expect("arn");
+        assert!(
+            has_our_tags(&elb_tags(&account.elbv2, arn).await),
+            "{}",
+            tg.name
+        );
     }
-    let listeners = elbv2
+    let listeners = account
+        .elbv2
         .describe_listeners()
         .load_balancer_arn(nlb_arn)
         .send()
@@ -354,7 +439,7 @@ async fn create_resync_change_and_delete_an_nlb() {
     ports.sort_unstable();
     assert_eq!(ports, vec![53, 80]);
     let sg_name = naming::security_group_name(&want.lb_name);
-    let sgs = security_groups_named(&ec2, &sg_name).await;
+    let sgs = security_groups_named(&account.ec2, &sg_name).await;
     assert_eq!(sgs.len(), 1, "{sgs:?}");
     let sg_tags: BTreeMap<String, String> = sgs[0]
         .tags()
@@ -413,7 +498,7 @@ async fn create_resync_change_and_delete_an_nlb() {
     assert!(provider.calls().is_empty(), "{:?}", provider.calls());
 
     // ---- change: one node gone, the UDP listener removed.
-    let fewer = desired(&[TCP_80], &instances[..2]);
+    let fewer = desired(&[TCP_80], &account.instances[..2]);
     provider.reset_calls();
     let (changed, ops) = reconcile(&provider, &fewer).await;
     let udp_tg = fresh
@@ -439,7 +524,7 @@ async fn create_resync_change_and_delete_an_nlb() {
             Op::DeregisterTargets {
                 key: "tcp-80".into(),
                 targets: vec![Target {
-                    id: instances[2].clone(),
+                    id: account.instances[2].clone(),
                     port: 30080
                 }]
             },
@@ -483,24 +568,17 @@ async fn create_resync_change_and_delete_an_nlb() {
             ("DeleteSecurityGroup/ok", 1),
         ])
     );
-    let gone = elbv2
-        .describe_load_balancers()
-        .names(&want.lb_name)
-        .send()
-        .await;
-    assert!(
-        gone.as_ref()
-            .map_or(true, |o| o.load_balancers().is_empty()),
-        "{gone:?}"
-    );
+    let gone = account.load_balancers_named(&want.lb_name).await;
+    assert!(gone.as_ref().map_or(true, Vec::is_empty), "{gone:?}");
     for tg in &lb.target_groups {
-        let gone = elbv2.describe_target_groups().names(&tg.name).send().await;
-        assert!(
-            gone.as_ref().map_or(true, |o| o.target_groups().is_empty()),
-            "{gone:?}"
-        );
+        let gone = account.target_groups_named(&tg.name).await;
+        assert!(gone.as_ref().map_or(true, Vec::is_empty), "{gone:?}");
     }
-    assert!(security_groups_named(&ec2, &sg_name).await.is_empty());
+    assert!(
+        security_groups_named(&account.ec2, &sg_name)
+            .await
+            .is_empty()
+    );
     assert_eq!(
         provider.observe(&empty).await.expect("observe"),
         Observed::default()
@@ -515,48 +593,19 @@ async fn create_resync_change_and_delete_an_nlb() {
 #[tokio::test]
 async fn same_named_resources_without_our_tags_are_foreign() {
     let _guard = TestGuard::new();
-    let moto = AwsEmulator::shared().await;
-    let account = moto.new_account();
-    let (elbv2, ec2) = moto.clients(&account);
+    let (elbv2, ec2) = moto_account().await;
     let network = create_vpc_with_subnets(&ec2, CLUSTER).await;
     let provider = AwsProvider::new(elbv2.clone(), ec2.clone(), AwsSettings::new(CLUSTER));
     let want = desired(&[TCP_80], &[]);
 
     // A target group of the name we would use, made by someone else.
     let tg = &want.lb.as_ref().expect("lb").target_groups[0];
-    elbv2
-        .create_target_group()
-        .name(&tg.name)
-        .protocol(support::elbv2::types::ProtocolEnum::Tcp)
-        .port(30080)
-        .vpc_id(&network.vpc_id)
-        .send()
-        .await
-        .expect("CreateTargetGroup by hand");
-    match provider.observe(&want).await {
-        Err(ProviderError::Foreign { kind, name }) => {
-            assert_eq!(kind, "target group");
-            assert_eq!(name, tg.name);
-        }
-        other => panic!("expected Foreign, got {other:?}"),
-    }
+    target_group_by_hand(&elbv2, &network.vpc_id, &tg.name, 30080, &BTreeMap::new()).await;
+    assert_foreign(&provider, &want, "target group", &tg.name).await;
 
     // A load balancer of our name, without tags.
-    elbv2
-        .create_load_balancer()
-        .name(&want.lb_name)
-        .r#type(LoadBalancerTypeEnum::Network)
-        .set_subnets(Some(network.public_subnet_ids()))
-        .send()
-        .await
-        .expect("CreateLoadBalancer by hand");
-    match provider.observe(&want).await {
-        Err(ProviderError::Foreign { kind, name }) => {
-            assert_eq!(kind, "load balancer");
-            assert_eq!(name, want.lb_name);
-        }
-        other => panic!("expected Foreign, got {other:?}"),
-    }
+    nlb_by_hand(&elbv2, &want.lb_name, network.public_subnet_ids()).await;
+    assert_foreign(&provider, &want, "load balancer", &want.lb_name).await;
     // Deleting the Service leaves them alone and is not blocked by them.
     let empty = Desired::empty(service(), want.lb_name.clone());
     assert_eq!(
@@ -569,9 +618,7 @@ async fn same_named_resources_without_our_tags_are_foreign() {
 #[tokio::test]
 async fn no_tagged_subnets_is_invalid_config_naming_the_tags() {
     let _guard = TestGuard::new();
-    let moto = AwsEmulator::shared().await;
-    let account = moto.new_account();
-    let (elbv2, ec2) = moto.clients(&account);
+    let (elbv2, ec2) = moto_account().await;
     // Subnets tagged for another cluster only.
     create_vpc_with_subnets(&ec2, "someone-else").await;
     let provider = AwsProvider::new(elbv2, ec2, AwsSettings::new(CLUSTER));
@@ -605,17 +652,11 @@ async fn converge(provider: &AwsProvider, want: &Desired) -> (Vec<Op>, BTreeMap<
 #[tokio::test]
 async fn explicit_subnets_modifications_and_scheme_replacement() {
     let _guard = TestGuard::new();
-    let Account {
-        network,
-        elbv2,
-        ec2,
-        instances,
-        ..
-    } = account(2).await;
-    let provider = AwsProvider::new(elbv2.clone(), ec2.clone(), AwsSettings::new(CLUSTER));
+    let account = account(2).await;
+    let provider = account.provider(AwsSettings::new(CLUSTER));
 
     // Internal, in subnets given by Name tag, with a non-default LB attribute.
-    let mut want = desired(&[TCP_80], &instances);
+    let mut want = desired(&[TCP_80], &account.instances);
     let lb = want.lb.as_mut().expect("lb");
     lb.scheme = Scheme::Internal;
     lb.subnets = Subnets::Explicit(
@@ -633,25 +674,27 @@ async fn explicit_subnets_modifications_and_scheme_replacement() {
         Some(&1),
         "{made:?}"
     );
-    let nlb = elbv2
-        .describe_load_balancers()
-        .names(&want.lb_name)
-        .send()
+    let nlb = account
+        .load_balancers_named(&want.lb_name)
         .await
         .expect("NLB");
-    let subnets: BTreeSet<String> = nlb.load_balancers()[0]
+    let subnets: BTreeSet<String> = nlb[0]
         .availability_zones()
         .iter()
         .filter_map(|z| z.subnet_id().map(str::to_string))
         .collect();
-    assert_eq!(subnets, network.private_subnet_ids().into_iter().collect());
+    assert_eq!(
+        subnets,
+        account.network.private_subnet_ids().into_iter().collect()
+    );
 
     // Health check, target-group attribute and an extra security group change in place.
-    let extra = ec2
+    let extra = account
+        .ec2
         .create_security_group()
         .group_name("user-supplied")
         .description("attached by the user")
-        .vpc_id(&network.vpc_id)
+        .vpc_id(&account.network.vpc_id)
         .send()
         .await
         .expect("CreateSecurityGroup")
@@ -742,94 +785,80 @@ fn other_service() -> ServiceRef {
     }
 }
 
-async fn load_balancer_exists(elbv2: &support::elbv2::Client, name: &str) -> bool {
-    elbv2
-        .describe_load_balancers()
-        .names(name)
-        .send()
-        .await
-        .is_ok_and(|o| !o.load_balancers().is_empty())
-}
+/// What the sweep test asks of an account: which resources are still there.
+impl Account {
+    async fn load_balancer_exists(&self, name: &str) -> bool {
+        self.load_balancers_named(name)
+            .await
+            .is_ok_and(|lbs| !lbs.is_empty())
+    }
 
-async fn target_group_exists(elbv2: &support::elbv2::Client, arn: &str) -> bool {
-    elbv2
-        .describe_target_groups()
-        .target_group_arns(arn)
-        .send()
-        .await
-        .is_ok_and(|o| !o.target_groups().is_empty())
-}
+    async fn target_group_exists(&self, arn: &str) -> bool {
+        self.elbv2
+            .describe_target_groups()
+            .target_group_arns(arn)
+            .send()
+            .await
+            .is_ok_and(|o| !o.target_groups().is_empty())
+    }
 
-async fn security_group_exists(ec2: &support::ec2::Client, id: &str) -> bool {
-    ec2.describe_security_groups()
-        .filters(Filter::builder().name("group-id").values(id).build())
-        .send()
-        .await
-        .is_ok_and(|o| !o.security_groups().is_empty())
-}
+    async fn security_group_exists(&self, id: &str) -> bool {
+        self.ec2
+            .describe_security_groups()
+            .filters(Filter::builder().name("group-id").values(id).build())
+            .send()
+            .await
+            .is_ok_and(|o| !o.security_groups().is_empty())
+    }
 
-/// A target group made by hand with `tags`.
-async fn tagged_target_group(
-    elbv2: &support::elbv2::Client,
-    vpc_id: &str,
-    name: &str,
-    tags: &BTreeMap<String, String>,
-) -> String {
-    let tags = tags
-        .iter()
-        .map(|(k, v)| {
-            support::elbv2::types::Tag::builder()
-                .key(k)
-                .value(v)
-                .build()
-        })
-        .collect();
-    elbv2
-        .create_target_group()
-        .name(name)
-        .protocol(support::elbv2::types::ProtocolEnum::Tcp)
-        .port(30999)
-        .vpc_id(vpc_id)
-        .set_tags(Some(tags))
-        .send()
-        .await
-        .expect("CreateTargetGroup by hand")
-        .target_groups()[0]
-        .target_group_arn()
-        .expect("arn")
-        .to_string()
+    /// Asserts that the load balancer `lb_name` and the target groups and security group of `o`
+    /// all still exist (`exist`) or are all gone.
+    async fn assert_exist(&self, lb_name: &str, o: &Observed, exist: bool) {
+        assert_eq!(self.load_balancer_exists(lb_name).await, exist, "{lb_name}");
+        for tg in &o.target_groups {
+            assert_eq!(
+                self.target_group_exists(&tg.arn).await,
+                exist,
+                "{}",
+                tg.name
+            );
+        }
+        let sg = o.security_group.as_ref().expect("sg");
+        assert_eq!(self.security_group_exists(&sg.id).await, exist, "{}", sg.id);
+    }
 }
 
 #[tokio::test]
 async fn owned_finds_this_clusters_services_and_the_empty_plan_deletes_one() {
     let _guard = TestGuard::new();
-    let Account {
-        network,
-        elbv2,
-        ec2,
-        instances,
-        ..
-    } = account(2).await;
-    let provider = fast_provider(&elbv2, &ec2);
+    let account = account(2).await;
+    let provider = account.fast_provider();
 
     // Two Services of this cluster, two ports each.
-    let a = desired(&[TCP_80, UDP_53], &instances);
-    let b = desired_for(CLUSTER, other_service(), &[TCP_80, UDP_53], &instances);
+    let a = desired(&[TCP_80, UDP_53], &account.instances);
+    let b = desired_for(
+        CLUSTER,
+        other_service(),
+        &[TCP_80, UDP_53],
+        &account.instances,
+    );
     let (a_made, _) = reconcile(&provider, &a).await;
     let (b_made, _) = reconcile(&provider, &b).await;
     // A target group of b's created before a crash, never attached.
-    let b_loose = tagged_target_group(
-        &elbv2,
-        &network.vpc_id,
+    let b_loose = target_group_by_hand(
+        &account.elbv2,
+        &account.network.vpc_id,
         "k8s-shop-api-loose",
+        30999,
         &owner_tags_in(CLUSTER, &other_service()),
     )
     .await;
     // Tagged for this cluster but naming no Service: not ours to judge.
-    let partial = tagged_target_group(
-        &elbv2,
-        &network.vpc_id,
+    let partial = target_group_by_hand(
+        &account.elbv2,
+        &account.network.vpc_id,
         "k8s-partial-tags",
+        30999,
         &[(tags::CLUSTER.to_string(), CLUSTER.to_string())]
             .into_iter()
             .collect(),
@@ -839,21 +868,18 @@ async fn owned_finds_this_clusters_services_and_the_empty_plan_deletes_one() {
     // A Service of another cluster in the same account (its subnets are given explicitly: the
     // discovery tags are for our cluster).
     const OTHER_CLUSTER: &str = "someone-else";
-    let other_provider =
-        AwsProvider::new(elbv2.clone(), ec2.clone(), AwsSettings::new(OTHER_CLUSTER));
-    let mut c = desired_for(OTHER_CLUSTER, service(), &[TCP_80], &instances);
-    c.lb.as_mut().expect("lb").subnets = Subnets::Explicit(network.public_subnet_ids());
+    let other_provider = account.provider(AwsSettings::new(OTHER_CLUSTER));
+    let mut c = desired_for(OTHER_CLUSTER, service(), &[TCP_80], &account.instances);
+    c.lb.as_mut().expect("lb").subnets = Subnets::Explicit(account.network.public_subnet_ids());
     let (c_made, _) = reconcile(&other_provider, &c).await;
 
     // And an NLB without any tags.
-    elbv2
-        .create_load_balancer()
-        .name("hand-made")
-        .r#type(LoadBalancerTypeEnum::Network)
-        .set_subnets(Some(network.public_subnet_ids()))
-        .send()
-        .await
-        .expect("CreateLoadBalancer by hand");
+    nlb_by_hand(
+        &account.elbv2,
+        "hand-made",
+        account.network.public_subnet_ids(),
+    )
+    .await;
 
     // ---- the sweep
     provider.reset_calls();
@@ -952,30 +978,16 @@ async fn owned_finds_this_clusters_services_and_the_empty_plan_deletes_one() {
     );
 
     // Only a's resources are gone.
-    assert!(!load_balancer_exists(&elbv2, &a.lb_name).await);
-    for tg in &a_owned.target_groups {
-        assert!(!target_group_exists(&elbv2, &tg.arn).await, "{}", tg.name);
-    }
-    let a_sg = a_owned.security_group.as_ref().expect("sg");
-    assert!(!security_group_exists(&ec2, &a_sg.id).await);
-    assert!(load_balancer_exists(&elbv2, &b.lb_name).await);
-    for tg in &b_owned.target_groups {
-        assert!(target_group_exists(&elbv2, &tg.arn).await, "{}", tg.name);
-    }
-    let b_sg = b_owned.security_group.as_ref().expect("sg");
-    assert!(security_group_exists(&ec2, &b_sg.id).await);
-    assert!(load_balancer_exists(&elbv2, &c.lb_name).await);
-    for tg in &c_made.target_groups {
-        assert!(target_group_exists(&elbv2, &tg.arn).await, "{}", tg.name);
-    }
-    let c_sg = c_made.security_group.as_ref().expect("sg");
-    assert!(security_group_exists(&ec2, &c_sg.id).await);
-    assert!(load_balancer_exists(&elbv2, "hand-made").await);
-    assert!(target_group_exists(&elbv2, &partial).await);
+    account.assert_exist(&a.lb_name, a_owned, false).await;
+    account.assert_exist(&b.lb_name, b_owned, true).await;
+    account.assert_exist(&c.lb_name, &c_made, true).await;
+    assert!(account.load_balancer_exists("hand-made").await);
+    assert!(account.target_group_exists(&partial).await);
 
     // The next sweep finds b only; b's deletion protection stops its empty plan.
     let b_arn = b_owned.lb.as_ref().expect("lb").arn.clone();
-    elbv2
+    account
+        .elbv2
         .modify_load_balancer_attributes()
         .load_balancer_arn(&b_arn)
         .attributes(
@@ -1004,17 +1016,13 @@ async fn owned_finds_this_clusters_services_and_the_empty_plan_deletes_one() {
 #[tokio::test]
 async fn with_metrics_counts_every_call() {
     let _guard = TestGuard::new();
-    let Account {
-        elbv2,
-        ec2,
-        instances,
-        ..
-    } = account(2).await;
+    let account = account(2).await;
     let observer = std::sync::Arc::new(Tally::default());
-    let provider =
-        AwsProvider::new(elbv2, ec2, AwsSettings::new(CLUSTER)).with_metrics(observer.clone());
+    let provider = account
+        .provider(AwsSettings::new(CLUSTER))
+        .with_metrics(observer.clone());
 
-    let want = desired(&[TCP_80, UDP_53], &instances);
+    let want = desired(&[TCP_80, UDP_53], &account.instances);
     reconcile(&provider, &want).await;
     provider.owned().await.expect("owned");
     let empty = Desired::empty(service(), want.lb_name.clone());

@@ -510,6 +510,18 @@ fn lb_ip(o: &Observed) -> IpAddr {
         .expect("the local provider reports an IP literal")
 }
 
+/// Applies `d` (see [`apply_ok`]) and opens a connection to its port 8080: what is served, its
+/// address, the connection and the backend that answered the connection's first `ping`.
+async fn apply_and_connect(
+    p: &LocalProvider,
+    d: &Desired,
+) -> (Observed, IpAddr, TcpStream, String) {
+    let o = apply_ok(p, d).await;
+    let ip = lb_ip(&o);
+    let (conn, served_by) = open_conn(SocketAddr::new(ip, 8080)).await;
+    (o, ip, conn, served_by)
+}
+
 /// Waits for the event of `group` with `healthy` healthy targets; returns when it came.
 async fn wait_health(
     events: &mut broadcast::Receiver<HealthEvent>,
@@ -952,9 +964,7 @@ async fn empty_model_and_drop_close_everything() {
         .listeners(&[(8080, Protocol::Tcp), (8081, Protocol::TcpUdp)])
         .nodes(&nodes);
     let d = spec.desired();
-    let o = apply_ok(&p, &d).await;
-    let ip = lb_ip(&o);
-    let (mut open, _) = open_conn(SocketAddr::new(ip, 8080)).await;
+    let (_, ip, mut open, _) = apply_and_connect(&p, &d).await;
 
     let empty = empty_of(&d);
     let (before, ops) = observe_and_plan(&p, &empty).await;
@@ -1044,9 +1054,7 @@ async fn unchanged_model_plans_nothing_and_an_empty_plan_changes_nothing() {
         .listeners(&[(8080, Protocol::Tcp), (8081, Protocol::TcpUdp)])
         .nodes(&nodes);
     let d = spec.desired();
-    let o = apply_ok(&p, &d).await;
-    let ip = lb_ip(&o);
-    let (mut open, served_by) = open_conn(SocketAddr::new(ip, 8080)).await;
+    let (o, _, mut open, served_by) = apply_and_connect(&p, &d).await;
 
     // The same model again, and again after what the controller caches: nothing to do.
     let observed = p.observe(&d).await.expect("observe");
