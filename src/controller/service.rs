@@ -61,7 +61,7 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, E
         let started = Instant::now();
         let result = reconcile_inner(&svc, &ctx).await;
         let outcome = match &result {
-            Ok((_, outcome)) => *outcome,
+            Ok((_, outcome)) => outcome.as_str(),
             Err(e) => e.category(),
         };
         ctx.metrics
@@ -198,35 +198,50 @@ async fn tell(ctx: &Context, svc: &Service, reason: &'static str, message: Strin
 }
 
 /// How a reconcile ended (metrics label `result`).
-pub mod outcome {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
     /// Cloud changes were applied (or the status written).
-    pub const APPLIED: &str = "applied";
+    Applied,
     /// Nothing to do and no cloud call made.
-    pub const UNCHANGED: &str = "unchanged";
+    Unchanged,
     /// Read the cloud; it matched.
-    pub const VERIFIED: &str = "verified";
-    pub const INVALID: &str = "invalid";
-    pub const NOT_OURS: &str = "not_ours";
-    pub const CLEANED_UP: &str = "cleaned_up";
-    pub const PROTECTED: &str = "deletion_protected";
+    Verified,
+    Invalid,
+    NotOurs,
+    CleanedUp,
+    Protected,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Unchanged => "unchanged",
+            Outcome::Verified => "verified",
+            Outcome::Invalid => "invalid",
+            Outcome::NotOurs => "not_ours",
+            Outcome::CleanedUp => "cleaned_up",
+            Outcome::Protected => "deletion_protected",
+        }
+    }
 }
 
 /// resolve → build → own → decide → observe → plan → apply → write status.
-async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'static str), Error> {
+async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, Outcome), Error> {
     let target = match resolve(svc, ctx) {
         Resolved::Ours(t) => t,
-        Resolved::NotOurs => return Ok((Action::await_change(), outcome::NOT_OURS)),
+        Resolved::NotOurs => return Ok((Action::await_change(), Outcome::NotOurs)),
         Resolved::Release(sref) => return cleanup(svc, sref, ctx).await,
-        Resolved::Invalid(msg) => return Ok((invalid(ctx, svc, msg).await, outcome::INVALID)),
+        Resolved::Invalid(msg) => return Ok((invalid(ctx, svc, msg).await, Outcome::Invalid)),
         Resolved::Told(reason, msg) => {
             tell(ctx, svc, reason, msg).await;
-            return Ok((Action::await_change(), outcome::NOT_OURS));
+            return Ok((Action::await_change(), Outcome::NotOurs));
         }
     };
     let desired = match build_model(svc, ctx, &target).await {
         Ok(Some(desired)) => desired,
-        Ok(None) => return Ok((Action::await_change(), outcome::NOT_OURS)),
-        Err(msg) => return Ok((invalid(ctx, svc, msg).await, outcome::INVALID)),
+        Ok(None) => return Ok((Action::await_change(), Outcome::NotOurs)),
+        Err(msg) => return Ok((invalid(ctx, svc, msg).await, Outcome::Invalid)),
     };
     let untouched = untouched(svc, ctx, &target);
     if let Some(stop) = take_ownership(svc, ctx, &target).await? {
@@ -257,9 +272,9 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, &'stat
     write_status(&ctx.metrics, &target.api(ctx), svc, &desired, &observed).await?;
     announce(svc, ctx, &plan, &observed).await;
     let result = if plan.is_empty() {
-        outcome::VERIFIED
+        Outcome::Verified
     } else {
-        outcome::APPLIED
+        Outcome::Applied
     };
     Ok((next_check(ctx, provisioning, ctx.settings.resync), result))
 }
@@ -423,7 +438,7 @@ async fn take_ownership(
     svc: &Service,
     ctx: &Context,
     t: &Target,
-) -> Result<Option<(Action, &'static str)>, Error> {
+) -> Result<Option<(Action, Outcome)>, Error> {
     let held = recorded_provider(svc);
     let installation = &ctx.settings.installation;
     let mut record: AnnotationChanges = Vec::new();
@@ -481,16 +496,16 @@ async fn trusted(
     desired: &Desired,
     e: CacheEntry,
     polled: bool,
-) -> Result<(Action, &'static str), Error> {
+) -> Result<(Action, Outcome), Error> {
     write_status(&ctx.metrics, &t.api(ctx), svc, desired, e.outline()).await?;
     let (provisioning, age) = (e.provisioning, e.verified_at.elapsed());
     if polled {
         ctx.memory.set_cloud(&t.sref.uid, Some(e));
     }
     let result = if polled || provisioning {
-        outcome::VERIFIED
+        Outcome::Verified
     } else {
-        outcome::UNCHANGED
+        Outcome::Unchanged
     };
     let left = ctx.settings.resync.saturating_sub(age);
     Ok((next_check(ctx, provisioning, left), result))
@@ -654,12 +669,12 @@ async fn switch_provider(
     ctx: &Context,
     held: ProviderKind,
     wanted: ProviderKind,
-) -> Result<(Action, &'static str), Error> {
+) -> Result<(Action, Outcome), Error> {
     if ctx.providers.get(held).is_none() {
         let msg = format!(
             "the load balancer of this Service is held by provider {held}, which this operator instance does not run, and its class now names provider {wanted}; start cloudlb with provider {held} enabled so it can remove the old load balancer first. Nothing was changed."
         );
-        return Ok((invalid(ctx, svc, msg).await, outcome::INVALID));
+        return Ok((invalid(ctx, svc, msg).await, Outcome::Invalid));
     }
     tracing::info!(%held, %wanted, "class moved to another provider; removing the old load balancer");
     if let Some(stop) = remove_load_balancer(svc, &sref, ctx, held).await? {
@@ -676,7 +691,7 @@ async fn switch_provider(
     // Our own annotation write brings the Service back; the requeue is the safety net.
     Ok((
         Action::requeue(ctx.settings.provisioning_requeue),
-        outcome::APPLIED,
+        Outcome::Applied,
     ))
 }
 
@@ -686,7 +701,7 @@ async fn cleanup(
     svc: &Service,
     sref: ServiceRef,
     ctx: &Context,
-) -> Result<(Action, &'static str), Error> {
+) -> Result<(Action, Outcome), Error> {
     let cached = ctx.memory.cloud(&sref.uid).map(|e| e.provider);
     // The provider of record; before it was recorded, what this process used; else AWS.
     let kind = recorded_provider(svc)
@@ -713,7 +728,7 @@ async fn cleanup(
     }
     ctx.memory.forget(&sref.uid);
     tracing::info!("load balancer cleaned up; finalizer removed");
-    Ok((Action::await_change(), outcome::CLEANED_UP))
+    Ok((Action::await_change(), Outcome::CleanedUp))
 }
 
 /// What a deletion plans against: what this process applied and still trusts needs no re-read;
@@ -751,7 +766,7 @@ async fn remove_load_balancer(
     sref: &ServiceRef,
     ctx: &Context,
     kind: ProviderKind,
-) -> Result<Option<(Action, &'static str)>, Error> {
+) -> Result<Option<(Action, Outcome)>, Error> {
     let cached = ctx.memory.cloud(&sref.uid).filter(|e| e.provider == kind);
     let sref = sref.clone();
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &sref.namespace);
@@ -771,7 +786,7 @@ async fn remove_load_balancer(
                 .await;
                 return Ok(Some((
                     Action::requeue(Duration::from_secs(300)),
-                    outcome::PROTECTED,
+                    Outcome::Protected,
                 )));
             }
             // Only a replacement can hit the other refusals; an empty model replaces nothing.

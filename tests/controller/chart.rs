@@ -272,6 +272,8 @@ async fn chart_lints_renders_and_rejects_bad_values() {
     for want in [
         "run",
         "--cluster-name=prod",
+        // The release name (the default, cloudlb).
+        "--installation=cloudlb",
         "--leader-elect",
         "--metrics-addr=0.0.0.0:8080",
         "--log-format=json",
@@ -281,6 +283,14 @@ async fn chart_lints_renders_and_rejects_bad_values() {
         assert!(args.contains(&want), "{want} missing from {args:?}");
     }
     assert!(!args.contains(&"--no-aws"), "{args:?}");
+    // Safe on EKS out of the box: the default class adopts only class-less Services that the
+    // cloud's controller leaves alone.
+    let class = objs
+        .iter()
+        .find(|o| kind(o) == "LoadBalancerClass")
+        .expect("LoadBalancerClass");
+    assert_eq!(class["spec"]["default"], true);
+    assert_eq!(class["spec"]["adoptAllClasslessServices"], false);
     assert_eq!(container["image"], "ghcr.io/cloudlb/cloudlb:0.1.0");
     let sc = &container["securityContext"];
     assert_eq!(sc["runAsNonRoot"], true);

@@ -11,7 +11,7 @@ use support::describe;
 use support::env::{Env, Setup, wait_within};
 use support::operator::{OperatorProcess, operator_env, scope_args};
 use support::process::free_port;
-use support::{AwsEmulator, TestCluster, TestGuard};
+use support::{AwsEmulator, TestGuard};
 
 /// moto's account for requests without our account header (what a plain SDK client uses).
 const DEFAULT_ACCOUNT: &str = "123456789012";
@@ -74,16 +74,14 @@ async fn sigterm_exits_promptly_even_when_the_api_server_is_unreachable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_one_writer_and_failover_after_kill_9_mid_wave() {
     let _guard = TestGuard::new();
-    let cluster = TestCluster::shared().await;
-    let ns = cluster.create_namespace("leader").await;
     // The processes use plain credentials: moto's default account. The class, its Nodes and
     // the Services are this test's; the operators are the two processes below.
     let setup = Setup {
         account: Some(DEFAULT_ACCOUNT.to_string()),
-        in_process_operator: false,
-        ..Setup::default()
+        ..Setup::without_operator()
     };
-    let env = Env::start_in(cluster, ns.clone(), setup).await;
+    let env = Env::start_with("leader", setup).await;
+    let (cluster, ns) = (env.cluster, env.ns.clone());
 
     let vars = operator_env(AwsEmulator::shared().await.endpoint(), cluster);
     let mut args = scope_args(&ns);

@@ -15,9 +15,9 @@ use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
+use support::TestGuard;
 use support::env::{Env, Setup, operator_settings, spawn_operator, wait_for};
 use support::fixtures;
-use support::{TestCluster, TestGuard};
 
 const LB_TYPE: &str = "service.beta.kubernetes.io/aws-load-balancer-type";
 const CLOUD_FINALIZER: &str = "service.kubernetes.io/load-balancer-cleanup";
@@ -57,13 +57,7 @@ async fn not_adopted(env: &Env, name: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_classless_service_is_adopted_only_when_no_other_controller_acts_on_it() {
     let _guard = TestGuard::new();
-    let cluster = TestCluster::shared().await;
-    let ns = cluster.create_namespace("adopt").await;
-    let setup = Setup {
-        in_process_operator: false,
-        ..Setup::default()
-    };
-    let mut env = Env::start_in(cluster, ns, setup).await;
+    let mut env = Env::start_with("adopt", Setup::without_operator()).await;
     // The class as the chart ships it: default, without adopting every class-less Service.
     let classes = Api::<cloudlb::config::class::LoadBalancerClass>::all(env.client.clone());
     let off = json!({"spec": {"adoptAllClasslessServices": false}});
@@ -211,6 +205,14 @@ async fn a_classless_service_is_adopted_only_when_no_other_controller_acts_on_it
         .await;
 }
 
+/// The DNS names of the load balancers in `env`'s account.
+async fn dns_names(env: &Env) -> Vec<String> {
+    let lbs = env.load_balancers().await;
+    lbs.iter()
+        .filter_map(|lb| lb.dns_name().map(String::from))
+        .collect()
+}
+
 /// An operator in-process: installation `installation` serving `classes` in `env`'s namespace
 /// and moto account, sweeping orphans every 300 ms.
 fn spawn_installation(
@@ -239,13 +241,7 @@ fn spawn_installation(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_installations_share_a_cluster_and_an_account_without_touching_each_other() {
     let _guard = TestGuard::new();
-    let cluster = TestCluster::shared().await;
-    let ns = cluster.create_namespace("twoinst").await;
-    let setup = Setup {
-        in_process_operator: false,
-        ..Setup::default()
-    };
-    let env = Env::start_in(cluster, ns, setup).await;
+    let env = Env::start_with("twoinst", Setup::without_operator()).await;
     let (class_a, class_b) = (env.ns.clone(), format!("{}-b", env.ns));
     let mut spec_b = fixtures::aws_class_spec(&env.ns);
     spec_b["default"] = json!(false);
@@ -308,28 +304,15 @@ async fn two_installations_share_a_cluster_and_an_account_without_touching_each_
             .then_some(())
     })
     .await;
-    let dns: Vec<Option<String>> = env
-        .load_balancers()
-        .await
-        .iter()
-        .map(|lb| lb.dns_name().map(String::from))
-        .collect();
+    let dns = dns_names(&env).await;
     assert_eq!(dns.len(), 2, "both load balancers kept: {dns:?}");
-    assert!(
-        dns.contains(&Some(host_a.clone())) && dns.contains(&Some(host_b)),
-        "{dns:?}"
-    );
+    assert!(dns.contains(&host_a) && dns.contains(&host_b), "{dns:?}");
     assert_eq!(env.hostname("a").await.as_deref(), Some(host_a.as_str()));
 
     // b's Service goes: installation b deletes its load balancer, and only that.
     helpers::delete_service(&env.services(), "b").await;
-    let dns: Vec<Option<String>> = env
-        .load_balancers()
-        .await
-        .iter()
-        .map(|lb| lb.dns_name().map(String::from))
-        .collect();
-    assert_eq!(dns, [Some(host_a)]);
+    let dns = dns_names(&env).await;
+    assert_eq!(dns, [host_a]);
 
     // a's Service goes too: installation a still releases it (its provider of record).
     helpers::delete_service(&env.services(), "a").await;

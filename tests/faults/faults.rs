@@ -28,7 +28,7 @@ use support::describe;
 use support::env::{Env, Setup, wait_within};
 use support::faultproxy::{Counts, Family, FaultConfig, FaultProxy, Outcome, ProxyConfig};
 use support::operator::{OperatorProcess, operator_env, scope_args};
-use support::{AwsEmulator, TestCluster, TestGuard, ec2, elbv2};
+use support::{AwsEmulator, TestGuard, ec2, elbv2};
 
 /// Services in the 20%-faults test: the 200 the issue asks for. They converge in about two
 /// minutes and are deleted in under one on a busy 2-core machine (the whole binary takes about
@@ -64,16 +64,13 @@ fn start_operator(env: &Env, proxy: &FaultProxy, extra: &[&str]) -> OperatorProc
 /// One test's world: namespace, class, moto account (returned too: the proxy adds it), two
 /// instances and Nodes per public subnet; the test runs the operator as a process.
 async fn start_env(prefix: &str) -> (Env, String) {
-    let cluster = TestCluster::shared().await;
-    let ns = cluster.create_namespace(prefix).await;
     let account = AwsEmulator::shared().await.new_account();
     let setup = Setup {
         instances_per_subnet: 2,
         account: Some(account.clone()),
-        in_process_operator: false,
-        ..Setup::default()
+        ..Setup::without_operator()
     };
-    (Env::start_in(cluster, ns, setup).await, account)
+    (Env::start_with(prefix, setup).await, account)
 }
 
 /// A fault proxy in front of moto for `account`.

@@ -32,6 +32,16 @@ pub struct Setup {
     pub in_process_operator: bool,
 }
 
+impl Setup {
+    /// Everything but the operator: the test starts its own.
+    pub fn without_operator() -> Self {
+        Setup {
+            in_process_operator: false,
+            ..Setup::default()
+        }
+    }
+}
+
 impl Default for Setup {
     fn default() -> Self {
         Setup {
@@ -102,6 +112,14 @@ impl Env {
             resync,
             ..Setup::default()
         };
+        Self::start_in(cluster, ns, setup).await
+    }
+
+    /// An Env set up as `setup` says, in a new namespace (named after `prefix`) of the shared
+    /// cluster.
+    pub async fn start_with(prefix: &str, setup: Setup) -> Env {
+        let cluster = TestCluster::shared().await;
+        let ns = cluster.create_namespace(prefix).await;
         Self::start_in(cluster, ns, setup).await
     }
 

@@ -330,10 +330,17 @@ mod tests {
 
     #[test]
     fn families() {
-        assert_eq!(Family::of("DescribeTags"), Family::Describe);
-        assert_eq!(Family::of("RegisterTargets"), Family::Targets);
-        assert_eq!(Family::of("DeregisterTargets"), Family::Targets);
-        assert_eq!(Family::of("CreateLoadBalancer"), Family::Write);
+        let cases = [
+            ("DescribeTags", Family::Describe),
+            ("DescribeLoadBalancers", Family::Describe),
+            ("RegisterTargets", Family::Targets),
+            ("DeregisterTargets", Family::Targets),
+            ("CreateLoadBalancer", Family::Write),
+            ("RevokeSecurityGroupIngress", Family::Write),
+        ];
+        for (operation, family) in cases {
+            assert_eq!(Family::of(operation), family, "{operation}");
+        }
     }
 
     /// Whether `acquire` completes without waiting (first poll).

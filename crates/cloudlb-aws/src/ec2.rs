@@ -157,24 +157,21 @@ impl Ec2 for SdkEc2 {
         let permissions = Some(ip_permissions(rules));
         match change {
             Change::Add => {
-                let req = self.0.authorize_security_group_ingress().group_id(id);
-                let req = req.set_ip_permissions(permissions);
-                let send = || req.clone().send();
+                let req = self.0.authorize_security_group_ingress();
+                let req = req.group_id(id).set_ip_permissions(permissions);
                 calls
-                    .run("AuthorizeSecurityGroupIngress", send)
-                    .await
-                    .map(drop)
+                    .run("AuthorizeSecurityGroupIngress", || req.clone().send())
+                    .await?;
             }
             Change::Remove => {
-                let req = self.0.revoke_security_group_ingress().group_id(id);
-                let req = req.set_ip_permissions(permissions);
-                let send = || req.clone().send();
+                let req = self.0.revoke_security_group_ingress();
+                let req = req.group_id(id).set_ip_permissions(permissions);
                 calls
-                    .run("RevokeSecurityGroupIngress", send)
-                    .await
-                    .map(drop)
+                    .run("RevokeSecurityGroupIngress", || req.clone().send())
+                    .await?;
             }
         }
+        Ok(())
     }
 
     async fn delete_security_group(&self, calls: &Calls, id: &str) -> Result<(), AwsError> {

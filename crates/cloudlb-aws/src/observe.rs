@@ -11,6 +11,9 @@ use cloudlb_core::model::{Desired, Target, naming};
 use cloudlb_core::provider::{Observed, ObservedSecurityGroup, ObservedTargetGroup, ProviderError};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// Attributes by key.
+type Attributes = BTreeMap<String, String>;
+
 /// DescribeTags takes at most 20 ARNs.
 const TAGS_BATCH: usize = 20;
 
@@ -295,33 +298,19 @@ impl AwsProvider {
     }
 
     /// The attributes of the load balancer `arn`.
-    pub(super) async fn lb_attributes(
-        &self,
-        arn: &str,
-    ) -> Result<BTreeMap<String, String>, AwsError> {
-        let req = self
-            .elbv2
-            .describe_load_balancer_attributes()
-            .load_balancer_arn(arn);
-        let resp = self
-            .calls
-            .run("DescribeLoadBalancerAttributes", || req.clone().send());
-        Ok(convert::lb_attributes(
-            resp.await?.attributes.as_deref().unwrap_or_default(),
-        ))
+    pub(super) async fn lb_attributes(&self, arn: &str) -> Result<Attributes, AwsError> {
+        let req = self.elbv2.describe_load_balancer_attributes();
+        let req = req.load_balancer_arn(arn);
+        let send = || req.clone().send();
+        let resp = self.calls.run("DescribeLoadBalancerAttributes", send);
+        Ok(convert::lb_attributes(resp.await?.attributes()))
     }
 
-    async fn tg_attributes(&self, arn: &str) -> Result<BTreeMap<String, String>, AwsError> {
-        let req = self
-            .elbv2
-            .describe_target_group_attributes()
-            .target_group_arn(arn);
-        let resp = self
-            .calls
-            .run("DescribeTargetGroupAttributes", || req.clone().send());
-        Ok(convert::tg_attributes(
-            resp.await?.attributes.as_deref().unwrap_or_default(),
-        ))
+    async fn tg_attributes(&self, arn: &str) -> Result<Attributes, AwsError> {
+        let req = self.elbv2.describe_target_group_attributes();
+        let send = || req.clone().target_group_arn(arn).send();
+        let resp = self.calls.run("DescribeTargetGroupAttributes", send);
+        Ok(convert::tg_attributes(resp.await?.attributes()))
     }
 
     async fn registered_targets(&self, arn: &str) -> Result<BTreeSet<Target>, AwsError> {

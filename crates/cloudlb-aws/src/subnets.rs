@@ -256,67 +256,65 @@ mod tests {
     const OURS: &str = "kubernetes.io/cluster/c1";
     const OTHER: &str = "kubernetes.io/cluster/c2";
 
+    /// `pick_subnets` for cluster c1 from `(id, vpc, zone, tags)` rows: the ids picked, or the
+    /// error.
+    fn pick(scheme: Scheme, rows: &[(&str, &str, &str, &[&str])]) -> Result<Vec<String>, String> {
+        let subnets = rows
+            .iter()
+            .map(|&(id, vpc, zone, tags)| subnet(id, vpc, zone, tags))
+            .collect();
+        pick_subnets("c1", scheme, subnets).map(|p| p.ids)
+    }
+
     #[test]
     fn one_per_zone_preferring_our_cluster_then_lowest_id() {
-        let got = pick_subnets(
-            "c1",
-            Scheme::InternetFacing,
-            vec![
-                subnet("subnet-b", "vpc-1", "az-a", &[ROLE_ELB]),
-                subnet("subnet-a", "vpc-1", "az-a", &[ROLE_ELB]),
-                subnet("subnet-z", "vpc-1", "az-b", &[ROLE_ELB, OURS]),
-                subnet("subnet-c", "vpc-1", "az-b", &[ROLE_ELB]),
-                subnet("subnet-d", "vpc-1", "az-c", &[ROLE_ELB, OTHER]),
-                subnet("subnet-e", "vpc-1", "az-c", &[ROLE_INTERNAL_ELB, OURS]),
-            ],
-        )
-        .expect("found");
+        let subnets = vec![
+            subnet("subnet-b", "vpc-1", "az-a", &[ROLE_ELB]),
+            subnet("subnet-a", "vpc-1", "az-a", &[ROLE_ELB]),
+            subnet("subnet-z", "vpc-1", "az-b", &[ROLE_ELB, OURS]),
+            subnet("subnet-c", "vpc-1", "az-b", &[ROLE_ELB]),
+            subnet("subnet-d", "vpc-1", "az-c", &[ROLE_ELB, OTHER]),
+            subnet("subnet-e", "vpc-1", "az-c", &[ROLE_INTERNAL_ELB, OURS]),
+        ];
+        let got = pick_subnets("c1", Scheme::InternetFacing, subnets).expect("found");
         assert_eq!(got.ids, vec!["subnet-a", "subnet-z"]);
         assert_eq!(got.vpc_id.as_deref(), Some("vpc-1"));
     }
 
     #[test]
     fn internal_uses_internal_role() {
-        let got = pick_subnets(
-            "c1",
-            Scheme::Internal,
-            vec![
-                subnet("subnet-a", "vpc-1", "az-a", &[ROLE_ELB]),
-                subnet("subnet-b", "vpc-1", "az-a", &[ROLE_INTERNAL_ELB]),
-            ],
-        )
-        .expect("found");
-        assert_eq!(got.ids, vec!["subnet-b"]);
+        let rows: &[(&str, &str, &str, &[&str])] = &[
+            ("subnet-a", "vpc-1", "az-a", &[ROLE_ELB]),
+            ("subnet-b", "vpc-1", "az-a", &[ROLE_INTERNAL_ELB]),
+        ];
+        assert_eq!(
+            pick(Scheme::Internal, rows),
+            Ok(vec!["subnet-b".to_string()])
+        );
     }
 
     #[test]
     fn nothing_found_says_which_tags() {
-        let err = pick_subnets("c1", Scheme::Internal, vec![]).expect_err("none");
+        let err = pick(Scheme::Internal, &[]).expect_err("none");
         assert!(err.contains(ROLE_INTERNAL_ELB), "{err}");
         assert!(err.contains(OURS), "{err}");
     }
 
     #[test]
     fn several_vpcs_prefer_the_tagged_one_or_fail() {
-        let got = pick_subnets(
-            "c1",
-            Scheme::InternetFacing,
-            vec![
-                subnet("subnet-a", "vpc-1", "az-a", &[ROLE_ELB]),
-                subnet("subnet-b", "vpc-2", "az-a", &[ROLE_ELB, OURS]),
-            ],
-        )
-        .expect("found");
-        assert_eq!(got.ids, vec!["subnet-b"]);
-        let err = pick_subnets(
-            "c1",
-            Scheme::InternetFacing,
-            vec![
-                subnet("subnet-a", "vpc-1", "az-a", &[ROLE_ELB]),
-                subnet("subnet-b", "vpc-2", "az-a", &[ROLE_ELB]),
-            ],
-        )
-        .expect_err("ambiguous");
+        let tagged: &[(&str, &str, &str, &[&str])] = &[
+            ("subnet-a", "vpc-1", "az-a", &[ROLE_ELB]),
+            ("subnet-b", "vpc-2", "az-a", &[ROLE_ELB, OURS]),
+        ];
+        assert_eq!(
+            pick(Scheme::InternetFacing, tagged),
+            Ok(vec!["subnet-b".to_string()])
+        );
+        let untagged: &[(&str, &str, &str, &[&str])] = &[
+            ("subnet-a", "vpc-1", "az-a", &[ROLE_ELB]),
+            ("subnet-b", "vpc-2", "az-a", &[ROLE_ELB]),
+        ];
+        let err = pick(Scheme::InternetFacing, untagged).expect_err("ambiguous");
         assert!(err.contains("several VPCs"), "{err}");
     }
 }

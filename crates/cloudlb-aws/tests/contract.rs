@@ -6,9 +6,9 @@ use cloudlb_testbed as support;
 
 use cloudlb_aws::{AwsProvider, AwsSettings};
 use cloudlb_core::model::{
-    Desired, FrontendSecurityGroup, HealthCheck, HealthCheckProtocol, IngressRule, IpAddressType,
-    Listener, LoadBalancer, Protocol, Scheme, Security, ServiceRef, Subnets, Target, TargetGroup,
-    TargetType, naming, tags,
+    Desired, FrontendSecurityGroup, HealthCheck, IngressRule, IpAddressType, Listener,
+    LoadBalancer, Protocol, Scheme, Security, ServiceRef, Subnets, Target, TargetGroup, TargetType,
+    naming, tags,
 };
 use cloudlb_core::plan::{Op, plan};
 use cloudlb_core::provider::{LbState, Observed, Provider, ProviderError};
@@ -93,16 +93,7 @@ fn desired_for(cluster: &str, svc: ServiceRef, ports: &[Port], instances: &[Stri
             protocol,
             port: node_port,
             target_type: TargetType::Instance,
-            health_check: HealthCheck {
-                protocol: HealthCheckProtocol::Tcp,
-                port: None,
-                path: None,
-                interval_seconds: 10,
-                timeout_seconds: 10,
-                healthy_threshold: 3,
-                unhealthy_threshold: 3,
-                success_codes: None,
-            },
+            health_check: HealthCheck::TCP_TRAFFIC_PORT,
             attributes: [(
                 "deregistration_delay.timeout_seconds".to_string(),
                 "30".to_string(),

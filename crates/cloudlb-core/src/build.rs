@@ -283,16 +283,21 @@ pub fn build<N: std::borrow::Borrow<Node>>(
     })
 }
 
+/// The first entry of the Service's `status.loadBalancer.ingress`: the address it has.
+pub fn status_ingress(svc: &Service) -> Option<&k8s_openapi::api::core::v1::LoadBalancerIngress> {
+    svc.status
+        .as_ref()?
+        .load_balancer
+        .as_ref()?
+        .ingress
+        .as_ref()?
+        .first()
+}
+
 /// The address the Service already has (its status), to be given again: it stays stable across
 /// operator restarts. One that is not an IP address is left out with a warning.
 fn requested_address(svc: &Service, warnings: &mut Vec<String>) -> Option<IpAddr> {
-    let ip = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .and_then(|i| i.first())
-        .and_then(|i| i.ip.as_deref())?;
+    let ip = status_ingress(svc).and_then(|i| i.ip.as_deref())?;
     match ip.trim().parse() {
         Ok(ip) => Some(ip),
         Err(_) => {

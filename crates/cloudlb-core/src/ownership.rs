@@ -276,13 +276,8 @@ fn declined(svc: &Service, class: &LoadBalancerClass) -> Option<Declined> {
             controller,
         });
     }
-    let address = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .and_then(|ingress| ingress.first())
-        .and_then(|i| i.hostname.clone().or_else(|| i.ip.clone()));
+    let address =
+        crate::build::status_ingress(svc).and_then(|i| i.hostname.clone().or_else(|| i.ip.clone()));
     if let Some(address) = address {
         return Some(Declined::ForeignAddress(address));
     }

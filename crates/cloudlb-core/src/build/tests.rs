@@ -10,18 +10,10 @@ use std::path::Path;
 mod golden;
 
 fn default_class() -> LoadBalancerClass {
-    let mut c = LoadBalancerClass::new(
+    LoadBalancerClass::new(
         "default",
-        LoadBalancerClassSpec {
-            provider: ProviderKind::Aws,
-            default: true,
-            adopt_all_classless_services: false,
-            aws: None,
-            local: None,
-        },
-    );
-    c.metadata.name = Some("default".into());
-    c
+        LoadBalancerClassSpec::default_of(ProviderKind::Aws),
+    )
 }
 
 fn run_case(path: &Path) -> serde_json::Value {

@@ -61,6 +61,19 @@ pub struct LoadBalancerClassSpec {
     pub local: Option<LocalClassSpec>,
 }
 
+impl LoadBalancerClassSpec {
+    /// A default class of `provider` with nothing else set.
+    pub fn default_of(provider: ProviderKind) -> Self {
+        LoadBalancerClassSpec {
+            provider,
+            default: true,
+            adopt_all_classless_services: false,
+            aws: None,
+            local: None,
+        }
+    }
+}
+
 /// Local provider settings.
 #[serde_with::skip_serializing_none]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -3,18 +3,11 @@ use crate::config::class::{AwsClassSpec, HealthCheckSpec, LoadBalancerClassSpec}
 use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
 
 fn class(aws: Option<AwsClassSpec>) -> LoadBalancerClass {
-    let mut c = LoadBalancerClass::new(
-        "web",
-        LoadBalancerClassSpec {
-            provider: ProviderKind::Aws,
-            default: true,
-            adopt_all_classless_services: false,
-            aws,
-            local: None,
-        },
-    );
-    c.metadata.name = Some("web".into());
-    c
+    let spec = LoadBalancerClassSpec {
+        aws,
+        ..LoadBalancerClassSpec::default_of(ProviderKind::Aws)
+    };
+    LoadBalancerClass::new("web", spec)
 }
 
 fn port(name: &str, port: i32, proto: &str) -> ServicePort {
@@ -557,18 +550,20 @@ fn annotation_docs_are_current() {
 }
 
 fn local_class(local: Option<class::LocalClassSpec>) -> LoadBalancerClass {
-    let mut c = LoadBalancerClass::new(
-        "lab",
-        LoadBalancerClassSpec {
-            provider: ProviderKind::Local,
-            default: true,
-            adopt_all_classless_services: false,
-            aws: None,
-            local,
-        },
-    );
-    c.metadata.name = Some("lab".into());
-    c
+    let spec = LoadBalancerClassSpec {
+        local,
+        ..LoadBalancerClassSpec::default_of(ProviderKind::Local)
+    };
+    LoadBalancerClass::new("lab", spec)
+}
+
+/// A local class with all three settings.
+fn local_class_with(pool: &str, algorithm: &str, drain_timeout_seconds: u32) -> LoadBalancerClass {
+    local_class(Some(class::LocalClassSpec {
+        address_pool: Some(pool.into()),
+        algorithm: Some(algorithm.into()),
+        drain_timeout_seconds: Some(drain_timeout_seconds),
+    }))
 }
 
 #[test]
@@ -586,11 +581,8 @@ fn local_settings_are_typed_with_defaults() {
 #[test]
 fn local_pool_takes_what_the_docs_describe() {
     // CIDRs, ranges and single addresses, IPv4 and IPv6, in one list.
-    let c = local_class(Some(class::LocalClassSpec {
-        address_pool: Some("192.0.2.10, 192.0.2.20-192.0.2.29, 127.0.1.0/28, fd00:1::/120".into()),
-        algorithm: Some("round-robin".into()),
-        drain_timeout_seconds: Some(0),
-    }));
+    let pool = "192.0.2.10, 192.0.2.20-192.0.2.29, 127.0.1.0/28, fd00:1::/120";
+    let c = local_class_with(pool, "round-robin", 0);
     let spec = resolve_ok(&c, &svc(&[], web())).local.expect("local");
     let pool = &spec.address_pool;
     assert_eq!(pool.len(), 1 + 10 + 14 + 255);
@@ -603,11 +595,7 @@ fn local_pool_takes_what_the_docs_describe() {
 
 #[test]
 fn local_errors_name_the_class_field_the_value_and_what_is_allowed() {
-    let c = local_class(Some(class::LocalClassSpec {
-        address_pool: Some("127.0.1.0/24, 10.0.0.0/40".into()),
-        algorithm: Some("least-conn".into()),
-        drain_timeout_seconds: Some(3601),
-    }));
+    let c = local_class_with("127.0.1.0/24, 10.0.0.0/40", "least-conn", 3601);
     let errors = resolve_err(&c, &svc(&[], web()));
     let by_source = |source: &str| {
         errors

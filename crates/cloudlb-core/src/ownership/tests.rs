@@ -8,16 +8,12 @@ use serde_json::{Value, json};
 const HERE: &str = "cloudlb";
 
 fn class(name: &str, default: bool, adopt_all: bool, created: i64) -> LoadBalancerClass {
-    let mut c = LoadBalancerClass::new(
-        name,
-        LoadBalancerClassSpec {
-            provider: ProviderKind::Aws,
-            default,
-            adopt_all_classless_services: adopt_all,
-            aws: None,
-            local: None,
-        },
-    );
+    let spec = LoadBalancerClassSpec {
+        default,
+        adopt_all_classless_services: adopt_all,
+        ..LoadBalancerClassSpec::default_of(ProviderKind::Aws)
+    };
+    let mut c = LoadBalancerClass::new(name, spec);
     c.metadata.creation_timestamp = Some(Time(
         k8s_openapi::jiff::Timestamp::from_second(created).expect("timestamp"),
     ));

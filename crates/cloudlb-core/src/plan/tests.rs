@@ -26,17 +26,7 @@ fn desired_with(
             .expect("node")
         })
         .collect();
-    let mut class = LoadBalancerClass::new(
-        "c",
-        LoadBalancerClassSpec {
-            provider: ProviderKind::Aws,
-            default: true,
-            adopt_all_classless_services: false,
-            aws: None,
-            local: None,
-        },
-    );
-    class.metadata.name = Some("c".into());
+    let class = LoadBalancerClass::new("c", LoadBalancerClassSpec::default_of(ProviderKind::Aws));
     let cfg = crate::config::resolve(&class, &svc).expect("config");
     crate::build::build("cl", &svc, &nodes, &cfg)
         .expect("build")
