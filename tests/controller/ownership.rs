@@ -15,9 +15,10 @@ use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
-use support::TestGuard;
 use support::env::{Env, Setup, operator_settings, spawn_operator, wait_for};
+use support::faultproxy::{FaultConfig, FaultProxy, ProxyConfig};
 use support::fixtures;
+use support::{AwsEmulator, TestGuard};
 
 const LB_TYPE: &str = "service.beta.kubernetes.io/aws-load-balancer-type";
 const CLOUD_FINALIZER: &str = "service.kubernetes.io/load-balancer-cleanup";
@@ -319,4 +320,97 @@ async fn two_installations_share_a_cluster_and_an_account_without_touching_each_
     assert!(env.load_balancers().await.is_empty());
     a.abort();
     b.abort();
+}
+
+/// AWS answers a CreateLoadBalancer for a name that exists with the existing load balancer (the
+/// fault proxy does as AWS): one without our tags is never used, even on the first reconcile of a
+/// new Service, the one that reads nothing before creating.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_answered_with_a_foreign_load_balancer_is_refused_with_an_event() {
+    let _guard = TestGuard::new();
+    let moto = AwsEmulator::shared().await;
+    let account = moto.new_account();
+    let setup = Setup {
+        account: Some(account.clone()),
+        ..Setup::without_operator()
+    };
+    let env = Env::start_with("foreignlb", setup).await;
+    create(&env, json!({"name": "web"}), json!({})).await;
+    let svc = get(&env, "web").await;
+    let sref = cloudlb::build::service_ref(&svc).expect("service ref");
+    let name = cloudlb::build::lb_name(&env.ns, &sref, None);
+    // Someone else's load balancer of the very name cloudlb derives for the Service.
+    let subnets = env
+        .network
+        .public_subnets
+        .iter()
+        .map(|s| s.id.clone())
+        .collect();
+    let theirs = helpers::create_nlb(&env.elbv2, &name, subnets).await;
+    let theirs_arn = theirs.load_balancer_arn().expect("arn").to_string();
+
+    let mut proxy_config = ProxyConfig::new(moto.endpoint());
+    proxy_config.account_id = Some(account.clone());
+    proxy_config.faults = FaultConfig {
+        existing_on_create: true,
+        ..FaultConfig::none()
+    };
+    let proxy = FaultProxy::start(proxy_config).await.expect("fault proxy");
+    let sdk = support::aws_sdk_config(&proxy.endpoint(), &account);
+    let mut settings = AwsSettings::new(env.ns.clone());
+    // Our clock and moto's are one: anything created before the request is not this create's.
+    settings.created_skew = Duration::ZERO;
+    let provider = AwsProvider::new(
+        support::elbv2::Client::new(&sdk),
+        support::ec2::Client::new(&sdk),
+        settings,
+    );
+    let providers = Providers {
+        aws: Some(Arc::new(provider)),
+        local: None,
+    };
+    let metrics = Arc::new(Metrics::new());
+    let operator = spawn_operator(
+        env.client.clone(),
+        operator_settings(&env.ns),
+        providers,
+        metrics,
+    );
+
+    let note = wait_for(
+        "a SyncLoadBalancerFailed Event naming the load balancer",
+        || async {
+            env.events("SyncLoadBalancerFailed")
+                .await
+                .into_iter()
+                .find(|n| n.contains(&name))
+        },
+    )
+    .await;
+    assert!(note.contains("does not carry our ownership tags"), "{note}");
+    // The create was answered with their load balancer, and it was checked, not used.
+    let counts = proxy.counts();
+    let replayed = counts
+        .by_action
+        .get("CreateLoadBalancer")
+        .and_then(|o| o.get("replayed"))
+        .copied();
+    assert_eq!(replayed, Some(1), "{:?}", counts.by_action);
+    assert!(
+        counts.by_action.contains_key("DescribeTags"),
+        "{:?}",
+        counts.by_action
+    );
+    assert!(
+        env.listeners(&theirs_arn).await.is_empty(),
+        "a listener was attached to theirs"
+    );
+    let lbs = env.load_balancers().await;
+    assert_eq!(lbs.len(), 1, "no second load balancer");
+    assert_eq!(
+        env.hostname("web").await,
+        None,
+        "their address was written to the status"
+    );
+    operator.abort();
 }

@@ -482,15 +482,18 @@ impl<'a> Run<'a> {
                 .collect();
             req = req.set_subnet_mappings(Some(mappings));
         }
+        let sent_at = unix_millis(std::time::SystemTime::now());
         let sent = self
             .p
             .calls
             .run("CreateLoadBalancer", || req.clone().send());
         let created = first(sent.await?.load_balancers)
             .ok_or_else(|| unexpected("CreateLoadBalancer", "no load balancer"))?;
-        if created.load_balancer_arn.is_none() {
+        let Some(arn) = created.load_balancer_arn.as_deref() else {
             return Err(unexpected("CreateLoadBalancer", "no LoadBalancerArn"));
-        }
+        };
+        self.verify_created_lb(arn, created.created_time.as_ref(), sent_at)
+            .await?;
         // A new load balancer has the default attributes: no read needed. Only the keys the
         // model manages matter to the planner; a later SetLoadBalancerAttributes merges in.
         let attributes = defaults(
@@ -500,6 +503,42 @@ impl<'a> Run<'a> {
         self.out.lb = convert::observed_lb(&created, attributes);
         self.out.listeners.clear();
         Ok(())
+    }
+
+    /// AWS answers a CreateLoadBalancer for a name that exists (with the same settings) with
+    /// the existing load balancer: one created before this request is used only if it carries
+    /// our ownership tags (one DescribeTags, only then); else it is [`ProviderError::Foreign`]
+    /// and nothing is attached to it. One created by this request (or its retries) needs no
+    /// read: its CreatedTime is at most [`AwsSettings::created_skew`](crate::AwsSettings) before
+    /// the request was sent.
+    async fn verify_created_lb(
+        &self,
+        arn: &str,
+        created: Option<&aws_sdk_elasticloadbalancingv2::primitives::DateTime>,
+        sent_at: i64,
+    ) -> Result<(), ProviderError> {
+        let skew = i64::try_from(self.p.settings.created_skew.as_millis()).unwrap_or(i64::MAX);
+        let created_ms = created.and_then(|t| t.to_millis().ok());
+        if created_ms.is_some_and(|t| t >= sent_at.saturating_sub(skew)) {
+            return Ok(());
+        }
+        let tags = self.p.describe_tags(&[arn.to_string()]).await?;
+        let (cluster, uid) = (&self.p.settings.cluster, &self.desired.service.uid);
+        if crate::observe::ours_elb(&tags, arn, cluster, uid) {
+            tracing::info!(
+                load_balancer = arn,
+                "the create answered with our existing load balancer"
+            );
+            return Ok(());
+        }
+        tracing::warn!(
+            load_balancer = arn,
+            "the create answered with a load balancer that is not ours: not used"
+        );
+        Err(ProviderError::Foreign {
+            kind: "load balancer",
+            name: self.desired.lb_name.clone(),
+        })
     }
 
     /// Waits for a change of the load balancer and records what it answered in what we
@@ -827,6 +866,11 @@ impl<'a> Run<'a> {
             Err(e) => Err(e.gone("listener")),
         }
     }
+}
+
+fn unix_millis(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

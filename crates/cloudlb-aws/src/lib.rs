@@ -65,16 +65,23 @@ pub struct AwsSettings {
     /// Client-side limit of AWS calls per second, per call family (describe, write, targets).
     /// Zero or less: no limit.
     pub rate_limit_per_sec: f64,
+    /// How far the cloud's clock may be behind ours: a load balancer whose CreatedTime is at
+    /// most this long before our CreateLoadBalancer was sent was made by that create; an older
+    /// one (AWS answers a create of an existing name with the existing load balancer) is used
+    /// only after a DescribeTags shows our ownership tags.
+    pub created_skew: std::time::Duration,
 }
 
 impl AwsSettings {
     pub const DEFAULT_RATE_LIMIT_PER_SEC: f64 = 10.0;
+    pub const DEFAULT_CREATED_SKEW: std::time::Duration = std::time::Duration::from_secs(5);
 
     pub fn new(cluster: impl Into<String>) -> Self {
         AwsSettings {
             cluster: cluster.into(),
             vpc_id: None,
             rate_limit_per_sec: Self::DEFAULT_RATE_LIMIT_PER_SEC,
+            created_skew: Self::DEFAULT_CREATED_SKEW,
         }
     }
 }

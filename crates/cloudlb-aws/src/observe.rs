@@ -386,7 +386,7 @@ impl AwsProvider {
     }
 }
 
-fn ours_elb(
+pub(crate) fn ours_elb(
     tags: &BTreeMap<String, BTreeMap<String, String>>,
     arn: &str,
     cluster: &str,

@@ -25,6 +25,10 @@
 //!   would. EC2 `CreateSecurityGroup` is not idempotent on AWS either, so its retry reaches moto
 //!   and fails with `InvalidGroup.Duplicate`, as on AWS. Duplicates that remain are then the
 //!   operator's doing.
+//! - **AWS idempotency for existing names** ([`FaultConfig::existing_on_create`]): a
+//!   `CreateLoadBalancer` for a name that already exists is answered with that load balancer
+//!   (moto would create a second one), so a test can check that the operator never uses one
+//!   that is not its own.
 //!
 //! The listener side is a small HTTP/1.1 server (keep-alive, `Content-Length` bodies, as the AWS
 //! SDK sends them); upstream requests go through a pooled hyper client.
@@ -175,6 +179,9 @@ pub struct FaultConfig {
     pub actions: Option<Vec<String>>,
     /// Answer the retry of a lost idempotent create with the lost response (see the module docs).
     pub replay_lost_creates: bool,
+    /// Answer a `CreateLoadBalancer` for a name that exists with the existing load balancer,
+    /// as AWS does (when the settings match), instead of letting moto create a second one.
+    pub existing_on_create: bool,
 }
 
 impl Default for FaultConfig {
@@ -197,6 +204,7 @@ impl FaultConfig {
             hang: Duration::from_secs(10),
             actions: None,
             replay_lost_creates: true,
+            existing_on_create: false,
         }
     }
 
@@ -1010,7 +1018,15 @@ async fn serve_connection(mut stream: TcpStream, state: Arc<State>) -> std::io::
                     lost.retain(|_, (at, _)| at.elapsed() < REPLAY_TTL);
                     lost.remove(&d.key).map(|(_, a)| a)
                 };
-                let (answer, outcome) = match replay {
+                let existing = if replay.is_none()
+                    && action == "CreateLoadBalancer"
+                    && lock(&state.faults).existing_on_create
+                {
+                    existing_load_balancer(&state, &req).await
+                } else {
+                    None
+                };
+                let (answer, outcome) = match replay.or(existing) {
                     Some(a) => (a, Outcome::Replayed),
                     None => {
                         let a = forward(&state, &req).await;
@@ -1031,6 +1047,41 @@ async fn serve_connection(mut stream: TcpStream, state: Arc<State>) -> std::io::
         }
     }
     Ok(())
+}
+
+/// [`FaultConfig::existing_on_create`]: the answer to the `CreateLoadBalancer` `req` when a load
+/// balancer of its name exists (that one, as AWS answers), else `None` (forward it).
+async fn existing_load_balancer(state: &State, req: &Request) -> Option<Answer> {
+    let body = String::from_utf8_lossy(&req.body);
+    let name = body.split('&').find_map(|p| p.strip_prefix("Name="))?;
+    let describe = Request {
+        method: req.method.clone(),
+        target: req.target.clone(),
+        headers: req
+            .headers
+            .iter()
+            .filter(|(k, _)| !k.eq_ignore_ascii_case("content-length"))
+            .cloned()
+            .collect(),
+        body: format!("Action=DescribeLoadBalancers&Version=2015-12-01&Names.member.1={name}")
+            .into_bytes(),
+    };
+    let found = forward(state, &describe).await;
+    let text = String::from_utf8_lossy(&found.body);
+    if found.status != 200 || !text.contains("<member>") {
+        return None;
+    }
+    let body = text
+        .replace(
+            "DescribeLoadBalancersResponse",
+            "CreateLoadBalancerResponse",
+        )
+        .replace("DescribeLoadBalancersResult", "CreateLoadBalancerResult");
+    Some(Answer {
+        status: 200,
+        headers: found.headers,
+        body: Bytes::from(body),
+    })
 }
 
 /// Forwards, unless this is the retry of a lost idempotent create (then the lost answer is used
