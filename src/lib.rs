@@ -11,3 +11,4 @@ pub mod controller;
 pub mod http;
 pub mod provider;
 pub mod telemetry;
+pub mod webhook;

@@ -97,6 +97,28 @@ impl LeaderArgs {
     }
 }
 
+#[derive(clap::Args, Clone)]
+struct WebhookArgs {
+    /// Serve the mutating admission webhook (HTTPS, /mutate-service) on this address; every
+    /// replica serves it. Unset: no webhook.
+    #[arg(long, env = "CLOUDLB_WEBHOOK_ADDR")]
+    webhook_addr: Option<std::net::SocketAddr>,
+    /// The webhook's PEM certificate chain.
+    #[arg(
+        long,
+        env = "CLOUDLB_WEBHOOK_CERT_FILE",
+        default_value = "/etc/cloudlb/webhook/tls.crt"
+    )]
+    webhook_cert_file: std::path::PathBuf,
+    /// The webhook's PEM private key.
+    #[arg(
+        long,
+        env = "CLOUDLB_WEBHOOK_KEY_FILE",
+        default_value = "/etc/cloudlb/webhook/tls.key"
+    )]
+    webhook_key_file: std::path::PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the operator.
@@ -113,6 +135,8 @@ enum Command {
         /// Pod's address.
         #[arg(long, env = "CLOUDLB_METRICS_ADDR", default_value = "127.0.0.1:8080")]
         metrics_addr: std::net::SocketAddr,
+        #[command(flatten)]
+        webhook: Box<WebhookArgs>,
     },
     /// Print what reconciling each Service would change, without changing anything.
     Plan {
@@ -231,6 +255,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             resync_seconds,
             leader,
             metrics_addr,
+            webhook,
         } => {
             // First SIGTERM: stop taking new work and let running reconciles finish, but exit
             // within a grace period, also when the API server or the cloud does not answer.
@@ -247,7 +272,11 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             let client = kube::Client::try_default().await?;
             let mut s = settings(&common);
             s.resync = Duration::from_secs(resync_seconds.max(10));
-            let own = vec![(metrics_addr, "--metrics-addr".to_string())];
+            let mut own = vec![(metrics_addr, "--metrics-addr".to_string())];
+            if let Some(addr) = webhook.webhook_addr {
+                start_webhook(&client, addr, &webhook, &common).await?;
+                own.push((addr, "--webhook-addr".to_string()));
+            }
             let providers = providers(&common, &metrics, own).await;
             tracing::info!(cluster = %s.cluster, leader_elect = leader.leader_elect, "cloudlb starting");
             let work = operate(client, s, providers, metrics, leader, rx.clone());
@@ -266,6 +295,31 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             print!("{out}");
         }
     }
+    Ok(())
+}
+
+/// Checks the webhook's certificate and key, binds its address and serves it in the background.
+async fn start_webhook(
+    client: &kube::Client,
+    addr: std::net::SocketAddr,
+    args: &WebhookArgs,
+    common: &Common,
+) -> Result<(), Box<dyn std::error::Error>> {
+    cloudlb::webhook::tls_config(&args.webhook_cert_file, &args.webhook_key_file)?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("--webhook-addr {addr}: {e}"))?;
+    let settings = cloudlb::webhook::WebhookSettings {
+        cert_file: args.webhook_cert_file.clone(),
+        key_file: args.webhook_key_file.clone(),
+        classes: common.classes.clone(),
+    };
+    let client = client.clone();
+    tokio::spawn(async move {
+        if let Err(e) = cloudlb::webhook::run(client, listener, settings).await {
+            tracing::error!(error = %e, "admission webhook stopped");
+        }
+    });
     Ok(())
 }
 

@@ -18,3 +18,4 @@ mod local_controller;
 mod operator_process;
 mod ownership;
 mod smoke;
+mod webhook;

@@ -1,0 +1,334 @@
+//! The mutating admission webhook (`POST /mutate-service`, HTTPS): a class-less
+//! `type: LoadBalancer` Service, on CREATE or on the UPDATE that makes it one, gets
+//! `spec.loadBalancerClass: cloudlb.io/<default class>`, so that no other controller (the
+//! cloud's own service controller skips any Service with a class) gives it a second load
+//! balancer. A class that is set is never changed. Every replica serves it (not only the
+//! leader), from its own watch of the classes; with none served as default it changes nothing.
+//!
+//! Kubernetes calls it as the `MutatingWebhookConfiguration` says (the chart's: `failurePolicy:
+//! Ignore`, so an outage of the operator never blocks Service creation; Services created then
+//! are judged by the adoption rules in [`crate::ownership`]).
+
+use crate::config::class::{CLASS_PREFIX, LoadBalancerClass};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_rustls::rustls;
+
+/// The path the API server posts AdmissionReviews to.
+pub const PATH: &str = "/mutate-service";
+/// Largest request accepted (an AdmissionReview of a Service is a few KiB).
+const MAX_REQUEST: usize = 1024 * 1024;
+/// How long a connection may sit idle, and a TLS handshake take.
+const IDLE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("webhook certificate or key {path}: {reason}")]
+    Pem { path: PathBuf, reason: String },
+    #[error("webhook TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// What the webhook serves with.
+#[derive(Clone, Debug)]
+pub struct WebhookSettings {
+    /// PEM certificate chain (the serving certificate first) and private key.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Only these classes (the operator's `--classes`; `None`: all).
+    pub classes: Option<Vec<String>>,
+}
+
+/// The class the webhook sets on the Service of `req`, if any: `default_class` (a class name)
+/// for a class-less `type: LoadBalancer` Service being created, or being updated into one.
+pub fn class_to_set(
+    req: &AdmissionRequest<Service>,
+    default_class: Option<&str>,
+) -> Option<String> {
+    let is_lb =
+        |svc: &Service| svc.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("LoadBalancer");
+    let svc = req.object.as_ref()?;
+    let classless = svc.spec.as_ref()?.load_balancer_class.is_none();
+    let becomes_lb = match req.operation {
+        Operation::Create => true,
+        Operation::Update => !req.old_object.as_ref().is_some_and(is_lb),
+        _ => false,
+    };
+    if !(is_lb(svc) && classless && becomes_lb) {
+        return None;
+    }
+    default_class.map(|c| format!("{CLASS_PREFIX}{c}"))
+}
+
+/// The answer to `req`: always allowed; with the patch that sets the class when
+/// [`class_to_set`] says so.
+pub fn review(req: &AdmissionRequest<Service>, default_class: Option<&str>) -> AdmissionResponse {
+    let allowed = AdmissionResponse::from(req);
+    let Some(class) = class_to_set(req, default_class) else {
+        return allowed;
+    };
+    let ops = json!([{"op": "add", "path": "/spec/loadBalancerClass", "value": class}]);
+    let patched = serde_json::from_value::<json_patch::Patch>(ops)
+        .map_err(|e| e.to_string())
+        .and_then(|p| allowed.clone().with_patch(p).map_err(|e| e.to_string()));
+    match patched {
+        Ok(r) => {
+            tracing::info!(class, name = req.name, namespace = ?req.namespace, "webhook: class set");
+            r
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "webhook: could not build the patch; Service left as it is");
+            allowed
+        }
+    }
+}
+
+/// The TLS configuration from PEM files.
+pub fn tls_config(
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<Arc<rustls::ServerConfig>, WebhookError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let pem = |path: &Path, e: &dyn std::fmt::Display| WebhookError::Pem {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let certs = CertificateDer::pem_file_iter(cert_file)
+        .map_err(|e| pem(cert_file, &e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem(cert_file, &e))?;
+    if certs.is_empty() {
+        return Err(pem(cert_file, &"no certificate in the file"));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| pem(key_file, &e))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Serves the webhook on `listener`: watches the classes itself (every replica answers, leader
+/// or not). Dropping the future stops it, open connections included.
+pub async fn run(
+    client: Client,
+    listener: TcpListener,
+    settings: WebhookSettings,
+) -> Result<(), WebhookError> {
+    let tls = tls_config(&settings.cert_file, &settings.key_file)?;
+    let (store, writer) = reflector::store();
+    let watch = watcher(
+        Api::<LoadBalancerClass>::all(client),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .for_each(|_| async {});
+    let addr = listener.local_addr().ok();
+    tracing::info!(?addr, path = PATH, "admission webhook serving");
+    tokio::select! {
+        _ = watch => {}
+        _ = serve(listener, tls, store, settings.classes) => {}
+    }
+    Ok(())
+}
+
+/// Accepts TLS connections on `listener` and answers each request on them.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    classes: Store<LoadBalancerClass>,
+    served: Option<Vec<String>>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let defaults = Arc::new(Defaults { classes, served });
+    // Held here: dropping `serve` ends every connection too.
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "webhook: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (acceptor, defaults) = (acceptor.clone(), defaults.clone());
+        connections.spawn(async move {
+            let tls = match tokio::time::timeout(IDLE, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return tracing::debug!(error = %e, "webhook: TLS handshake failed"),
+                Err(_) => return tracing::debug!("webhook: TLS handshake timed out"),
+            };
+            if let Err(e) = connection(tls, &defaults).await {
+                tracing::debug!(error = %e, "webhook connection");
+            }
+        });
+    }
+}
+
+/// The default class, from the watched classes this installation serves.
+struct Defaults {
+    classes: Store<LoadBalancerClass>,
+    served: Option<Vec<String>>,
+}
+
+impl Defaults {
+    fn name(&self) -> Option<String> {
+        let served: Vec<LoadBalancerClass> = self
+            .classes
+            .state()
+            .iter()
+            .filter(|c| {
+                self.served
+                    .as_ref()
+                    .is_none_or(|s| c.metadata.name.as_ref().is_some_and(|n| s.contains(n)))
+            })
+            .map(|c| (**c).clone())
+            .collect();
+        crate::ownership::default_class(&served).and_then(|c| c.metadata.name.clone())
+    }
+}
+
+/// HTTP/1.1 requests on one connection (keep-alive), until the client closes it or idles.
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    defaults: &Defaults,
+) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    loop {
+        let Some(head_end) = read_until_head(&mut stream, &mut buf).await? else {
+            return Ok(());
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let mut request_line = head
+            .split("\r\n")
+            .next()
+            .unwrap_or_default()
+            .split_whitespace();
+        let (method, path) = (request_line.next(), request_line.next());
+        let header = |name: &str| {
+            head.split("\r\n").skip(1).find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case(name)
+                    .then(|| v.trim().to_string())
+            })
+        };
+        let length: usize = header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        if length > MAX_REQUEST {
+            return respond(&mut stream, 413, "request too large", true).await;
+        }
+        let body_start = head_end + 4;
+        while buf.len() < body_start + length {
+            let mut chunk = [0u8; 8192];
+            let n = tokio::time::timeout(IDLE, stream.read(&mut chunk))
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let body = buf[body_start..body_start + length].to_vec();
+        buf.drain(..body_start + length);
+        let (status, answer) = match (method, path.map(|p| p.split('?').next().unwrap_or(p))) {
+            (Some("POST"), Some(PATH)) => answer(&body, defaults),
+            _ => (404, "not found".to_string()),
+        };
+        respond(&mut stream, status, &answer, close).await?;
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+/// The AdmissionReview answering `body`.
+fn answer(body: &[u8], defaults: &Defaults) -> (u16, String) {
+    let review: AdmissionReview<Service> = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return (400, format!("not an AdmissionReview of a Service: {e}")),
+    };
+    let request: Result<AdmissionRequest<Service>, _> = review.try_into();
+    let response = match request {
+        Ok(req) => self::review(&req, defaults.name().as_deref()),
+        Err(e) => AdmissionResponse::invalid(e),
+    };
+    match serde_json::to_string(&response.into_review()) {
+        Ok(json) => (200, json),
+        Err(e) => (500, format!("cannot encode the AdmissionReview: {e}")),
+    }
+}
+
+/// Reads into `buf` until it holds a whole request head; its end (the `\r\n\r\n`), or `None`
+/// when the client closed or idled first.
+async fn read_until_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Option<usize>> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Ok(Some(end));
+        }
+        if buf.len() > 64 * 1024 {
+            return Ok(None);
+        }
+        let mut chunk = [0u8; 8192];
+        let Ok(read) = tokio::time::timeout(IDLE, stream.read(&mut chunk)).await else {
+            return Ok(None);
+        };
+        let n = read?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+async fn respond<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    status: u16,
+    body: &str,
+    close: bool,
+) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        413 => "Payload Too Large",
+        _ => "Internal Server Error",
+    };
+    let kind = if status == 200 {
+        "application/json"
+    } else {
+        "text/plain"
+    };
+    let connection = if close { "close" } else { "keep-alive" };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: {connection}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.flush().await
+}
+
+#[cfg(test)]
+mod tests;

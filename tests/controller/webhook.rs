@@ -1,0 +1,186 @@
+//! The mutating admission webhook, called by the real API server: a `MutatingWebhookConfiguration`
+//! with a `url` on loopback and the CA bundle, limited to this test's namespace, and the
+//! webhook served in-process from the operator's code.
+
+use crate::support;
+
+use cloudlb::webhook::{self, WebhookSettings};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::time::Instant;
+use support::env::wait_for;
+use support::fixtures;
+use support::{TestCluster, TestGuard};
+
+/// A self-signed certificate for 127.0.0.1 (its own CA) and its key, written to `dir`.
+fn self_signed(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    std::fs::create_dir_all(dir).expect("cert dir");
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=cloudlb-webhook",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+/// The configuration the chart installs, pointed at `port` on loopback and limited to `ns`.
+fn configuration(name: &str, ns: &str, port: u16, ca: &[u8]) -> MutatingWebhookConfiguration {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "webhooks": [{
+            "name": "mservice.cloudlb.io",
+            "clientConfig": {
+                "url": format!("https://127.0.0.1:{port}{}", webhook::PATH),
+                "caBundle": k8s_openapi::ByteString(ca.to_vec()),
+            },
+            "rules": [{
+                "operations": ["CREATE", "UPDATE"],
+                "apiGroups": [""], "apiVersions": ["v1"], "resources": ["services"],
+                "scope": "Namespaced"
+            }],
+            "failurePolicy": "Ignore",
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": 5,
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+            "objectSelector": {"matchExpressions": [
+                {"key": "cloudlb.io/webhook", "operator": "NotIn", "values": ["disabled"]}
+            ]}
+        }]
+    }))
+    .expect("MutatingWebhookConfiguration")
+}
+
+fn service(name: &str, labels: Value, spec: Value) -> Service {
+    let mut spec = spec;
+    spec["ports"] = json!([{"name": "http", "port": 80, "protocol": "TCP"}]);
+    serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}, "spec": spec}))
+        .expect("service")
+}
+
+/// Creates the Service and returns it as the API server stored it (after the webhooks).
+async fn create(api: &Api<Service>, svc: &Service) -> Service {
+    api.create(&PostParams::default(), svc)
+        .await
+        .unwrap_or_else(|e| panic!("create {:?}: {e}", svc.metadata.name))
+}
+
+fn class_of(svc: &Service) -> Option<String> {
+    svc.spec.as_ref()?.load_balancer_class.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_calls_the_webhook_and_a_stopped_webhook_blocks_nothing() {
+    let _guard = TestGuard::new();
+    let cluster = TestCluster::shared().await;
+    let client: Client = cluster.client();
+    fixtures::install_crd(&client).await;
+    let ns = cluster.create_namespace("webhook").await;
+    fixtures::create_class(&client, &ns, fixtures::aws_class_spec(&ns)).await;
+    let dir = std::env::temp_dir().join(format!("cloudlb-webhook-{ns}"));
+    let (cert, key) = self_signed(&dir);
+    let ca = std::fs::read(&cert).expect("read cert");
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let settings = WebhookSettings {
+        cert_file: cert,
+        key_file: key,
+        classes: Some(vec![ns.clone()]),
+    };
+    let served = tokio::spawn(webhook::run(client.clone(), listener, settings));
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let config_name = format!("cloudlb-test-{ns}");
+    configs
+        .create(
+            &PostParams::default(),
+            &configuration(&config_name, &ns, port, &ca),
+        )
+        .await
+        .expect("create the MutatingWebhookConfiguration");
+
+    // The API server picks the configuration up, and the webhook its classes, within moments:
+    // probe until a Service comes back with the class.
+    let api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let want = Some(format!("cloudlb.io/{ns}"));
+    let lb = json!({"type": "LoadBalancer"});
+    let mut probes = 0;
+    wait_for("the webhook setting the class", || {
+        probes += 1;
+        let (api, svc) = (
+            api.clone(),
+            service(&format!("probe-{probes}"), json!({}), lb.clone()),
+        );
+        let want = want.clone();
+        async move { (class_of(&create(&api, &svc).await) == want).then_some(()) }
+    })
+    .await;
+
+    // A class-less Service of type LoadBalancer: our default class.
+    let web = create(&api, &service("web", json!({}), lb.clone())).await;
+    assert_eq!(class_of(&web), want);
+    // Another controller's class is never changed.
+    let theirs = json!({"type": "LoadBalancer", "loadBalancerClass": "service.k8s.aws/nlb"});
+    let theirs = create(&api, &service("theirs", json!({}), theirs)).await;
+    assert_eq!(class_of(&theirs).as_deref(), Some("service.k8s.aws/nlb"));
+    // The opt-out label: left alone.
+    let opted_out = service(
+        "optout",
+        json!({"cloudlb.io/webhook": "disabled"}),
+        lb.clone(),
+    );
+    assert_eq!(class_of(&create(&api, &opted_out).await), None);
+    // Not a load balancer: nothing; turned into one by an update: our class.
+    let node_port = create(&api, &service("np", json!({}), json!({"type": "NodePort"}))).await;
+    assert_eq!(class_of(&node_port), None);
+    let patched = api
+        .patch(
+            "np",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"type": "LoadBalancer"}})),
+        )
+        .await
+        .expect("NodePort → LoadBalancer");
+    assert_eq!(class_of(&patched), want);
+
+    // The webhook stops (the operator is down): with failurePolicy Ignore, Services are still
+    // created, class-less, for the adoption rules to judge.
+    served.abort();
+    let _ = served.await;
+    let started = Instant::now();
+    let after = create(&api, &service("after", json!({}), lb)).await;
+    eprintln!(
+        "Service created with the webhook down in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(class_of(&after), None);
+
+    configs
+        .delete(&config_name, &DeleteParams::default())
+        .await
+        .expect("delete the MutatingWebhookConfiguration");
+    let _ = std::fs::remove_dir_all(&dir);
+}
