@@ -234,6 +234,73 @@ fn values_schema_class_settings_match_the_crd() {
     );
 }
 
+/// The rendered webhook: a configuration that never blocks (Ignore), leaves the release's
+/// namespace and opted-out Services alone, and trusts the CA that signed the serving
+/// certificate the pods mount, which is valid for the webhook Service's name.
+fn assert_webhook(objs: &[Value], ns: &str) {
+    let find = |k: &str| {
+        objs.iter()
+            .find(|o| kind(o) == k)
+            .unwrap_or_else(|| panic!("no {k}"))
+    };
+    let config = find("MutatingWebhookConfiguration");
+    let hook = &config["webhooks"][0];
+    assert_eq!(hook["failurePolicy"], "Ignore");
+    assert_eq!(hook["sideEffects"], "None");
+    assert_eq!(hook["timeoutSeconds"], 5);
+    assert_eq!(hook["clientConfig"]["service"]["path"], "/mutate-service");
+    assert_eq!(hook["rules"][0]["operations"], json!(["CREATE", "UPDATE"]));
+    assert_eq!(hook["rules"][0]["resources"], json!(["services"]));
+    assert_eq!(
+        hook["namespaceSelector"]["matchExpressions"][0],
+        json!({"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": [ns]})
+    );
+    assert_eq!(
+        hook["objectSelector"]["matchExpressions"][0],
+        json!({"key": "cloudlb.io/webhook", "operator": "NotIn", "values": ["disabled"]})
+    );
+    let secret = find("Secret");
+    assert_eq!(hook["clientConfig"]["caBundle"], secret["data"]["ca.crt"]);
+    let service = hook["clientConfig"]["service"]["name"]
+        .as_str()
+        .expect("service name");
+    let dir = std::env::temp_dir().join(format!("cloudlb-chart-webhook-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    for file in ["ca.crt", "tls.crt"] {
+        let b64 = secret["data"][file].as_str().expect("base64");
+        let pem = std::process::Command::new("base64")
+            .arg("-d")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child
+                    .stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(b64.as_bytes())?;
+                child.wait_with_output()
+            })
+            .expect("base64 -d");
+        std::fs::write(dir.join(file), pem.stdout).expect("write");
+    }
+    let host = format!("{service}.{ns}.svc");
+    let verify = std::process::Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(dir.join("ca.crt"))
+        .args(["-verify_hostname", &host])
+        .arg(dir.join("tls.crt"))
+        .output()
+        .expect("openssl verify");
+    assert!(
+        verify.status.success(),
+        "the serving certificate does not verify for {host}: {}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chart_lints_renders_and_rejects_bad_values() {
     let _guard = TestGuard::new();
@@ -246,12 +313,15 @@ async fn chart_lints_renders_and_rejects_bad_values() {
         [
             "PodDisruptionBudget",
             "ServiceAccount",
+            "Secret",
             "ClusterRole",
             "ClusterRoleBinding",
             "Role",
             "RoleBinding",
             "Service",
+            "Service",
             "Deployment",
+            "MutatingWebhookConfiguration",
             "LoadBalancerClass"
         ],
         "rendered:\n{out}"
@@ -274,6 +344,7 @@ async fn chart_lints_renders_and_rejects_bad_values() {
         "--cluster-name=prod",
         // The release name (the default, cloudlb).
         "--installation=cloudlb",
+        "--webhook-addr=0.0.0.0:9443",
         "--leader-elect",
         "--metrics-addr=0.0.0.0:8080",
         "--log-format=json",
@@ -291,6 +362,7 @@ async fn chart_lints_renders_and_rejects_bad_values() {
         .expect("LoadBalancerClass");
     assert_eq!(class["spec"]["default"], true);
     assert_eq!(class["spec"]["adoptAllClasslessServices"], false);
+    assert_webhook(&objs, "cloudlb-system");
     assert_eq!(container["image"], "ghcr.io/cloudlb/cloudlb:0.1.0");
     let sc = &container["securityContext"];
     assert_eq!(sc["runAsNonRoot"], true);
@@ -471,6 +543,10 @@ async fn rendered_chart_applies_to_a_real_api_server() {
             &format!("defaultClass.name={ns}"),
             "--set",
             "defaultClass.default=false",
+            // The shared cluster's other tests create Services: the webhook (whose pods do not
+            // run here) sees only this release's namespace, which it always leaves out.
+            "--set-json",
+            &format!("webhook.namespaceSelector={{\"matchLabels\":{{\"kubernetes.io/metadata.name\":\"{ns}\"}}}}"),
         ],
     )
     .await;
@@ -489,10 +565,13 @@ async fn rendered_chart_applies_to_a_real_api_server() {
         ("rolebinding", true),
         ("clusterrole", false),
         ("clusterrolebinding", false),
+        ("secret", true),
+        ("mutatingwebhookconfiguration", false),
     ] {
         let name = match resource {
             "service" => format!("{fullname}-metrics"),
             "role" | "rolebinding" => format!("{fullname}-leader-election"),
+            "secret" => format!("{fullname}-webhook-tls"),
             _ => fullname.clone(),
         };
         let mut args = vec!["get", resource, name.as_str(), "-o", "name"];
