@@ -90,6 +90,58 @@ fn class_of(svc: &Service) -> Option<String> {
     svc.spec.as_ref()?.load_balancer_class.clone()
 }
 
+/// A webhook served in-process for the class `class` (and its CA), and its configuration `name`
+/// in the API server, limited to `ns`.
+async fn start_webhook(
+    client: &Client,
+    name: &str,
+    ns: &str,
+    class: &str,
+) -> tokio::task::JoinHandle<Result<(), webhook::WebhookError>> {
+    let dir = std::env::temp_dir().join(format!("cloudlb-webhook-{name}"));
+    let (cert, key) = self_signed(&dir);
+    let ca = std::fs::read(&cert).expect("read cert");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let settings = WebhookSettings {
+        cert_file: cert,
+        key_file: key,
+        classes: Some(vec![class.to_string()]),
+    };
+    let served = tokio::spawn(webhook::run(client.clone(), listener, settings));
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .create(&PostParams::default(), &configuration(name, ns, port, &ca))
+        .await
+        .expect("create the MutatingWebhookConfiguration");
+    served
+}
+
+async fn delete_configuration(client: &Client, name: &str) {
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .delete(name, &DeleteParams::default())
+        .await
+        .expect("delete the MutatingWebhookConfiguration");
+    let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("cloudlb-webhook-{name}")));
+}
+
+/// Creates class-less load balancers until one comes back with `want` (the API server and the
+/// webhook take moments to pick up their configuration and classes).
+async fn wait_for_class(api: &Api<Service>, prefix: &str, want: &str) {
+    let mut probes = 0;
+    wait_for(&format!("the webhook setting {want}"), || {
+        probes += 1;
+        let lb = json!({"type": "LoadBalancer"});
+        let (api, svc) = (
+            api.clone(),
+            service(&format!("{prefix}-{probes}"), json!({}), lb),
+        );
+        async move { (class_of(&create(&api, &svc).await).as_deref() == Some(want)).then_some(()) }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_server_calls_the_webhook_and_a_stopped_webhook_blocks_nothing() {
     let _guard = TestGuard::new();
@@ -98,46 +150,12 @@ async fn the_api_server_calls_the_webhook_and_a_stopped_webhook_blocks_nothing()
     fixtures::install_crd(&client).await;
     let ns = cluster.create_namespace("webhook").await;
     fixtures::create_class(&client, &ns, fixtures::aws_class_spec(&ns)).await;
-    let dir = std::env::temp_dir().join(format!("cloudlb-webhook-{ns}"));
-    let (cert, key) = self_signed(&dir);
-    let ca = std::fs::read(&cert).expect("read cert");
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let settings = WebhookSettings {
-        cert_file: cert,
-        key_file: key,
-        classes: Some(vec![ns.clone()]),
-    };
-    let served = tokio::spawn(webhook::run(client.clone(), listener, settings));
-    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let config_name = format!("cloudlb-test-{ns}");
-    configs
-        .create(
-            &PostParams::default(),
-            &configuration(&config_name, &ns, port, &ca),
-        )
-        .await
-        .expect("create the MutatingWebhookConfiguration");
-
-    // The API server picks the configuration up, and the webhook its classes, within moments:
-    // probe until a Service comes back with the class.
+    let served = start_webhook(&client, &config_name, &ns, &ns).await;
     let api: Api<Service> = Api::namespaced(client.clone(), &ns);
     let want = Some(format!("cloudlb.io/{ns}"));
+    wait_for_class(&api, "probe", &format!("cloudlb.io/{ns}")).await;
     let lb = json!({"type": "LoadBalancer"});
-    let mut probes = 0;
-    wait_for("the webhook setting the class", || {
-        probes += 1;
-        let (api, svc) = (
-            api.clone(),
-            service(&format!("probe-{probes}"), json!({}), lb.clone()),
-        );
-        let want = want.clone();
-        async move { (class_of(&create(&api, &svc).await) == want).then_some(()) }
-    })
-    .await;
 
     // A class-less Service of type LoadBalancer: our default class.
     let web = create(&api, &service("web", json!({}), lb.clone())).await;
@@ -178,9 +196,50 @@ async fn the_api_server_calls_the_webhook_and_a_stopped_webhook_blocks_nothing()
     );
     assert_eq!(class_of(&after), None);
 
-    configs
-        .delete(&config_name, &DeleteParams::default())
-        .await
-        .expect("delete the MutatingWebhookConfiguration");
-    let _ = std::fs::remove_dir_all(&dir);
+    delete_configuration(&client, &config_name).await;
+}
+
+/// Another controller's webhook that sets its own class (aws-load-balancer-controller's
+/// `aws-load-balancer-webhook` does so for class-less Services) wins when its configuration's
+/// name sorts first: the API server calls mutating webhooks in the order of their
+/// configurations' names, and ours never changes a class that is set. Stood in for by a second
+/// instance of our webhook, for another class, under a name that sorts before ours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_whose_configuration_sorts_first_sets_the_class() {
+    let _guard = TestGuard::new();
+    let cluster = TestCluster::shared().await;
+    let client: Client = cluster.client();
+    fixtures::install_crd(&client).await;
+    let ns = cluster.create_namespace("whorder").await;
+    let first_class = format!("{ns}-first");
+    for class in [&ns, &first_class] {
+        fixtures::create_class(&client, class, fixtures::aws_class_spec(&ns)).await;
+    }
+    let (ours, theirs) = (
+        format!("cloudlb-test-{ns}"),
+        format!("aws-load-balancer-webhook-{ns}"),
+    );
+    let ours_served = start_webhook(&client, &ours, &ns, &ns).await;
+    let api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    wait_for_class(&api, "ours", &format!("cloudlb.io/{ns}")).await;
+    let theirs_served = start_webhook(&client, &theirs, &ns, &first_class).await;
+    let want = format!("cloudlb.io/{first_class}");
+    wait_for_class(&api, "theirs", &want).await;
+    // From then on, every time.
+    for i in 0..5 {
+        let svc = create(
+            &api,
+            &service(
+                &format!("web-{i}"),
+                json!({}),
+                json!({"type": "LoadBalancer"}),
+            ),
+        )
+        .await;
+        assert_eq!(class_of(&svc).as_deref(), Some(want.as_str()), "web-{i}");
+    }
+    for (name, served) in [(&theirs, theirs_served), (&ours, ours_served)] {
+        delete_configuration(&client, name).await;
+        served.abort();
+    }
 }
