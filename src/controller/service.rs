@@ -7,6 +7,7 @@ use super::{CacheEntry, Context, FINALIZER, INSTALLATION_ANNOTATION, PROVIDER_AN
 use crate::build::{self, BuildError};
 use crate::config::LbConfig;
 use crate::config::{self, annotations, class::ProviderKind};
+use crate::model::state::{self, DEFAULT_SCHEME_ANNOTATION};
 use crate::model::{Desired, ServiceRef, naming};
 use crate::ownership::{Ownership, has_finalizer, recorded_installation};
 use crate::plan::{Op, Plan, PlanError};
@@ -448,6 +449,11 @@ async fn take_ownership(
     if held.is_none() {
         record.push((PROVIDER_ANNOTATION, Some(t.kind.to_string())));
     }
+    if state::made_by_an_earlier_version(svc) {
+        // Its load balancer was made under the old default scheme: keep it (see
+        // config::default_scheme), now that the installation record ends "earlier version".
+        record.push((DEFAULT_SCHEME_ANNOTATION, Some("internet-facing".into())));
+    }
     if !has_finalizer(svc) {
         // A new Service: finalizer and record in one write.
         let mut f = svc.finalizers().to_vec();
@@ -719,7 +725,11 @@ async fn cleanup(
         .collect();
     // Nothing of ours is left: the record goes with the finalizer, so that the Service, should
     // it want a load balancer again, is judged afresh (by any installation).
-    let forget = vec![(INSTALLATION_ANNOTATION, None), (PROVIDER_ANNOTATION, None)];
+    let forget = vec![
+        (INSTALLATION_ANNOTATION, None),
+        (PROVIDER_ANNOTATION, None),
+        (DEFAULT_SCHEME_ANNOTATION, None),
+    ];
     match write_ownership(&api, svc, remaining, forget).await {
         Ok(_) => {}
         // Already gone: nothing left to release.

@@ -414,3 +414,74 @@ async fn a_create_answered_with_a_foreign_load_balancer_is_refused_with_an_event
     );
     operator.abort();
 }
+
+/// The AWS default scheme is `internal` now; a Service an earlier version made (our finalizer,
+/// no installation recorded) keeps `internet-facing`, pinned on its first reconcile, so an
+/// upgrade replaces no load balancer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_an_earlier_version_made_keeps_its_public_scheme() {
+    let _guard = TestGuard::new();
+    let mut env = Env::start_with("legacy", Setup::without_operator()).await;
+    // What the earlier version wrote before its first cloud call.
+    let earlier = json!({"name": "old", "finalizers": [cloudlb::controller::FINALIZER], "annotations": {PROVIDER_ANNOTATION: "aws"}});
+    create(&env, earlier, json!({})).await;
+    env.start_operator();
+    create(&env, json!({"name": "new"}), json!({})).await;
+    let (old, new) = (
+        env.wait_hostname("old").await,
+        env.wait_hostname("new").await,
+    );
+    let scheme_of = |dns: &str| {
+        let dns = dns.to_string();
+        let env = &env;
+        async move {
+            let lbs = env.load_balancers().await;
+            let lb = lbs
+                .iter()
+                .find(|lb| lb.dns_name() == Some(dns.as_str()))
+                .cloned();
+            lb.and_then(|lb| lb.scheme().map(|s| s.as_str().to_string()))
+        }
+    };
+    assert_eq!(scheme_of(&old).await.as_deref(), Some("internet-facing"));
+    assert_eq!(scheme_of(&new).await.as_deref(), Some("internal"));
+    let pinned = get(&env, "old").await;
+    assert_eq!(
+        pinned
+            .annotations()
+            .get(cloudlb::model::state::DEFAULT_SCHEME_ANNOTATION)
+            .map(String::as_str),
+        Some("internet-facing")
+    );
+    assert_eq!(
+        pinned
+            .annotations()
+            .get(INSTALLATION_ANNOTATION)
+            .map(String::as_str),
+        Some("cloudlb")
+    );
+    assert!(
+        !get(&env, "new")
+            .await
+            .annotations()
+            .contains_key(cloudlb::model::state::DEFAULT_SCHEME_ANNOTATION)
+    );
+
+    // After a restart (recorded now, no longer "earlier"), the pin keeps it: same load balancer.
+    env.restart_operator();
+    let calls = env
+        .calls_for_edit(
+            "old",
+            json!({"metadata": {"annotations": {"unrelated": "edit"}}}),
+            "verified",
+        )
+        .await;
+    assert!(
+        !calls.contains_key("CreateLoadBalancer/ok"),
+        "replaced: {calls:?}"
+    );
+    assert_eq!(env.hostname("old").await.as_deref(), Some(old.as_str()));
+    for name in ["old", "new"] {
+        helpers::delete_service(&env.services(), name).await;
+    }
+}

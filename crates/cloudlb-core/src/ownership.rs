@@ -20,14 +20,9 @@ use k8s_openapi::api::core::v1::Service;
 #[cfg(test)]
 mod tests;
 
-/// Our finalizer: on every Service whose load balancer we made, until it is removed.
-pub const FINALIZER: &str = "cloudlb.io/load-balancer";
-/// The provider holding the Service's load balancer (`aws` or `local`), written with the
-/// finalizer; cleanup and a class's provider switch use it.
-pub const PROVIDER_ANNOTATION: &str = "state.cloudlb.io/provider";
-/// The cloudlb installation (`--installation`, the Helm release by default) that owns the
-/// Service's load balancer, written with the finalizer.
-pub const INSTALLATION_ANNOTATION: &str = "state.cloudlb.io/installation";
+pub use crate::model::state::{
+    FINALIZER, INSTALLATION_ANNOTATION, PROVIDER_ANNOTATION, has_finalizer, recorded_installation,
+};
 /// The annotation with which a class-less Service says the cloud's own service controller is not
 /// to serve it (value [`AWS_LB_TYPE_EXTERNAL`]).
 pub const AWS_LB_TYPE: &str = "service.beta.kubernetes.io/aws-load-balancer-type";
@@ -178,24 +173,6 @@ pub fn default_class(served: &[LoadBalancerClass]) -> Option<&LoadBalancerClass>
             .cmp(&created(b))
             .then_with(|| a.metadata.name.cmp(&b.metadata.name))
     })
-}
-
-/// Whether our finalizer is on the Service.
-pub fn has_finalizer(svc: &Service) -> bool {
-    svc.metadata
-        .finalizers
-        .iter()
-        .flatten()
-        .any(|f| f == FINALIZER)
-}
-
-/// The installation recorded on the Service, if any.
-pub fn recorded_installation(svc: &Service) -> Option<&str> {
-    svc.metadata
-        .annotations
-        .as_ref()?
-        .get(INSTALLATION_ANNOTATION)
-        .map(String::as_str)
 }
 
 /// What installation `installation`, serving the classes `served`, does with `svc`.

@@ -5,7 +5,7 @@ pub mod annotations;
 pub mod class;
 
 use crate::model::local::{self, AddressPool, Algorithm, LocalSpec};
-use crate::model::{HealthCheckProtocol, IpAddressType, Scheme, Subnets, TargetType};
+use crate::model::{HealthCheckProtocol, IpAddressType, Scheme, Subnets, TargetType, state};
 use annotations as keys;
 use class::{AwsClassSpec, LoadBalancerClass, ProviderKind};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
@@ -527,7 +527,9 @@ impl Parser<'_> {
                 _ => scheme = Some(from_internal),
             }
         }
-        scheme.unwrap_or(Scheme::InternetFacing)
+        // Internal unless asked otherwise, as aws-load-balancer-controller: a public address is
+        // a choice, never an accident. Services made before that default keep theirs.
+        scheme.unwrap_or_else(|| default_scheme(self.svc))
     }
 
     fn ip_address_type(&mut self) -> IpAddressType {
@@ -1077,6 +1079,17 @@ impl Parser<'_> {
             name,
             local,
         }
+    }
+}
+
+/// The scheme of a Service that sets none: `internet-facing` for one an earlier version made
+/// (recorded in [`state::DEFAULT_SCHEME_ANNOTATION`] on its next reconcile), else `internal`.
+pub fn default_scheme(svc: &Service) -> Scheme {
+    let pinned = state::recorded(svc, state::DEFAULT_SCHEME_ANNOTATION);
+    if pinned == Some("internet-facing") || state::made_by_an_earlier_version(svc) {
+        Scheme::InternetFacing
+    } else {
+        Scheme::Internal
     }
 }
 

@@ -66,9 +66,45 @@ fn first_error_says(
 }
 
 #[test]
+fn the_default_scheme_is_internal_except_for_services_an_earlier_version_made() {
+    use crate::model::state;
+    let mut s = svc(&[], web());
+    assert_eq!(resolve_ok(&class(None), &s).scheme, Scheme::Internal);
+    // Ours, without the installation every version since records: made before the default.
+    s.metadata.finalizers = Some(vec![state::FINALIZER.into()]);
+    assert_eq!(resolve_ok(&class(None), &s).scheme, Scheme::InternetFacing);
+    // Recorded since (the next reconcile pins it), and asked-for schemes still win.
+    let mut annotate = |k: &str, v: &str| {
+        let annotations = s.metadata.annotations.get_or_insert_with(Default::default);
+        annotations.insert(k.into(), v.into());
+        resolve_ok(&class(None), &s).scheme
+    };
+    annotate(state::INSTALLATION_ANNOTATION, "cloudlb");
+    let pinned = annotate(state::DEFAULT_SCHEME_ANNOTATION, "internet-facing");
+    assert_eq!(pinned, Scheme::InternetFacing);
+    assert_eq!(annotate("cloudlb.io/scheme", "internal"), Scheme::Internal);
+    // A class's scheme wins over the pinned default too.
+    let internal = AwsClassSpec {
+        scheme: Some("internal".into()),
+        ..AwsClassSpec::default()
+    };
+    let mut pinned = svc(
+        &[(state::DEFAULT_SCHEME_ANNOTATION, "internet-facing")],
+        web(),
+    );
+    assert_eq!(
+        resolve_ok(&class(Some(internal)), &pinned).scheme,
+        Scheme::Internal
+    );
+    pinned.metadata.annotations = None;
+    assert_eq!(resolve_ok(&class(None), &pinned).scheme, Scheme::Internal);
+}
+
+#[test]
 fn defaults_without_annotations() {
     let cfg = resolve_ok(&class(None), &svc(&[], web()));
-    assert_eq!(cfg.scheme, Scheme::InternetFacing);
+    // Internal unless asked (as aws-load-balancer-controller).
+    assert_eq!(cfg.scheme, Scheme::Internal);
     assert_eq!(cfg.ip_address_type, IpAddressType::Ipv4);
     assert_eq!(cfg.subnets, Subnets::Discover);
     assert_eq!(cfg.target_type, TargetType::Instance);
@@ -226,17 +262,29 @@ fn tls_on_a_udp_port_is_rejected() {
 
 #[test]
 fn eip_count_must_match_subnets_and_scheme() {
-    let cases: [(&[(&str, &str)], &str); 3] = [
+    let cases: [(&[(&str, &str)], &str); 4] = [
         (
             &[
+                ("cloudlb.io/scheme", "internet-facing"),
                 ("cloudlb.io/subnets", "subnet-1,subnet-2"),
                 ("cloudlb.io/eip-allocations", "eipalloc-1"),
             ],
             "1 given, 2 subnets",
         ),
         (
-            &[("cloudlb.io/eip-allocations", "eipalloc-1,eipalloc-2")],
+            &[
+                ("cloudlb.io/scheme", "internet-facing"),
+                ("cloudlb.io/eip-allocations", "eipalloc-1,eipalloc-2"),
+            ],
             "requires explicit subnets",
+        ),
+        // The default scheme, internal, has no public addresses to allocate.
+        (
+            &[
+                ("cloudlb.io/subnets", "subnet-1"),
+                ("cloudlb.io/eip-allocations", "eipalloc-1"),
+            ],
+            "require scheme internet-facing",
         ),
         (
             &[
@@ -711,6 +759,7 @@ fn each_bad_list_entry_is_named() {
     };
     assert_eq!(
         all(&[
+            ("cloudlb.io/scheme", "internet-facing"),
             ("cloudlb.io/subnets", "subnet-1,subnet-2"),
             ("cloudlb.io/eip-allocations", "eipalloc-1,eip-2"),
             ("cloudlb.io/ssl-cert", "arn:aws:acm:x,cert-1,cert-2"),

@@ -7,6 +7,7 @@
 pub mod local;
 pub mod naming;
 pub mod observed;
+pub mod state;
 
 pub use local::{AddressPool, Algorithm, LocalSpec};
 

@@ -209,7 +209,7 @@ fn health_check_and_attribute_changes_modify_in_place() {
 fn scheme_change_replaces_the_load_balancer_and_keeps_target_groups() {
     let mut after = web(&["i-1"]);
     if let Some(lb) = after.lb.as_mut() {
-        lb.scheme = Scheme::Internal;
+        lb.scheme = Scheme::InternetFacing;
     }
     let p = plan_from_web(&after);
     assert_eq!(
