@@ -79,11 +79,24 @@ async fn handle(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()>
             "GET only\n".to_string(),
         ),
     };
+    write_response(&mut stream, status, content_type, &body, true).await?;
+    stream.shutdown().await
+}
+
+/// Writes one HTTP/1.1 response (`status`: code and reason, e.g. `200 OK`).
+pub(crate) async fn write_response<S: tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    status: &str,
+    content_type: &str,
+    body: &str,
+    close: bool,
+) -> std::io::Result<()> {
+    let connection = if close { "close" } else { "keep-alive" };
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+    stream.flush().await
 }

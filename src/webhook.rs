@@ -20,7 +20,7 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::rustls;
 
@@ -308,26 +308,14 @@ async fn respond<S: AsyncWrite + Unpin>(
     body: &str,
     close: bool,
 ) -> std::io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        413 => "Payload Too Large",
-        _ => "Internal Server Error",
+    let (status, kind) = match status {
+        200 => ("200 OK", "application/json"),
+        400 => ("400 Bad Request", "text/plain"),
+        404 => ("404 Not Found", "text/plain"),
+        413 => ("413 Payload Too Large", "text/plain"),
+        _ => ("500 Internal Server Error", "text/plain"),
     };
-    let kind = if status == 200 {
-        "application/json"
-    } else {
-        "text/plain"
-    };
-    let connection = if close { "close" } else { "keep-alive" };
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: {connection}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.flush().await
+    crate::http::write_response(stream, status, kind, body, close).await
 }
 
 #[cfg(test)]

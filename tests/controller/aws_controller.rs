@@ -110,13 +110,7 @@ async fn service_lifecycle_create_update_nodes_delete() {
     .await;
 
     // Unchanged resync: an edit that does not change the desired state makes no AWS call.
-    let delta = env
-        .calls_for_edit(
-            "web",
-            json!({"metadata": {"annotations": {"unrelated": "edit"}}}),
-            "unchanged",
-        )
-        .await;
+    let delta = env.calls_for_unrelated_edit("web", "unchanged").await;
     eprintln!("AWS calls for one unchanged resync: {delta:?}");
     assert!(delta.is_empty(), "unchanged resync made calls: {delta:?}");
 

@@ -266,38 +266,24 @@ fn assert_webhook(objs: &[Value], ns: &str) {
         .expect("service name");
     let dir = std::env::temp_dir().join(format!("cloudlb-chart-webhook-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
+    let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
     for file in ["ca.crt", "tls.crt"] {
         let b64 = secret["data"][file].as_str().expect("base64");
-        let pem = std::process::Command::new("base64")
-            .arg("-d")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut child| {
-                use std::io::Write;
-                child
-                    .stdin
-                    .take()
-                    .expect("stdin")
-                    .write_all(b64.as_bytes())?;
-                child.wait_with_output()
-            })
-            .expect("base64 -d");
-        std::fs::write(dir.join(file), pem.stdout).expect("write");
+        std::fs::write(path(&format!("{file}.b64")), b64).expect("write");
+        let (from, to) = (path(&format!("{file}.b64")), path(file));
+        support::tls::openssl(&["base64", "-d", "-A", "-in", &from, "-out", &to]);
     }
+    // Fails (with openssl's words) unless the chart's CA signed it for the Service's name.
     let host = format!("{service}.{ns}.svc");
-    let verify = std::process::Command::new("openssl")
-        .args(["verify", "-CAfile"])
-        .arg(dir.join("ca.crt"))
-        .args(["-verify_hostname", &host])
-        .arg(dir.join("tls.crt"))
-        .output()
-        .expect("openssl verify");
-    assert!(
-        verify.status.success(),
-        "the serving certificate does not verify for {host}: {}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
+    let ca = path("ca.crt");
+    support::tls::openssl(&[
+        "verify",
+        "-CAfile",
+        &ca,
+        "-verify_hostname",
+        &host,
+        &path("tls.crt"),
+    ]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

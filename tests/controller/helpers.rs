@@ -79,6 +79,17 @@ impl Env {
             .collect()
     }
 
+    /// An edit of Service `name` that changes nothing cloudlb reads (an unrelated annotation),
+    /// the reconcile that follows (one that ends with `outcome`), and the AWS calls it made.
+    pub async fn calls_for_unrelated_edit(
+        &self,
+        name: &str,
+        outcome: &str,
+    ) -> BTreeMap<String, u64> {
+        let edit = json!({"metadata": {"annotations": {"unrelated": "edit"}}});
+        self.calls_for_edit(name, edit, outcome).await
+    }
+
     /// Patches Service `name`, waits for the reconcile of the edit (one that ends with
     /// `outcome`) and returns the AWS calls it made.
     pub async fn calls_for_edit(

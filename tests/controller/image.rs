@@ -2,6 +2,7 @@
 //! (`scripts/build-image` assembles and runs the same final stage with buildah.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step fails the test
 
+use crate::support;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -27,16 +28,8 @@ fn dockerfile_passes_hadolint() {
         "{} is missing: run scripts/install-test-deps",
         bin.display()
     );
-    let out = Command::new(&bin)
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile"))
-        .output()
-        .expect("run hadolint");
-    assert!(
-        out.status.success(),
-        "hadolint:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let dockerfile = concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile");
+    support::process::run_ok(Command::new(&bin).arg(dockerfile));
 }
 
 #[test]

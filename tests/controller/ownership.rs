@@ -469,13 +469,7 @@ async fn a_service_an_earlier_version_made_keeps_its_public_scheme() {
 
     // After a restart (recorded now, no longer "earlier"), the pin keeps it: same load balancer.
     env.restart_operator();
-    let calls = env
-        .calls_for_edit(
-            "old",
-            json!({"metadata": {"annotations": {"unrelated": "edit"}}}),
-            "verified",
-        )
-        .await;
+    let calls = env.calls_for_unrelated_edit("old", "verified").await;
     assert!(
         !calls.contains_key("CreateLoadBalancer/ok"),
         "replaced: {calls:?}"

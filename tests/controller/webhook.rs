@@ -10,39 +10,10 @@ use k8s_openapi::api::core::v1::Service;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
-use std::path::Path;
 use std::time::Instant;
 use support::env::wait_for;
 use support::fixtures;
 use support::{TestCluster, TestGuard};
-
-/// A self-signed certificate for 127.0.0.1 (its own CA) and its key, written to `dir`.
-fn self_signed(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    std::fs::create_dir_all(dir).expect("cert dir");
-    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
-    let out = std::process::Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .args([
-            "-subj",
-            "/CN=cloudlb-webhook",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (cert, key)
-}
 
 /// The configuration the chart installs, pointed at `port` on loopback and limited to `ns`.
 fn configuration(name: &str, ns: &str, port: u16, ca: &[u8]) -> MutatingWebhookConfiguration {
@@ -90,6 +61,14 @@ fn class_of(svc: &Service) -> Option<String> {
     svc.spec.as_ref()?.load_balancer_class.clone()
 }
 
+/// The shared cluster's admin client (the CRD installed) and a new namespace.
+async fn setup(prefix: &str) -> (Client, String) {
+    let cluster = TestCluster::shared().await;
+    let client = cluster.client();
+    fixtures::install_crd(&client).await;
+    (client, cluster.create_namespace(prefix).await)
+}
+
 /// A webhook served in-process for the class `class` (and its CA), and its configuration `name`
 /// in the API server, limited to `ns`.
 async fn start_webhook(
@@ -99,7 +78,7 @@ async fn start_webhook(
     class: &str,
 ) -> tokio::task::JoinHandle<Result<(), webhook::WebhookError>> {
     let dir = std::env::temp_dir().join(format!("cloudlb-webhook-{name}"));
-    let (cert, key) = self_signed(&dir);
+    let (cert, key) = support::tls::self_signed_for_ip(&dir, "127.0.0.1");
     let ca = std::fs::read(&cert).expect("read cert");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -145,10 +124,7 @@ async fn wait_for_class(api: &Api<Service>, prefix: &str, want: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_server_calls_the_webhook_and_a_stopped_webhook_blocks_nothing() {
     let _guard = TestGuard::new();
-    let cluster = TestCluster::shared().await;
-    let client: Client = cluster.client();
-    fixtures::install_crd(&client).await;
-    let ns = cluster.create_namespace("webhook").await;
+    let (client, ns) = setup("webhook").await;
     fixtures::create_class(&client, &ns, fixtures::aws_class_spec(&ns)).await;
     let config_name = format!("cloudlb-test-{ns}");
     let served = start_webhook(&client, &config_name, &ns, &ns).await;
@@ -207,10 +183,7 @@ async fn the_api_server_calls_the_webhook_and_a_stopped_webhook_blocks_nothing()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_webhook_whose_configuration_sorts_first_sets_the_class() {
     let _guard = TestGuard::new();
-    let cluster = TestCluster::shared().await;
-    let client: Client = cluster.client();
-    fixtures::install_crd(&client).await;
-    let ns = cluster.create_namespace("whorder").await;
+    let (client, ns) = setup("whorder").await;
     let first_class = format!("{ns}-first");
     for class in [&ns, &first_class] {
         fixtures::create_class(&client, class, fixtures::aws_class_spec(&ns)).await;

@@ -2,6 +2,7 @@
 //! kube-controller-manager, of the versions in `testbed/versions` (built from Go modules by
 //! scripts/install-test-deps; `CLOUDLB_KUBE_VERSION` selects another release).
 
+use crate::tls::{openssl, path_str};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -327,8 +328,8 @@ impl ClusterFiles {
         .expect("write the token auth file");
         let sa_key = dir.join("sa.key");
         let sa_pub = dir.join("sa.pub");
-        run_openssl(&["genrsa", "-out", path_str(&sa_key), "2048"]);
-        run_openssl(&[
+        openssl(&["genrsa", "-out", path_str(&sa_key), "2048"]);
+        openssl(&[
             "rsa",
             "-in",
             path_str(&sa_key),
@@ -345,22 +346,6 @@ impl ClusterFiles {
             admin_token,
         }
     }
-}
-
-fn run_openssl(args: &[&str]) {
-    let output = std::process::Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("run openssl (is the openssl CLI installed?)");
-    assert!(
-        output.status.success(),
-        "openssl {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("testbed paths are UTF-8")
 }
 
 /// DER certificates from a PEM bundle. Base64 is decoded through k8s-openapi's `ByteString`.

@@ -19,6 +19,7 @@ pub mod cluster;
 pub mod faultproxy;
 pub mod nodes;
 pub mod process;
+pub mod tls;
 
 pub use aws::{
     AccountHeader, AwsEmulator, Instance, Network, Subnet, aws_sdk_config, create_vpc_with_subnets,

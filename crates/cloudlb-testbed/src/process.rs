@@ -418,3 +418,18 @@ pub fn etcd_binary() -> PathBuf {
     let version = testbed_version("CLOUDLB_ETCD_VERSION");
     find_binary("CLOUDLB_ETCD", &format!("etcd/v{version}/etcd"), &[])
 }
+
+/// Runs `command` to completion and returns its output; one that fails or cannot start panics
+/// with what it printed.
+pub fn run_ok(command: &mut std::process::Command) -> std::process::Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("run {command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
