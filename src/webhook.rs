@@ -93,11 +93,70 @@ pub fn review(req: &AdmissionRequest<Service>, default_class: Option<&str>) -> A
     }
 }
 
-/// The TLS configuration from PEM files.
+/// The TLS configuration from PEM files, which are read again when they change (cert-manager
+/// renews a certificate and the kubelet swaps the mounted Secret's files in place).
 pub fn tls_config(
     cert_file: &Path,
     key_file: &Path,
 ) -> Result<Arc<rustls::ServerConfig>, WebhookError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let resolver = ReloadingCert::new(cert_file, key_file, provider.clone())?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The certificate and key as PEM files say, read again on a handshake after either file's
+/// modification time changed; a file that no longer reads keeps the last good one (with a
+/// warning).
+#[derive(Debug)]
+struct ReloadingCert {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    current: std::sync::Mutex<Loaded>,
+}
+
+#[derive(Debug)]
+struct Loaded {
+    modified: Modified,
+    key: Arc<rustls::sign::CertifiedKey>,
+}
+
+impl ReloadingCert {
+    fn new(
+        cert_file: &Path,
+        key_file: &Path,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+    ) -> Result<Self, WebhookError> {
+        let modified = modified(cert_file, key_file);
+        let key = load(cert_file, key_file, &provider)?;
+        Ok(ReloadingCert {
+            cert_file: cert_file.to_path_buf(),
+            key_file: key_file.to_path_buf(),
+            provider,
+            current: std::sync::Mutex::new(Loaded { modified, key }),
+        })
+    }
+}
+
+type Modified = (Option<std::time::SystemTime>, Option<std::time::SystemTime>);
+
+/// When the two files last changed (through symbolic links, as the kubelet mounts Secrets).
+fn modified(cert_file: &Path, key_file: &Path) -> Modified {
+    let at = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    (at(cert_file), at(key_file))
+}
+
+/// The certificate chain (serving certificate first) and its key, from PEM files.
+fn load(
+    cert_file: &Path,
+    key_file: &Path,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<Arc<rustls::sign::CertifiedKey>, WebhookError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let pem = |path: &Path, e: &dyn std::fmt::Display| WebhookError::Pem {
@@ -112,13 +171,29 @@ pub fn tls_config(
         return Err(pem(cert_file, &"no certificate in the file"));
     }
     let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| pem(key_file, &e))?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    let certified = rustls::sign::CertifiedKey::from_der(certs, key, provider)?;
+    Ok(Arc::new(certified))
+}
+
+impl rustls::server::ResolvesServerCert for ReloadingCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let modified = modified(&self.cert_file, &self.key_file);
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if modified != current.modified {
+            match load(&self.cert_file, &self.key_file, &self.provider) {
+                Ok(key) => {
+                    tracing::info!(cert = %self.cert_file.display(), "webhook: certificate reloaded");
+                    current.key = key;
+                }
+                Err(e) => tracing::warn!(error = %e, "webhook: kept the previous certificate"),
+            }
+            current.modified = modified;
+        }
+        Some(current.key.clone())
+    }
 }
 
 /// Serves the webhook on `listener`: watches the classes itself (every replica answers, leader
@@ -141,20 +216,20 @@ pub async fn run(
     tracing::info!(?addr, path = PATH, "admission webhook serving");
     tokio::select! {
         _ = watch => {}
-        _ = serve(listener, tls, store, settings.classes) => {}
+        _ = serve(listener, tls, store, settings) => {}
     }
     Ok(())
 }
 
 /// Accepts TLS connections on `listener` and answers each request on them.
-pub async fn serve(
+async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     classes: Store<LoadBalancerClass>,
-    served: Option<Vec<String>>,
+    settings: WebhookSettings,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let defaults = Arc::new(Defaults { classes, served });
+    let defaults = Arc::new(Defaults { classes, settings });
     // Held here: dropping `serve` ends every connection too.
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -181,10 +256,10 @@ pub async fn serve(
     }
 }
 
-/// The default class, from the watched classes this installation serves.
+/// The default class, from the watched classes this installation serves, and the settings.
 struct Defaults {
     classes: Store<LoadBalancerClass>,
-    served: Option<Vec<String>>,
+    settings: WebhookSettings,
 }
 
 impl Defaults {
@@ -194,7 +269,8 @@ impl Defaults {
             .state()
             .iter()
             .filter(|c| {
-                self.served
+                self.settings
+                    .classes
                     .as_ref()
                     .is_none_or(|s| c.metadata.name.as_ref().is_some_and(|n| s.contains(n)))
             })
@@ -210,6 +286,10 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     defaults: &Defaults,
 ) -> std::io::Result<()> {
     let mut buf = Vec::new();
+    // A renewed certificate is presented at the next handshake: a connection made with the old
+    // one is closed after the request that finds the files changed, so clients reconnect.
+    let files = (&defaults.settings.cert_file, &defaults.settings.key_file);
+    let certificate = modified(files.0, files.1);
     loop {
         let Some(head_end) = read_until_head(&mut stream, &mut buf).await? else {
             return Ok(());
@@ -253,6 +333,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
             (Some("POST"), Some(PATH)) => answer(&body, defaults),
             _ => (404, "not found".to_string()),
         };
+        let close = close || modified(files.0, files.1) != certificate;
         respond(&mut stream, status, &answer, close).await?;
         if close {
             return Ok(());

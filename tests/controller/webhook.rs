@@ -216,3 +216,48 @@ async fn the_webhook_whose_configuration_sorts_first_sets_the_class() {
         served.abort();
     }
 }
+
+/// cert-manager renews the serving certificate (the kubelet swaps the mounted files) and the CA
+/// bundle follows: the webhook serves the new certificate without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_served_without_a_restart() {
+    let _guard = TestGuard::new();
+    let (client, ns) = setup("whrenew").await;
+    fixtures::create_class(&client, &ns, fixtures::aws_class_spec(&ns)).await;
+    let name = format!("cloudlb-test-{ns}");
+    let served = start_webhook(&client, &name, &ns, &ns).await;
+    let api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let want = format!("cloudlb.io/{ns}");
+    wait_for_class(&api, "before", &want).await;
+
+    // A new key and certificate in the same files: the webhook serves them at once, so the API
+    // server, still trusting only the old one, fails to call it (and, Ignore, creates the
+    // Service unchanged).
+    let dir = std::env::temp_dir().join(format!("cloudlb-webhook-{name}"));
+    let (cert, _) = support::tls::self_signed_for_ip(&dir, "127.0.0.1");
+    let mut probes = 0;
+    wait_for("the webhook serving the new certificate", || {
+        probes += 1;
+        let lb = json!({"type": "LoadBalancer"});
+        let (api, svc) = (
+            api.clone(),
+            service(&format!("renewed-{probes}"), json!({}), lb),
+        );
+        async move { class_of(&create(&api, &svc).await).is_none().then_some(()) }
+    })
+    .await;
+    // The CA bundle follows (cert-manager's CA injector does so).
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let mut config = configs.get(&name).await.expect("get the configuration");
+    for hook in config.webhooks.iter_mut().flatten() {
+        let ca = std::fs::read(&cert).expect("read the new cert");
+        hook.client_config.ca_bundle = Some(k8s_openapi::ByteString(ca));
+    }
+    configs
+        .replace(&name, &PostParams::default(), &config)
+        .await
+        .expect("replace the configuration");
+    wait_for_class(&api, "after", &want).await;
+    delete_configuration(&client, &name).await;
+    served.abort();
+}
