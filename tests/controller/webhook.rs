@@ -108,29 +108,63 @@ async fn delete_configuration(client: &Client, name: &str) {
 /// Creates class-less load balancers until one comes back with `want` (the API server and the
 /// webhook take moments to pick up their configuration and classes).
 async fn wait_for_class(api: &Api<Service>, prefix: &str, want: &str) {
+    wait_for_probe(api, prefix, Some(want)).await;
+}
+
+/// Creates class-less load balancers `<prefix>-<n>` until one comes back with class `want`
+/// (`None`: without a class).
+async fn wait_for_probe(api: &Api<Service>, prefix: &str, want: Option<&str>) {
     let mut probes = 0;
-    wait_for(&format!("the webhook setting {want}"), || {
+    let what = format!("a Service created with class {want:?}");
+    wait_for(&what, || {
         probes += 1;
         let lb = json!({"type": "LoadBalancer"});
         let (api, svc) = (
             api.clone(),
             service(&format!("{prefix}-{probes}"), json!({}), lb),
         );
-        async move { (class_of(&create(&api, &svc).await).as_deref() == Some(want)).then_some(()) }
+        async move { (class_of(&create(&api, &svc).await).as_deref() == want).then_some(()) }
     })
     .await;
+}
+
+/// A namespace with its default class, and our webhook for it, serving (picked up by the API
+/// server).
+struct Served {
+    client: Client,
+    ns: String,
+    config: String,
+    task: tokio::task::JoinHandle<Result<(), webhook::WebhookError>>,
+    api: Api<Service>,
+}
+
+async fn serve_default_class(prefix: &str) -> Served {
+    let (client, ns) = setup(prefix).await;
+    fixtures::create_class(&client, &ns, fixtures::aws_class_spec(&ns)).await;
+    let config = format!("cloudlb-test-{ns}");
+    let task = start_webhook(&client, &config, &ns, &ns).await;
+    let api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    wait_for_class(&api, "probe", &format!("cloudlb.io/{ns}")).await;
+    Served {
+        client,
+        ns,
+        config,
+        task,
+        api,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_server_calls_the_webhook_and_a_stopped_webhook_blocks_nothing() {
     let _guard = TestGuard::new();
-    let (client, ns) = setup("webhook").await;
-    fixtures::create_class(&client, &ns, fixtures::aws_class_spec(&ns)).await;
-    let config_name = format!("cloudlb-test-{ns}");
-    let served = start_webhook(&client, &config_name, &ns, &ns).await;
-    let api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let Served {
+        client,
+        ns,
+        config: config_name,
+        task: served,
+        api,
+    } = serve_default_class("webhook").await;
     let want = Some(format!("cloudlb.io/{ns}"));
-    wait_for_class(&api, "probe", &format!("cloudlb.io/{ns}")).await;
     let lb = json!({"type": "LoadBalancer"});
 
     // A class-less Service of type LoadBalancer: our default class.
@@ -222,42 +256,27 @@ async fn the_webhook_whose_configuration_sorts_first_sets_the_class() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewed_certificate_is_served_without_a_restart() {
     let _guard = TestGuard::new();
-    let (client, ns) = setup("whrenew").await;
-    fixtures::create_class(&client, &ns, fixtures::aws_class_spec(&ns)).await;
-    let name = format!("cloudlb-test-{ns}");
-    let served = start_webhook(&client, &name, &ns, &ns).await;
-    let api: Api<Service> = Api::namespaced(client.clone(), &ns);
-    let want = format!("cloudlb.io/{ns}");
-    wait_for_class(&api, "before", &want).await;
+    let served = serve_default_class("whrenew").await;
+    let (api, name) = (&served.api, &served.config);
 
     // A new key and certificate in the same files: the webhook serves them at once, so the API
     // server, still trusting only the old one, fails to call it (and, Ignore, creates the
     // Service unchanged).
     let dir = std::env::temp_dir().join(format!("cloudlb-webhook-{name}"));
     let (cert, _) = support::tls::self_signed_for_ip(&dir, "127.0.0.1");
-    let mut probes = 0;
-    wait_for("the webhook serving the new certificate", || {
-        probes += 1;
-        let lb = json!({"type": "LoadBalancer"});
-        let (api, svc) = (
-            api.clone(),
-            service(&format!("renewed-{probes}"), json!({}), lb),
-        );
-        async move { class_of(&create(&api, &svc).await).is_none().then_some(()) }
-    })
-    .await;
+    wait_for_probe(api, "renewed", None).await;
     // The CA bundle follows (cert-manager's CA injector does so).
-    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    let mut config = configs.get(&name).await.expect("get the configuration");
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(served.client.clone());
+    let mut config = configs.get(name).await.expect("get the configuration");
     for hook in config.webhooks.iter_mut().flatten() {
         let ca = std::fs::read(&cert).expect("read the new cert");
         hook.client_config.ca_bundle = Some(k8s_openapi::ByteString(ca));
     }
     configs
-        .replace(&name, &PostParams::default(), &config)
+        .replace(name, &PostParams::default(), &config)
         .await
         .expect("replace the configuration");
-    wait_for_class(&api, "after", &want).await;
-    delete_configuration(&client, &name).await;
-    served.abort();
+    wait_for_class(api, "after", &format!("cloudlb.io/{}", served.ns)).await;
+    delete_configuration(&served.client, name).await;
+    served.task.abort();
 }
