@@ -199,6 +199,31 @@ pub async fn targets(elbv2: &elbv2::Client, tg_arn: &str) -> Vec<String> {
 }
 
 /// An internet-facing NLB created by hand (not by cloudlb) in `subnets`.
+/// Creates a TCP target group of instances named `name` on `port` in `vpc`, as someone else
+/// would (no tags); its ARN.
+pub async fn create_target_group(
+    elbv2: &elbv2::Client,
+    name: &str,
+    port: i32,
+    vpc: &str,
+) -> String {
+    use crate::support::elbv2::types::{ProtocolEnum, TargetTypeEnum};
+    let created = elbv2
+        .create_target_group()
+        .name(name)
+        .protocol(ProtocolEnum::Tcp)
+        .port(port)
+        .target_type(TargetTypeEnum::Instance)
+        .vpc_id(vpc)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("CreateTargetGroup {name}: {e:?}"));
+    created.target_groups()[0]
+        .target_group_arn()
+        .expect("a target group ARN")
+        .to_string()
+}
+
 pub async fn create_nlb(elbv2: &elbv2::Client, name: &str, subnets: Vec<String>) -> LoadBalancer {
     elbv2
         .create_load_balancer()

@@ -275,6 +275,30 @@ async fn two_installations_share_a_cluster_and_an_account_without_touching_each_
     }
     assert_eq!(env.load_balancers().await.len(), 2);
 
+    // An edit of b's Service: installation b changes b's load balancer, and only that.
+    let arn_of = |host: String| {
+        let env = &env;
+        async move {
+            let lbs = env.load_balancers().await;
+            let lb = lbs.iter().find(|lb| lb.dns_name() == Some(host.as_str()));
+            lb.and_then(|lb| lb.load_balancer_arn().map(String::from))
+                .expect("its load balancer")
+        }
+    };
+    let (arn_a, arn_b) = (arn_of(host_a.clone()).await, arn_of(host_b.clone()).await);
+    let two_ports = json!([
+        {"name": "http", "port": 80, "protocol": "TCP"},
+        {"name": "dns", "port": 53, "protocol": "UDP"}
+    ]);
+    env.patch_service("b", json!({"spec": {"ports": two_ports}}))
+        .await;
+    env.wait_listeners(&arn_b, 2).await;
+    assert_eq!(
+        env.listeners(&arn_a).await.len(),
+        1,
+        "a's load balancer was changed"
+    );
+
     // Installation a's class goes: its Service keeps its load balancer (told so), and b's is
     // untouched, through several orphan sweeps of both installations.
     let classes = Api::<cloudlb::config::class::LoadBalancerClass>::all(env.client.clone());
@@ -322,33 +346,16 @@ async fn two_installations_share_a_cluster_and_an_account_without_touching_each_
     b.abort();
 }
 
-/// AWS answers a CreateLoadBalancer for a name that exists with the existing load balancer (the
-/// fault proxy does as AWS): one without our tags is never used, even on the first reconcile of a
-/// new Service, the one that reads nothing before creating.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_create_answered_with_a_foreign_load_balancer_is_refused_with_an_event() {
-    let _guard = TestGuard::new();
+/// An Env in its own moto account (returned too) without an operator, and a fault proxy in
+/// front of that account that answers creates of existing names as AWS does.
+async fn behind_idempotent_creates(prefix: &str) -> (Env, FaultProxy, String) {
     let moto = AwsEmulator::shared().await;
     let account = moto.new_account();
     let setup = Setup {
         account: Some(account.clone()),
         ..Setup::without_operator()
     };
-    let env = Env::start_with("foreignlb", setup).await;
-    create(&env, json!({"name": "web"}), json!({})).await;
-    let svc = get(&env, "web").await;
-    let sref = cloudlb::build::service_ref(&svc).expect("service ref");
-    let name = cloudlb::build::lb_name(&env.ns, &sref, None);
-    // Someone else's load balancer of the very name cloudlb derives for the Service.
-    let subnets = env
-        .network
-        .public_subnets
-        .iter()
-        .map(|s| s.id.clone())
-        .collect();
-    let theirs = helpers::create_nlb(&env.elbv2, &name, subnets).await;
-    let theirs_arn = theirs.load_balancer_arn().expect("arn").to_string();
-
+    let env = Env::start_with(prefix, setup).await;
     let mut proxy_config = ProxyConfig::new(moto.endpoint());
     proxy_config.account_id = Some(account.clone());
     proxy_config.faults = FaultConfig {
@@ -356,9 +363,14 @@ async fn a_create_answered_with_a_foreign_load_balancer_is_refused_with_an_event
         ..FaultConfig::none()
     };
     let proxy = FaultProxy::start(proxy_config).await.expect("fault proxy");
-    let sdk = support::aws_sdk_config(&proxy.endpoint(), &account);
+    (env, proxy, account)
+}
+
+/// Starts the operator of `env` with its AWS calls through `proxy` (to `account`). Our clock
+/// and moto's are one: anything created before a request is not that request's.
+fn spawn_through(env: &Env, proxy: &FaultProxy, account: &str) -> tokio::task::JoinHandle<()> {
+    let sdk = support::aws_sdk_config(&proxy.endpoint(), account);
     let mut settings = AwsSettings::new(env.ns.clone());
-    // Our clock and moto's are one: anything created before the request is not this create's.
     settings.created_skew = Duration::ZERO;
     let provider = AwsProvider::new(
         support::elbv2::Client::new(&sdk),
@@ -370,48 +382,131 @@ async fn a_create_answered_with_a_foreign_load_balancer_is_refused_with_an_event
         local: None,
     };
     let metrics = Arc::new(Metrics::new());
-    let operator = spawn_operator(
+    spawn_operator(
         env.client.clone(),
         operator_settings(&env.ns),
         providers,
         metrics,
-    );
+    )
+}
 
+/// The desired model cloudlb builds for Service `name` of `env` (its class, the Nodes).
+async fn desired(env: &Env, name: &str) -> cloudlb::model::Desired {
+    let svc = get(env, name).await;
+    let class = Api::<cloudlb::config::class::LoadBalancerClass>::all(env.client.clone())
+        .get(&env.ns)
+        .await
+        .expect("the class");
+    let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(env.client.clone())
+        .list(&Default::default())
+        .await
+        .expect("nodes")
+        .items;
+    let cfg = cloudlb::config::resolve(&class, &svc).expect("config");
+    cloudlb::build::build(&env.ns, &svc, &nodes, &cfg)
+        .expect("build")
+        .desired
+}
+
+/// Waits for the SyncLoadBalancerFailed Event that names `name` as not ours.
+async fn refused(env: &Env, name: &str) -> String {
     let note = wait_for(
-        "a SyncLoadBalancerFailed Event naming the load balancer",
+        &format!("a SyncLoadBalancerFailed Event naming {name}"),
         || async {
             env.events("SyncLoadBalancerFailed")
                 .await
                 .into_iter()
-                .find(|n| n.contains(&name))
+                .find(|n| n.contains(name))
         },
     )
     .await;
     assert!(note.contains("does not carry our ownership tags"), "{note}");
-    // The create was answered with their load balancer, and it was checked, not used.
+    note
+}
+
+/// How often the proxy answered `action` with an existing resource.
+fn answered_with_existing(proxy: &FaultProxy, action: &str) -> Option<u64> {
     let counts = proxy.counts();
-    let replayed = counts
+    counts
         .by_action
-        .get("CreateLoadBalancer")
+        .get(action)
         .and_then(|o| o.get("replayed"))
-        .copied();
-    assert_eq!(replayed, Some(1), "{:?}", counts.by_action);
-    assert!(
-        counts.by_action.contains_key("DescribeTags"),
-        "{:?}",
-        counts.by_action
+        .copied()
+}
+
+/// AWS answers a CreateLoadBalancer for a name that exists with the existing load balancer (the
+/// fault proxy does as AWS): one without our tags is never used, even on the first reconcile of a
+/// new Service, the one that reads nothing before creating.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_answered_with_a_foreign_load_balancer_is_refused_with_an_event() {
+    let _guard = TestGuard::new();
+    let (env, proxy, account) = behind_idempotent_creates("foreignlb").await;
+    create(&env, json!({"name": "web"}), json!({})).await;
+    let name = desired(&env, "web").await.lb_name;
+    // Someone else's load balancer of the very name cloudlb derives for the Service.
+    let subnets = env
+        .network
+        .public_subnets
+        .iter()
+        .map(|s| s.id.clone())
+        .collect();
+    let theirs = helpers::create_nlb(&env.elbv2, &name, subnets).await;
+    let theirs_arn = theirs.load_balancer_arn().expect("arn").to_string();
+    let operator = spawn_through(&env, &proxy, &account);
+
+    refused(&env, &name).await;
+    // The create was answered with their load balancer, and it was checked, not used.
+    assert_eq!(
+        answered_with_existing(&proxy, "CreateLoadBalancer"),
+        Some(1)
     );
+    assert!(proxy.counts().by_action.contains_key("DescribeTags"));
     assert!(
         env.listeners(&theirs_arn).await.is_empty(),
         "a listener was attached to theirs"
     );
-    let lbs = env.load_balancers().await;
-    assert_eq!(lbs.len(), 1, "no second load balancer");
+    assert_eq!(
+        env.load_balancers().await.len(),
+        1,
+        "no second load balancer"
+    );
     assert_eq!(
         env.hostname("web").await,
         None,
         "their address was written to the status"
     );
+    operator.abort();
+}
+
+/// The same for a target group: AWS's answer to CreateTargetGroup has no creation time, so every
+/// target group a run creates is checked (one DescribeTags) before anything uses or changes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_answered_with_a_foreign_target_group_is_refused_with_an_event() {
+    let _guard = TestGuard::new();
+    let (env, proxy, account) = behind_idempotent_creates("foreigntg").await;
+    create(&env, json!({"name": "web"}), json!({})).await;
+    let want = desired(&env, "web").await;
+    let tg = &want.lb.as_ref().expect("a load balancer").target_groups[0];
+    let port = i32::from(tg.port);
+    let theirs_arn =
+        helpers::create_target_group(&env.elbv2, &tg.name, port, &env.network.vpc_id).await;
+    let operator = spawn_through(&env, &proxy, &account);
+
+    refused(&env, &tg.name).await;
+    assert_eq!(answered_with_existing(&proxy, "CreateTargetGroup"), Some(1));
+    assert!(
+        env.targets(&theirs_arn).await.is_empty(),
+        "targets registered in theirs"
+    );
+    for lb in env.load_balancers().await {
+        for listener in env.listeners(lb.load_balancer_arn().expect("arn")).await {
+            let forwards = format!("{:?}", listener.default_actions());
+            assert!(
+                !forwards.contains(&theirs_arn),
+                "a listener forwards to theirs: {forwards}"
+            );
+        }
+    }
     operator.abort();
 }
 

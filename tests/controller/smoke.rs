@@ -9,7 +9,7 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::elbv2::types::{
-    Action, ActionTypeEnum, LoadBalancerTypeEnum, ProtocolEnum, TargetDescription, TargetTypeEnum,
+    Action, ActionTypeEnum, LoadBalancerTypeEnum, ProtocolEnum, TargetDescription,
 };
 use support::{
     AwsEmulator, Instance, TestCluster, TestGuard, create_node, create_vpc_with_subnets, describe,
@@ -136,20 +136,7 @@ async fn moto_serves_an_nlb_with_instance_targets() {
     assert!(lb.dns_name().is_some_and(|d| !d.is_empty()));
 
     let node_port = 31080;
-    let tg = elbv2
-        .create_target_group()
-        .name("smoke-tg")
-        .protocol(ProtocolEnum::Tcp)
-        .port(node_port)
-        .target_type(TargetTypeEnum::Instance)
-        .vpc_id(&network.vpc_id)
-        .send()
-        .await
-        .expect("CreateTargetGroup");
-    let tg_arn = tg.target_groups()[0]
-        .target_group_arn()
-        .expect("a TG ARN")
-        .to_string();
+    let tg_arn = helpers::create_target_group(&elbv2, "smoke-tg", node_port, &network.vpc_id).await;
     let targets = instances
         .iter()
         .map(|i| {

@@ -51,6 +51,8 @@ struct Run<'a> {
     /// Target-group key → ARN.
     tg_arns: BTreeMap<String, String>,
     vpc_id: Option<String>,
+    /// Target groups this run created whose tags are not checked yet: (ARN, name).
+    unverified_tgs: Vec<(String, String)>,
 }
 
 fn internal(what: impl std::fmt::Display) -> ProviderError {
@@ -225,6 +227,7 @@ impl<'a> Run<'a> {
             out: observed.clone(),
             tg_arns,
             vpc_id: p.settings.vpc_id.clone(),
+            unverified_tgs: Vec::new(),
         }
     }
 
@@ -314,6 +317,9 @@ impl<'a> Run<'a> {
     }
 
     async fn op(&mut self, op: &Op) -> Result<(), ProviderError> {
+        if uses_target_groups(op) {
+            self.verify_created_tgs().await?;
+        }
         match op {
             Op::CreateSecurityGroup => self.create_security_group().await,
             Op::SetAlgorithm { key, .. } => Err(ProviderError::InvalidConfig(format!(
@@ -642,8 +648,40 @@ impl<'a> Run<'a> {
             .ok_or_else(|| unexpected("CreateTargetGroup", "a target group cloudlb cannot read"))?;
         self.out.target_groups.retain(|t| t.name != observed.name);
         self.out.target_groups.push(observed);
+        self.unverified_tgs.push((arn.clone(), tg.name.clone()));
         self.tg_arns.insert(key.to_string(), arn);
         Ok(())
+    }
+
+    /// AWS answers a CreateTargetGroup for a name that exists (with the same settings) with the
+    /// existing target group, and its answer says nothing of when that was made: before the
+    /// first operation that would use or change a target group this run created, one
+    /// DescribeTags (for all of them) checks that they carry our ownership tags. One that does
+    /// not is [`ProviderError::Foreign`]: nothing is attached to it or changed on it.
+    async fn verify_created_tgs(&mut self) -> Result<(), ProviderError> {
+        if self.unverified_tgs.is_empty() {
+            return Ok(());
+        }
+        let created = std::mem::take(&mut self.unverified_tgs);
+        let arns: Vec<String> = created.iter().map(|(arn, _)| arn.clone()).collect();
+        let tags = self.p.describe_tags(&arns).await?;
+        let (cluster, uid) = (&self.p.settings.cluster, &self.desired.service.uid);
+        match created
+            .into_iter()
+            .find(|(arn, _)| !crate::observe::ours_elb(&tags, arn, cluster, uid))
+        {
+            Some((arn, name)) => {
+                tracing::warn!(
+                    target_group = arn,
+                    "the create answered with a target group that is not ours: not used"
+                );
+                Err(ProviderError::Foreign {
+                    kind: "target group",
+                    name,
+                })
+            }
+            None => Ok(()),
+        }
     }
 
     /// Waits for a change of the target group `arn` and records what it answered in what we
@@ -866,6 +904,19 @@ impl<'a> Run<'a> {
             Err(e) => Err(e.gone("listener")),
         }
     }
+}
+
+/// Whether `op` attaches, registers with or changes a target group.
+fn uses_target_groups(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::ModifyHealthCheck { .. }
+            | Op::SetTargetGroupAttributes { .. }
+            | Op::RegisterTargets { .. }
+            | Op::DeregisterTargets { .. }
+            | Op::CreateListener { .. }
+            | Op::ModifyListener { .. }
+    )
 }
 
 fn unix_millis(t: std::time::SystemTime) -> i64 {

@@ -26,9 +26,9 @@
 //!   and fails with `InvalidGroup.Duplicate`, as on AWS. Duplicates that remain are then the
 //!   operator's doing.
 //! - **AWS idempotency for existing names** ([`FaultConfig::existing_on_create`]): a
-//!   `CreateLoadBalancer` for a name that already exists is answered with that load balancer
-//!   (moto would create a second one), so a test can check that the operator never uses one
-//!   that is not its own.
+//!   `CreateLoadBalancer` or `CreateTargetGroup` for a name that already exists is answered with
+//!   that resource (moto would create a second load balancer, or refuse the target group), so a
+//!   test can check that the operator never uses one that is not its own.
 //!
 //! The listener side is a small HTTP/1.1 server (keep-alive, `Content-Length` bodies, as the AWS
 //! SDK sends them); upstream requests go through a pooled hyper client.
@@ -179,8 +179,9 @@ pub struct FaultConfig {
     pub actions: Option<Vec<String>>,
     /// Answer the retry of a lost idempotent create with the lost response (see the module docs).
     pub replay_lost_creates: bool,
-    /// Answer a `CreateLoadBalancer` for a name that exists with the existing load balancer,
-    /// as AWS does (when the settings match), instead of letting moto create a second one.
+    /// Answer a `CreateLoadBalancer` or `CreateTargetGroup` for a name that exists with the
+    /// existing resource, as AWS does (when the settings match), instead of letting moto create
+    /// a second load balancer or refuse the target group.
     pub existing_on_create: bool,
 }
 
@@ -1018,11 +1019,8 @@ async fn serve_connection(mut stream: TcpStream, state: Arc<State>) -> std::io::
                     lost.retain(|_, (at, _)| at.elapsed() < REPLAY_TTL);
                     lost.remove(&d.key).map(|(_, a)| a)
                 };
-                let existing = if replay.is_none()
-                    && action == "CreateLoadBalancer"
-                    && lock(&state.faults).existing_on_create
-                {
-                    existing_load_balancer(&state, &req).await
+                let existing = if replay.is_none() && lock(&state.faults).existing_on_create {
+                    existing_resource(&state, &req, &action).await
                 } else {
                     None
                 };
@@ -1049,12 +1047,18 @@ async fn serve_connection(mut stream: TcpStream, state: Arc<State>) -> std::io::
     Ok(())
 }
 
-/// [`FaultConfig::existing_on_create`]: the answer to the `CreateLoadBalancer` `req` when a load
-/// balancer of its name exists (that one, as AWS answers), else `None` (forward it).
-async fn existing_load_balancer(state: &State, req: &Request) -> Option<Answer> {
+/// [`FaultConfig::existing_on_create`]: the answer to `req`, a `CreateLoadBalancer` or
+/// `CreateTargetGroup`, when a resource of its name exists (that one, as AWS answers), else
+/// `None` (forward it).
+async fn existing_resource(state: &State, req: &Request, action: &str) -> Option<Answer> {
+    let describe = match action {
+        "CreateLoadBalancer" => "DescribeLoadBalancers",
+        "CreateTargetGroup" => "DescribeTargetGroups",
+        _ => return None,
+    };
     let body = String::from_utf8_lossy(&req.body);
     let name = body.split('&').find_map(|p| p.strip_prefix("Name="))?;
-    let describe = Request {
+    let lookup = Request {
         method: req.method.clone(),
         target: req.target.clone(),
         headers: req
@@ -1063,20 +1067,16 @@ async fn existing_load_balancer(state: &State, req: &Request) -> Option<Answer> 
             .filter(|(k, _)| !k.eq_ignore_ascii_case("content-length"))
             .cloned()
             .collect(),
-        body: format!("Action=DescribeLoadBalancers&Version=2015-12-01&Names.member.1={name}")
-            .into_bytes(),
+        body: format!("Action={describe}&Version=2015-12-01&Names.member.1={name}").into_bytes(),
     };
-    let found = forward(state, &describe).await;
+    let found = forward(state, &lookup).await;
     let text = String::from_utf8_lossy(&found.body);
     if found.status != 200 || !text.contains("<member>") {
         return None;
     }
     let body = text
-        .replace(
-            "DescribeLoadBalancersResponse",
-            "CreateLoadBalancerResponse",
-        )
-        .replace("DescribeLoadBalancersResult", "CreateLoadBalancerResult");
+        .replace(&format!("{describe}Response"), &format!("{action}Response"))
+        .replace(&format!("{describe}Result"), &format!("{action}Result"));
     Some(Answer {
         status: 200,
         headers: found.headers,
