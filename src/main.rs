@@ -305,21 +305,15 @@ async fn start_webhook(
     args: &WebhookArgs,
     common: &Common,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    cloudlb::webhook::tls_config(&args.webhook_cert_file, &args.webhook_key_file)?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("--webhook-addr {addr}: {e}"))?;
-    let settings = cloudlb::webhook::WebhookSettings {
+    let webhook = cloudlb::webhook::Webhook::new(cloudlb::webhook::WebhookSettings {
         cert_file: args.webhook_cert_file.clone(),
         key_file: args.webhook_key_file.clone(),
         classes: common.classes.clone(),
-    };
-    let client = client.clone();
-    tokio::spawn(async move {
-        if let Err(e) = cloudlb::webhook::run(client, listener, settings).await {
-            tracing::error!(error = %e, "admission webhook stopped");
-        }
-    });
+    })?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("--webhook-addr {addr}: {e}"))?;
+    tokio::spawn(webhook.run(client.clone(), listener));
     Ok(())
 }
 

@@ -10,6 +10,7 @@
 //! are judged by the adoption rules in [`crate::ownership`]).
 
 use crate::config::class::{CLASS_PREFIX, LoadBalancerClass};
+use crate::ownership;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
@@ -95,7 +96,7 @@ pub fn review(req: &AdmissionRequest<Service>, default_class: Option<&str>) -> A
 
 /// The TLS configuration from PEM files, which are read again when they change (cert-manager
 /// renews a certificate and the kubelet swaps the mounted Secret's files in place).
-pub fn tls_config(
+fn tls_config(
     cert_file: &Path,
     key_file: &Path,
 ) -> Result<Arc<rustls::ServerConfig>, WebhookError> {
@@ -196,14 +197,31 @@ impl rustls::server::ResolvesServerCert for ReloadingCert {
     }
 }
 
-/// Serves the webhook on `listener`: watches the classes itself (every replica answers, leader
-/// or not). Dropping the future stops it, open connections included.
-pub async fn run(
+/// The webhook, its certificate loaded (a bad one is an error before anything is served).
+pub struct Webhook {
+    tls: Arc<rustls::ServerConfig>,
+    settings: WebhookSettings,
+}
+
+impl Webhook {
+    pub fn new(settings: WebhookSettings) -> Result<Self, WebhookError> {
+        let tls = tls_config(&settings.cert_file, &settings.key_file)?;
+        Ok(Webhook { tls, settings })
+    }
+
+    /// Serves on `listener`: watches the classes itself (every replica answers, leader or
+    /// not). Dropping the future stops it, open connections included.
+    pub async fn run(self, client: Client, listener: TcpListener) {
+        run(client, listener, self.tls, self.settings).await;
+    }
+}
+
+async fn run(
     client: Client,
     listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
     settings: WebhookSettings,
-) -> Result<(), WebhookError> {
-    let tls = tls_config(&settings.cert_file, &settings.key_file)?;
+) {
     let (store, writer) = reflector::store();
     let watch = watcher(
         Api::<LoadBalancerClass>::all(client),
@@ -218,7 +236,6 @@ pub async fn run(
         _ = watch => {}
         _ = serve(listener, tls, store, settings) => {}
     }
-    Ok(())
 }
 
 /// Accepts TLS connections on `listener` and answers each request on them.
@@ -264,19 +281,13 @@ struct Defaults {
 
 impl Defaults {
     fn name(&self) -> Option<String> {
-        let served: Vec<LoadBalancerClass> = self
-            .classes
-            .state()
+        let filter = self.settings.classes.as_deref();
+        let classes = self.classes.state();
+        let served = classes
             .iter()
-            .filter(|c| {
-                self.settings
-                    .classes
-                    .as_ref()
-                    .is_none_or(|s| c.metadata.name.as_ref().is_some_and(|n| s.contains(n)))
-            })
-            .map(|c| (**c).clone())
-            .collect();
-        crate::ownership::default_class(&served).and_then(|c| c.metadata.name.clone())
+            .map(|c| &**c)
+            .filter(|c| ownership::serves(filter, c));
+        ownership::default_class(served).and_then(|c| c.metadata.name.clone())
     }
 }
 

@@ -12,25 +12,28 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::Store;
 use kube::{Api, ResourceExt};
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The status a class should have: `services` count when installation `installation`, serving
-/// `classes`, owns them through `class`.
-pub fn compute(
-    class: &LoadBalancerClass,
+/// How many of `services` installation `installation`, serving `classes`, owns through each
+/// class (by name): one pass for all classes.
+pub fn service_counts(
     classes: &[LoadBalancerClass],
     services: &[Arc<Service>],
     installation: &str,
-) -> LoadBalancerClassStatus {
-    let name = class.metadata.name.as_deref();
-    let service_count = services
-        .iter()
-        .filter(|s| match ownership(s, classes, installation) {
-            Ownership::Ours { class, .. } => class.metadata.name.as_deref() == name,
-            _ => false,
-        })
-        .count();
+) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for svc in services {
+        if let Ownership::Ours { class, .. } = ownership(svc, classes, installation) {
+            *counts.entry(class.name_any()).or_default() += 1;
+        }
+    }
+    counts
+}
+
+/// The status a class should have, with `service_count` Services.
+pub fn compute(class: &LoadBalancerClass, service_count: usize) -> LoadBalancerClassStatus {
     let condition = match config::validate_class(class) {
         Ok(()) => ClassCondition {
             type_: "Valid".into(),
@@ -60,9 +63,10 @@ pub async fn run(ctx: Arc<Context>, services: Store<Service>) {
     loop {
         tick.tick().await;
         let classes = ctx.served_classes();
-        let svcs = services.state();
+        let counts = service_counts(&classes, &services.state(), &ctx.settings.installation);
         for class in &classes {
-            let mut want = compute(class, &classes, &svcs, &ctx.settings.installation);
+            let count = counts.get(&class.name_any()).copied().unwrap_or(0);
+            let mut want = compute(class, count);
             let have = class.status.clone().unwrap_or_default();
             let same_condition = have.conditions.first().map(|c| (&c.status, &c.message))
                 == want.conditions.first().map(|c| (&c.status, &c.message));

@@ -138,10 +138,7 @@ impl Context {
         self.classes
             .state()
             .iter()
-            .filter(|c| match &self.settings.classes {
-                None => true,
-                Some(names) => c.metadata.name.as_ref().is_some_and(|n| names.contains(n)),
-            })
+            .filter(|c| crate::ownership::serves(self.settings.classes.as_deref(), c))
             .map(|c| (**c).clone())
             .collect()
     }
@@ -431,12 +428,7 @@ pub async fn plan_all(
         .await?
         .items
         .into_iter()
-        .filter(|c| {
-            settings
-                .classes
-                .as_ref()
-                .is_none_or(|n| n.contains(&c.name_any()))
-        })
+        .filter(|c| crate::ownership::serves(settings.classes.as_deref(), c))
         .collect();
     let nodes = Api::<Node>::all(client.clone())
         .list(&ListParams::default())

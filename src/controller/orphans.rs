@@ -3,6 +3,7 @@
 //! two steps never leaks a load balancer, target group or security group.
 
 use super::Context;
+use crate::config::class::LoadBalancerClass;
 use crate::model::Desired;
 use crate::ownership::{Ownership, has_finalizer};
 use k8s_openapi::api::core::v1::Service;
@@ -12,7 +13,11 @@ use std::time::Duration;
 
 /// Whether the Service `sref` names is alive and still (or again) ours: then the reconciler owns
 /// its resources, not the sweep. Errors count as alive: never delete on a guess.
-async fn alive(ctx: &Context, sref: &crate::model::ServiceRef) -> bool {
+async fn alive(
+    ctx: &Context,
+    classes: &[LoadBalancerClass],
+    sref: &crate::model::ServiceRef,
+) -> bool {
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &sref.namespace);
     match api.get_opt(&sref.name).await {
         Ok(Some(svc)) => {
@@ -20,8 +25,7 @@ async fn alive(ctx: &Context, sref: &crate::model::ServiceRef) -> bool {
                 return false;
             }
             // Ours (any installation's finalizer means some cloudlb owns it), or about to be.
-            let classes = ctx.served_classes();
-            has_finalizer(&svc) || matches!(ctx.ownership(&svc, &classes), Ownership::Ours { .. })
+            has_finalizer(&svc) || matches!(ctx.ownership(&svc, classes), Ownership::Ours { .. })
         }
         Ok(None) => false,
         Err(e) => {
@@ -34,6 +38,7 @@ async fn alive(ctx: &Context, sref: &crate::model::ServiceRef) -> bool {
 /// One sweep over every provider; returns how many Services' leftovers were deleted.
 pub async fn sweep_once(ctx: &Context) -> usize {
     let mut deleted = 0;
+    let classes = ctx.served_classes();
     for provider in ctx.providers.all() {
         let owned = match provider.owned().await {
             Ok(o) => o,
@@ -51,7 +56,7 @@ pub async fn sweep_once(ctx: &Context) -> usize {
             {
                 continue;
             }
-            if alive(ctx, &sref).await {
+            if alive(ctx, &classes, &sref).await {
                 continue;
             }
             let desired = Desired::empty(sref.clone(), observed.lb_name().to_string());

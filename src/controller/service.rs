@@ -7,9 +7,9 @@ use super::{CacheEntry, Context, FINALIZER, INSTALLATION_ANNOTATION, PROVIDER_AN
 use crate::build::{self, BuildError};
 use crate::config::LbConfig;
 use crate::config::{self, annotations, class::ProviderKind};
-use crate::model::state::{self, DEFAULT_SCHEME_ANNOTATION};
+use crate::model::state::{self, DEFAULT_SCHEME_ANNOTATION, has_finalizer, recorded_installation};
 use crate::model::{Desired, ServiceRef, naming};
-use crate::ownership::{Ownership, has_finalizer, recorded_installation};
+use crate::ownership::Ownership;
 use crate::plan::{Op, Plan, PlanError};
 use crate::provider::{LbState, Observed, Provider, ProviderError};
 use k8s_openapi::api::core::v1::Service;
@@ -111,6 +111,15 @@ fn is_provisioning(observed: &crate::provider::Observed) -> bool {
 /// The annotation changes of an ownership write: a value to set, or `None` to remove.
 type AnnotationChanges = Vec<(&'static str, Option<String>)>;
 
+/// The changes as a merge patch's `metadata.annotations` (`null` removes).
+fn merge_annotations(changes: AnnotationChanges) -> serde_json::Value {
+    changes
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
 /// Sets the finalizer list and makes the annotation `changes`, in one write that fails (to be
 /// retried) if the finalizers changed meanwhile.
 async fn write_ownership(
@@ -123,14 +132,10 @@ async fn write_ownership(
     let present = svc.metadata.annotations.as_ref();
     let patch = if current.is_empty() {
         // Nothing to compare with: the resourceVersion makes this an optimistic update.
-        let annotations: serde_json::Map<String, serde_json::Value> = changes
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), json!(v)))
-            .collect();
         Patch::Merge(json!({"metadata": {
             "finalizers": finalizers,
             "resourceVersion": svc.resource_version(),
-            "annotations": annotations,
+            "annotations": merge_annotations(changes),
         }}))
     } else {
         // Conflicts only when the finalizer list itself changed meanwhile (our own status
@@ -651,11 +656,7 @@ async fn annotate(
     svc: &Service,
     changes: AnnotationChanges,
 ) -> Result<(), kube::Error> {
-    let annotations: serde_json::Map<String, serde_json::Value> = changes
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), json!(v)))
-        .collect();
-    let patch = json!({"metadata": {"annotations": annotations}});
+    let patch = json!({"metadata": {"annotations": merge_annotations(changes)}});
     api.patch(
         &svc.name_any(),
         &PatchParams::default(),

@@ -76,7 +76,7 @@ async fn start_webhook(
     name: &str,
     ns: &str,
     class: &str,
-) -> tokio::task::JoinHandle<Result<(), webhook::WebhookError>> {
+) -> tokio::task::JoinHandle<()> {
     let dir = std::env::temp_dir().join(format!("cloudlb-webhook-{name}"));
     let (cert, key) = support::tls::self_signed_for_ip(&dir, "127.0.0.1");
     let ca = std::fs::read(&cert).expect("read cert");
@@ -89,7 +89,8 @@ async fn start_webhook(
         key_file: key,
         classes: Some(vec![class.to_string()]),
     };
-    let served = tokio::spawn(webhook::run(client.clone(), listener, settings));
+    let hook = webhook::Webhook::new(settings).expect("the webhook's certificate");
+    let served = tokio::spawn(hook.run(client.clone(), listener));
     Api::<MutatingWebhookConfiguration>::all(client.clone())
         .create(&PostParams::default(), &configuration(name, ns, port, &ca))
         .await
@@ -134,7 +135,7 @@ struct Served {
     client: Client,
     ns: String,
     config: String,
-    task: tokio::task::JoinHandle<Result<(), webhook::WebhookError>>,
+    task: tokio::task::JoinHandle<()>,
     api: Api<Service>,
 }
 

@@ -528,23 +528,34 @@ impl<'a> Run<'a> {
         if created_ms.is_some_and(|t| t >= sent_at.saturating_sub(skew)) {
             return Ok(());
         }
-        let tags = self.p.describe_tags(&[arn.to_string()]).await?;
+        let created = vec![(arn.to_string(), self.desired.lb_name.clone())];
+        self.refuse_foreign("load balancer", created).await
+    }
+
+    /// One DescribeTags for the `created` resources (ARN, name) of `kind`: the first without
+    /// our ownership tags is [`ProviderError::Foreign`].
+    async fn refuse_foreign(
+        &self,
+        kind: &'static str,
+        created: Vec<(String, String)>,
+    ) -> Result<(), ProviderError> {
+        let arns: Vec<String> = created.iter().map(|(arn, _)| arn.clone()).collect();
+        let tags = self.p.describe_tags(&arns).await?;
         let (cluster, uid) = (&self.p.settings.cluster, &self.desired.service.uid);
-        if crate::observe::ours_elb(&tags, arn, cluster, uid) {
-            tracing::info!(
-                load_balancer = arn,
-                "the create answered with our existing load balancer"
-            );
-            return Ok(());
+        match created
+            .into_iter()
+            .find(|(arn, _)| !crate::observe::ours_elb(&tags, arn, cluster, uid))
+        {
+            Some((arn, name)) => {
+                tracing::warn!(
+                    kind,
+                    arn,
+                    "a create answered with a resource that is not ours: not used"
+                );
+                Err(ProviderError::Foreign { kind, name })
+            }
+            None => Ok(()),
         }
-        tracing::warn!(
-            load_balancer = arn,
-            "the create answered with a load balancer that is not ours: not used"
-        );
-        Err(ProviderError::Foreign {
-            kind: "load balancer",
-            name: self.desired.lb_name.clone(),
-        })
     }
 
     /// Waits for a change of the load balancer and records what it answered in what we
@@ -663,25 +674,7 @@ impl<'a> Run<'a> {
             return Ok(());
         }
         let created = std::mem::take(&mut self.unverified_tgs);
-        let arns: Vec<String> = created.iter().map(|(arn, _)| arn.clone()).collect();
-        let tags = self.p.describe_tags(&arns).await?;
-        let (cluster, uid) = (&self.p.settings.cluster, &self.desired.service.uid);
-        match created
-            .into_iter()
-            .find(|(arn, _)| !crate::observe::ours_elb(&tags, arn, cluster, uid))
-        {
-            Some((arn, name)) => {
-                tracing::warn!(
-                    target_group = arn,
-                    "the create answered with a target group that is not ours: not used"
-                );
-                Err(ProviderError::Foreign {
-                    kind: "target group",
-                    name,
-                })
-            }
-            None => Ok(()),
-        }
+        self.refuse_foreign("target group", created).await
     }
 
     /// Waits for a change of the target group `arn` and records what it answered in what we

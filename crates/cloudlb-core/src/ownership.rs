@@ -157,21 +157,32 @@ impl PartialEq for Ownership<'_> {
     }
 }
 
-impl Ownership<'_> {
-    /// Whether the Service is ours to reconcile (or to release).
-    pub fn is_ours(&self) -> bool {
-        matches!(self, Ownership::Ours { .. } | Ownership::Release)
-    }
-}
-
 /// The default class among `served`: the oldest with `default: true` (several defaults: the
 /// oldest wins, then the name, deterministically, as StorageClass admission does).
-pub fn default_class(served: &[LoadBalancerClass]) -> Option<&LoadBalancerClass> {
-    served.iter().filter(|c| c.spec.default).min_by(|a, b| {
-        let created = |c: &LoadBalancerClass| c.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        created(a)
-            .cmp(&created(b))
-            .then_with(|| a.metadata.name.cmp(&b.metadata.name))
+pub fn default_class<'a>(
+    served: impl IntoIterator<Item = &'a LoadBalancerClass>,
+) -> Option<&'a LoadBalancerClass> {
+    served
+        .into_iter()
+        .filter(|c| c.spec.default)
+        .min_by(|a, b| {
+            let created =
+                |c: &LoadBalancerClass| c.metadata.creation_timestamp.as_ref().map(|t| t.0);
+            created(a)
+                .cmp(&created(b))
+                .then_with(|| a.metadata.name.cmp(&b.metadata.name))
+        })
+}
+
+/// Whether an installation limited to the classes `filter` (`--classes`; `None`: all) serves
+/// `class`.
+pub fn serves(filter: Option<&[String]>, class: &LoadBalancerClass) -> bool {
+    filter.is_none_or(|names| {
+        class
+            .metadata
+            .name
+            .as_ref()
+            .is_some_and(|n| names.contains(n))
     })
 }
 
