@@ -34,6 +34,8 @@ pub const DELETING: &str = "DeletingLoadBalancer";
 pub const DELETED: &str = "DeletedLoadBalancer";
 pub const INVALID: &str = "InvalidConfiguration";
 pub const TARGETS_SKIPPED: &str = "NodesNotTargeted";
+/// Pod targets: a Service port has no ready endpoint (its target group is empty).
+pub const NO_READY_ENDPOINTS: &str = "NoReadyEndpoints";
 pub const ALL_UNHEALTHY: &str = "AllTargetsUnhealthy";
 pub const TARGETS_HEALTHY: &str = "TargetsHealthy";
 /// A class-less Service the default class does not adopt: another controller may act on it.

@@ -15,8 +15,8 @@ pub struct ServiceMemory {
     pub failures: u32,
     /// The last invalid-configuration message (an Event only when it changes).
     pub last_invalid: Option<String>,
-    /// The last "nodes not targeted" message ("" for none).
-    pub last_warning: String,
+    /// The last warning of each reason (nodes not targeted, no ready endpoint), while it holds.
+    pub warnings: Vec<(&'static str, String)>,
 }
 
 impl ServiceMemory {
@@ -24,7 +24,29 @@ impl ServiceMemory {
         self.cloud.is_none()
             && self.failures == 0
             && self.last_invalid.is_none()
-            && self.last_warning.is_empty()
+            && self.warnings.is_empty()
+    }
+
+    /// Records `message` ("": none) as the warning of `reason`; true if it differs from the one
+    /// recorded.
+    pub fn warned(&mut self, reason: &'static str, message: &str) -> bool {
+        let at = self.warnings.iter().position(|(r, _)| *r == reason);
+        match (at, message.is_empty()) {
+            (Some(i), _) if self.warnings[i].1 == message => false,
+            (Some(i), true) => {
+                self.warnings.remove(i);
+                true
+            }
+            (Some(i), false) => {
+                self.warnings[i].1 = message.to_string();
+                true
+            }
+            (None, true) => false,
+            (None, false) => {
+                self.warnings.push((reason, message.to_string()));
+                true
+            }
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod class_status;
 pub mod decide;
+pub mod endpoints;
 pub mod events;
 pub mod memory;
 pub mod orphans;
@@ -47,6 +48,9 @@ pub struct Settings {
     pub orphan_sweep: Duration,
     /// Reconciles running at once (bounds memory; the cloud rate limits bound throughput).
     pub concurrency: u16,
+    /// Pod targets: endpoint changes of one Service within this window are applied together
+    /// (one (de)register call per target group per window, however fast the endpoints flap).
+    pub endpoint_window: Duration,
     /// Name reported on Events.
     pub reporter: String,
 }
@@ -62,6 +66,7 @@ impl Settings {
             provisioning_requeue: Duration::from_secs(5),
             orphan_sweep: Duration::from_secs(600),
             concurrency: 32,
+            endpoint_window: Duration::from_secs(1),
             reporter: "cloudlb".into(),
         }
     }
@@ -127,6 +132,8 @@ pub struct Context {
     pub recorder: events::Recorder,
     pub nodes: Store<Node>,
     pub classes: Store<LoadBalancerClass>,
+    /// The EndpointSlices of the Services with pod targets.
+    pub endpoints: Arc<endpoints::Endpoints>,
     /// What is remembered about each Service between reconciles.
     pub memory: memory::Memory,
     pub metrics: Arc<crate::telemetry::Metrics>,
@@ -244,6 +251,16 @@ pub async fn run(
 
     let node_task = watch_nodes(&client, node_writer, node_tx, metrics.clone());
     let class_task = watch_classes(&client, class_writer, class_tx, metrics.clone());
+    let endpoints = Arc::new(endpoints::Endpoints::default());
+    let (endpoint_tx, endpoint_rx) = futures::channel::mpsc::unbounded();
+    let endpoint_task = endpoints::run(
+        client.clone(),
+        settings.namespace.clone(),
+        endpoints.clone(),
+        settings.endpoint_window,
+        endpoint_tx,
+        metrics.clone(),
+    );
 
     let recorder = events::Recorder::new(client.clone(), settings.reporter.clone());
     let ctx = Arc::new(Context {
@@ -253,27 +270,37 @@ pub async fn run(
         recorder,
         nodes: nodes.clone(),
         classes: classes.clone(),
+        endpoints: endpoints.clone(),
         memory: memory::Memory::default(),
         metrics,
     });
 
     let trigger = futures::stream::select(node_rx, class_rx);
-    let (controller_task, svc_store) =
-        service_controller(ctx.clone(), services, trigger, shutdown.clone());
+    let (controller_task, svc_store) = service_controller(
+        ctx.clone(),
+        services,
+        Triggers {
+            all: trigger,
+            some: endpoint_rx,
+        },
+        shutdown.clone(),
+    );
     let status_task = class_status::run(ctx.clone(), svc_store);
     let orphan_task = orphans::run(ctx.clone(), ctx.settings.orphan_sweep);
     let health_task = local_health_events(ctx.clone());
-    // Wait for the node and class caches before the first reconcile can use them.
+    // Wait for the node, class and endpoint caches before the first reconcile can use them.
     let ready = || {
-        let (nodes, classes) = (nodes.clone(), classes.clone());
+        let (nodes, classes, endpoints) = (nodes.clone(), classes.clone(), endpoints.clone());
         async move {
             let _ = nodes.wait_until_ready().await;
             let _ = classes.wait_until_ready().await;
+            endpoints.wait_until_ready().await;
         }
     };
     tokio::select! {
         _ = node_task => {}
         _ = class_task => {}
+        _ = endpoint_task => {}
         _ = status_task => {}
         _ = async {
             ready().await;
@@ -294,13 +321,24 @@ pub async fn run(
     }
 }
 
-/// The Service controller: reconciles each Service (of `services`) as it changes, and all of them
-/// on every `trigger`; stops taking new work when `shutdown` resolves and ends when the running
-/// reconciles are done. Also returns its Service cache.
+/// What reconciles Services besides their own changes.
+struct Triggers<A, S> {
+    /// Every Service (node and class changes).
+    all: A,
+    /// One Service (a batch of endpoint changes).
+    some: S,
+}
+
+/// The Service controller: reconciles each Service (of `services`) as it changes, all of them
+/// on every `triggers.all` and one on `triggers.some`; stops taking new work when `shutdown`
+/// resolves and ends when the running reconciles are done. Also returns its Service cache.
 fn service_controller(
     ctx: Arc<Context>,
     services: Api<Service>,
-    trigger: impl futures::Stream<Item = ()> + Send + 'static,
+    triggers: Triggers<
+        impl futures::Stream<Item = ()> + Send + 'static,
+        impl futures::Stream<Item = kube::runtime::reflector::ObjectRef<Service>> + Send + 'static,
+    >,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> (
     impl std::future::Future<Output = ()>,
@@ -318,7 +356,8 @@ fn service_controller(
                 .concurrency(ctx.settings.concurrency)
                 .debounce(Duration::from_millis(200)),
         )
-        .reconcile_all_on(trigger)
+        .reconcile_all_on(triggers.all)
+        .reconcile_on(triggers.some)
         .graceful_shutdown_on(shutdown)
         .run(service::reconcile, service::error_policy, ctx.clone())
         .for_each(dispatched(ctx.metrics.clone()));
@@ -434,6 +473,16 @@ pub async fn plan_all(
         .list(&ListParams::default())
         .await?
         .items;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let slices: Api<EndpointSlice> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let slices = slices.list(&ListParams::default()).await?.items;
+    let backends = crate::build::Backends {
+        nodes: &nodes,
+        endpoint_slices: &slices,
+    };
     let mut out = String::new();
     for svc in services.list(&ListParams::default()).await?.items {
         let key = format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any());
@@ -468,7 +517,7 @@ pub async fn plan_all(
                     continue;
                 }
             };
-        let line = match plan_one(settings, providers, class, &svc, &nodes).await {
+        let line = match plan_one(settings, providers, class, &svc, &backends).await {
             Ok(p) if p.is_empty() => "up to date".to_string(),
             Ok(p) => {
                 let ops: Vec<String> = p
@@ -491,14 +540,14 @@ async fn plan_one(
     providers: &Providers,
     class: &LoadBalancerClass,
     svc: &Service,
-    nodes: &[Node],
+    backends: &crate::build::Backends<'_, Node, k8s_openapi::api::discovery::v1::EndpointSlice>,
 ) -> Result<crate::plan::Plan, String> {
     let provider = providers
         .get(class.spec.provider)
         .ok_or_else(|| format!("provider {} is not enabled", class.spec.provider))?;
     let cfg = crate::config::resolve(class, svc).map_err(|e| e.to_string())?;
-    let built =
-        crate::build::build(&settings.cluster, svc, nodes, &cfg).map_err(|e| e.to_string())?;
+    let built = crate::build::build(&settings.cluster, svc, backends.clone(), &cfg)
+        .map_err(|e| e.to_string())?;
     let observed = provider
         .observe(&built.desired)
         .await

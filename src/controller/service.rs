@@ -8,7 +8,7 @@ use crate::build::{self, BuildError};
 use crate::config::LbConfig;
 use crate::config::{self, annotations, class::ProviderKind};
 use crate::model::state::{self, DEFAULT_SCHEME_ANNOTATION, has_finalizer, recorded_installation};
-use crate::model::{Desired, ServiceRef, naming};
+use crate::model::{Desired, ServiceRef, TargetMode, naming};
 use crate::ownership::Ownership;
 use crate::plan::{Op, Plan, PlanError};
 use crate::provider::{LbState, Observed, Provider, ProviderError};
@@ -390,11 +390,19 @@ fn unserved(class: Option<String>, ctx: &Context) -> String {
 }
 
 /// The desired model (`None`: the Service is not complete yet, e.g. no nodePorts); a Warning
-/// Event when the set of nodes left out changes.
+/// Event when the set of nodes left out, or of ports without a ready pod, changes.
 async fn build_model(svc: &Service, ctx: &Context, t: &Target) -> Result<Option<Desired>, String> {
-    // The store's Arcs: a reconcile never copies the Node objects.
+    // The stores' Arcs: a reconcile never copies the Node or EndpointSlice objects.
     let nodes = ctx.nodes.state();
-    let built = match build::build(&ctx.settings.cluster, svc, &nodes, &t.cfg) {
+    let pods = build::target_mode(&t.cfg) == TargetMode::Pods;
+    let slices = ctx
+        .endpoints
+        .slices_for(&t.sref.namespace, &t.sref.name, pods);
+    let backends = build::Backends {
+        nodes: &nodes,
+        endpoint_slices: &slices,
+    };
+    let built = match build::build(&ctx.settings.cluster, svc, backends, &t.cfg) {
         Ok(b) => b,
         Err(BuildError::Incomplete) => return Ok(None),
         Err(BuildError::Invalid(m)) => {
@@ -404,25 +412,31 @@ async fn build_model(svc: &Service, ctx: &Context, t: &Target) -> Result<Option<
             ));
         }
     };
-    let warning = built.warnings.join("; ");
-    let changed = ctx.memory.with(&t.sref.uid, |m| {
-        m.last_invalid = None;
-        let changed = m.last_warning != warning;
-        m.last_warning.clone_from(&warning);
-        changed
-    });
-    if !warning.is_empty() && changed {
-        tracing::warn!(%warning, "some nodes are not targets");
-        publish(
-            &ctx.recorder,
-            svc,
-            EventType::Warning,
-            events::TARGETS_SKIPPED,
-            warning,
-        )
-        .await;
-    }
+    ctx.memory.with(&t.sref.uid, |m| m.last_invalid = None);
+    let skipped = built.warnings.join("; ");
+    warn_on_change(ctx, svc, events::TARGETS_SKIPPED, skipped).await;
+    let empty = match built.no_ready_endpoints.as_slice() {
+        [] => String::new(),
+        ports => {
+            let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+            format!(
+                "No ready pod behind port(s) {}: their target groups are empty, the load balancer is kept; pods are registered as they become ready",
+                ports.join(", ")
+            )
+        }
+    };
+    warn_on_change(ctx, svc, events::NO_READY_ENDPOINTS, empty).await;
     Ok(Some(built.desired))
+}
+
+/// A Warning Event `reason` saying `message`, when the message differs from the last one of that
+/// reason ("" is none: nothing is said, and the next problem is told again).
+async fn warn_on_change(ctx: &Context, svc: &Service, reason: &'static str, message: String) {
+    let changed = ctx.memory.with(uid(svc), |m| m.warned(reason, &message));
+    if !message.is_empty() && changed {
+        tracing::warn!(reason, %message, "told the Service");
+        publish(&ctx.recorder, svc, EventType::Warning, reason, message).await;
+    }
 }
 
 /// Nothing of ours can exist for a Service that has never carried our finalizer (it goes on
@@ -738,6 +752,7 @@ async fn cleanup(
         Err(e) => return Err(e.into()),
     }
     ctx.memory.forget(&sref.uid);
+    ctx.endpoints.forget(&sref.namespace, &sref.name);
     tracing::info!("load balancer cleaned up; finalizer removed");
     Ok((Action::await_change(), Outcome::CleanedUp))
 }

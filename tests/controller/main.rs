@@ -17,5 +17,6 @@ mod image;
 mod local_controller;
 mod operator_process;
 mod ownership;
+mod pod_targets;
 mod smoke;
 mod webhook;

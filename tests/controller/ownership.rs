@@ -403,7 +403,7 @@ async fn desired(env: &Env, name: &str) -> cloudlb::model::Desired {
         .expect("nodes")
         .items;
     let cfg = cloudlb::config::resolve(&class, &svc).expect("config");
-    cloudlb::build::build(&env.ns, &svc, &nodes, &cfg)
+    cloudlb::build::build(&env.ns, &svc, cloudlb::build::Backends::nodes(&nodes), &cfg)
         .expect("build")
         .desired
 }

@@ -9,7 +9,9 @@
 //!
 //! Phases: create N LoadBalancer Services (1 or 2 ports) over M Nodes and wait for every status;
 //! touch every Service with a no-op annotation (an unchanged resync of everything); add one Node;
-//! remove it; delete every Service. Per phase: wall time, cloud calls by operation (counted at the
+//! remove it; endpoint churn (one more Service, with pod targets: 100 endpoints whose readiness
+//! flips 20 times a second for 20 s, written to its EndpointSlice as the EndpointSlice controller
+//! would); delete every Service. Per phase: wall time, cloud calls by operation (counted at the
 //! proxy), the operator's own call count, its RSS. Prints goal vs measured and writes JSON.
 //! Asserts nothing about timings.
 
@@ -43,6 +45,11 @@ const NAMESPACE: &str = "bench";
 const MOTO_DEFAULT_ACCOUNT: &str = "123456789012";
 /// The Node added and removed in the node phases.
 const EXTRA_NODE: &str = "node-extra";
+/// The endpoint-churn phase: its Service, endpoints, readiness changes per second, duration.
+const CHURN_SERVICE: &str = "churn";
+const CHURN_PODS: usize = 100;
+const CHURN_RATE: u32 = 20;
+const CHURN_SECONDS: u64 = 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -125,6 +132,7 @@ pub enum StopAfter {
     Resync,
     NodeAdd,
     NodeRemove,
+    EndpointChurn,
     Delete,
 }
 
@@ -653,6 +661,9 @@ impl Bench<'_> {
             self.node_removed(report).await?;
         }
         if stop > StopAfter::NodeRemove {
+            self.endpoint_churn(report).await?;
+        }
+        if stop > StopAfter::EndpointChurn {
             self.delete_all(report).await?;
         }
         Ok(())
@@ -853,6 +864,94 @@ impl Bench<'_> {
             self.node_phase("node removed", "DeregisterTargets", m, t0)
                 .await?,
         );
+        Ok(())
+    }
+
+    /// One Service with pod targets behind [`CHURN_PODS`] endpoints; once they are registered,
+    /// one endpoint's readiness flips every 1/[`CHURN_RATE`] s for [`CHURN_SECONDS`]; counts the
+    /// (de)register calls per target group per second of churn. The Service is deleted after.
+    async fn endpoint_churn(&self, report: &mut Report) -> Result<(), BenchError> {
+        use k8s_openapi::api::discovery::v1::EndpointSlice;
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": CHURN_SERVICE, "annotations": {"cloudlb.io/target-type": "ip"}},
+            "spec": {"type": "LoadBalancer", "allocateLoadBalancerNodePorts": false,
+                "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
+        }))?;
+        let slices: Api<EndpointSlice> = Api::namespaced(self.client.clone(), NAMESPACE);
+        let mut ready = vec![true; CHURN_PODS];
+        let slice = |ready: &[bool]| -> Result<EndpointSlice, BenchError> {
+            let endpoints: Vec<_> = ready
+                .iter()
+                .enumerate()
+                .map(|(i, r)| json!({"addresses": [format!("10.0.{}.{}", 100 + i / 200, 10 + i % 200)], "conditions": {"ready": r}}))
+                .collect();
+            Ok(serde_json::from_value(json!({
+                "metadata": {"name": format!("{CHURN_SERVICE}-1"),
+                    "labels": {"kubernetes.io/service-name": CHURN_SERVICE}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                "endpoints": endpoints,
+            }))?)
+        };
+        slices
+            .create(&PostParams::default(), &slice(&ready)?)
+            .await?;
+        self.services.create(&PostParams::default(), &svc).await?;
+        let registered = || async { self.proxy.counts().action("RegisterTargets") >= 1 };
+        self.wait(Instant::now() + self.timeout, registered).await?;
+        self.settle().await?;
+        let m = mark(self.proxy, self.op).await;
+        let t0 = Instant::now();
+        let every = Duration::from_secs(1) / CHURN_RATE;
+        let mut changes = 0u32;
+        let mut tick = tokio::time::interval(every);
+        while t0.elapsed() < Duration::from_secs(CHURN_SECONDS) {
+            tick.tick().await;
+            // A deterministic walk over the endpoints: each flip is a real change.
+            let i = (changes as usize * 37) % CHURN_PODS;
+            ready[i] = !ready[i];
+            let name = format!("{CHURN_SERVICE}-1");
+            slices
+                .replace(&name, &PostParams::default(), &{
+                    let mut s = slice(&ready)?;
+                    s.metadata.resource_version =
+                        slices.get(&name).await?.metadata.resource_version;
+                    s
+                })
+                .await?;
+            changes += 1;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        self.settle().await?;
+        let mut phase = Phase::new("endpoint churn", secs, self.proxy.counts(), self.op, &m).await;
+        let calls =
+            phase.counts.action("RegisterTargets") + phase.counts.action("DeregisterTargets");
+        phase.note(format!(
+            "{changes} readiness changes of {CHURN_PODS} endpoints in {secs:.1} s ({:.1}/s); 1 target group; {calls} (de)register calls = {:.2} per target group per second of churn",
+            f64::from(changes) / secs,
+            calls as f64 / secs
+        ));
+        say(
+            self.start,
+            format!("endpoint churn: {calls} (de)register calls in {secs:.1} s"),
+        );
+        report.phase(phase);
+        self.services
+            .delete(CHURN_SERVICE, &DeleteParams::default())
+            .await?;
+        let gone = || async {
+            self.services
+                .get_opt(CHURN_SERVICE)
+                .await
+                .ok()
+                .flatten()
+                .is_none()
+        };
+        self.wait(Instant::now() + self.timeout, gone).await?;
+        slices
+            .delete(&format!("{CHURN_SERVICE}-1"), &DeleteParams::default())
+            .await?;
+        self.settle().await?;
         Ok(())
     }
 

@@ -277,6 +277,17 @@ impl Report {
                 ));
             }
         }
+        if let Some(p) = self.get("endpoint churn") {
+            let calls = p.counts.action("RegisterTargets") + p.counts.action("DeregisterTargets");
+            let rate = calls as f64 / p.seconds.max(1e-9);
+            let other = p.total - calls;
+            rows.push((
+                "endpoint churn: <= 1 register + 1 deregister per target group per second, nothing else".into(),
+                format!("{calls} (de)register calls in {:.1} s = {rate:.2}/s, other calls {other}", p.seconds),
+                // The batch of the last window lands after the churn ends: one window more.
+                verdict(calls as f64 <= 2.0 * (p.seconds + 1.0) && other == 0),
+            ));
+        }
         if let Some(p) = self.get("delete all") {
             let (l, t, s) = self.leftovers;
             rows.push((

@@ -3,10 +3,12 @@
 use crate::config::LbConfig;
 use crate::model::{
     Desired, FrontendSecurityGroup, HealthCheck, HealthCheckProtocol, IngressRule, Listener,
-    LoadBalancer, LocalSpec, Protocol, Security, ServiceRef, Target, TargetGroup, TargetType,
+    LoadBalancer, LocalSpec, Protocol, Security, ServiceRef, Target, TargetGroup, TargetMode,
     naming, tags,
 };
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Node, Service, ServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
@@ -30,6 +32,22 @@ pub struct Built {
     pub desired: Desired,
     /// Nodes left out for a reason the user can fix (e.g. no providerID for instance targets).
     pub warnings: Vec<String>,
+    /// Pod targets: the Service ports with no ready endpoint (their target groups are empty).
+    pub no_ready_endpoints: Vec<u16>,
+}
+
+/// The label of an EndpointSlice naming its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Whether `slice` belongs to the Service `namespace/name`.
+pub fn slice_of(slice: &EndpointSlice, namespace: &str, name: &str) -> bool {
+    slice.metadata.namespace.as_deref() == Some(namespace)
+        && slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .is_some_and(|n| n == name)
 }
 
 pub fn service_ref(svc: &Service) -> Result<ServiceRef, BuildError> {
@@ -105,7 +123,18 @@ pub fn internal_ip(node: &Node) -> Option<String> {
 struct PortGroup {
     port: u16,
     protocol: Protocol,
-    node_port: u16,
+    /// The nodePort (none allocated: only pod targets can be built).
+    node_port: Option<u16>,
+    /// The Service port whose endpoints are the pod targets (TCP's of a TCP_UDP pair).
+    endpoint_port: EndpointPort,
+    /// The numeric targetPort (the port itself when unset); None when it is named.
+    target_port: Option<u16>,
+}
+
+/// A Service port as its EndpointSlices name it.
+struct EndpointPort {
+    name: String,
+    protocol: String,
 }
 
 impl PortGroup {
@@ -117,42 +146,84 @@ impl PortGroup {
             self.port
         )
     }
+
+    /// The target group's port: the nodePort for node targets; for pods the numeric
+    /// targetPort, or 1 when it is named (the targets carry their own ports).
+    fn target_group_port(&self, mode: TargetMode) -> u16 {
+        match mode {
+            TargetMode::Pods => self.target_port.unwrap_or(1),
+            TargetMode::Instance | TargetMode::NodeIp => self.node_port.unwrap_or_default(),
+        }
+    }
 }
 
-fn port_groups(svc: &Service, cfg: &LbConfig) -> Result<Vec<PortGroup>, BuildError> {
+/// `spec.ports[].targetPort` as a number (the port when unset), or None when it is named.
+fn numeric_target_port(p: &ServicePort) -> Result<Option<u16>, BuildError> {
+    match &p.target_port {
+        None => Ok(u16::try_from(p.port).ok()),
+        Some(IntOrString::Int(n)) => u16::try_from(*n).map(Some).map_err(|_| {
+            BuildError::Invalid(format!(
+                "spec.ports: targetPort {n} of port {} is out of range",
+                p.port
+            ))
+        }),
+        Some(IntOrString::String(s)) => Ok(s.parse().ok()),
+    }
+}
+
+fn port_groups(
+    svc: &Service,
+    cfg: &LbConfig,
+    mode: TargetMode,
+) -> Result<Vec<PortGroup>, BuildError> {
     let ports = svc
         .spec
         .as_ref()
         .and_then(|s| s.ports.clone())
         .unwrap_or_default();
-    let mut by_port: BTreeMap<u16, Vec<(String, u16)>> = BTreeMap::new();
+    let mut by_port: BTreeMap<u16, Vec<&ServicePort>> = BTreeMap::new();
     for p in &ports {
         let port = u16::try_from(p.port).map_err(|_| {
             BuildError::Invalid(format!("spec.ports: port {} is out of range", p.port))
         })?;
-        let node_port = p
-            .node_port
-            .and_then(|n| u16::try_from(n).ok())
-            .filter(|n| *n > 0)
-            .ok_or_else(|| {
-                BuildError::Invalid(format!(
-                    "spec.ports: port {port} has no nodePort allocated yet"
-                ))
-            })?;
-        by_port.entry(port).or_default().push((
-            p.protocol.clone().unwrap_or_else(|| "TCP".into()),
-            node_port,
-        ));
+        by_port.entry(port).or_default().push(p);
     }
     let mut out = Vec::new();
     for (port, entries) in by_port {
-        let has = |proto: &str| entries.iter().find(|(p, _)| p == proto).map(|(_, n)| *n);
-        let (protocol, node_port) = match (has("TCP"), has("UDP")) {
-            (Some(t), Some(u)) if t == u => (Protocol::TcpUdp, t),
+        let has = |proto: &str| {
+            entries
+                .iter()
+                .copied()
+                .find(|p| p.protocol.as_deref().unwrap_or("TCP") == proto)
+        };
+        let node_port = |p: &ServicePort| -> Result<Option<u16>, BuildError> {
+            let n = p
+                .node_port
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|n| *n > 0);
+            match (n, mode) {
+                (None, TargetMode::Instance | TargetMode::NodeIp) => Err(BuildError::Invalid(
+                    format!("spec.ports: port {port} has no nodePort allocated yet"),
+                )),
+                (n, _) => Ok(n),
+            }
+        };
+        let (protocol, first) = match (has("TCP"), has("UDP")) {
             (Some(t), Some(u)) => {
-                return Err(BuildError::Invalid(format!(
-                    "spec.ports: port {port} is both TCP (nodePort {t}) and UDP (nodePort {u}); one TCP_UDP listener needs one nodePort: set the same spec.ports[].nodePort on both"
-                )));
+                let (tn, un) = (node_port(t)?, node_port(u)?);
+                if mode == TargetMode::Pods {
+                    if t.target_port != u.target_port {
+                        return Err(BuildError::Invalid(format!(
+                            "spec.ports: port {port} is both TCP and UDP with different targetPorts; one TCP_UDP listener sends both to one pod port: set the same spec.ports[].targetPort on both"
+                        )));
+                    }
+                } else if tn != un {
+                    let (t, u) = (tn.unwrap_or_default(), un.unwrap_or_default());
+                    return Err(BuildError::Invalid(format!(
+                        "spec.ports: port {port} is both TCP (nodePort {t}) and UDP (nodePort {u}); one TCP_UDP listener needs one nodePort: set the same spec.ports[].nodePort on both"
+                    )));
+                }
+                (Protocol::TcpUdp, t)
             }
             (Some(t), None) if cfg.tls_ports.contains(&port) => (Protocol::Tls, t),
             (Some(t), None) => (Protocol::Tcp, t),
@@ -162,10 +233,54 @@ fn port_groups(svc: &Service, cfg: &LbConfig) -> Result<Vec<PortGroup>, BuildErr
         out.push(PortGroup {
             port,
             protocol,
-            node_port,
+            node_port: node_port(first)?,
+            endpoint_port: EndpointPort {
+                name: first.name.clone().unwrap_or_default(),
+                protocol: first.protocol.clone().unwrap_or_else(|| "TCP".into()),
+            },
+            target_port: numeric_target_port(first)?,
         });
     }
     Ok(out)
+}
+
+/// The ready pods behind one Service port, by IP at the port their EndpointSlice gives (named
+/// targetPorts resolve per slice). Endpoints that are not ready (starting, failing, or serving
+/// while terminating) are left out; so are slices of another address family than IPv4.
+fn pod_targets<S: std::borrow::Borrow<EndpointSlice>>(
+    slices: &[S],
+    port: &EndpointPort,
+) -> BTreeSet<Target> {
+    let mut targets = BTreeSet::new();
+    for slice in slices.iter().map(|s| s.borrow()) {
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        let number = slice.ports.iter().flatten().find_map(|p| {
+            let name = p.name.as_deref().unwrap_or_default();
+            let protocol = p.protocol.as_deref().unwrap_or("TCP");
+            (name == port.name && protocol == port.protocol)
+                .then_some(p.port)
+                .flatten()
+        });
+        let Some(number) = number.and_then(|n| u16::try_from(n).ok()) else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            // Unset means ready (discovery.k8s.io/v1).
+            let ready = endpoint.conditions.as_ref().and_then(|c| c.ready);
+            if ready == Some(false) {
+                continue;
+            }
+            for address in &endpoint.addresses {
+                targets.insert(Target {
+                    id: address.clone(),
+                    port: number,
+                });
+            }
+        }
+    }
+    targets
 }
 
 /// kube-proxy's health endpoint on every node (`--healthz-bind-address`, default port 10256).
@@ -174,9 +289,13 @@ pub const KUBE_PROXY_HEALTHZ_PORT: u16 = 10256;
 /// The health check of one target group. `udp_only`: a TCP check on the traffic port cannot
 /// work (kube-proxy's UDP nodePort has no TCP side), so such groups default to kube-proxy's
 /// `/healthz` on port 10256, as the cloud-provider-aws does.
-fn health_check(svc: &Service, cfg: &LbConfig, udp_only: bool) -> HealthCheck {
+/// Pod targets are checked directly, on their traffic port (as aws-load-balancer-controller
+/// does): neither kube-proxy nor the healthCheckNodePort is in their path.
+fn health_check(svc: &Service, cfg: &LbConfig, mode: TargetMode, udp_only: bool) -> HealthCheck {
     let spec = svc.spec.clone().unwrap_or_default();
-    let local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let nodes = mode != TargetMode::Pods;
+    let udp_only = udp_only && nodes;
+    let local = nodes && spec.external_traffic_policy.as_deref() == Some("Local");
     let hc_node_port = spec
         .health_check_node_port
         .and_then(|p| u16::try_from(p).ok())
@@ -205,12 +324,43 @@ fn health_check(svc: &Service, cfg: &LbConfig, udp_only: bool) -> HealthCheck {
     }
 }
 
+/// What the targets are made of: the cluster's Nodes, and the Service's EndpointSlices (read
+/// for pod targets only; slices of other Services are ignored). Either may be owned objects or
+/// the `Arc`s of a store: nothing is cloned.
+pub struct Backends<'a, N, S> {
+    pub nodes: &'a [N],
+    pub endpoint_slices: &'a [S],
+}
+
+impl<N, S> Clone for Backends<'_, N, S> {
+    fn clone(&self) -> Self {
+        Backends { ..*self }
+    }
+}
+
+impl<'a, N> Backends<'a, N, EndpointSlice> {
+    /// Nodes only: what node targets need.
+    pub fn nodes(nodes: &'a [N]) -> Self {
+        Backends {
+            nodes,
+            endpoint_slices: &[],
+        }
+    }
+}
+
+/// The target mode the Service's load balancer uses: the local proxy reaches nodes by address.
+pub fn target_mode(cfg: &LbConfig) -> TargetMode {
+    match cfg.targets {
+        TargetMode::Instance if cfg.local.is_some() => TargetMode::NodeIp,
+        mode => mode,
+    }
+}
+
 /// Builds the desired model for a Service that wants a load balancer of ours.
-/// `nodes` may be owned Nodes or the `Arc`s of a reflector store: no Node is cloned.
-pub fn build<N: std::borrow::Borrow<Node>>(
+pub fn build<N: std::borrow::Borrow<Node>, S: std::borrow::Borrow<EndpointSlice>>(
     cluster: &str,
     svc: &Service,
-    nodes: &[N],
+    backends: Backends<'_, N, S>,
     cfg: &LbConfig,
 ) -> Result<Built, BuildError> {
     let service = service_ref(svc)?;
@@ -224,24 +374,29 @@ pub fn build<N: std::borrow::Borrow<Node>>(
         t
     };
 
-    // The local proxy reaches nodes by address.
-    let target_type = if cfg.local.is_some() {
-        TargetType::Ip
-    } else {
-        cfg.target_type
+    let mode = target_mode(cfg);
+    let hosts = match mode {
+        TargetMode::Pods => BTreeSet::new(),
+        _ => targets(backends.nodes, cfg, mode, &mut warnings),
     };
-
-    let hosts = targets(nodes, cfg, target_type, &mut warnings);
+    let slices: Vec<&EndpointSlice> = backends
+        .endpoint_slices
+        .iter()
+        .map(|s| s.borrow())
+        .filter(|s| slice_of(s, &service.namespace, &service.name))
+        .collect();
     let shared = Shared {
         svc,
         cfg,
         lb_name: &name,
         service: &service,
-        target_type,
+        mode,
         hosts: &hosts,
+        slices: &slices,
     };
 
-    let groups = port_groups(svc, cfg)?;
+    let groups = port_groups(svc, cfg, mode)?;
+    let mut no_ready_endpoints = Vec::new();
     let mut listeners = Vec::new();
     let mut target_groups = Vec::new();
     let mut ingress = BTreeSet::new();
@@ -256,12 +411,11 @@ pub fn build<N: std::borrow::Borrow<Node>>(
             attributes.insert("proxy_protocol_v2.enabled".to_string(), "false".to_string());
             attributes.extend(cfg.tg_attributes.clone());
         }
-        target_groups.push(shared.target_group(
-            g,
-            &key,
-            attributes,
-            tagged(&format!("target-group/{key}")),
-        ));
+        let tg = shared.target_group(g, &key, attributes, tagged(&format!("target-group/{key}")));
+        if mode == TargetMode::Pods && tg.targets.is_empty() {
+            no_ready_endpoints.push(g.port);
+        }
+        target_groups.push(tg);
         ingress.extend(ingress_rules(g, &cfg.source_ranges));
         listeners.push(listener(g, key, cfg));
     }
@@ -280,6 +434,7 @@ pub fn build<N: std::borrow::Borrow<Node>>(
     Ok(Built {
         desired: assemble(cluster, svc, cfg, parts, local),
         warnings,
+        no_ready_endpoints,
     })
 }
 
@@ -399,7 +554,7 @@ fn base_tags(cluster: &str, service: &ServiceRef, cfg: &LbConfig) -> BTreeMap<St
 fn targets<N: std::borrow::Borrow<Node>>(
     nodes: &[N],
     cfg: &LbConfig,
-    target_type: TargetType,
+    mode: TargetMode,
     warnings: &mut Vec<String>,
 ) -> BTreeSet<String> {
     let mut hosts: BTreeSet<String> = BTreeSet::new();
@@ -409,10 +564,12 @@ fn targets<N: std::borrow::Borrow<Node>>(
         .filter(|n| node_eligible(n) && matches_labels(n, &cfg.target_node_labels))
     {
         let node_name = node.metadata.name.clone().unwrap_or_default();
-        let id = match target_type {
-            TargetType::Instance => instance_id(node)
+        let id = match mode {
+            TargetMode::Instance => instance_id(node)
                 .ok_or("no spec.providerID of the form aws:///<zone>/<instance-id>"),
-            TargetType::Ip => internal_ip(node).ok_or("no InternalIP address"),
+            TargetMode::NodeIp | TargetMode::Pods => {
+                internal_ip(node).ok_or("no InternalIP address")
+            }
         };
         match id {
             Ok(id) => {
@@ -430,8 +587,11 @@ struct Shared<'a> {
     cfg: &'a LbConfig,
     lb_name: &'a str,
     service: &'a ServiceRef,
-    target_type: TargetType,
+    mode: TargetMode,
+    /// Node targets (ids), for node modes.
     hosts: &'a BTreeSet<String>,
+    /// The Service's EndpointSlices, for pod targets.
+    slices: &'a [&'a EndpointSlice],
 }
 
 impl Shared<'_> {
@@ -447,12 +607,24 @@ impl Shared<'_> {
             Protocol::Tls if !self.cfg.backend_tls => Protocol::Tcp,
             p => p,
         };
-        let immutable = format!(
-            "{}/{}/{}",
-            tg_protocol.as_aws(),
-            g.node_port,
-            self.target_type.as_aws()
-        );
+        let port = g.target_group_port(self.mode);
+        let target_type = self.mode.target_type();
+        let mut immutable = format!("{}/{port}/{}", tg_protocol.as_aws(), target_type.as_aws());
+        if self.mode == TargetMode::Pods {
+            // Never the name of a node-ip group on the same port number.
+            immutable.push_str("/pods");
+        }
+        let targets = match self.mode {
+            TargetMode::Pods => pod_targets(self.slices, &g.endpoint_port),
+            TargetMode::Instance | TargetMode::NodeIp => self
+                .hosts
+                .iter()
+                .map(|id| Target {
+                    id: id.clone(),
+                    port,
+                })
+                .collect(),
+        };
         TargetGroup {
             key: key.to_string(),
             name: naming::target_group_name(
@@ -463,18 +635,11 @@ impl Shared<'_> {
                 &immutable,
             ),
             protocol: tg_protocol,
-            port: g.node_port,
-            target_type: self.target_type,
-            health_check: health_check(self.svc, self.cfg, g.protocol == Protocol::Udp),
+            port,
+            target_type,
+            health_check: health_check(self.svc, self.cfg, self.mode, g.protocol == Protocol::Udp),
             attributes,
-            targets: self
-                .hosts
-                .iter()
-                .map(|id| Target {
-                    id: id.clone(),
-                    port: g.node_port,
-                })
-                .collect(),
+            targets,
             tags,
         }
     }

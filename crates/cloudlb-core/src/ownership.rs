@@ -27,6 +27,9 @@ pub use crate::model::state::{
 /// to serve it (value [`AWS_LB_TYPE_EXTERNAL`]).
 pub const AWS_LB_TYPE: &str = "service.beta.kubernetes.io/aws-load-balancer-type";
 pub const AWS_LB_TYPE_EXTERNAL: &str = "external";
+/// aws-load-balancer-controller's older value: served by it (pod targets); the cloud's service
+/// controller leaves it alone too.
+pub const AWS_LB_TYPE_NLB_IP: &str = "nlb-ip";
 
 /// The finalizers other load-balancer controllers put on the Services they serve, and who they
 /// are.
@@ -274,7 +277,7 @@ fn declined(svc: &Service, class: &LoadBalancerClass) -> Option<Declined> {
         .annotations
         .as_ref()
         .and_then(|a| a.get(AWS_LB_TYPE))
-        .is_some_and(|v| v.trim() == AWS_LB_TYPE_EXTERNAL);
+        .is_some_and(|v| [AWS_LB_TYPE_EXTERNAL, AWS_LB_TYPE_NLB_IP].contains(&v.trim()));
     if external || class.spec.adopt_all_classless_services {
         None
     } else {

@@ -1,4 +1,5 @@
-//! Golden tests: `tests/golden/build/<case>.yaml` (an optional LoadBalancerClass, a Service, Nodes)
+//! Golden tests: `tests/golden/build/<case>.yaml` (an optional LoadBalancerClass, a Service, Nodes,
+//! EndpointSlices)
 //! → `<case>.json` (the desired model, or the configuration errors). `UPDATE_GOLDEN=1` rewrites
 //! the expected files; review the diff.
 
@@ -21,6 +22,7 @@ fn run_case(path: &Path) -> serde_json::Value {
     let mut class = default_class();
     let mut svc = None;
     let mut nodes = Vec::new();
+    let mut slices = Vec::new();
     let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).expect("yaml");
     for value in docs {
         match value.get("kind").and_then(|k| k.as_str()) {
@@ -29,6 +31,9 @@ fn run_case(path: &Path) -> serde_json::Value {
                 svc = Some(serde_json::from_value::<Service>(value).expect("service"))
             }
             Some("Node") => nodes.push(serde_json::from_value::<Node>(value).expect("node")),
+            Some("EndpointSlice") => {
+                slices.push(serde_json::from_value::<EndpointSlice>(value).expect("slice"))
+            }
             other => panic!("{}: unexpected document kind {other:?}", path.display()),
         }
     }
@@ -39,8 +44,19 @@ fn run_case(path: &Path) -> serde_json::Value {
             return serde_json::json!({ "configErrors": e.0.iter().map(ToString::to_string).collect::<Vec<_>>() });
         }
     };
-    match build("test-cluster", &svc, &nodes, &cfg) {
-        Ok(b) => serde_json::json!({ "warnings": b.warnings, "desired": b.desired }),
+    let backends = Backends {
+        nodes: &nodes,
+        endpoint_slices: &slices,
+    };
+    match build("test-cluster", &svc, backends, &cfg) {
+        Ok(b) if b.no_ready_endpoints.is_empty() => {
+            serde_json::json!({ "warnings": b.warnings, "desired": b.desired })
+        }
+        Ok(b) => serde_json::json!({
+            "warnings": b.warnings,
+            "noReadyEndpoints": b.no_ready_endpoints,
+            "desired": b.desired
+        }),
         Err(e) => serde_json::json!({ "buildError": e.to_string() }),
     }
 }
@@ -106,7 +122,7 @@ fn a_tcp_service_without_settings_gets_the_tcp_traffic_port_health_check() {
     }))
     .expect("service");
     let cfg = crate::config::resolve(&default_class(), &svc).expect("config");
-    let built = build("c", &svc, &[node("a")], &cfg).expect("build");
+    let built = build("c", &svc, Backends::nodes(&[node("a")]), &cfg).expect("build");
     let lb = built.desired.lb.expect("a load balancer");
     let checks: Vec<_> = lb.target_groups.iter().map(|tg| &tg.health_check).collect();
     assert_eq!(checks, [&HealthCheck::TCP_TRAFFIC_PORT]);
@@ -131,7 +147,7 @@ mod hostile {
 
     fn resolve_and_build(s: &Service) -> Result<Built, String> {
         let cfg = crate::config::resolve(&default_class(), s).map_err(|e| e.to_string())?;
-        build("c", s, &[node("a")], &cfg).map_err(|e| e.to_string())
+        build("c", s, Backends::nodes(&[node("a")]), &cfg).map_err(|e| e.to_string())
     }
 
     #[test]

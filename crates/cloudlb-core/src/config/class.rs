@@ -100,7 +100,7 @@ pub struct AwsClassSpec {
     pub ip_address_type: Option<String>,
     /// Subnet ids or Name tags; empty: discovered by tags.
     pub subnets: Option<Vec<String>>,
-    /// `instance` or `ip`.
+    /// `instance`, `node-ip` or `ip` (pods).
     pub target_type: Option<String>,
     pub health_check: Option<HealthCheckSpec>,
     pub cross_zone_load_balancing: Option<bool>,

@@ -5,7 +5,7 @@ pub mod annotations;
 pub mod class;
 
 use crate::model::local::{self, AddressPool, Algorithm, LocalSpec};
-use crate::model::{HealthCheckProtocol, IpAddressType, Scheme, Subnets, TargetType, state};
+use crate::model::{HealthCheckProtocol, IpAddressType, Scheme, Subnets, TargetMode, state};
 use annotations as keys;
 use class::{AwsClassSpec, LoadBalancerClass, ProviderKind};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
@@ -69,7 +69,8 @@ pub struct LbConfig {
     pub subnets: Subnets,
     pub eip_allocations: Vec<String>,
     pub private_ipv4_addresses: Vec<String>,
-    pub target_type: TargetType,
+    /// What receives the traffic: nodes (by instance id or address) or pods.
+    pub targets: TargetMode,
     pub health_check: HealthCheckConfig,
     pub ssl_certificates: Vec<String>,
     /// Service port numbers that get TLS listeners.
@@ -606,12 +607,42 @@ impl Parser<'_> {
         l
     }
 
-    fn target_type(&mut self) -> TargetType {
-        self.parse_enum(
+    /// The target mode; `aws-load-balancer-type: nlb-ip` means pods, as it does for
+    /// aws-load-balancer-controller.
+    fn targets(&mut self) -> TargetMode {
+        let set = self.parse_enum(
             keys::TARGET_TYPE,
-            &[("instance", TargetType::Instance), ("ip", TargetType::Ip)],
-        )
-        .unwrap_or(TargetType::Instance)
+            &[
+                ("instance", TargetMode::Instance),
+                ("node-ip", TargetMode::NodeIp),
+                ("ip", TargetMode::Pods),
+            ],
+        );
+        let lb_type = self
+            .svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(crate::ownership::AWS_LB_TYPE))
+            .map(|v| v.trim().to_string());
+        if lb_type.as_deref() != Some(crate::ownership::AWS_LB_TYPE_NLB_IP) {
+            return set.unwrap_or(TargetMode::Instance);
+        }
+        if let Some(other) = set.filter(|t| *t != TargetMode::Pods)
+            && let Some(raw) = self.get(keys::TARGET_TYPE).cloned()
+        {
+            self.errors.push(err(
+                &raw.source,
+                &raw.value,
+                format!(
+                    "conflicts with annotation {} = \"{}\", which means pod targets (ip); remove one of them",
+                    crate::ownership::AWS_LB_TYPE,
+                    crate::ownership::AWS_LB_TYPE_NLB_IP
+                ),
+            ));
+            return other;
+        }
+        TargetMode::Pods
     }
 
     fn health_check(&mut self) -> HealthCheckConfig {
@@ -973,13 +1004,14 @@ impl Parser<'_> {
         }
     }
 
-    /// What the Service itself must satisfy: allocated nodePorts, 1-50 TCP/UDP ports.
-    fn service_checks(&mut self, spec: &ServiceSpec, ports: &[ServicePort]) {
-        if spec.allocate_load_balancer_node_ports == Some(false) {
+    /// What the Service itself must satisfy: allocated nodePorts for node targets, 1-50 TCP/UDP
+    /// ports.
+    fn service_checks(&mut self, spec: &ServiceSpec, ports: &[ServicePort], targets: TargetMode) {
+        if spec.allocate_load_balancer_node_ports == Some(false) && targets != TargetMode::Pods {
             self.errors.push(err(
                 "spec.allocateLoadBalancerNodePorts",
                 "false",
-                "cloudlb forwards to nodePorts, so they must be allocated: remove the field or set it to true",
+                "node targets (target-type instance or node-ip) are reached at the nodePorts, so they must be allocated: remove the field, set it to true, or use target-type ip (the pods)",
             ));
         }
         if ports.is_empty() {
@@ -1021,7 +1053,7 @@ impl Parser<'_> {
             eip_allocations,
             private_ipv4_addresses,
         } = self.placement(scheme);
-        let target_type = self.target_type();
+        let targets = self.targets();
         let health_check = self.health_check();
         let Tls {
             ssl_certificates,
@@ -1035,7 +1067,7 @@ impl Parser<'_> {
         let security_groups = self.security_groups();
         let source_ranges = self.source_ranges(&spec, &security_groups, ip_address_type);
         let name = self.name();
-        self.service_checks(&spec, &ports);
+        self.service_checks(&spec, &ports, targets);
 
         let local = (class.spec.provider == ProviderKind::Local).then(|| {
             // What the local proxy cannot do is refused, never silently dropped.
@@ -1064,7 +1096,7 @@ impl Parser<'_> {
             subnets,
             eip_allocations,
             private_ipv4_addresses,
-            target_type,
+            targets,
             health_check,
             ssl_certificates,
             tls_ports,

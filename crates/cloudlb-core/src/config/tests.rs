@@ -107,7 +107,7 @@ fn defaults_without_annotations() {
     assert_eq!(cfg.scheme, Scheme::Internal);
     assert_eq!(cfg.ip_address_type, IpAddressType::Ipv4);
     assert_eq!(cfg.subnets, Subnets::Discover);
-    assert_eq!(cfg.target_type, TargetType::Instance);
+    assert_eq!(cfg.targets, TargetMode::Instance);
     assert_eq!(cfg.source_ranges, vec!["0.0.0.0/0"]);
     assert!(cfg.tls_ports.is_empty());
     assert_eq!(cfg.health_check, HealthCheckConfig::default());
@@ -150,9 +150,42 @@ fn our_keys_and_compatible_keys_mean_the_same() {
     );
     let a = resolve_ok(&class(None), &ours);
     assert_eq!(a.scheme, Scheme::Internal);
-    assert_eq!(a.target_type, TargetType::Ip);
+    assert_eq!(a.targets, TargetMode::Pods);
     assert_eq!(a, resolve_ok(&class(None), &alb));
     assert_eq!(a, resolve_ok(&class(None), &legacy));
+}
+
+#[test]
+fn target_types_mean_what_aws_load_balancer_controller_means() {
+    let mode =
+        |annotations: &[(&str, &str)]| resolve_ok(&class(None), &svc(annotations, web())).targets;
+    const LB_TYPE: &str = "service.beta.kubernetes.io/aws-load-balancer-type";
+    assert_eq!(mode(&[]), TargetMode::Instance);
+    assert_eq!(
+        mode(&[("cloudlb.io/target-type", "node-ip")]),
+        TargetMode::NodeIp
+    );
+    assert_eq!(mode(&[("cloudlb.io/target-type", "ip")]), TargetMode::Pods);
+    assert_eq!(mode(&[(LB_TYPE, "external")]), TargetMode::Instance);
+    assert_eq!(
+        mode(&[(LB_TYPE, "nlb-ip")]),
+        TargetMode::Pods,
+        "nlb-ip means pods"
+    );
+    assert_eq!(
+        mode(&[(LB_TYPE, "nlb-ip"), ("cloudlb.io/target-type", "ip")]),
+        TargetMode::Pods
+    );
+    let errs = resolve_err(
+        &class(None),
+        &svc(
+            &[(LB_TYPE, "nlb-ip"), ("cloudlb.io/target-type", "instance")],
+            web(),
+        ),
+    );
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].source, "annotation cloudlb.io/target-type");
+    assert!(errs[0].allowed.contains("conflicts with annotation service.beta.kubernetes.io/aws-load-balancer-type = \"nlb-ip\""), "{errs:?}");
 }
 
 #[test]
@@ -208,7 +241,7 @@ fn every_problem_is_reported_at_once_with_key_value_and_allowed() {
     let all = text.join("\n");
     for needle in [
         "annotation cloudlb.io/scheme = \"public\": allowed values: internet-facing, internal",
-        "annotation cloudlb.io/target-type = \"pod\": allowed values: instance, ip",
+        "annotation cloudlb.io/target-type = \"pod\": allowed values: instance, node-ip, ip",
         "annotation cloudlb.io/healthcheck-interval = \"1\": must be an integer from 5 to 300",
         "annotation cloudlb.io/healthcheck-timeout = \"abc\": must be an integer from 2 to 120",
         "annotation cloudlb.io/healthcheck-healthy-threshold = \"11\": must be an integer from 2 to 10",
@@ -376,7 +409,7 @@ fn class_defaults_apply_and_annotations_override_them() {
     }));
     let cfg = resolve_ok(&c, &svc(&[], web()));
     assert_eq!(cfg.scheme, Scheme::Internal);
-    assert_eq!(cfg.target_type, TargetType::Ip);
+    assert_eq!(cfg.targets, TargetMode::Pods);
     assert_eq!(cfg.health_check.interval_seconds, Some(30));
     assert_eq!(
         cfg.lb_attributes

@@ -106,6 +106,29 @@ impl TargetType {
     }
 }
 
+/// What receives a Service's traffic (`cloudlb.io/target-type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetMode {
+    /// Every eligible node by instance id, at the nodePort; kube-proxy forwards to the pods.
+    Instance,
+    /// Every eligible node by its InternalIP, at the nodePort.
+    NodeIp,
+    /// The Service's ready pods by IP, at the targetPort, from its EndpointSlices (what
+    /// aws-load-balancer-controller's `ip` target type means).
+    Pods,
+}
+
+impl TargetMode {
+    /// The target type of the cloud's target groups.
+    pub fn target_type(self) -> TargetType {
+        match self {
+            TargetMode::Instance => TargetType::Instance,
+            TargetMode::NodeIp | TargetMode::Pods => TargetType::Ip,
+        }
+    }
+}
+
 /// Listener / target-group protocols (NLB).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -252,7 +275,8 @@ pub struct TargetGroup {
     /// Cloud name; it embeds a hash of the immutable fields, so changing one makes a new group.
     pub name: String,
     pub protocol: Protocol,
-    /// The nodePort.
+    /// The nodePort; for pod targets the numeric targetPort, or 1 when it is named (every target
+    /// is registered with its own port, so this one is not on the data path).
     pub port: u16,
     pub target_type: TargetType,
     pub health_check: HealthCheck,

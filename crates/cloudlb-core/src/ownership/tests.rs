@@ -103,6 +103,10 @@ fn a_classless_service_is_adopted_only_when_nothing_else_acts_on_it() {
     assert!(matches!(o, Ownership::Ours { adopted: true, .. }), "{o:?}");
     let o = ownership(&classless(json!({})), &adopt_all, HERE);
     assert!(matches!(o, Ownership::Ours { adopted: true, .. }), "{o:?}");
+    // aws-load-balancer-controller's older value, which the cloud's controller yields on too.
+    let nlb_ip = json!({"annotations": {AWS_LB_TYPE: "nlb-ip"}});
+    let o = ownership(&classless(nlb_ip), &plain, HERE);
+    assert!(matches!(o, Ownership::Ours { adopted: true, .. }), "{o:?}");
     // Other values of the annotation do not count.
     let nlb = json!({"annotations": {AWS_LB_TYPE: "nlb"}});
     assert!(matches!(

@@ -28,7 +28,7 @@ fn desired_with(
         .collect();
     let class = LoadBalancerClass::new("c", LoadBalancerClassSpec::default_of(ProviderKind::Aws));
     let cfg = crate::config::resolve(&class, &svc).expect("config");
-    crate::build::build("cl", &svc, &nodes, &cfg)
+    crate::build::build("cl", &svc, crate::build::Backends::nodes(&nodes), &cfg)
         .expect("build")
         .desired
 }
