@@ -36,6 +36,8 @@ pub const INVALID: &str = "InvalidConfiguration";
 pub const TARGETS_SKIPPED: &str = "NodesNotTargeted";
 /// Pod targets: a Service port has no ready endpoint (its target group is empty).
 pub const NO_READY_ENDPOINTS: &str = "NoReadyEndpoints";
+/// Annotations that look like ours or the AWS controllers' but that cloudlb does not understand.
+pub const UNSUPPORTED_ANNOTATION: &str = "UnsupportedAnnotation";
 pub const ALL_UNHEALTHY: &str = "AllTargetsUnhealthy";
 pub const TARGETS_HEALTHY: &str = "TargetsHealthy";
 /// A class-less Service the default class does not adopt: another controller may act on it.

@@ -426,6 +426,15 @@ async fn build_model(svc: &Service, ctx: &Context, t: &Target) -> Result<Option<
         }
     };
     warn_on_change(ctx, svc, events::NO_READY_ENDPOINTS, empty).await;
+    let unsupported = match annotations::unsupported(svc.annotations().keys()).as_slice() {
+        [] => String::new(),
+        keys => format!(
+            "Ignored {} annotation(s) cloudlb does not understand: {}. The load balancer is built from the rest; the supported keys are in docs/annotations.md",
+            keys.len(),
+            keys.join(", ")
+        ),
+    };
+    warn_on_change(ctx, svc, events::UNSUPPORTED_ANNOTATION, unsupported).await;
     Ok(Some(built.desired))
 }
 

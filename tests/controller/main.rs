@@ -8,6 +8,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod annotations;
 mod aws_controller;
 mod chart;
 mod cli;

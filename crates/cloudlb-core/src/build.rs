@@ -498,20 +498,13 @@ fn assemble(
             description: format!("cloudlb frontend for Service {service} in cluster {cluster}"),
             ingress,
         });
-    // AWS attributes only: the local provider's settings are `local`.
-    let mut attributes = BTreeMap::new();
-    if cfg.local.is_none() {
-        attributes.insert(
-            "deletion_protection.enabled".to_string(),
-            "false".to_string(),
-        );
-        attributes.insert(
-            "load_balancing.cross_zone.enabled".to_string(),
-            "false".to_string(),
-        );
-        attributes.insert("access_logs.s3.enabled".to_string(), "false".to_string());
-        attributes.extend(cfg.lb_attributes.clone());
-    }
+    // AWS attributes only (the local provider's settings are `local`), and only those the user
+    // set: the others are left as the load balancer has them, as aws-load-balancer-controller
+    // does.
+    let attributes = match cfg.local {
+        None => cfg.lb_attributes.clone(),
+        Some(_) => BTreeMap::new(),
+    };
 
     let lb = LoadBalancer {
         name: name.clone(),

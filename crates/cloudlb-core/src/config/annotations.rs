@@ -310,13 +310,13 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         name: LB_ATTRIBUTES,
-        aliases: &[alias!("load-balancer-attributes")],
+        aliases: &[alias!("attributes"), alias!("load-balancer-attributes")],
         class_field: Some("spec.aws.loadBalancerAttributes"),
         kind: "comma-separated `key=value` (NLB attributes)",
-        default: "AWS defaults",
+        default: "AWS defaults; an attribute no setting names is left as the load balancer has it",
         example: "`access_logs.s3.enabled=true,access_logs.s3.bucket=logs`",
-        on_change: "modified in place",
-        doc: "Load-balancer attributes (access logs, deletion protection, cross-zone).",
+        on_change: "modified in place; an attribute removed from the setting keeps its value",
+        doc: "Load-balancer attributes (access logs, deletion protection, cross-zone). `service.beta.kubernetes.io/aws-load-balancer-attributes` is the key aws-load-balancer-controller reads; `…-load-balancer-load-balancer-attributes`, which earlier cloudlb versions documented, is still read (deprecated).",
     },
     Setting {
         name: TARGET_NODE_LABELS,
@@ -372,6 +372,29 @@ pub const SETTINGS: &[Setting] = &[
 
 pub fn setting(name: &str) -> Option<&'static Setting> {
     SETTINGS.iter().find(|s| s.name == name)
+}
+
+/// The prefixes of the keys cloudlb reads: ours and the AWS controllers' compatible ones.
+pub const READ_PREFIXES: &[&str] = &["cloudlb.io/", alias!("")];
+
+/// Keys under [`READ_PREFIXES`] that are not settings but are read elsewhere: which controller
+/// serves the Service, and its target mode (`aws-load-balancer-type`).
+pub const READ_ELSEWHERE: &[&str] = &[crate::ownership::AWS_LB_TYPE];
+
+/// The annotation keys of `annotations` that look like ours or the AWS controllers' (under
+/// [`READ_PREFIXES`]) but that cloudlb does not understand: ignored, and to be reported.
+pub fn unsupported<'a>(annotations: impl IntoIterator<Item = &'a String>) -> Vec<&'a str> {
+    annotations
+        .into_iter()
+        .map(String::as_str)
+        .filter(|k| READ_PREFIXES.iter().any(|p| k.starts_with(p)))
+        .filter(|k| !READ_ELSEWHERE.contains(k))
+        .filter(|k| {
+            !SETTINGS
+                .iter()
+                .any(|s| k.strip_prefix("cloudlb.io/") == Some(s.name) || s.aliases.contains(k))
+        })
+        .collect()
 }
 
 /// Markdown reference of every annotation, generated from [`SETTINGS`].

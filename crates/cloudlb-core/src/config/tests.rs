@@ -816,3 +816,30 @@ fn each_bad_list_entry_is_named() {
         ]
     );
 }
+
+#[test]
+fn keys_that_look_like_ours_but_are_not_understood_are_listed() {
+    let annotations: BTreeMap<String, String> = [
+        "cloudlb.io/scheme",
+        "cloudlb.io/shceme",
+        "service.beta.kubernetes.io/aws-load-balancer-type",
+        "service.beta.kubernetes.io/aws-load-balancer-nlb-target-type",
+        "service.beta.kubernetes.io/aws-load-balancer-attributes",
+        "service.beta.kubernetes.io/aws-load-balancer-alpn-policy",
+        "service.beta.kubernetes.io/aws-load-balancer-connection-idle-timeout",
+        "service.beta.kubernetes.io/load-balancer-source-ranges",
+        "state.cloudlb.io/installation",
+        "example.com/anything",
+    ]
+    .into_iter()
+    .map(|k| (k.to_string(), "x".to_string()))
+    .collect();
+    assert_eq!(
+        annotations::unsupported(annotations.keys()),
+        [
+            "cloudlb.io/shceme",
+            "service.beta.kubernetes.io/aws-load-balancer-alpn-policy",
+            "service.beta.kubernetes.io/aws-load-balancer-connection-idle-timeout",
+        ]
+    );
+}

@@ -312,7 +312,11 @@ fn deletion_protection_stops_the_delete() {
 
 #[test]
 fn drift_is_repaired() {
-    let d = web(&["i-1", "i-2"]);
+    let d = desired_with(
+        serde_json::json!({"cloudlb.io/cross-zone-load-balancing-enabled": "false"}),
+        web_ports(),
+        &["i-1", "i-2"],
+    );
     let mut observed = observed_for(&d);
     observed.listeners.retain(|l| l.port != 443);
     if let Some(tg) = observed.target_groups.first_mut() {
@@ -338,6 +342,22 @@ fn drift_is_repaired() {
 }
 
 #[test]
+fn attributes_no_setting_names_are_left_as_they_are() {
+    let d = web(&["i-1"]);
+    let mut observed = observed_for(&d);
+    if let Some(lb) = observed.lb.as_mut() {
+        for key in [
+            "load_balancing.cross_zone.enabled",
+            "deletion_protection.enabled",
+            "access_logs.s3.enabled",
+        ] {
+            lb.attributes.insert(key.into(), "true".into());
+        }
+    }
+    assert!(plan(&d, &observed).expect("plan").is_empty());
+}
+
+#[test]
 fn switching_to_user_security_groups_detaches_and_deletes_ours() {
     let p = plan_from_web(&web_annotated(
         serde_json::json!({"cloudlb.io/security-groups": "sg-user"}),
@@ -347,7 +367,9 @@ fn switching_to_user_security_groups_detaches_and_deletes_ours() {
 
 #[test]
 fn attributes_the_cloud_does_not_report_count_as_defaults() {
-    let d = web(&["i-1"]);
+    let d = web_annotated(serde_json::json!({
+        "service.beta.kubernetes.io/aws-load-balancer-attributes": "access_logs.s3.enabled=false"
+    }));
     let mut observed = observed_for(&d);
     if let Some(lb) = observed.lb.as_mut() {
         lb.attributes.remove("access_logs.s3.enabled");
