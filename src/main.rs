@@ -56,6 +56,10 @@ struct Common {
     /// Client-side limit on AWS calls per second, per call family.
     #[arg(long, env = "CLOUDLB_AWS_RATE_LIMIT", default_value_t = 10.0)]
     aws_rate_limit: f64,
+    /// The cluster's nodePort range (kube-apiserver --service-node-port-range), `low-high`: the
+    /// nodes' security groups admit the load balancers on it as one rule per protocol.
+    #[arg(long, env = "CLOUDLB_NODE_PORT_RANGE", default_value = "30000-32767", value_parser = node_port_range)]
+    node_port_range: (u16, u16),
     /// Reconciles running at once.
     #[arg(long, env = "CLOUDLB_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
@@ -164,6 +168,8 @@ async fn providers(
         let mut s = AwsSettings::new(common.cluster_name.clone());
         s.vpc_id = common.aws_vpc_id.clone();
         s.rate_limit_per_sec = common.aws_rate_limit;
+        s.installation = common.installation.clone();
+        s.node_port_range = common.node_port_range;
         p.aws = Some(Arc::new(
             AwsProvider::from_env(s).await.with_metrics(metrics.clone()),
         ));
@@ -175,6 +181,18 @@ async fn providers(
         })));
     }
     p
+}
+
+/// `--node-port-range`: `low-high`, 1-65535, low <= high.
+fn node_port_range(v: &str) -> Result<(u16, u16), String> {
+    let parsed = v.split_once('-').and_then(|(lo, hi)| {
+        let (lo, hi) = (
+            lo.trim().parse::<u16>().ok()?,
+            hi.trim().parse::<u16>().ok()?,
+        );
+        (lo >= 1 && lo <= hi).then_some((lo, hi))
+    });
+    parsed.ok_or_else(|| format!("{v:?} is not a port range: low-high, for example 30000-32767"))
 }
 
 /// `--installation`: a DNS label.

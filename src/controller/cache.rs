@@ -264,6 +264,7 @@ mod tests {
             listeners: Vec::new(),
             target_groups: vec![tg(0), tg(1)],
             security_group: None,
+            notes: Vec::new(),
         }
     }
 

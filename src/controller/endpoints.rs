@@ -91,6 +91,16 @@ impl Endpoints {
         slices
     }
 
+    /// The Service's slices, read only (the prune's view of every Service).
+    pub fn slices(&self, namespace: &str, name: &str) -> Vec<Arc<EndpointSlice>> {
+        let key = (namespace.to_string(), name.to_string());
+        self.lock()
+            .slices
+            .get(&key)
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// The Service is gone or no longer ours.
     pub fn forget(&self, namespace: &str, name: &str) {
         let key = (namespace.to_string(), name.to_string());

@@ -38,6 +38,8 @@ pub const TARGETS_SKIPPED: &str = "NodesNotTargeted";
 pub const NO_READY_ENDPOINTS: &str = "NoReadyEndpoints";
 /// Annotations that look like ours or the AWS controllers' but that cloudlb does not understand.
 pub const UNSUPPORTED_ANNOTATION: &str = "UnsupportedAnnotation";
+/// Targets whose security group cloudlb may not change to admit the load balancer.
+pub const BACKEND_RULES_SKIPPED: &str = "TargetSecurityGroupNotChanged";
 pub const ALL_UNHEALTHY: &str = "AllTargetsUnhealthy";
 pub const TARGETS_HEALTHY: &str = "TargetsHealthy";
 /// A class-less Service the default class does not adopt: another controller may act on it.

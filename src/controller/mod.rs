@@ -137,6 +137,8 @@ pub struct Context {
     /// What is remembered about each Service between reconciles.
     pub memory: memory::Memory,
     pub metrics: Arc<crate::telemetry::Metrics>,
+    /// Wakes the pruning of what load balancers share (a Service's load balancer was removed).
+    pub prune: tokio::sync::Notify,
 }
 
 impl Context {
@@ -273,6 +275,7 @@ pub async fn run(
         endpoints: endpoints.clone(),
         memory: memory::Memory::default(),
         metrics,
+        prune: tokio::sync::Notify::new(),
     });
 
     let trigger = futures::stream::select(node_rx, class_rx);
@@ -285,7 +288,8 @@ pub async fn run(
         },
         shutdown.clone(),
     );
-    let status_task = class_status::run(ctx.clone(), svc_store);
+    let status_task = class_status::run(ctx.clone(), svc_store.clone());
+    let prune_task = orphans::prune_shared(ctx.clone(), svc_store, ctx.settings.orphan_sweep);
     let orphan_task = orphans::run(ctx.clone(), ctx.settings.orphan_sweep);
     let health_task = local_health_events(ctx.clone());
     // Wait for the node, class and endpoint caches before the first reconcile can use them.
@@ -317,6 +321,7 @@ pub async fn run(
             tracing::info!("shutdown before the caches synced: nothing in flight");
         }
         _ = async { ready().await; orphan_task.await } => {}
+        _ = async { ready().await; prune_task.await } => {}
         _ = health_task => {}
     }
 }

@@ -97,3 +97,64 @@ pub async fn run(ctx: Arc<Context>, interval: Duration) {
         }
     }
 }
+
+/// The desired model of every Service this installation manages, by provider; `None` when one
+/// of them cannot be built (invalid or incomplete): then what it needs is unknown, and nothing
+/// shared may be removed on a guess.
+fn every_desired(
+    ctx: &Context,
+    services: &kube::runtime::reflector::Store<Service>,
+) -> Option<Vec<(crate::config::class::ProviderKind, Desired)>> {
+    let classes = ctx.served_classes();
+    let nodes = ctx.nodes.state();
+    let mut out = Vec::new();
+    for svc in services.state() {
+        let Ownership::Ours { class, .. } = ctx.ownership(&svc, &classes) else {
+            continue;
+        };
+        let cfg = crate::config::resolve(class, &svc).ok()?;
+        let sref = crate::build::service_ref(&svc).ok()?;
+        let slices = ctx.endpoints.slices(&sref.namespace, &sref.name);
+        let backends = crate::build::Backends {
+            nodes: &nodes,
+            endpoint_slices: &slices,
+        };
+        let built = crate::build::build(&ctx.settings.cluster, &svc, backends, &cfg).ok()?;
+        out.push((class.spec.provider, built.desired));
+    }
+    Some(out)
+}
+
+/// Brings what load balancers share (the AWS backend security group and its rules) down to what
+/// the Services still need: right after a load balancer is removed ([`Context::prune`]), and
+/// with every orphan sweep interval.
+pub async fn prune_shared(
+    ctx: Arc<Context>,
+    services: kube::runtime::reflector::Store<Service>,
+    interval: Duration,
+) {
+    loop {
+        tokio::select! {
+            _ = ctx.prune.notified() => {}
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let Some(all) = every_desired(&ctx, &services) else {
+            tracing::info!("a Service of ours cannot be built: shared resources left as they are");
+            continue;
+        };
+        for provider in ctx.providers.all() {
+            let kind = match provider.name() {
+                "aws" => crate::config::class::ProviderKind::Aws,
+                _ => crate::config::class::ProviderKind::Local,
+            };
+            let wanted: Vec<Desired> = all
+                .iter()
+                .filter(|(k, _)| *k == kind)
+                .map(|(_, d)| d.clone())
+                .collect();
+            if let Err(e) = provider.prune_shared(&wanted).await {
+                tracing::warn!(provider = provider.name(), error = %e, "pruning shared resources failed; will retry");
+            }
+        }
+    }
+}

@@ -274,6 +274,9 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, Outcom
     };
     let plan = target.provider.plan(&desired, &observed)?;
     let observed = apply(svc, ctx, &target, &desired, observed, &plan).await?;
+    if !plan.is_empty() {
+        tell_backend_notes(svc, ctx, &observed).await;
+    }
     let provisioning = remember(ctx, &target, fingerprint, &observed, verified_at);
     write_status(&ctx.metrics, &target.api(ctx), svc, &desired, &observed).await?;
     announce(svc, ctx, &plan, &observed).await;
@@ -436,6 +439,27 @@ async fn build_model(svc: &Service, ctx: &Context, t: &Target) -> Result<Option<
     };
     warn_on_change(ctx, svc, events::UNSUPPORTED_ANNOTATION, unsupported).await;
     Ok(Some(built.desired))
+}
+
+/// What the apply could not do for the targets' security groups (a Warning Event when it
+/// changes), with instance ids named by their nodes.
+async fn tell_backend_notes(svc: &Service, ctx: &Context, observed: &Observed) {
+    let mut message = observed.notes.join("; ");
+    if !message.is_empty() {
+        for node in ctx.nodes.state() {
+            if let (Some(id), Some(name)) = (build::instance_id(&node), node.metadata.name.as_ref())
+            {
+                message = message.replace(
+                    &format!("instance {id}"),
+                    &format!("node {name} (instance {id})"),
+                );
+            }
+        }
+        message = format!(
+            "The load balancer is not admitted by these targets' security groups (the other targets are): {message}"
+        );
+    }
+    warn_on_change(ctx, svc, events::BACKEND_RULES_SKIPPED, message).await;
 }
 
 /// A Warning Event `reason` saying `message`, when the message differs from the last one of that
@@ -849,6 +873,8 @@ async fn remove_load_balancer(
         }
         write_status(&ctx.metrics, &api, svc, &desired, &Default::default()).await?;
         if !plan.is_empty() {
+            // What it shared with other load balancers may be unused now.
+            ctx.prune.notify_one();
             publish(
                 &ctx.recorder,
                 svc,

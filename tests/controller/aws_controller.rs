@@ -59,12 +59,13 @@ async fn service_lifecycle_create_update_nodes_delete() {
     );
     assert_eq!(count(&create_calls, "ModifyTargetGroupAttributes/ok"), 0);
     // A new Service (no finalizer yet, never reconciled): nothing of ours can exist, so no
-    // lookup of the load balancer, target groups or security group before creating them.
-    for lookup in [
-        "DescribeTargetGroups",
-        "DescribeSecurityGroups",
-        "DescribeListeners",
-    ] {
+    // lookup of the load balancer, target groups or its security group before creating them.
+    // The first Service of a process learns what all share: whether the backend group exists
+    // (one DescribeSecurityGroups by name) and the nodes' group (DescribeInstances, and one
+    // DescribeSecurityGroups for its tags and rules).
+    assert_eq!(count(&create_calls, "DescribeSecurityGroups/ok"), 2);
+    assert_eq!(count(&create_calls, "DescribeInstances/ok"), 1);
+    for lookup in ["DescribeTargetGroups", "DescribeListeners"] {
         let n: u64 = create_calls
             .iter()
             .filter(|(k, _)| k.starts_with(&format!("{lookup}/")))
@@ -125,9 +126,13 @@ async fn service_lifecycle_create_update_nodes_delete() {
     .await;
     let delta = env.calls_since(&before);
     eprintln!("AWS calls for one node added: {delta:?}");
+    // Its security group looked up once (it is the other nodes' group: no rule to add).
     assert_eq!(
         delta,
-        BTreeMap::from([("RegisterTargets/ok".to_string(), 2)])
+        BTreeMap::from([
+            ("DescribeInstances/ok".to_string(), 1),
+            ("RegisterTargets/ok".to_string(), 2)
+        ])
     );
 
     // Node excluded by label: one DeregisterTargets per target group.
@@ -436,9 +441,14 @@ async fn node_added_with_ten_services_is_one_register_call_per_target_group() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let delta = env.calls_since(&before);
     eprintln!("AWS calls for one node added with 10 Services (P=2): {delta:?}");
+    // The new instance's security group is looked up once (for the backend rules; it is the
+    // group the other nodes have, which already admits the load balancers).
     assert_eq!(
         delta,
-        BTreeMap::from([("RegisterTargets/ok".to_string(), 20)])
+        BTreeMap::from([
+            ("DescribeInstances/ok".to_string(), 1),
+            ("RegisterTargets/ok".to_string(), 20)
+        ])
     );
 }
 

@@ -10,6 +10,7 @@ mod support;
 
 mod annotations;
 mod aws_controller;
+mod backend_rules;
 mod chart;
 mod cli;
 mod current_kubernetes;

@@ -59,13 +59,21 @@ pub async fn target_health(elbv2: &elbv2::Client, tg_arn: &str) -> Vec<TargetHea
         .to_vec()
 }
 
-/// Security groups tagged `cloudlb.io/cluster=<cluster>` (the ones cloudlb made for it).
+/// The security groups cloudlb made for the Services of `cluster` (tagged
+/// `cloudlb.io/cluster=<cluster>` and with a Service's UID: the load balancers' own groups, not
+/// the cluster's shared backend group).
 pub async fn security_groups(ec2: &ec2::Client, cluster: &str) -> Vec<ec2::types::SecurityGroup> {
     ec2.describe_security_groups()
         .filters(
             ec2::types::Filter::builder()
                 .name(format!("tag:{}", tags::CLUSTER))
                 .values(cluster)
+                .build(),
+        )
+        .filters(
+            ec2::types::Filter::builder()
+                .name("tag-key")
+                .values(tags::SERVICE_UID)
                 .build(),
         )
         .send()

@@ -35,12 +35,31 @@ impl AwsProvider {
         plan: &Plan,
     ) -> Result<Observed, ProviderError> {
         let mut run = Run::new(self, desired, observed);
+        // The targets' security groups admit the load balancer before it exists or gets
+        // targets (and the backend group exists before it is attached).
+        if let Some(lb) = desired.lb.as_ref().filter(|l| l.security.backend.is_some())
+            && plan.ops.iter().any(needs_backend)
+        {
+            let vpc = run.vpc().await?;
+            run.out.notes = self.ensure_backend(lb, &vpc).await?;
+        }
         for op in &plan.ops {
             tracing::debug!(?op, "applying");
             run.op(op).await?;
         }
         Ok(run.finish())
     }
+}
+
+/// Operations before which the backend group must exist and the targets must admit it.
+fn needs_backend(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::CreateLoadBalancer
+            | Op::SetSecurityGroups
+            | Op::RegisterTargets { .. }
+            | Op::CreateTargetGroup { .. }
+    )
 }
 
 struct Run<'a> {
@@ -290,12 +309,20 @@ impl<'a> Run<'a> {
         needed(id, "the frontend security group does not exist")
     }
 
-    /// Our frontend group (when the model wants one) plus the user's.
+    /// Our frontend group (when the model wants one), the cluster's backend group (when
+    /// wanted) plus the user's.
     fn security_groups(&self) -> Result<Vec<String>, ProviderError> {
         let lb = self.lb()?;
         let mut ids = Vec::new();
         if lb.security.frontend.is_some() {
             ids.push(self.sg_id()?);
+        }
+        if lb.security.backend.is_some() {
+            let backend = self.p.backend_group_id();
+            ids.push(needed(
+                backend.as_ref(),
+                "the backend security group is not known",
+            )?);
         }
         ids.extend(lb.security.extra_security_groups.iter().cloned());
         Ok(ids)

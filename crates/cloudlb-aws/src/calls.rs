@@ -78,6 +78,12 @@ listings! {
     aws_sdk_ec2::describe_subnets::DescribeSubnetsFluentBuilder
         => DescribeSubnetsOutput, DescribeSubnetsError
         { set_next_token, next_token, subnets: aws_sdk_ec2::types::Subnet }
+    aws_sdk_ec2::describe_instances::DescribeInstancesFluentBuilder
+        => DescribeInstancesOutput, DescribeInstancesError
+        { set_next_token, next_token, reservations: aws_sdk_ec2::types::Reservation }
+    aws_sdk_ec2::describe_network_interfaces::DescribeNetworkInterfacesFluentBuilder
+        => DescribeNetworkInterfacesOutput, DescribeNetworkInterfacesError
+        { set_next_token, next_token, network_interfaces: aws_sdk_ec2::types::NetworkInterface }
 }
 
 /// Rate-limit families: reads, writes, and target (de)registrations (the busiest writes, kept

@@ -1,6 +1,6 @@
-//! The EC2 side of the AWS provider: the six calls cloudlb makes — security groups (describe,
-//! create, authorize and revoke ingress, delete) and subnets (describe) — behind [`Ec2`], in our
-//! own types. The rest of the provider never sees an EC2 SDK type; [`SdkEc2`] is the one
+//! The EC2 side of the AWS provider: the calls cloudlb makes — security groups (describe,
+//! create, authorize and revoke ingress, delete), subnets (describe), and the security groups of
+//! the targets (describe instances and network interfaces) — behind [`Ec2`], in our own types. The rest of the provider never sees an EC2 SDK type; [`SdkEc2`] is the one
 //! implementation, through `aws-sdk-ec2`, each call through [`Calls`] (rate limit, retries,
 //! counting).
 
@@ -33,8 +33,23 @@ pub(crate) struct SecurityGroup {
     pub id: String,
     pub name: String,
     pub tags: BTreeMap<String, String>,
-    /// The single-port TCP/UDP rules by CIDR (the only kind cloudlb writes); others are left out.
+    /// The single-port TCP/UDP rules by CIDR (the kind cloudlb writes on its frontend groups);
+    /// others are left out.
     pub ingress: BTreeSet<IngressRule>,
+    /// The TCP/UDP rules that admit another security group (the kind cloudlb writes on the
+    /// targets' groups).
+    pub from_groups: BTreeSet<GroupRule>,
+}
+
+/// An ingress rule admitting the security group `source` on `protocol` ports `from..=to`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct GroupRule {
+    pub protocol: String,
+    pub from: u16,
+    pub to: u16,
+    pub source: String,
+    /// Its description: cloudlb marks the rules it makes, and removes no other.
+    pub description: String,
 }
 
 /// What subnet discovery needs to know of one available subnet.
@@ -75,6 +90,31 @@ pub(crate) trait Ec2: Send + Sync + std::fmt::Debug {
     ) -> Result<(), AwsError>;
 
     async fn delete_security_group(&self, calls: &Calls, id: &str) -> Result<(), AwsError>;
+
+    /// Adds or removes the rules admitting other security groups, on the group `id`.
+    async fn change_group_ingress(
+        &self,
+        calls: &Calls,
+        id: &str,
+        rules: &[GroupRule],
+        change: Change,
+    ) -> Result<(), AwsError>;
+
+    /// The security groups of each instance of `ids` (those it has); instances that do not
+    /// exist are left out.
+    async fn instance_security_groups(
+        &self,
+        calls: &Calls,
+        ids: &[String],
+    ) -> Result<Vec<(String, Vec<String>)>, AwsError>;
+
+    /// The security groups of the network interface holding each private IP of `ips`; IPs no
+    /// interface holds are left out.
+    async fn address_security_groups(
+        &self,
+        calls: &Calls,
+        ips: &[String],
+    ) -> Result<Vec<(String, Vec<String>)>, AwsError>;
 
     /// Every page; only available subnets.
     async fn describe_subnets(
@@ -182,6 +222,85 @@ impl Ec2 for SdkEc2 {
         Ok(())
     }
 
+    async fn change_group_ingress(
+        &self,
+        calls: &Calls,
+        id: &str,
+        rules: &[GroupRule],
+        change: Change,
+    ) -> Result<(), AwsError> {
+        let permissions = Some(group_permissions(rules));
+        match change {
+            Change::Add => {
+                let req = self.0.authorize_security_group_ingress();
+                let req = req.group_id(id).set_ip_permissions(permissions);
+                calls
+                    .run("AuthorizeSecurityGroupIngress", || req.clone().send())
+                    .await?;
+            }
+            Change::Remove => {
+                let req = self.0.revoke_security_group_ingress();
+                let req = req.group_id(id).set_ip_permissions(permissions);
+                calls
+                    .run("RevokeSecurityGroupIngress", || req.clone().send())
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn instance_security_groups(
+        &self,
+        calls: &Calls,
+        ids: &[String],
+    ) -> Result<Vec<(String, Vec<String>)>, AwsError> {
+        let filter = Filter::new("instance-id", ids.iter().cloned());
+        let req = self
+            .0
+            .describe_instances()
+            .set_filters(sdk_filters(&[filter]));
+        let reservations = calls.pages("DescribeInstances", false, req).await?;
+        Ok(reservations
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter_map(|i| {
+                let groups = i
+                    .security_groups()
+                    .iter()
+                    .filter_map(|g| g.group_id.clone())
+                    .collect();
+                Some((i.instance_id.clone()?, groups))
+            })
+            .collect())
+    }
+
+    async fn address_security_groups(
+        &self,
+        calls: &Calls,
+        ips: &[String],
+    ) -> Result<Vec<(String, Vec<String>)>, AwsError> {
+        let filter = Filter::new("addresses.private-ip-address", ips.iter().cloned());
+        let req = self
+            .0
+            .describe_network_interfaces()
+            .set_filters(sdk_filters(&[filter]));
+        let interfaces = calls.pages("DescribeNetworkInterfaces", false, req).await?;
+        let mut out = Vec::new();
+        for eni in &interfaces {
+            let groups: Vec<String> = eni
+                .groups()
+                .iter()
+                .filter_map(|g| g.group_id.clone())
+                .collect();
+            for a in eni.private_ip_addresses() {
+                if let Some(ip) = a.private_ip_address.as_ref().filter(|ip| ips.contains(ip)) {
+                    out.push((ip.clone(), groups.clone()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     async fn describe_subnets(
         &self,
         calls: &Calls,
@@ -210,7 +329,57 @@ fn group(g: &sdk::SecurityGroup) -> Option<SecurityGroup> {
         name: g.group_name.clone().unwrap_or_default(),
         tags: tag_map(g.tags.as_deref()),
         ingress: ingress_rules(g.ip_permissions.as_deref().unwrap_or_default()),
+        from_groups: group_rules(g.ip_permissions.as_deref().unwrap_or_default()),
     })
+}
+
+/// The TCP/UDP rules admitting other security groups, of EC2 permissions.
+fn group_rules(perms: &[sdk::IpPermission]) -> BTreeSet<GroupRule> {
+    let mut out = BTreeSet::new();
+    for p in perms {
+        let protocol = match p.ip_protocol.as_deref() {
+            Some("tcp") | Some("6") => "tcp",
+            Some("udp") | Some("17") => "udp",
+            _ => continue,
+        };
+        let (Some(from), Some(to)) = (
+            p.from_port.and_then(|f| u16::try_from(f).ok()),
+            p.to_port.and_then(|t| u16::try_from(t).ok()),
+        ) else {
+            continue;
+        };
+        for pair in p.user_id_group_pairs() {
+            if let Some(source) = &pair.group_id {
+                out.insert(GroupRule {
+                    protocol: protocol.to_string(),
+                    from,
+                    to,
+                    source: source.clone(),
+                    description: pair.description.clone().unwrap_or_default(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Rules admitting security groups as EC2 permissions: one per rule.
+fn group_permissions(rules: &[GroupRule]) -> Vec<sdk::IpPermission> {
+    rules
+        .iter()
+        .map(|r| {
+            let pair = sdk::UserIdGroupPair::builder()
+                .group_id(&r.source)
+                .description(&r.description)
+                .build();
+            sdk::IpPermission::builder()
+                .ip_protocol(&r.protocol)
+                .from_port(i32::from(r.from))
+                .to_port(i32::from(r.to))
+                .user_id_group_pairs(pair)
+                .build()
+        })
+        .collect()
 }
 
 fn subnet(s: &sdk::Subnet) -> Option<Subnet> {

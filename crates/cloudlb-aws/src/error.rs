@@ -77,6 +77,14 @@ impl AwsError {
         self.kind == ErrorKind::NotFound
     }
 
+    pub(crate) fn is_duplicate(&self) -> bool {
+        self.kind == ErrorKind::Duplicate
+    }
+
+    pub(crate) fn is_in_use(&self) -> bool {
+        self.kind == ErrorKind::InUse
+    }
+
     fn describe(&self) -> String {
         match &self.code {
             Some(code) => format!("{code}: {}", self.message),

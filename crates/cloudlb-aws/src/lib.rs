@@ -1,5 +1,5 @@
-//! The AWS provider: Network Load Balancers through ELBv2, frontend security groups and subnet
-//! discovery through EC2.
+//! The AWS provider: Network Load Balancers through ELBv2; frontend and backend security groups,
+//! the rules on the targets' groups, and subnet discovery through EC2.
 //!
 //! Every SDK call goes through one helper ([`calls`]) that rate-limits it per call family
 //! (describe / write / targets) and counts it as `Operation/outcome`; [`AwsProvider::calls`]
@@ -11,10 +11,14 @@
 //! [`Provider::owned`] sweeps the account for everything tagged for this cluster ([`owned`]), so
 //! the controller can delete what Services that no longer exist left behind.
 //!
-//! Not done yet: rules on the nodes' security groups (issue "pod-IP targets, node security-group
-//! rules"); an ALPN policy is neither set nor compared (a policy set in the console stays).
+//! What load balancers share — the backend security group and the rules on the targets' groups
+//! that admit it — is [`backend`]'s: made before targets are registered, pruned by
+//! [`Provider::prune_shared`] once no load balancer needs it.
+//!
+//! Not done yet: an ALPN policy is neither set nor compared (a policy set in the console stays).
 
 mod apply;
+mod backend;
 mod calls;
 mod convert;
 mod ec2;
@@ -70,11 +74,18 @@ pub struct AwsSettings {
     /// one (AWS answers a create of an existing name with the existing load balancer) is used
     /// only after a DescribeTags shows our ownership tags.
     pub created_skew: std::time::Duration,
+    /// The installation (the chart's release): names and tags the backend security group, so
+    /// installations sharing a cluster and an account never remove each other's rules.
+    pub installation: String,
+    /// The cluster's nodePort range (kube-apiserver `--service-node-port-range`): a node
+    /// target's port in it is admitted as the whole range.
+    pub node_port_range: (u16, u16),
 }
 
 impl AwsSettings {
     pub const DEFAULT_RATE_LIMIT_PER_SEC: f64 = 10.0;
     pub const DEFAULT_CREATED_SKEW: std::time::Duration = std::time::Duration::from_secs(5);
+    pub const DEFAULT_NODE_PORT_RANGE: (u16, u16) = (30000, 32767);
 
     pub fn new(cluster: impl Into<String>) -> Self {
         AwsSettings {
@@ -82,6 +93,8 @@ impl AwsSettings {
             vpc_id: None,
             rate_limit_per_sec: Self::DEFAULT_RATE_LIMIT_PER_SEC,
             created_skew: Self::DEFAULT_CREATED_SKEW,
+            installation: "cloudlb".into(),
+            node_port_range: Self::DEFAULT_NODE_PORT_RANGE,
         }
     }
 }
@@ -95,6 +108,7 @@ pub struct AwsProvider {
     settings: AwsSettings,
     calls: calls::Calls,
     subnet_cache: subnets::SubnetCache,
+    backend: backend::BackendCache,
 }
 
 impl AwsProvider {
@@ -134,6 +148,7 @@ impl AwsProvider {
             calls: calls::Calls::new(settings.rate_limit_per_sec),
             settings,
             subnet_cache: subnets::SubnetCache::default(),
+            backend: backend::BackendCache::default(),
         }
     }
 
@@ -188,9 +203,10 @@ impl Provider for AwsProvider {
     }
 
     #[tracing::instrument(skip_all, fields(service = %desired.service))]
-    /// The NLB planner of `cloudlb-core`.
+    /// The NLB planner of `cloudlb-core`, with the backend security group as far as it is known.
     fn plan(&self, desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
-        cloudlb_core::plan::plan(desired, observed)
+        let backend = self.backend.group();
+        cloudlb_core::plan::plan_with_backend(desired, observed, backend.as_deref())
     }
 
     async fn observe(&self, desired: &Desired) -> Result<Observed, ProviderError> {
@@ -250,5 +266,10 @@ impl Provider for AwsProvider {
     #[tracing::instrument(skip_all, fields(cluster = %self.settings.cluster))]
     async fn owned(&self) -> Result<Vec<(ServiceRef, Observed)>, ProviderError> {
         self.owned_impl().await
+    }
+
+    #[tracing::instrument(skip_all, fields(cluster = %self.settings.cluster))]
+    async fn prune_shared(&self, wanted: &[Desired]) -> Result<(), ProviderError> {
+        self.prune_backend_impl(wanted).await
     }
 }

@@ -133,6 +133,8 @@ fn desired_for(cluster: &str, svc: ServiceRef, ports: &[Port], instances: &[Stri
                     ingress,
                 }),
                 extra_security_groups: Vec::new(),
+                // The backend rules have their own test (tests/controller/backend_rules.rs).
+                backend: None,
             },
             attributes: BTreeMap::new(),
             tags,

@@ -2,9 +2,9 @@
 
 use crate::config::LbConfig;
 use crate::model::{
-    Desired, FrontendSecurityGroup, HealthCheck, HealthCheckProtocol, IngressRule, Listener,
-    LoadBalancer, LocalSpec, Protocol, Security, ServiceRef, Target, TargetGroup, TargetMode,
-    naming, tags,
+    BackendAccess, BackendPort, Desired, FrontendSecurityGroup, HealthCheck, HealthCheckProtocol,
+    IngressRule, Listener, LoadBalancer, LocalSpec, Protocol, Security, ServiceRef, Target,
+    TargetGroup, TargetMode, naming, tags,
 };
 use k8s_openapi::api::core::v1::{Node, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -516,6 +516,7 @@ fn assemble(
         security: Security {
             frontend,
             extra_security_groups: cfg.security_groups.clone(),
+            backend: backend_access(cfg, &target_groups),
         },
         attributes,
         tags,
@@ -529,6 +530,53 @@ fn assemble(
         lb_name: name,
         lb: Some(lb),
     }
+}
+
+/// The ports the targets must admit from the load balancer (when cloudlb manages those rules, on
+/// AWS): each target group's traffic ports (its port for node targets, every target's own for
+/// pods) in its protocols, and its health-check port over TCP.
+fn backend_access(cfg: &LbConfig, target_groups: &[TargetGroup]) -> Option<BackendAccess> {
+    if !cfg.manage_backend_rules || cfg.local.is_some() {
+        return None;
+    }
+    let node_port = target_mode(cfg) != TargetMode::Pods;
+    let mut ports = BTreeSet::new();
+    let mut add = |protocol: &str, port: u16, node_port: bool| {
+        ports.insert(BackendPort {
+            protocol: protocol.to_string(),
+            port,
+            node_port,
+        });
+    };
+    for tg in target_groups {
+        let protocols: &[&str] = match tg.protocol {
+            Protocol::Tcp | Protocol::Tls => &["tcp"],
+            Protocol::Udp => &["udp"],
+            Protocol::TcpUdp => &["tcp", "udp"],
+        };
+        let traffic: BTreeSet<u16> = if node_port {
+            BTreeSet::from([tg.port])
+        } else {
+            tg.targets.iter().map(|t| t.port).collect()
+        };
+        for port in &traffic {
+            for protocol in protocols {
+                add(protocol, *port, node_port);
+            }
+        }
+        match tg.health_check.port {
+            // A health check on a port of its own (the healthCheckNodePort, kube-proxy's
+            // 10256, or the user's): on the nodes too for node targets; the provider widens only
+            // what falls in the nodePort range.
+            Some(p) => add("tcp", p, node_port),
+            None => {
+                for port in &traffic {
+                    add("tcp", *port, node_port);
+                }
+            }
+        }
+    }
+    Some(BackendAccess { ports })
 }
 
 /// Our ownership tags and the user's, shared by every resource of the Service.

@@ -166,10 +166,20 @@ fn changed_attributes<'c>(
 
 /// The AWS NLB planner: the operations that turn `observed` (what exists in AWS) into `desired`.
 pub fn plan(desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
+    plan_with_backend(desired, observed, None)
+}
+
+/// [`plan`], knowing the id of the cluster's backend security group (`None`: not known yet, so
+/// not attached to anything as far as this plan can tell).
+pub fn plan_with_backend(
+    desired: &Desired,
+    observed: &Observed,
+    backend: Option<&str>,
+) -> Result<Plan, PlanError> {
     let mut ops = Vec::new();
     match &desired.lb {
         None => plan_delete(observed, &mut ops)?,
-        Some(lb) => plan_ensure(lb, observed, &mut ops)?,
+        Some(lb) => plan_ensure(lb, observed, backend, &mut ops)?,
     }
     Ok(Plan { ops })
 }
@@ -193,7 +203,12 @@ fn protected(lb: &ObservedLb) -> bool {
     lb.attributes.get(DELETION_PROTECTION).map(String::as_str) == Some("true")
 }
 
-fn plan_ensure(lb: &LoadBalancer, observed: &Observed, ops: &mut Vec<Op>) -> Result<(), PlanError> {
+fn plan_ensure(
+    lb: &LoadBalancer,
+    observed: &Observed,
+    backend: Option<&str>,
+    ops: &mut Vec<Op>,
+) -> Result<(), PlanError> {
     // A replacement deletes the load balancer: refused before any write when it is protected.
     if let Some(have) = &observed.lb
         && have.scheme != lb.scheme
@@ -205,7 +220,7 @@ fn plan_ensure(lb: &LoadBalancer, observed: &Observed, ops: &mut Vec<Op>) -> Res
         });
     }
     plan_security_group(lb, observed, ops);
-    let existing = plan_load_balancer(lb, observed, ops);
+    let existing = plan_load_balancer(lb, observed, backend, ops);
     plan_lb_attributes(lb, existing, ops);
     // Target groups are matched by name, which embeds the immutable fields.
     for tg in &lb.target_groups {
@@ -261,6 +276,7 @@ fn plan_security_group(lb: &LoadBalancer, observed: &Observed, ops: &mut Vec<Op>
 fn plan_load_balancer<'o>(
     lb: &LoadBalancer,
     observed: &'o Observed,
+    backend: Option<&str>,
     ops: &mut Vec<Op>,
 ) -> Option<&'o ObservedLb> {
     let mut existing = observed.lb.as_ref();
@@ -280,7 +296,7 @@ fn plan_load_balancer<'o>(
             if have.ip_address_type != lb.ip_address_type {
                 ops.push(Op::SetIpAddressType);
             }
-            if security_groups_differ(lb, have, observed) {
+            if security_groups_differ(lb, have, observed, backend) {
                 ops.push(Op::SetSecurityGroups);
             }
         }
@@ -296,13 +312,24 @@ fn replace_reason(have: &ObservedLb, lb: &LoadBalancer) -> String {
     )
 }
 
-/// Whether the attached security groups are not exactly ours (if we want one) and the user's.
-fn security_groups_differ(lb: &LoadBalancer, have: &ObservedLb, observed: &Observed) -> bool {
+/// Whether the attached security groups are not exactly ours (if we want one), the cluster's
+/// backend group (if wanted) and the user's.
+fn security_groups_differ(
+    lb: &LoadBalancer,
+    have: &ObservedLb,
+    observed: &Observed,
+    backend: Option<&str>,
+) -> bool {
     let want_ours = lb.security.frontend.is_some();
     let ours_attached = observed
         .security_group
         .as_ref()
         .is_some_and(|sg| have.security_groups.contains(&sg.id));
+    let want_backend = lb.security.backend.is_some();
+    let backend_attached = backend.is_some_and(|id| have.security_groups.iter().any(|g| g == id));
+    if want_backend != backend_attached {
+        return true;
+    }
     let extra_attached: Vec<_> = have
         .security_groups
         .iter()
@@ -311,6 +338,7 @@ fn security_groups_differ(lb: &LoadBalancer, have: &ObservedLb, observed: &Obser
                 .security_group
                 .as_ref()
                 .is_none_or(|sg| &sg.id != *id)
+                && backend != Some(id.as_str())
         })
         .collect();
     let mut want_extra: Vec<_> = lb.security.extra_security_groups.iter().collect();

@@ -106,6 +106,14 @@ pub trait Provider: Send + Sync {
     async fn owned(&self) -> Result<Vec<(crate::model::ServiceRef, Observed)>, ProviderError> {
         Ok(Vec::new())
     }
+
+    /// What the provider shares between load balancers (AWS: the backend security group and
+    /// the rules on the targets' groups), brought down to what `wanted` (the desired model of
+    /// every Service this installation manages) still needs; nothing is removed that one of
+    /// them needs. The default has nothing shared.
+    async fn prune_shared(&self, _wanted: &[Desired]) -> Result<(), ProviderError> {
+        Ok(())
+    }
 }
 
 /// Where a provider reports every cloud call it makes: the operator counts them in

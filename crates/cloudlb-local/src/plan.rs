@@ -271,6 +271,7 @@ mod tests {
                 })
                 .collect(),
             security_group: None,
+            notes: vec![],
         }
     }
 

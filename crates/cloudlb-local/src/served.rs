@@ -220,7 +220,7 @@ impl ServiceLb {
             lb,
             listeners,
             target_groups,
-            security_group: None,
+            ..Observed::default()
         }
     }
 

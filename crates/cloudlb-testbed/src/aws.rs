@@ -343,8 +343,41 @@ pub struct Instance {
 
 /// Launches `n` instances in `subnet_id`.
 pub async fn run_instances(ec2: &ec2::Client, subnet_id: &str, n: i32) -> Vec<Instance> {
+    // As EC2 does (moto leaves them without any): the VPC's default security group.
+    let subnets = ec2
+        .describe_subnets()
+        .subnet_ids(subnet_id)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("DescribeSubnets {subnet_id}: {e:?}"));
+    let vpc = subnets
+        .subnets()
+        .first()
+        .and_then(|s| s.vpc_id())
+        .unwrap_or_else(|| panic!("subnet {subnet_id} has a VPC"))
+        .to_string();
+    let filter = |name: &str, value: &str| {
+        aws_sdk_ec2::types::Filter::builder()
+            .name(name)
+            .values(value)
+            .build()
+    };
+    let groups = ec2
+        .describe_security_groups()
+        .filters(filter("vpc-id", &vpc))
+        .filters(filter("group-name", "default"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("the default security group of {vpc}: {e:?}"));
+    let default_group = groups
+        .security_groups()
+        .first()
+        .and_then(|g| g.group_id())
+        .unwrap_or_else(|| panic!("{vpc} has a default security group"))
+        .to_string();
     let output = ec2
         .run_instances()
+        .security_group_ids(default_group)
         .image_id(TEST_AMI)
         .instance_type(InstanceType::T3Medium)
         .min_count(n)

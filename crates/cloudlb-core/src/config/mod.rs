@@ -85,6 +85,8 @@ pub struct LbConfig {
     pub additional_tags: BTreeMap<String, String>,
     pub target_node_labels: BTreeMap<String, String>,
     pub security_groups: Vec<String>,
+    /// Whether the targets' security groups get rules admitting the load balancer.
+    pub manage_backend_rules: bool,
     pub source_ranges: Vec<String>,
     pub name: Option<String>,
     /// Settings of the local provider (`provider: local` only), validated; the build adds the
@@ -929,15 +931,17 @@ impl Parser<'_> {
 
     /// The user's security groups (and the refused request to manage the nodes' rules).
     fn security_groups(&mut self) -> Vec<String> {
-        let security_groups = self.checked_list(keys::SECURITY_GROUPS, |_, g| {
+        self.checked_list(keys::SECURITY_GROUPS, |_, g| {
             (!g.starts_with("sg-")).then(|| format!("{g:?} is not a security-group id (sg-…)"))
-        });
-        if self.parse_bool(keys::MANAGE_BACKEND_SG) == Some(true)
-            && let Some(raw) = self.get(keys::MANAGE_BACKEND_SG).cloned()
-        {
-            self.errors.push(err(&raw.source, &raw.value, "managing node security-group rules is not supported yet; open the nodePort range to the load balancer's subnets yourself and remove this setting"));
-        }
-        security_groups
+        })
+    }
+
+    /// Rules on the targets' security groups: on by default when cloudlb makes the load
+    /// balancer's security group, off with the user's own unless asked for (as
+    /// aws-load-balancer-controller does).
+    fn manage_backend_rules(&mut self, security_groups: &[String]) -> bool {
+        self.parse_bool(keys::MANAGE_BACKEND_SG)
+            .unwrap_or(security_groups.is_empty())
     }
 
     /// Source ranges: the spec field wins, then annotations, then the class; none and no user
@@ -1065,6 +1069,7 @@ impl Parser<'_> {
         let tags = self.tags(class);
         let target_node_labels = self.target_node_labels();
         let security_groups = self.security_groups();
+        let manage_backend_rules = self.manage_backend_rules(&security_groups);
         let source_ranges = self.source_ranges(&spec, &security_groups, ip_address_type);
         let name = self.name();
         self.service_checks(&spec, &ports, targets);
@@ -1107,6 +1112,7 @@ impl Parser<'_> {
             additional_tags: tags,
             target_node_labels,
             security_groups,
+            manage_backend_rules,
             source_ranges,
             name,
             local,

@@ -215,6 +215,7 @@ impl LoadBalancer {
             security: Security {
                 frontend: None,
                 extra_security_groups: vec![],
+                backend: None,
             },
             attributes: BTreeMap::new(),
             tags: BTreeMap::new(),
@@ -235,6 +236,29 @@ pub struct Security {
     /// User-supplied security groups attached instead of (or, never in addition to) ours.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_security_groups: Vec<String>,
+    /// The cluster's backend security group is attached too, and the targets' security groups
+    /// admit it on these ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendAccess>,
+}
+
+/// What the targets must admit from the load balancer: the traffic and health-check ports.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendAccess {
+    pub ports: BTreeSet<BackendPort>,
+}
+
+/// One port the targets admit from the load balancer.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendPort {
+    /// `tcp` or `udp` (EC2 spelling).
+    pub protocol: String,
+    pub port: u16,
+    /// On the nodes (node targets): a port in the nodePort range may be admitted as the whole
+    /// range.
+    pub node_port: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -360,6 +384,9 @@ pub mod tags {
     pub const SERVICE_NAME: &str = "cloudlb.io/service-name";
     pub const SERVICE_UID: &str = "cloudlb.io/service-uid";
     pub const RESOURCE: &str = "cloudlb.io/resource";
+    /// On resources a cloudlb installation shares between its Services (the backend security
+    /// group): which installation.
+    pub const INSTALLATION: &str = "cloudlb.io/installation";
     /// The tag the in-tree AWS provider and ALBC use to mark cluster ownership.
     pub fn kubernetes_cluster(cluster: &str) -> String {
         format!("kubernetes.io/cluster/{cluster}")

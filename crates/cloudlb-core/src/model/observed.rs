@@ -20,6 +20,10 @@ pub struct Observed {
     pub listeners: Vec<ObservedListener>,
     pub target_groups: Vec<ObservedTargetGroup>,
     pub security_group: Option<ObservedSecurityGroup>,
+    /// What the user should hear about from the apply that made this (not part of the cloud's
+    /// state: never compared, never remembered).
+    #[serde(skip)]
+    pub notes: Vec<String>,
 }
 
 impl Observed {

@@ -6,6 +6,14 @@ use crate::model::observed::{LbState, ObservedLb, ObservedSecurityGroup, Observe
 use crate::model::{Protocol, Scheme};
 use k8s_openapi::api::core::v1::{Node, Service};
 
+/// The cluster's backend security group, as the AWS provider knows it.
+const BACKEND: &str = "sg-backend";
+
+/// The planner as the AWS provider calls it, knowing the backend group.
+fn plan(desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
+    plan_with_backend(desired, observed, Some(BACKEND))
+}
+
 fn desired_with(
     annotations: serde_json::Value,
     ports: serde_json::Value,
@@ -69,7 +77,9 @@ fn observed_for(d: &Desired) -> Observed {
             ip_address_type: lb.ip_address_type,
             dns_name: "lb.example".into(),
             state: LbState::Active,
-            security_groups: vec!["sg-ours".into()],
+            security_groups: std::iter::once("sg-ours".to_string())
+                .chain(lb.security.backend.as_ref().map(|_| BACKEND.to_string()))
+                .collect(),
             attributes: lb.attributes.clone(),
         }),
         listeners: lb
@@ -112,6 +122,7 @@ fn observed_for(d: &Desired) -> Observed {
                 name: f.name.clone(),
                 ingress: f.ingress.clone(),
             }),
+        notes: vec![],
     }
 }
 
@@ -338,6 +349,38 @@ fn drift_is_repaired() {
             "registerTargets",
             "createListener"
         ]
+    );
+}
+
+#[test]
+fn the_backend_group_is_attached_when_wanted_and_detached_when_not() {
+    let d = web(&["i-1"]);
+    let mut observed = observed_for(&d);
+    assert!(plan(&d, &observed).expect("plan").is_empty());
+    if let Some(lb) = observed.lb.as_mut() {
+        lb.security_groups.retain(|g| g != BACKEND);
+    }
+    assert_eq!(
+        names(&plan(&d, &observed).expect("plan")),
+        ["setSecurityGroups"]
+    );
+    // Not known yet (a process that never saw it): attached by the apply, which makes it.
+    let d_observed = observed_for(&d);
+    assert_eq!(
+        names(&plan_with_backend(&d, &d_observed, None).expect("plan")),
+        ["setSecurityGroups"]
+    );
+    let off = web_annotated(
+        serde_json::json!({"cloudlb.io/manage-backend-security-group-rules": "false"}),
+    );
+    assert!(
+        off.lb
+            .as_ref()
+            .is_some_and(|l| l.security.backend.is_none())
+    );
+    assert_eq!(
+        names(&plan(&off, &d_observed).expect("plan")),
+        ["setSecurityGroups"]
     );
 }
 
