@@ -263,11 +263,7 @@ mod tests {
     #[test]
     fn only_changes_of_wanted_services_make_a_batch_and_each_service_once() {
         let e = Endpoints::default();
-        e.apply(watcher::Event::Init);
-        e.apply(watcher::Event::InitApply(slice(
-            "web-a", "web", "10.0.0.1", true,
-        )));
-        e.apply(watcher::Event::InitDone);
+        list(&e, &[("web-a", "web", "10.0.0.1")]);
         assert!(
             e.take_batch().is_empty(),
             "the first list reconciles nothing"
@@ -306,27 +302,22 @@ mod tests {
         assert!(e.take_batch().is_empty(), "no longer wanted");
     }
 
+    /// A (re)list of `slices` (name, Service, address).
+    fn list(e: &Endpoints, slices: &[(&str, &str, &str)]) {
+        e.apply(watcher::Event::Init);
+        for (name, service, ip) in slices {
+            e.apply(watcher::Event::InitApply(slice(name, service, ip, true)));
+        }
+        e.apply(watcher::Event::InitDone);
+    }
+
     #[test]
     fn a_relist_reconciles_the_wanted_services_whose_slices_differ() {
         let e = Endpoints::default();
-        e.apply(watcher::Event::Init);
-        e.apply(watcher::Event::InitApply(slice(
-            "a-1", "a", "10.0.0.1", true,
-        )));
-        e.apply(watcher::Event::InitApply(slice(
-            "b-1", "b", "10.0.0.2", true,
-        )));
-        e.apply(watcher::Event::InitDone);
+        list(&e, &[("a-1", "a", "10.0.0.1"), ("b-1", "b", "10.0.0.2")]);
         e.slices_for("ns", "a", true);
         e.slices_for("ns", "b", true);
-        e.apply(watcher::Event::Init);
-        e.apply(watcher::Event::InitApply(slice(
-            "a-1", "a", "10.0.0.1", true,
-        )));
-        e.apply(watcher::Event::InitApply(slice(
-            "b-1", "b", "10.0.0.3", true,
-        )));
-        e.apply(watcher::Event::InitDone);
+        list(&e, &[("a-1", "a", "10.0.0.1"), ("b-1", "b", "10.0.0.3")]);
         assert_eq!(e.take_batch(), vec![("ns".to_string(), "b".to_string())]);
     }
 }

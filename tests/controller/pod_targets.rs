@@ -88,6 +88,23 @@ fn pod_ip(env: &Env, i: usize) -> String {
     format!("{base}.{}", 100 + i)
 }
 
+/// Ready pods `web-<i>` of app `web` on Node `node`, for each `i` of `pods`.
+async fn ready_pods(env: &Env, node: &str, pods: std::ops::Range<usize>) {
+    for i in pods {
+        let name = format!("web-{i}");
+        create_pod(
+            &env.client,
+            &env.ns,
+            "web",
+            &name,
+            node,
+            &pod_ip(env, i),
+            true,
+        )
+        .await;
+    }
+}
+
 fn at_8080(env: &Env, pods: impl IntoIterator<Item = usize>) -> Vec<String> {
     let mut v: Vec<String> = pods
         .into_iter()
@@ -143,18 +160,7 @@ async fn pod_targets_follow_the_ready_endpoints_in_batches() {
 
     // Three ready pods (and one that is not): exactly the ready ones, at the port the named
     // targetPort resolves to.
-    for i in 0..3 {
-        create_pod(
-            &env.client,
-            &env.ns,
-            "web",
-            &format!("web-{i}"),
-            &node,
-            &pod_ip(&env, i),
-            true,
-        )
-        .await;
-    }
+    ready_pods(&env, &node, 0..3).await;
     create_pod(
         &env.client,
         &env.ns,
@@ -187,18 +193,7 @@ async fn pod_targets_follow_the_ready_endpoints_in_batches() {
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
     let before = env.provider.calls();
     let started = Instant::now();
-    for i in 3..10 {
-        create_pod(
-            &env.client,
-            &env.ns,
-            "web",
-            &format!("web-{i}"),
-            &node,
-            &pod_ip(&env, i),
-            true,
-        )
-        .await;
-    }
+    ready_pods(&env, &node, 3..10).await;
     let up_churn = started.elapsed();
     wait_pod_targets(&env, &arn, &at_8080(&env, 0..10), "10 pods").await;
     let up = env.calls_since(&before);

@@ -160,6 +160,11 @@ impl AwsProvider {
         self.backend.group()
     }
 
+    /// Looks the backend group up (never makes it): its id, if it exists.
+    pub(crate) async fn find_backend_group(&self) -> Result<Option<String>, ProviderError> {
+        self.backend_group(None).await
+    }
+
     /// The description of every rule cloudlb makes on a target's group (its marker).
     fn backend_rule_description(&self) -> String {
         format!(

@@ -129,6 +129,36 @@ pub(crate) trait Ec2: Send + Sync + std::fmt::Debug {
 #[derive(Debug)]
 pub(crate) struct SdkEc2(pub aws_sdk_ec2::Client);
 
+impl SdkEc2 {
+    /// Authorizes (adds) or revokes (removes) `permissions` on the group `id`.
+    async fn send_ingress(
+        &self,
+        calls: &Calls,
+        id: &str,
+        permissions: Vec<sdk::IpPermission>,
+        change: Change,
+    ) -> Result<(), AwsError> {
+        let permissions = Some(permissions);
+        match change {
+            Change::Add => {
+                let req = self.0.authorize_security_group_ingress();
+                let req = req.group_id(id).set_ip_permissions(permissions);
+                calls
+                    .run("AuthorizeSecurityGroupIngress", || req.clone().send())
+                    .await?;
+            }
+            Change::Remove => {
+                let req = self.0.revoke_security_group_ingress();
+                let req = req.group_id(id).set_ip_permissions(permissions);
+                calls
+                    .run("RevokeSecurityGroupIngress", || req.clone().send())
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
 fn sdk_filters(filters: &[Filter]) -> Option<Vec<sdk::Filter>> {
     (!filters.is_empty()).then(|| {
         filters
@@ -194,24 +224,8 @@ impl Ec2 for SdkEc2 {
         rules: &[IngressRule],
         change: Change,
     ) -> Result<(), AwsError> {
-        let permissions = Some(ip_permissions(rules));
-        match change {
-            Change::Add => {
-                let req = self.0.authorize_security_group_ingress();
-                let req = req.group_id(id).set_ip_permissions(permissions);
-                calls
-                    .run("AuthorizeSecurityGroupIngress", || req.clone().send())
-                    .await?;
-            }
-            Change::Remove => {
-                let req = self.0.revoke_security_group_ingress();
-                let req = req.group_id(id).set_ip_permissions(permissions);
-                calls
-                    .run("RevokeSecurityGroupIngress", || req.clone().send())
-                    .await?;
-            }
-        }
-        Ok(())
+        self.send_ingress(calls, id, ip_permissions(rules), change)
+            .await
     }
 
     async fn delete_security_group(&self, calls: &Calls, id: &str) -> Result<(), AwsError> {
@@ -229,24 +243,8 @@ impl Ec2 for SdkEc2 {
         rules: &[GroupRule],
         change: Change,
     ) -> Result<(), AwsError> {
-        let permissions = Some(group_permissions(rules));
-        match change {
-            Change::Add => {
-                let req = self.0.authorize_security_group_ingress();
-                let req = req.group_id(id).set_ip_permissions(permissions);
-                calls
-                    .run("AuthorizeSecurityGroupIngress", || req.clone().send())
-                    .await?;
-            }
-            Change::Remove => {
-                let req = self.0.revoke_security_group_ingress();
-                let req = req.group_id(id).set_ip_permissions(permissions);
-                calls
-                    .run("RevokeSecurityGroupIngress", || req.clone().send())
-                    .await?;
-            }
-        }
-        Ok(())
+        self.send_ingress(calls, id, group_permissions(rules), change)
+            .await
     }
 
     async fn instance_security_groups(
@@ -263,14 +261,7 @@ impl Ec2 for SdkEc2 {
         Ok(reservations
             .iter()
             .flat_map(|r| r.instances())
-            .filter_map(|i| {
-                let groups = i
-                    .security_groups()
-                    .iter()
-                    .filter_map(|g| g.group_id.clone())
-                    .collect();
-                Some((i.instance_id.clone()?, groups))
-            })
+            .filter_map(|i| Some((i.instance_id.clone()?, group_ids(i.security_groups()))))
             .collect())
     }
 
@@ -287,11 +278,7 @@ impl Ec2 for SdkEc2 {
         let interfaces = calls.pages("DescribeNetworkInterfaces", false, req).await?;
         let mut out = Vec::new();
         for eni in &interfaces {
-            let groups: Vec<String> = eni
-                .groups()
-                .iter()
-                .filter_map(|g| g.group_id.clone())
-                .collect();
+            let groups = group_ids(eni.groups());
             for a in eni.private_ip_addresses() {
                 if let Some(ip) = a.private_ip_address.as_ref().filter(|ip| ips.contains(ip)) {
                     out.push((ip.clone(), groups.clone()));
@@ -331,6 +318,11 @@ fn group(g: &sdk::SecurityGroup) -> Option<SecurityGroup> {
         ingress: ingress_rules(g.ip_permissions.as_deref().unwrap_or_default()),
         from_groups: group_rules(g.ip_permissions.as_deref().unwrap_or_default()),
     })
+}
+
+/// The ids of the security groups an instance or a network interface has.
+fn group_ids(groups: &[sdk::GroupIdentifier]) -> Vec<String> {
+    groups.iter().filter_map(|g| g.group_id.clone()).collect()
 }
 
 /// The TCP/UDP rules admitting other security groups, of EC2 permissions.

@@ -34,6 +34,16 @@ impl AwsProvider {
             attached = self.describe_attached_target_groups(&arn).await?;
         }
 
+        // The backend group, once per process, if the load balancer may carry it: the plan
+        // must know it to tell whether it is attached (a restart must not re-attach it).
+        let wants_backend = desired
+            .lb
+            .as_ref()
+            .is_some_and(|l| l.security.backend.is_some());
+        if wants_backend && observed.lb.is_some() && self.backend_group_id().is_none() {
+            self.find_backend_group().await?;
+        }
+
         // 2. Target groups: attached, plus desired ones by name.
         observed.target_groups = self.find_target_groups(desired, attached, deleting).await?;
 
