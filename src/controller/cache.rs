@@ -265,6 +265,7 @@ mod tests {
             target_groups: vec![tg(0), tg(1)],
             security_group: None,
             notes: Vec::new(),
+            outside_vpc: Vec::new(),
         }
     }
 

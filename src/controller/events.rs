@@ -40,6 +40,8 @@ pub const NO_READY_ENDPOINTS: &str = "NoReadyEndpoints";
 pub const UNSUPPORTED_ANNOTATION: &str = "UnsupportedAnnotation";
 /// Targets whose security group cloudlb may not change to admit the load balancer.
 pub const BACKEND_RULES_SKIPPED: &str = "TargetSecurityGroupNotChanged";
+/// IP targets outside the load balancer's VPC (not registered).
+pub const TARGETS_OUTSIDE_VPC: &str = "TargetsOutsideVpc";
 pub const ALL_UNHEALTHY: &str = "AllTargetsUnhealthy";
 pub const TARGETS_HEALTHY: &str = "TargetsHealthy";
 /// A class-less Service the default class does not adopt: another controller may act on it.

@@ -276,6 +276,15 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, Outcom
     let observed = apply(svc, ctx, &target, &desired, observed, &plan).await?;
     if !plan.is_empty() {
         tell_backend_notes(svc, ctx, &observed).await;
+        let outside = match observed.outside_vpc.as_slice() {
+            [] => String::new(),
+            targets => format!(
+                "Not registered: {} target(s) outside the load balancer's VPC: {} (for example host-network pods on nodes in another VPC); the other targets are registered",
+                targets.len(),
+                targets.join(", ")
+            ),
+        };
+        warn_on_change(ctx, svc, events::TARGETS_OUTSIDE_VPC, outside).await;
     }
     let provisioning = remember(ctx, &target, fingerprint, &observed, verified_at);
     write_status(&ctx.metrics, &target.api(ctx), svc, &desired, &observed).await?;

@@ -183,6 +183,29 @@ async fn pod_targets_follow_the_ready_endpoints_in_batches() {
         "{notes:?}"
     );
 
+    // A pod whose IP is outside the VPC (a host-network pod on a node elsewhere): told, not
+    // registered; the others stay.
+    create_pod(
+        &env.client,
+        &env.ns,
+        "web",
+        "web-elsewhere",
+        &node,
+        "192.168.77.7",
+        true,
+    )
+    .await;
+    let notes = env.wait_events("TargetsOutsideVpc").await;
+    assert!(
+        notes.iter().any(|n| n.contains("192.168.77.7:8080")),
+        "{notes:?}"
+    );
+    assert_eq!(pod_targets(&env, &arn).await, at_8080(&env, 0..3));
+    Api::<Pod>::namespaced(env.client.clone(), &env.ns)
+        .delete("web-elsewhere", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+
     // A pod turning NotReady is deregistered; ready again, registered again.
     set_pod_ready(&env.client, &env.ns, "web-1", false).await;
     wait_pod_targets(&env, &arn, &at_8080(&env, [0, 2]), "web-1 deregistered").await;

@@ -15,7 +15,7 @@ use aws_sdk_elasticloadbalancingv2::operation::{
 use aws_sdk_elasticloadbalancingv2::types as elb;
 use cloudlb_core::model::{
     Desired, HealthCheck, HealthCheckProtocol, IngressRule, Listener, LoadBalancer, Target,
-    TargetGroup,
+    TargetGroup, TargetType,
 };
 use cloudlb_core::plan::{Op, Plan};
 use cloudlb_core::provider::{
@@ -764,6 +764,28 @@ impl<'a> Run<'a> {
     ) -> Result<(), ProviderError> {
         let arn = self.tg_arn(key)?;
         let p = self.p;
+        let outside_vpc =
+            change == Change::Add && self.target_group(key)?.target_type == TargetType::Ip;
+        let inside;
+        let targets = if outside_vpc {
+            let vpc = self.vpc().await?;
+            let cidrs = p.vpc_cidrs(&vpc).await?;
+            let (ok, outside): (Vec<Target>, Vec<Target>) = targets
+                .iter()
+                .cloned()
+                .partition(|t| cidrs.iter().any(|c| c.contains(&t.id)));
+            if !outside.is_empty() {
+                let ids: Vec<String> = outside
+                    .iter()
+                    .map(|t| format!("{}:{}", t.id, t.port))
+                    .collect();
+                self.out.outside_vpc.extend(ids);
+            }
+            inside = ok;
+            inside.as_slice()
+        } else {
+            targets
+        };
         for chunk in targets.chunks(TARGETS_PER_CALL) {
             let members = Some(elb_targets(chunk));
             let sent = match change {

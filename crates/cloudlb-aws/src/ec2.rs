@@ -116,6 +116,9 @@ pub(crate) trait Ec2: Send + Sync + std::fmt::Debug {
         ips: &[String],
     ) -> Result<Vec<(String, Vec<String>)>, AwsError>;
 
+    /// The IPv4 CIDR blocks (primary and secondary, associated) of the VPC `id`.
+    async fn vpc_cidr_blocks(&self, calls: &Calls, id: &str) -> Result<Vec<String>, AwsError>;
+
     /// Every page; only available subnets.
     async fn describe_subnets(
         &self,
@@ -286,6 +289,28 @@ impl Ec2 for SdkEc2 {
             }
         }
         Ok(out)
+    }
+
+    async fn vpc_cidr_blocks(&self, calls: &Calls, id: &str) -> Result<Vec<String>, AwsError> {
+        let req = self.0.describe_vpcs().vpc_ids(id);
+        let out = calls.run("DescribeVpcs", || req.clone().send()).await?;
+        let mut blocks = Vec::new();
+        for vpc in out.vpcs() {
+            blocks.extend(vpc.cidr_block.clone());
+            for a in vpc.cidr_block_association_set() {
+                let associated = a
+                    .cidr_block_state
+                    .as_ref()
+                    .and_then(|s| s.state.as_ref())
+                    .is_none_or(|s| *s == sdk::VpcCidrBlockStateCode::Associated);
+                if associated && let Some(b) = &a.cidr_block {
+                    blocks.push(b.clone());
+                }
+            }
+        }
+        blocks.sort();
+        blocks.dedup();
+        Ok(blocks)
     }
 
     async fn describe_subnets(

@@ -26,6 +26,7 @@ mod error;
 mod observe;
 mod owned;
 mod subnets;
+mod vpc;
 
 use cloudlb_core::model::{Desired, ServiceRef};
 use cloudlb_core::plan::{Plan, PlanError};
@@ -109,6 +110,7 @@ pub struct AwsProvider {
     calls: calls::Calls,
     subnet_cache: subnets::SubnetCache,
     backend: backend::BackendCache,
+    vpc_cache: vpc::VpcCache,
 }
 
 impl AwsProvider {
@@ -149,6 +151,7 @@ impl AwsProvider {
             settings,
             subnet_cache: subnets::SubnetCache::default(),
             backend: backend::BackendCache::default(),
+            vpc_cache: vpc::VpcCache::default(),
         }
     }
 

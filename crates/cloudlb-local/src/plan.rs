@@ -272,6 +272,7 @@ mod tests {
                 .collect(),
             security_group: None,
             notes: vec![],
+            outside_vpc: vec![],
         }
     }
 

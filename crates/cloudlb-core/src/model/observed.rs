@@ -21,9 +21,13 @@ pub struct Observed {
     pub target_groups: Vec<ObservedTargetGroup>,
     pub security_group: Option<ObservedSecurityGroup>,
     /// What the user should hear about from the apply that made this (not part of the cloud's
-    /// state: never compared, never remembered).
+    /// state: never planned against, never remembered).
     #[serde(skip)]
     pub notes: Vec<String>,
+    /// IP targets the apply did not register because they are outside the load balancer's VPC
+    /// (`ip:port`); like `notes`, not part of the cloud's state.
+    #[serde(skip)]
+    pub outside_vpc: Vec<String>,
 }
 
 impl Observed {

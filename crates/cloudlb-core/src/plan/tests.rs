@@ -123,6 +123,7 @@ fn observed_for(d: &Desired) -> Observed {
                 ingress: f.ingress.clone(),
             }),
         notes: vec![],
+        outside_vpc: vec![],
     }
 }
 
