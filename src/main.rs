@@ -327,6 +327,7 @@ async fn start_webhook(
         cert_file: args.webhook_cert_file.clone(),
         key_file: args.webhook_key_file.clone(),
         classes: common.classes.clone(),
+        installation: common.installation.clone(),
     })?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await

@@ -5,18 +5,26 @@
 //! balancer. A class that is set is never changed. Every replica serves it (not only the
 //! leader), from its own watch of the classes; with none served as default it changes nothing.
 //!
+//!
+//! `POST /mutate-pod`: a pod being created in a namespace (or with a label) that asks for it
+//! (`cloudlb.io/pod-readiness-gate-inject: enabled`, see
+//! [`crate::controller::readiness`]) gets the readiness gate of every Service of ours whose
+//! targets are pods and whose selector selects it.
+//!
 //! Kubernetes calls it as the `MutatingWebhookConfiguration` says (the chart's: `failurePolicy:
 //! Ignore`, so an outage of the operator never blocks Service creation; Services created then
 //! are judged by the adoption rules in [`crate::ownership`]).
 
 use crate::config::class::{CLASS_PREFIX, LoadBalancerClass};
+use crate::controller::readiness;
+use crate::model::TargetMode;
 use crate::ownership;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,8 +33,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::rustls;
 
-/// The path the API server posts AdmissionReviews to.
+/// The path the API server posts AdmissionReviews of Services to.
 pub const PATH: &str = "/mutate-service";
+/// The path the API server posts AdmissionReviews of pods to.
+pub const POD_PATH: &str = "/mutate-pod";
 /// Largest request accepted (an AdmissionReview of a Service is a few KiB).
 const MAX_REQUEST: usize = 1024 * 1024;
 /// How long a connection may sit idle, and a TLS handshake take.
@@ -48,6 +58,8 @@ pub struct WebhookSettings {
     pub key_file: PathBuf,
     /// Only these classes (the operator's `--classes`; `None`: all).
     pub classes: Option<Vec<String>>,
+    /// The installation (`--installation`): which Services are ours.
+    pub installation: String,
 }
 
 /// The class the webhook sets on the Service of `req`, if any: `default_class` (a class name)
@@ -224,7 +236,7 @@ async fn run(
 ) {
     let (store, writer) = reflector::store();
     let watch = watcher(
-        Api::<LoadBalancerClass>::all(client),
+        Api::<LoadBalancerClass>::all(client.clone()),
         watcher::Config::default(),
     )
     .default_backoff()
@@ -234,7 +246,7 @@ async fn run(
     tracing::info!(?addr, path = PATH, "admission webhook serving");
     tokio::select! {
         _ = watch => {}
-        _ = serve(listener, tls, store, settings) => {}
+        _ = serve(listener, tls, store, settings, client) => {}
     }
 }
 
@@ -244,9 +256,14 @@ async fn serve(
     tls: Arc<rustls::ServerConfig>,
     classes: Store<LoadBalancerClass>,
     settings: WebhookSettings,
+    client: Client,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let defaults = Arc::new(Defaults { classes, settings });
+    let defaults = Arc::new(Defaults {
+        classes,
+        settings,
+        client,
+    });
     // Held here: dropping `serve` ends every connection too.
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -273,21 +290,136 @@ async fn serve(
     }
 }
 
-/// The default class, from the watched classes this installation serves, and the settings.
+/// The default class, from the watched classes this installation serves, the settings, and a
+/// client (to find a pod's Services).
 struct Defaults {
     classes: Store<LoadBalancerClass>,
     settings: WebhookSettings,
+    client: Client,
 }
 
 impl Defaults {
-    fn name(&self) -> Option<String> {
+    fn served(&self) -> Vec<LoadBalancerClass> {
         let filter = self.settings.classes.as_deref();
-        let classes = self.classes.state();
-        let served = classes
+        self.classes
+            .state()
             .iter()
-            .map(|c| &**c)
-            .filter(|c| ownership::serves(filter, c));
-        ownership::default_class(served).and_then(|c| c.metadata.name.clone())
+            .filter(|c| ownership::serves(filter, c))
+            .map(|c| (**c).clone())
+            .collect()
+    }
+
+    fn name(&self) -> Option<String> {
+        let served = self.served();
+        ownership::default_class(served.iter()).and_then(|c| c.metadata.name.clone())
+    }
+}
+
+/// The readiness gates (condition types) a pod being created gets: one per Service of
+/// `services` that is ours (`served` classes, `installation`), sends its traffic to pods, and
+/// selects the pod; none it already has.
+pub fn gates_for(
+    pod: &Pod,
+    services: &[Service],
+    served: &[LoadBalancerClass],
+    installation: &str,
+) -> Vec<String> {
+    let have: Vec<&str> = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.readiness_gates.as_ref())
+        .map(|g| g.iter().map(|g| g.condition_type.as_str()).collect())
+        .unwrap_or_default();
+    let mut gates: Vec<String> = services
+        .iter()
+        .filter(|svc| readiness::selects(svc, pod.metadata.labels.as_ref()))
+        .filter(
+            |svc| match ownership::ownership(svc, served, installation) {
+                ownership::Ownership::Ours { class, .. } => crate::config::resolve(class, svc)
+                    .is_ok_and(|cfg| crate::build::target_mode(&cfg) == TargetMode::Pods),
+                _ => false,
+            },
+        )
+        .map(|svc| readiness::condition_type(&svc.name_any()))
+        .filter(|g| !have.contains(&g.as_str()))
+        .collect();
+    gates.sort();
+    gates.dedup();
+    gates
+}
+
+/// The answer to a pod's review: always allowed; with the patch that adds `gates`.
+pub fn pod_review(req: &AdmissionRequest<Pod>, gates: &[String]) -> AdmissionResponse {
+    let allowed = AdmissionResponse::from(req);
+    if gates.is_empty() {
+        return allowed;
+    }
+    let present = req
+        .object
+        .as_ref()
+        .and_then(|p| p.spec.as_ref())
+        .is_some_and(|s| s.readiness_gates.is_some());
+    let gate = |g: &String| json!({"conditionType": g});
+    let ops: Vec<serde_json::Value> = if present {
+        gates
+            .iter()
+            .map(|g| json!({"op": "add", "path": "/spec/readinessGates/-", "value": gate(g)}))
+            .collect()
+    } else {
+        let all: Vec<_> = gates.iter().map(gate).collect();
+        vec![json!({"op": "add", "path": "/spec/readinessGates", "value": all})]
+    };
+    let patched = serde_json::from_value::<json_patch::Patch>(json!(ops))
+        .map_err(|e| e.to_string())
+        .and_then(|p| allowed.clone().with_patch(p).map_err(|e| e.to_string()));
+    match patched {
+        Ok(r) => {
+            tracing::info!(?gates, namespace = ?req.namespace, "webhook: readiness gates added");
+            r
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "webhook: could not build the patch; pod left as it is");
+            allowed
+        }
+    }
+}
+
+/// The AdmissionReview answering a pod's `body`: on CREATE, the Services of its namespace are
+/// listed (one call) to find the gates it needs. A failed list adds none (the pod is then not
+/// gated, as if the webhook were not there).
+async fn answer_pod(body: &[u8], defaults: &Defaults) -> (u16, String) {
+    let review: AdmissionReview<Pod> = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return (400, format!("not an AdmissionReview of a pod: {e}")),
+    };
+    let request: Result<AdmissionRequest<Pod>, _> = review.try_into();
+    let response = match request {
+        Ok(req) => {
+            let mut gates = Vec::new();
+            if let (Operation::Create, Some(pod), Some(ns)) = (
+                &req.operation,
+                req.object.as_ref(),
+                req.namespace.as_deref(),
+            ) {
+                let api: Api<Service> = Api::namespaced(defaults.client.clone(), ns);
+                match api.list(&kube::api::ListParams::default()).await {
+                    Ok(list) => {
+                        let served = defaults.served();
+                        let installation = &defaults.settings.installation;
+                        gates = gates_for(pod, &list.items, &served, installation);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, namespace = ns, "webhook: cannot list the Services; no readiness gate added")
+                    }
+                }
+            }
+            pod_review(&req, &gates)
+        }
+        Err(e) => AdmissionResponse::invalid(e),
+    };
+    match serde_json::to_string(&response.into_review()) {
+        Ok(json) => (200, json),
+        Err(e) => (500, format!("cannot encode the AdmissionReview: {e}")),
     }
 }
 
@@ -342,6 +474,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         buf.drain(..body_start + length);
         let (status, answer) = match (method, path.map(|p| p.split('?').next().unwrap_or(p))) {
             (Some("POST"), Some(PATH)) => answer(&body, defaults),
+            (Some("POST"), Some(POD_PATH)) => answer_pod(&body, defaults).await,
             _ => (404, "not found".to_string()),
         };
         let close = close || modified(files.0, files.1) != certificate;

@@ -260,6 +260,8 @@ mod tests {
                     "false".to_string(),
                 )]
                 .into(),
+                subnets: vec![],
+                ipv6_source_nat: None,
             }),
             listeners: Vec::new(),
             target_groups: vec![tg(0), tg(1)],

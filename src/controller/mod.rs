@@ -8,6 +8,7 @@ pub mod endpoints;
 pub mod events;
 pub mod memory;
 pub mod orphans;
+pub mod readiness;
 pub mod service;
 pub mod status;
 
@@ -487,6 +488,7 @@ pub async fn plan_all(
     let backends = crate::build::Backends {
         nodes: &nodes,
         endpoint_slices: &slices,
+        gate_waiting: crate::build::NO_GATE_WAITING,
     };
     let mut out = String::new();
     for svc in services.list(&ListParams::default()).await?.items {

@@ -118,6 +118,7 @@ fn every_desired(
         let backends = crate::build::Backends {
             nodes: &nodes,
             endpoint_slices: &slices,
+            gate_waiting: crate::build::NO_GATE_WAITING,
         };
         let built = crate::build::build(&ctx.settings.cluster, &svc, backends, &cfg).ok()?;
         out.push((class.spec.provider, built.desired));

@@ -3,6 +3,7 @@
 
 use super::decide::{Basis, decide, deletion_basis};
 use super::events::{self, EventType, publish};
+use super::readiness::{self, Gated};
 use super::{CacheEntry, Context, FINALIZER, INSTALLATION_ANNOTATION, PROVIDER_ANNOTATION, status};
 use crate::build::{self, BuildError};
 use crate::config::LbConfig;
@@ -12,12 +13,13 @@ use crate::model::{Desired, ServiceRef, TargetMode, naming};
 use crate::ownership::Ownership;
 use crate::plan::{Op, Plan, PlanError};
 use crate::provider::{LbState, Observed, Provider, ProviderError};
-use k8s_openapi::api::core::v1::Service;
-use kube::api::{Patch, PatchParams};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use rand::Rng;
 use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::Instrument;
@@ -244,8 +246,8 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, Outcom
             return Ok((Action::await_change(), Outcome::NotOurs));
         }
     };
-    let desired = match build_model(svc, ctx, &target).await {
-        Ok(Some(desired)) => desired,
+    let (desired, gated) = match build_model(svc, ctx, &target).await {
+        Ok(Some(built)) => built,
         Ok(None) => return Ok((Action::await_change(), Outcome::NotOurs)),
         Err(msg) => return Ok((invalid(ctx, svc, msg).await, Outcome::Invalid)),
     };
@@ -253,6 +255,21 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, Outcom
     if let Some(stop) = take_ownership(svc, ctx, &target).await? {
         return Ok(stop);
     }
+    let (action, outcome) = converge(svc, ctx, &target, &desired, untouched).await?;
+    if follow_gates(ctx, &target, &desired, &gated).await {
+        return Ok((Action::requeue(readiness::POLL), outcome));
+    }
+    Ok((action, outcome))
+}
+
+/// decide → observe → plan → apply → write status, for a Service of ours and its model.
+async fn converge(
+    svc: &Service,
+    ctx: &Context,
+    target: &Target,
+    desired: &Desired,
+    untouched: bool,
+) -> Result<(Action, Outcome), Error> {
     let (uid, fingerprint, now) = (&target.sref.uid, desired.fingerprint(), Instant::now());
     let mut memory = ctx.memory.cloud(uid);
     let remembered = memory
@@ -262,18 +279,18 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, Outcom
     if decision.poll_state
         && let Some(e) = memory.as_mut()
     {
-        poll_state(ctx, &target, &desired, e).await?;
+        poll_state(ctx, target, desired, e).await?;
     }
     let (observed, verified_at) = match (decision.basis, memory) {
         (Basis::Trusted, Some(e)) => {
-            return trusted(svc, ctx, &target, &desired, e, decision.poll_state).await;
+            return trusted(svc, ctx, target, desired, e, decision.poll_state).await;
         }
         (Basis::Memory, Some(e)) => (e.observed(), e.verified_at),
         (Basis::Nothing, _) => (Observed::default(), now),
-        _ => (target.provider.observe(&desired).await?, now),
+        _ => (target.provider.observe(desired).await?, now),
     };
-    let plan = target.provider.plan(&desired, &observed)?;
-    let observed = apply(svc, ctx, &target, &desired, observed, &plan).await?;
+    let plan = target.provider.plan(desired, &observed)?;
+    let observed = apply(svc, ctx, target, desired, observed, &plan).await?;
     if !plan.is_empty() {
         tell_backend_notes(svc, ctx, &observed).await;
         let outside = match observed.outside_vpc.as_slice() {
@@ -286,8 +303,8 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, Outcom
         };
         warn_on_change(ctx, svc, events::TARGETS_OUTSIDE_VPC, outside).await;
     }
-    let provisioning = remember(ctx, &target, fingerprint, &observed, verified_at);
-    write_status(&ctx.metrics, &target.api(ctx), svc, &desired, &observed).await?;
+    let provisioning = remember(ctx, target, fingerprint, &observed, verified_at);
+    write_status(&ctx.metrics, &target.api(ctx), svc, desired, &observed).await?;
     announce(svc, ctx, &plan, &observed).await;
     let result = if plan.is_empty() {
         Outcome::Verified
@@ -403,16 +420,27 @@ fn unserved(class: Option<String>, ctx: &Context) -> String {
 
 /// The desired model (`None`: the Service is not complete yet, e.g. no nodePorts); a Warning
 /// Event when the set of nodes left out, or of ports without a ready pod, changes.
-async fn build_model(svc: &Service, ctx: &Context, t: &Target) -> Result<Option<Desired>, String> {
+async fn build_model(
+    svc: &Service,
+    ctx: &Context,
+    t: &Target,
+) -> Result<Option<(Desired, Vec<Gated>)>, String> {
     // The stores' Arcs: a reconcile never copies the Node or EndpointSlice objects.
     let nodes = ctx.nodes.state();
     let pods = build::target_mode(&t.cfg) == TargetMode::Pods;
     let slices = ctx
         .endpoints
         .slices_for(&t.sref.namespace, &t.sref.name, pods);
+    let gated = if pods && readiness::may_wait(&slices) {
+        gated_pods(ctx, svc).await
+    } else {
+        Vec::new()
+    };
+    let waiting = readiness::target_ips(&gated);
     let backends = build::Backends {
         nodes: &nodes,
         endpoint_slices: &slices,
+        gate_waiting: &waiting,
     };
     let built = match build::build(&ctx.settings.cluster, svc, backends, &t.cfg) {
         Ok(b) => b,
@@ -447,7 +475,83 @@ async fn build_model(svc: &Service, ctx: &Context, t: &Target) -> Result<Option<
         ),
     };
     warn_on_change(ctx, svc, events::UNSUPPORTED_ANNOTATION, unsupported).await;
-    Ok(Some(built.desired))
+    Ok(Some((built.desired, gated)))
+}
+
+/// The Service's pods that carry its readiness gate (one pod list, by the Service's selector);
+/// none when they cannot be listed (said in the log: the gates then wait for the next try).
+async fn gated_pods(ctx: &Context, svc: &Service) -> Vec<Gated> {
+    let Some(selector) = readiness::selector(svc) else {
+        return Vec::new();
+    };
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
+    match api.list(&ListParams::default().labels(&selector)).await {
+        Ok(list) => readiness::gated(&list.items, &readiness::condition_type(&svc.name_any())),
+        Err(e) => {
+            tracing::warn!(error = %kube_message(&e), "cannot list the pods for their readiness gates");
+            Vec::new()
+        }
+    }
+}
+
+/// The pods waiting for their readiness gate whose targets are healthy in every target group of
+/// the Service get the gate's condition (one health read per target group, only while a pod
+/// waits). Returns whether a pod still waits (for its containers or its targets): then the
+/// Service is looked at again after [`readiness::POLL`].
+async fn follow_gates(ctx: &Context, t: &Target, desired: &Desired, gated: &[Gated]) -> bool {
+    if gated.iter().all(|g| g.passed) {
+        return false;
+    }
+    let waiting = gated.iter().filter(|g| g.waiting()).count();
+    let (Some(lb), Some(entry)) = (&desired.lb, ctx.memory.cloud(&t.sref.uid)) else {
+        return true;
+    };
+    if waiting == 0 {
+        return true;
+    }
+    let targets: BTreeMap<String, BTreeSet<crate::model::Target>> = lb
+        .target_groups
+        .iter()
+        .map(|tg| (tg.name.clone(), tg.targets.clone()))
+        .collect();
+    let names: Vec<String> = targets.keys().cloned().collect();
+    let healthy = match t.provider.healthy_targets(&entry.observed(), &names).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the target health for the readiness gates");
+            return true;
+        }
+    };
+    let gate = readiness::condition_type(&t.sref.name);
+    let passed = readiness::passed(gated, &targets, &healthy);
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &t.sref.namespace);
+    let mut done = 0;
+    for pod in &passed {
+        let status = json!({"status": {"conditions": [{
+            "type": gate,
+            "status": "True",
+            "reason": "TargetHealthy",
+            "message": format!("healthy in the load balancer's {} target group(s)", names.len()),
+            "lastTransitionTime": k8s_openapi::jiff::Timestamp::now(),
+        }]}});
+        match api
+            .patch_status(
+                &pod.name,
+                &PatchParams::default(),
+                &Patch::Strategic(status),
+            )
+            .await
+        {
+            Ok(_) => {
+                done += 1;
+                tracing::info!(pod = %pod.name, gate, "readiness gate passed: its targets are healthy");
+            }
+            Err(e) => {
+                tracing::warn!(pod = %pod.name, error = %kube_message(&e), "cannot set the readiness gate's condition")
+            }
+        }
+    }
+    gated.iter().filter(|g| !g.passed).count() > done
 }
 
 /// What the apply could not do for the targets' security groups (a Warning Event when it

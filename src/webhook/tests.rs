@@ -100,3 +100,64 @@ fn the_answer_allows_and_carries_the_json_patch() {
         "{plain}"
     );
 }
+
+/// A Service of class `class` with `annotations`, selecting `app: web`.
+fn selecting(name: &str, class: &str, annotations: Value) -> Service {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}"),
+            "annotations": annotations},
+        "spec": {"type": "LoadBalancer", "loadBalancerClass": class, "selector": {"app": "web"},
+            "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30080}]}
+    }))
+    .expect("service")
+}
+
+fn pod_with(labels: Value, gates: &[&str]) -> Pod {
+    let gates: Vec<Value> = gates.iter().map(|g| json!({"conditionType": g})).collect();
+    serde_json::from_value(json!({
+        "metadata": {"name": "web-0", "labels": labels},
+        "spec": {"containers": [], "readinessGates": gates}
+    }))
+    .expect("pod")
+}
+
+#[test]
+fn a_pod_gets_the_gate_of_each_pod_target_service_of_ours_that_selects_it() {
+    let served = [LoadBalancerClass::new(
+        "edge",
+        crate::config::class::LoadBalancerClassSpec::default_of(
+            crate::config::class::ProviderKind::Aws,
+        ),
+    )];
+    let ip = json!({"cloudlb.io/target-type": "ip"});
+    let services = [
+        selecting("pods", "cloudlb.io/edge", ip.clone()),
+        // Node targets: the nodes' health, not the pod's, decides; no gate.
+        selecting("nodes", "cloudlb.io/edge", json!({})),
+        // Another controller's class: not ours to gate.
+        selecting("theirs", "service.k8s.aws/nlb", ip.clone()),
+        // Invalid configuration: no load balancer, so no gate to wait for.
+        selecting(
+            "broken",
+            "cloudlb.io/edge",
+            json!({"cloudlb.io/target-type": "ip", "cloudlb.io/scheme": "sideways"}),
+        ),
+    ];
+    let web = pod_with(json!({"app": "web"}), &[]);
+    assert_eq!(
+        gates_for(&web, &services, &served, "cloudlb"),
+        ["cloudlb.io/target-health.pods"]
+    );
+    // Not selected, or already gated: nothing to add.
+    assert!(
+        gates_for(
+            &pod_with(json!({"app": "db"}), &[]),
+            &services,
+            &served,
+            "cloudlb"
+        )
+        .is_empty()
+    );
+    let gated = pod_with(json!({"app": "web"}), &["cloudlb.io/target-health.pods"]);
+    assert!(gates_for(&gated, &services, &served, "cloudlb").is_empty());
+}

@@ -504,6 +504,8 @@ fn expected_cluster_rules() -> Value {
         {"apiGroups": [""], "resources": ["services/status"], "verbs": ["patch"]},
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+        {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["patch"]},
         {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
         {"apiGroups": ["cloudlb.io"], "resources": ["loadbalancerclasses"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["cloudlb.io"], "resources": ["loadbalancerclasses/status"], "verbs": ["patch"]},

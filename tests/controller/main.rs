@@ -20,5 +20,6 @@ mod local_controller;
 mod operator_process;
 mod ownership;
 mod pod_targets;
+mod readiness_gates;
 mod smoke;
 mod webhook;

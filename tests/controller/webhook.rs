@@ -88,6 +88,7 @@ async fn start_webhook(
         cert_file: cert,
         key_file: key,
         classes: Some(vec![class.to_string()]),
+        installation: cloudlb::controller::DEFAULT_INSTALLATION.to_string(),
     };
     let hook = webhook::Webhook::new(settings).expect("the webhook's certificate");
     let served = tokio::spawn(hook.run(client.clone(), listener));

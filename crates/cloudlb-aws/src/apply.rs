@@ -14,8 +14,8 @@ use aws_sdk_elasticloadbalancingv2::operation::{
 };
 use aws_sdk_elasticloadbalancingv2::types as elb;
 use cloudlb_core::model::{
-    Desired, HealthCheck, HealthCheckProtocol, IngressRule, Listener, LoadBalancer, Target,
-    TargetGroup, TargetType,
+    Desired, HealthCheck, HealthCheckProtocol, IngressRule, IpFamily, Listener, LoadBalancer,
+    SourceNat, Target, TargetGroup, TargetType,
 };
 use cloudlb_core::plan::{Op, Plan};
 use cloudlb_core::provider::{
@@ -357,6 +357,7 @@ impl<'a> Run<'a> {
             Op::DeleteLoadBalancer { arn, name, reason } => self.delete_lb(arn, name, reason).await,
             Op::CreateLoadBalancer => self.create_lb().await,
             Op::SetIpAddressType => self.set_ip_address_type().await,
+            Op::SetIpv6SourceNat => self.set_ipv6_source_nat().await,
             Op::SetSecurityGroups => self.set_security_groups().await,
             Op::SetLoadBalancerAttributes { attributes } => {
                 self.set_lb_attributes(attributes).await
@@ -498,7 +499,9 @@ impl<'a> Run<'a> {
         if !security_groups.is_empty() {
             req = req.set_security_groups(Some(security_groups));
         }
-        if lb.eip_allocations.is_empty() && lb.private_ipv4_addresses.is_empty() {
+        let nat = lb.ipv6_source_nat.as_ref();
+        source_nat_fits(nat, &subnets.ids)?;
+        if lb.eip_allocations.is_empty() && lb.private_ipv4_addresses.is_empty() && nat.is_none() {
             req = req.set_subnets(Some(subnets.ids.clone()));
         } else {
             let mappings = subnets
@@ -510,10 +513,14 @@ impl<'a> Run<'a> {
                         .subnet_id(id)
                         .set_allocation_id(lb.eip_allocations.get(i).cloned())
                         .set_private_ipv4_address(lb.private_ipv4_addresses.get(i).cloned())
+                        .set_source_nat_ipv6_prefix(nat.map(|n| n.prefix(i).to_string()))
                         .build()
                 })
                 .collect();
             req = req.set_subnet_mappings(Some(mappings));
+        }
+        if nat.is_some() {
+            req = req.enable_prefix_for_ipv6_source_nat(elb::EnablePrefixForIpv6SourceNatEnum::On);
         }
         let sent_at = unix_millis(std::time::SystemTime::now());
         let sent = self
@@ -616,6 +623,54 @@ impl<'a> Run<'a> {
         .await
     }
 
+    /// IPv6 source NAT on or off (SetSubnets, with the subnets the load balancer is in: only
+    /// the source-NAT setting changes).
+    async fn set_ipv6_source_nat(&mut self) -> Result<(), ProviderError> {
+        let (p, nat) = (self.p, self.lb()?.ipv6_source_nat.as_ref());
+        let subnets = self
+            .out
+            .lb
+            .as_ref()
+            .map(|l| l.subnets.clone())
+            .unwrap_or_default();
+        if subnets.is_empty() {
+            return Err(internal(
+                "SetIpv6SourceNat: the load balancer's subnets are not known",
+            ));
+        }
+        source_nat_fits(nat, &subnets)?;
+        let mappings = subnets
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                elb::SubnetMapping::builder()
+                    .subnet_id(id)
+                    .set_source_nat_ipv6_prefix(nat.map(|n| n.prefix(i).to_string()))
+                    .build()
+            })
+            .collect();
+        let flag = match nat {
+            Some(_) => elb::EnablePrefixForIpv6SourceNatEnum::On,
+            None => elb::EnablePrefixForIpv6SourceNatEnum::Off,
+        };
+        let req = p
+            .elbv2
+            .set_subnets()
+            .load_balancer_arn(self.lb_arn()?)
+            .set_subnet_mappings(Some(mappings))
+            .enable_prefix_for_ipv6_source_nat(flag);
+        let sent = p.calls.run("SetSubnets", || req.clone().send());
+        let on = nat.is_some();
+        self.changed_lb(sent, |o, resp| {
+            o.ipv6_source_nat = Some(
+                resp.enable_prefix_for_ipv6_source_nat
+                    .as_ref()
+                    .map_or(on, |e| e.as_str() == "on"),
+            );
+        })
+        .await
+    }
+
     async fn set_security_groups(&mut self) -> Result<(), ProviderError> {
         let (p, ids) = (self.p, self.security_groups()?);
         let req = p
@@ -671,6 +726,11 @@ impl<'a> Run<'a> {
             .target_type(elb::TargetTypeEnum::from(tg.target_type.as_aws()))
             .with_health_check(&tg.health_check)
             .set_tags(Some(elb_tags(&tg.tags)));
+        // IPv4 is AWS's default: only IPv6 is said.
+        let req = match tg.ip_family {
+            IpFamily::Ipv4 => req,
+            IpFamily::Ipv6 => req.ip_address_type(elb::TargetGroupIpAddressTypeEnum::Ipv6),
+        };
         let sent = self.p.calls.run("CreateTargetGroup", || req.clone().send());
         let created = first(sent.await?.target_groups)
             .ok_or_else(|| unexpected("CreateTargetGroup", "no target group"))?;
@@ -964,6 +1024,22 @@ fn uses_target_groups(op: &Op) -> bool {
 fn unix_millis(t: std::time::SystemTime) -> i64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Source-NAT prefixes given one per subnet must match the subnets the load balancer is in
+/// (known only once discovered): refused before the write otherwise.
+fn source_nat_fits(nat: Option<&SourceNat>, subnets: &[String]) -> Result<(), ProviderError> {
+    match nat {
+        Some(n) if !n.prefixes.is_empty() && n.prefixes.len() != subnets.len() => {
+            Err(ProviderError::InvalidConfig(format!(
+                "{} source-NAT IPv6 prefixes (source-nat-ipv6-prefixes) given for {} subnets ({}): give exactly one per subnet, in subnet order",
+                n.prefixes.len(),
+                subnets.len(),
+                subnets.join(", ")
+            )))
+        }
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -65,6 +65,15 @@ pub(crate) fn observed_lb(
         state: lb_state(lb.state.as_ref()),
         security_groups: lb.security_groups.clone().unwrap_or_default(),
         attributes,
+        subnets: lb
+            .availability_zones()
+            .iter()
+            .filter_map(|z| z.subnet_id.clone())
+            .collect(),
+        ipv6_source_nat: lb
+            .enable_prefix_for_ipv6_source_nat
+            .as_ref()
+            .map(|e| e.as_str() == "on"),
     })
 }
 
@@ -206,6 +215,26 @@ pub(crate) fn registered_targets(
                 .as_ref()
                 .and_then(|h| h.state.as_ref())
                 .is_some_and(|s| matches!(s.as_str(), "draining" | "unused"))
+        })
+        .filter_map(|d| {
+            let t = d.target.as_ref()?;
+            Some(Target {
+                id: t.id.clone()?,
+                port: u16::try_from(t.port?).ok()?,
+            })
+        })
+        .collect()
+}
+
+/// The targets AWS reports `healthy`.
+pub(crate) fn healthy_targets(descriptions: &[elb::TargetHealthDescription]) -> BTreeSet<Target> {
+    descriptions
+        .iter()
+        .filter(|d| {
+            d.target_health
+                .as_ref()
+                .and_then(|h| h.state.as_ref())
+                .is_some_and(|s| s.as_str() == "healthy")
         })
         .filter_map(|d| {
             let t = d.target.as_ref()?;

@@ -28,11 +28,11 @@ mod owned;
 mod subnets;
 mod vpc;
 
-use cloudlb_core::model::{Desired, ServiceRef};
+use cloudlb_core::model::{Desired, ServiceRef, Target};
 use cloudlb_core::plan::{Plan, PlanError};
 use cloudlb_core::provider::CallObserver;
 use cloudlb_core::provider::{Observed, Provider, ProviderError};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 /// The provider label in logs and metrics.
@@ -272,6 +272,32 @@ impl Provider for AwsProvider {
     }
 
     #[tracing::instrument(skip_all, fields(cluster = %self.settings.cluster))]
+    /// One DescribeTargetHealth per target group asked about.
+    async fn healthy_targets(
+        &self,
+        observed: &Observed,
+        names: &[String],
+    ) -> Result<BTreeMap<String, BTreeSet<Target>>, ProviderError> {
+        let mut out = BTreeMap::new();
+        for tg in observed
+            .target_groups
+            .iter()
+            .filter(|t| names.contains(&t.name))
+        {
+            let req = self
+                .elbv2
+                .describe_target_health()
+                .target_group_arn(&tg.arn);
+            let resp = self
+                .calls
+                .run("DescribeTargetHealth", || req.clone().send())
+                .await?;
+            let health = resp.target_health_descriptions.unwrap_or_default();
+            out.insert(tg.name.clone(), convert::healthy_targets(&health));
+        }
+        Ok(out)
+    }
+
     async fn prune_shared(&self, wanted: &[Desired]) -> Result<(), ProviderError> {
         self.prune_backend_impl(wanted).await
     }

@@ -6,9 +6,9 @@ use cloudlb_testbed as support;
 
 use cloudlb_aws::{AwsProvider, AwsSettings};
 use cloudlb_core::model::{
-    Desired, FrontendSecurityGroup, HealthCheck, IngressRule, IpAddressType, Listener,
-    LoadBalancer, Protocol, Scheme, Security, ServiceRef, Subnets, Target, TargetGroup, TargetType,
-    naming, tags,
+    Desired, FrontendSecurityGroup, HealthCheck, IngressRule, IpAddressType, IpFamily, Listener,
+    LoadBalancer, Protocol, Scheme, Security, ServiceRef, SourceNat, Subnets, Target, TargetGroup,
+    TargetType, naming, tags,
 };
 use cloudlb_core::plan::{Op, plan};
 use cloudlb_core::provider::{LbState, Observed, Provider, ProviderError};
@@ -19,6 +19,7 @@ use support::elbv2::types::{
     LoadBalancer as LbDescription, LoadBalancerSchemeEnum, LoadBalancerTypeEnum,
     TargetGroup as TgDescription,
 };
+use support::faultproxy::{FaultProxy, ProxyConfig};
 use support::{AwsEmulator, TestGuard, create_vpc_with_subnets, run_instances};
 
 const CLUSTER: &str = "provider-test";
@@ -93,6 +94,7 @@ fn desired_for(cluster: &str, svc: ServiceRef, ports: &[Port], instances: &[Stri
             protocol,
             port: node_port,
             target_type: TargetType::Instance,
+            ip_family: Default::default(),
             health_check: HealthCheck::TCP_TRAFFIC_PORT,
             attributes: [(
                 "deregistration_delay.timeout_seconds".to_string(),
@@ -125,6 +127,7 @@ fn desired_for(cluster: &str, svc: ServiceRef, ports: &[Port], instances: &[Stri
             subnets: Subnets::Discover,
             eip_allocations: Vec::new(),
             private_ipv4_addresses: Vec::new(),
+            ipv6_source_nat: None,
             local: None,
             security: Security {
                 frontend: Some(FrontendSecurityGroup {
@@ -1044,4 +1047,123 @@ impl cloudlb_core::provider::CallObserver for Tally {
             .entry(format!("{provider} {operation}/{outcome}"))
             .or_default() += 1;
     }
+}
+
+/// A dualstack load balancer with a UDP listener to IPv6 pods: made with IPv6 source NAT on
+/// (`auto_assigned` in every subnet) and an IPv6 target group; an existing one without source
+/// NAT gets it by one SetSubnets in the subnets it is in. moto accepts but does not keep the
+/// source-NAT setting, so what cloudlb asked for is read from the requests (a recording proxy
+/// in front of moto).
+#[tokio::test]
+async fn dualstack_udp_gets_ipv6_source_nat_and_ipv6_pod_target_groups() {
+    let _guard = TestGuard::new();
+    let moto = AwsEmulator::shared().await;
+    let proxy = FaultProxy::start(ProxyConfig::new(moto.endpoint()))
+        .await
+        .expect("proxy");
+    proxy.record_parameters(&["CreateLoadBalancer", "CreateTargetGroup", "SetSubnets"]);
+    let (elbv2, ec2) = support::aws::clients_at(&proxy.endpoint(), &moto.new_account());
+    let network = create_vpc_with_subnets(&ec2, CLUSTER).await;
+    let mut settings = AwsSettings::new(CLUSTER);
+    settings.rate_limit_per_sec = 100.0;
+    let provider = AwsProvider::new(elbv2.clone(), ec2, settings);
+
+    let pod = "2600:1f14:abc:1201::21";
+    let mut want = desired(&[UDP_53], &[]);
+    if let Some(lb) = want.lb.as_mut() {
+        lb.ip_address_type = IpAddressType::Dualstack;
+        lb.ipv6_source_nat = Some(SourceNat { prefixes: vec![] });
+        for tg in &mut lb.target_groups {
+            tg.target_type = TargetType::Ip;
+            tg.ip_family = IpFamily::Ipv6;
+            tg.port = 5353;
+            tg.targets = BTreeSet::from([Target {
+                id: pod.into(),
+                port: 5353,
+            }]);
+        }
+    }
+    let (ops, _) = converge(&provider, &want).await;
+    assert!(ops.contains(&Op::CreateLoadBalancer), "{ops:?}");
+
+    let created = proxy.parameters("CreateLoadBalancer");
+    assert_eq!(created.len(), 1, "{created:?}");
+    let p = &created[0];
+    assert_eq!(
+        p.get("IpAddressType").map(String::as_str),
+        Some("dualstack")
+    );
+    assert_eq!(
+        p.get("EnablePrefixForIpv6SourceNat").map(String::as_str),
+        Some("on")
+    );
+    let subnets: Vec<&String> = p
+        .iter()
+        .filter(|(k, _)| k.starts_with("SubnetMappings.member.") && k.ends_with(".SubnetId"))
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(subnets.len(), network.public_subnets.len(), "{p:?}");
+    for i in 1..=subnets.len() {
+        let key = format!("SubnetMappings.member.{i}.SourceNatIpv6Prefix");
+        assert_eq!(
+            p.get(&key).map(String::as_str),
+            Some("auto_assigned"),
+            "{p:?}"
+        );
+    }
+    let tgs = proxy.parameters("CreateTargetGroup");
+    assert_eq!(
+        tgs.iter()
+            .map(|t| t.get("IpAddressType").cloned())
+            .collect::<Vec<_>>(),
+        [Some("ipv6".to_string())]
+    );
+    let tg_name = &want.lb.as_ref().expect("lb").target_groups[0].name;
+    let described = elbv2
+        .describe_target_groups()
+        .names(tg_name)
+        .send()
+        .await
+        .expect("DescribeTargetGroups");
+    let tg = &described.target_groups()[0];
+    assert_eq!(tg.ip_address_type().map(|t| t.as_str()), Some("ipv6"));
+    let health = elbv2
+        .describe_target_health()
+        .target_group_arn(tg.target_group_arn().unwrap_or_default())
+        .send()
+        .await
+        .expect("DescribeTargetHealth");
+    let registered: Vec<&str> = health
+        .target_health_descriptions()
+        .iter()
+        .filter_map(|d| d.target()?.id())
+        .collect();
+    assert_eq!(registered, [pod]);
+
+    // The same load balancer as a cloud that reports source NAT off: one SetSubnets, in the
+    // load balancer's own subnets, turning it on.
+    let mut observed = provider.observe(&want).await.expect("observe");
+    let lb = observed.lb.as_mut().expect("observed lb");
+    assert_eq!(lb.subnets.len(), subnets.len());
+    lb.ipv6_source_nat = Some(false);
+    let in_subnets = lb.subnets.clone();
+    let p = plan(&want, &observed).expect("plan");
+    assert_eq!(p.ops, [Op::SetIpv6SourceNat]);
+    provider.reset_calls();
+    provider.apply(&want, &observed, &p).await.expect("apply");
+    assert_eq!(writes(&provider), expect(&[("SetSubnets/ok", 1)]));
+    let set = proxy.parameters("SetSubnets");
+    assert_eq!(set.len(), 1);
+    assert_eq!(
+        set[0]
+            .get("EnablePrefixForIpv6SourceNat")
+            .map(String::as_str),
+        Some("on")
+    );
+    let sent: BTreeSet<&String> = set[0]
+        .iter()
+        .filter(|(k, _)| k.ends_with(".SubnetId"))
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(sent, in_subnets.iter().collect());
 }

@@ -3,10 +3,10 @@
 use crate::config::LbConfig;
 use crate::model::{
     BackendAccess, BackendPort, Desired, FrontendSecurityGroup, HealthCheck, HealthCheckProtocol,
-    IngressRule, Listener, LoadBalancer, LocalSpec, Protocol, Security, ServiceRef, Target,
-    TargetGroup, TargetMode, naming, tags,
+    IngressRule, IpFamily, Listener, LoadBalancer, LocalSpec, Protocol, Security, ServiceRef,
+    Target, TargetGroup, TargetMode, naming, tags,
 };
-use k8s_openapi::api::core::v1::{Node, Service, ServicePort};
+use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::{BTreeMap, BTreeSet};
@@ -246,14 +246,16 @@ fn port_groups(
 
 /// The ready pods behind one Service port, by IP at the port their EndpointSlice gives (named
 /// targetPorts resolve per slice). Endpoints that are not ready (starting, failing, or serving
-/// while terminating) are left out; so are slices of another address family than IPv4.
+/// while terminating) are left out, except pods waiting only for their readiness gate; so are slices of another address family than `family`.
 fn pod_targets<S: std::borrow::Borrow<EndpointSlice>>(
     slices: &[S],
     port: &EndpointPort,
+    family: IpFamily,
+    gate_waiting: &BTreeSet<String>,
 ) -> BTreeSet<Target> {
     let mut targets = BTreeSet::new();
     for slice in slices.iter().map(|s| s.borrow()) {
-        if slice.address_type != "IPv4" {
+        if slice.address_type != family.endpoint_address_type() {
             continue;
         }
         let number = slice.ports.iter().flatten().find_map(|p| {
@@ -269,7 +271,8 @@ fn pod_targets<S: std::borrow::Borrow<EndpointSlice>>(
         for endpoint in &slice.endpoints {
             // Unset means ready (discovery.k8s.io/v1).
             let ready = endpoint.conditions.as_ref().and_then(|c| c.ready);
-            if ready == Some(false) {
+            let waiting = endpoint.addresses.iter().any(|a| gate_waiting.contains(a));
+            if ready == Some(false) && !waiting {
                 continue;
             }
             for address in &endpoint.addresses {
@@ -281,6 +284,15 @@ fn pod_targets<S: std::borrow::Borrow<EndpointSlice>>(
         }
     }
     targets
+}
+
+/// The address family of a Service's pod targets: its first IP family (`spec.ipFamilies[0]`,
+/// which Kubernetes never changes), as aws-load-balancer-controller decides it. IPv4 when unset.
+pub fn pod_family(spec: &ServiceSpec) -> IpFamily {
+    match spec.ip_families.as_ref().and_then(|f| f.first()) {
+        Some(f) if f == "IPv6" => IpFamily::Ipv6,
+        _ => IpFamily::Ipv4,
+    }
 }
 
 /// kube-proxy's health endpoint on every node (`--healthz-bind-address`, default port 10256).
@@ -330,7 +342,13 @@ fn health_check(svc: &Service, cfg: &LbConfig, mode: TargetMode, udp_only: bool)
 pub struct Backends<'a, N, S> {
     pub nodes: &'a [N],
     pub endpoint_slices: &'a [S],
+    /// Addresses of pods whose endpoints are not ready only because they wait for their
+    /// readiness gate (the load balancer's health check): registered all the same.
+    pub gate_waiting: &'a BTreeSet<String>,
 }
+
+/// No pod waits for its readiness gate.
+pub const NO_GATE_WAITING: &BTreeSet<String> = &BTreeSet::new();
 
 impl<N, S> Clone for Backends<'_, N, S> {
     fn clone(&self) -> Self {
@@ -344,6 +362,7 @@ impl<'a, N> Backends<'a, N, EndpointSlice> {
         Backends {
             nodes,
             endpoint_slices: &[],
+            gate_waiting: NO_GATE_WAITING,
         }
     }
 }
@@ -393,6 +412,7 @@ pub fn build<N: std::borrow::Borrow<Node>, S: std::borrow::Borrow<EndpointSlice>
         mode,
         hosts: &hosts,
         slices: &slices,
+        gate_waiting: backends.gate_waiting,
     };
 
     let groups = port_groups(svc, cfg, mode)?;
@@ -513,6 +533,10 @@ fn assemble(
         subnets: cfg.subnets.clone(),
         eip_allocations: cfg.eip_allocations.clone(),
         private_ipv4_addresses: cfg.private_ipv4_addresses.clone(),
+        ipv6_source_nat: match cfg.local {
+            None => cfg.ipv6_source_nat.clone(),
+            Some(_) => None,
+        },
         security: Security {
             frontend,
             extra_security_groups: cfg.security_groups.clone(),
@@ -633,6 +657,7 @@ struct Shared<'a> {
     hosts: &'a BTreeSet<String>,
     /// The Service's EndpointSlices, for pod targets.
     slices: &'a [&'a EndpointSlice],
+    gate_waiting: &'a BTreeSet<String>,
 }
 
 impl Shared<'_> {
@@ -651,12 +676,23 @@ impl Shared<'_> {
         let port = g.target_group_port(self.mode);
         let target_type = self.mode.target_type();
         let mut immutable = format!("{}/{port}/{}", tg_protocol.as_aws(), target_type.as_aws());
+        let ip_family = match self.mode {
+            TargetMode::Pods => {
+                pod_family(self.svc.spec.as_ref().unwrap_or(&ServiceSpec::default()))
+            }
+            TargetMode::Instance | TargetMode::NodeIp => IpFamily::Ipv4,
+        };
         if self.mode == TargetMode::Pods {
             // Never the name of a node-ip group on the same port number.
             immutable.push_str("/pods");
         }
+        if ip_family == IpFamily::Ipv6 {
+            immutable.push_str("/ipv6");
+        }
         let targets = match self.mode {
-            TargetMode::Pods => pod_targets(self.slices, &g.endpoint_port),
+            TargetMode::Pods => {
+                pod_targets(self.slices, &g.endpoint_port, ip_family, self.gate_waiting)
+            }
             TargetMode::Instance | TargetMode::NodeIp => self
                 .hosts
                 .iter()
@@ -678,6 +714,7 @@ impl Shared<'_> {
             protocol: tg_protocol,
             port,
             target_type,
+            ip_family,
             health_check: health_check(self.svc, self.cfg, self.mode, g.protocol == Protocol::Udp),
             attributes,
             targets,

@@ -36,6 +36,9 @@ pub enum Op {
     /// Create the load balancer of the desired model.
     CreateLoadBalancer,
     SetIpAddressType,
+    /// Turn IPv6 source NAT on or off as the desired model says (in the subnets the load
+    /// balancer is in).
+    SetIpv6SourceNat,
     /// Attach exactly the desired security groups (ours, resolved at apply time, and the user's).
     SetSecurityGroups,
     SetLoadBalancerAttributes {
@@ -293,8 +296,18 @@ fn plan_load_balancer<'o>(
     match existing {
         None => ops.push(Op::CreateLoadBalancer),
         Some(have) => {
+            // Source NAT needs dualstack: turned off before the type goes back to ipv4, on
+            // after it becomes dualstack. A cloud that does not report it is taken at its word.
+            let want_nat = lb.ipv6_source_nat.is_some();
+            let nat_differs = have.ipv6_source_nat.is_some_and(|on| on != want_nat);
+            if nat_differs && !want_nat {
+                ops.push(Op::SetIpv6SourceNat);
+            }
             if have.ip_address_type != lb.ip_address_type {
                 ops.push(Op::SetIpAddressType);
+            }
+            if nat_differs && want_nat {
+                ops.push(Op::SetIpv6SourceNat);
             }
             if security_groups_differ(lb, have, observed, backend) {
                 ops.push(Op::SetSecurityGroups);

@@ -3,11 +3,12 @@
 //! The trait speaks our own types (the desired model, [`Observed`], [`Op`](crate::plan::Op)),
 //! never SDK types. The providers are the crates `cloudlb-aws` and `cloudlb-local`.
 
-use crate::model::Desired;
 pub use crate::model::observed::{
     LbState, Observed, ObservedLb, ObservedListener, ObservedSecurityGroup, ObservedTargetGroup,
 };
+use crate::model::{Desired, Target};
 use crate::plan::{Plan, PlanError};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Errors a provider reports; each says what, where and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +106,22 @@ pub trait Provider: Send + Sync {
     /// The default finds nothing.
     async fn owned(&self) -> Result<Vec<(crate::model::ServiceRef, Observed)>, ProviderError> {
         Ok(Vec::new())
+    }
+
+    /// The targets each of the target groups `names` (of `observed`, by name) reports healthy,
+    /// by name: for the pods that wait for their readiness gate. Read-only. The default (a
+    /// provider that cannot tell) counts every registered target as healthy.
+    async fn healthy_targets(
+        &self,
+        observed: &Observed,
+        names: &[String],
+    ) -> Result<BTreeMap<String, BTreeSet<Target>>, ProviderError> {
+        Ok(observed
+            .target_groups
+            .iter()
+            .filter(|t| names.contains(&t.name))
+            .map(|t| (t.name.clone(), t.targets.clone()))
+            .collect())
     }
 
     /// What the provider shares between load balancers (AWS: the backend security group and

@@ -242,6 +242,8 @@ mod tests {
                 state: LbState::Active,
                 security_groups: vec![],
                 attributes: BTreeMap::new(),
+                subnets: vec![],
+                ipv6_source_nat: None,
             }),
             listeners: lb
                 .listeners

@@ -179,6 +179,8 @@ impl ServiceLb {
             state: LbState::Active,
             security_groups: Vec::new(),
             attributes: BTreeMap::new(),
+            subnets: vec![],
+            ipv6_source_nat: None,
         });
         let listeners = match self.address {
             None => Vec::new(),

@@ -82,6 +82,24 @@ pub fn aws_sdk_config(endpoint: &str, account_id: &str) -> SdkConfig {
         .build()
 }
 
+/// ELBv2 and EC2 clients that act in moto `account`, through `endpoint` (moto itself, or a
+/// [`crate::faultproxy::FaultProxy`] in front of it).
+pub fn clients_at(endpoint: &str, account: &str) -> (elbv2::Client, ec2::Client) {
+    let sdk_config = aws_sdk_config(endpoint, account);
+    let header = AccountHeader(account.to_string());
+    let elbv2 = elbv2::Client::from_conf(
+        elbv2::config::Builder::from(&sdk_config)
+            .interceptor(header.clone())
+            .build(),
+    );
+    let ec2 = ec2::Client::from_conf(
+        ec2::config::Builder::from(&sdk_config)
+            .interceptor(header)
+            .build(),
+    );
+    (elbv2, ec2)
+}
+
 /// One moto server per test process, on a free loopback port.
 pub struct AwsEmulator {
     // Field order is drop order: the process first, then its directory.
@@ -169,19 +187,7 @@ impl AwsEmulator {
 
     /// ELBv2 and EC2 clients that act in `account`.
     pub fn clients(&self, account: &str) -> (elbv2::Client, ec2::Client) {
-        let sdk_config = self.sdk_config(account);
-        let header = AccountHeader(account.to_string());
-        let elbv2 = elbv2::Client::from_conf(
-            elbv2::config::Builder::from(&sdk_config)
-                .interceptor(header.clone())
-                .build(),
-        );
-        let ec2 = ec2::Client::from_conf(
-            ec2::config::Builder::from(&sdk_config)
-                .interceptor(header)
-                .build(),
-        );
-        (elbv2, ec2)
+        clients_at(&self.endpoint, account)
     }
 
     /// The last `n` lines of the moto log.

@@ -14,6 +14,9 @@
 //!   ServiceUnavailable`, a connection reset (RST, request not applied), a **lost response**
 //!   (the request is applied upstream, the response discarded, and the connection held open for
 //!   [`FaultConfig::hang`] or until the client gives up, then closed), and added latency.
+//! - **Parameters** of the actions named in [`FaultProxy::record_parameters`] are kept
+//!   ([`FaultProxy::parameters`]), for what the emulator accepts but does not store (moto keeps
+//!   no IPv6 source-NAT setting, for one): a test can check what the operator asked for.
 //! - **Deterministic.** A request's fate is a function of the seed, its action and body, and how
 //!   many identical requests came before it; not of arrival order or timing. (Bodies that embed
 //!   per-run values, such as Service UIDs in tags, differ between runs.)
@@ -363,6 +366,9 @@ impl Counts {
 #[derive(Default)]
 struct Stats {
     counts: Counts,
+    /// Actions whose parameters are kept, and the kept ones (action, decoded form fields).
+    recording: Vec<String>,
+    parameters: Vec<(String, BTreeMap<String, String>)>,
     /// Arrival time (since `started`) of every counted request, in arrival order.
     arrivals: Vec<(Family, Duration)>,
     last_request: Option<Instant>,
@@ -478,6 +484,23 @@ impl FaultProxy {
         let mut stats = lock(&self.state.stats);
         stats.counts = Counts::default();
         stats.arrivals.clear();
+    }
+
+    /// From now on, keeps the parameters of every request of `actions` (see
+    /// [`FaultProxy::parameters`]).
+    pub fn record_parameters(&self, actions: &[&str]) {
+        lock(&self.state.stats).recording = actions.iter().map(|a| a.to_string()).collect();
+    }
+
+    /// The parameters (decoded form fields, `SubnetMappings.member.1.SubnetId` = …) of each
+    /// recorded request of `action`, in arrival order.
+    pub fn parameters(&self, action: &str) -> Vec<BTreeMap<String, String>> {
+        lock(&self.state.stats)
+            .parameters
+            .iter()
+            .filter(|(a, _)| a == action)
+            .map(|(_, p)| p.clone())
+            .collect()
     }
 
     /// Time since the last counted request (since the start when there was none).
@@ -726,6 +749,15 @@ fn query_params(body: &[u8]) -> (Option<String>, Option<String>) {
     (action, version)
 }
 
+/// Every field of a form body, decoded.
+fn form_fields(body: &[u8]) -> BTreeMap<String, String> {
+    String::from_utf8_lossy(body)
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (percent_decode(k), percent_decode(v)))
+        .collect()
+}
+
 fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let digit = |i: usize| bytes.get(i).and_then(|b| char::from(*b).to_digit(16));
@@ -880,6 +912,10 @@ fn record(
 ) {
     let listing = is_listing(action, &req.body);
     let mut stats = lock(&state.stats);
+    if stats.recording.iter().any(|a| a == action) {
+        let fields = form_fields(&req.body);
+        stats.parameters.push((action.to_string(), fields));
+    }
     let since = arrived.saturating_duration_since(state.started);
     stats.arrivals.push((Family::of(action), since));
     stats.last_request = Some(Instant::now());

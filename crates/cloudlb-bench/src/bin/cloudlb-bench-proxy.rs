@@ -445,6 +445,7 @@ fn desired(n: u8) -> Desired {
             protocol: Protocol::Tcp,
             port: BACKEND_PORT,
             target_type: TargetType::Ip,
+            ip_family: Default::default(),
             health_check: HealthCheck {
                 timeout_seconds: 5,
                 ..HealthCheck::TCP_TRAFFIC_PORT

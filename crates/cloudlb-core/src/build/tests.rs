@@ -47,6 +47,7 @@ fn run_case(path: &Path) -> serde_json::Value {
     let backends = Backends {
         nodes: &nodes,
         endpoint_slices: &slices,
+        gate_waiting: NO_GATE_WAITING,
     };
     match build("test-cluster", &svc, backends, &cfg) {
         Ok(b) if b.no_ready_endpoints.is_empty() => {

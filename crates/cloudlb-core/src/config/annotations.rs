@@ -37,6 +37,8 @@ pub const SCHEME: &str = "scheme";
 pub const INTERNAL: &str = "internal";
 pub const IP_ADDRESS_TYPE: &str = "ip-address-type";
 pub const SUBNETS: &str = "subnets";
+pub const IPV6_SOURCE_NAT: &str = "enable-prefix-for-ipv6-source-nat";
+pub const SOURCE_NAT_PREFIXES: &str = "source-nat-ipv6-prefixes";
 pub const EIP_ALLOCATIONS: &str = "eip-allocations";
 pub const PRIVATE_IPV4: &str = "private-ipv4-addresses";
 pub const TARGET_TYPE: &str = "target-type";
@@ -107,6 +109,26 @@ pub const SETTINGS: &[Setting] = &[
         example: "`subnet-0abc,subnet-0def`",
         on_change: "used at creation; later changes are not applied (recreate the Service)",
         doc: "Subnets the load balancer is placed in.",
+    },
+    Setting {
+        name: IPV6_SOURCE_NAT,
+        aliases: &[alias!("enable-prefix-for-ipv6-source-nat")],
+        class_field: None,
+        kind: "`on` \\| `off`",
+        default: "`on` for a `dualstack` load balancer with UDP listeners, else `off` (aws-load-balancer-controller: always `off`, which AWS refuses for UDP on `dualstack`)",
+        example: "`on`",
+        on_change: "modified in place (SetSubnets)",
+        doc: "IPv6 source NAT: the load balancer sends to its targets from one IPv6 /80 prefix per subnet, which UDP listeners of a `dualstack` Network Load Balancer need. Needs `ip-address-type: dualstack` and subnets with an IPv6 block; `off` with UDP ports on `dualstack` is refused before anything is written.",
+    },
+    Setting {
+        name: SOURCE_NAT_PREFIXES,
+        aliases: &[alias!("source-nat-ipv6-prefixes")],
+        class_field: None,
+        kind: "comma-separated, one per subnet in subnet order: `auto` (or `auto_assigned`) or an IPv6 /80 from the subnet's block",
+        default: "`auto` for every subnet",
+        example: "`auto,2600:1f14:abc:1200::/80`",
+        on_change: "used when source NAT is turned on",
+        doc: "The IPv6 source-NAT prefix of each subnet (with `enable-prefix-for-ipv6-source-nat` on).",
     },
     Setting {
         name: EIP_ALLOCATIONS,

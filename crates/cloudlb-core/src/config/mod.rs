@@ -5,7 +5,9 @@ pub mod annotations;
 pub mod class;
 
 use crate::model::local::{self, AddressPool, Algorithm, LocalSpec};
-use crate::model::{HealthCheckProtocol, IpAddressType, Scheme, Subnets, TargetMode, state};
+use crate::model::{
+    HealthCheckProtocol, IpAddressType, IpFamily, Scheme, SourceNat, Subnets, TargetMode, state,
+};
 use annotations as keys;
 use class::{AwsClassSpec, LoadBalancerClass, ProviderKind};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
@@ -69,6 +71,8 @@ pub struct LbConfig {
     pub subnets: Subnets,
     pub eip_allocations: Vec<String>,
     pub private_ipv4_addresses: Vec<String>,
+    /// IPv6 source NAT (dualstack with UDP listeners, or asked for): on when set.
+    pub ipv6_source_nat: Option<SourceNat>,
     /// What receives the traffic: nodes (by instance id or address) or pods.
     pub targets: TargetMode,
     pub health_check: HealthCheckConfig,
@@ -231,6 +235,21 @@ fn err(source: &str, value: &str, allowed: impl Into<String>) -> ConfigError {
         source: source.to_string(),
         value: value.to_string(),
         allowed: allowed.into(),
+    }
+}
+
+/// One source-NAT prefix as AWS takes it: `auto_assigned` (also written `auto`) or an IPv6 /80.
+fn source_nat_prefix(v: &str) -> Result<String, String> {
+    let v = v.trim();
+    if v.eq_ignore_ascii_case("auto") || v.eq_ignore_ascii_case(SourceNat::AUTO) {
+        return Ok(SourceNat::AUTO.to_string());
+    }
+    let bad =
+        || format!("{v:?} is not auto or an IPv6 prefix of length 80 (2600:1f14:abc:1200::/80)");
+    let (addr, len) = v.split_once('/').ok_or_else(bad)?;
+    match (addr.parse::<std::net::Ipv6Addr>(), len) {
+        (Ok(_), "80") => Ok(v.to_ascii_lowercase()),
+        _ => Err(bad()),
     }
 }
 
@@ -544,6 +563,92 @@ impl Parser<'_> {
             ],
         )
         .unwrap_or(IpAddressType::Ipv4)
+    }
+
+    /// IPv6 source NAT: on by default where AWS needs it (UDP listeners on a dualstack load
+    /// balancer); refused where AWS would refuse it.
+    fn ipv6_source_nat(
+        &mut self,
+        ip_address_type: IpAddressType,
+        ports: &[ServicePort],
+        subnets: &Subnets,
+    ) -> Option<SourceNat> {
+        let dualstack = ip_address_type == IpAddressType::Dualstack;
+        let udp = ports.iter().any(|p| p.protocol.as_deref() == Some("UDP"));
+        let asked = self.parse_enum(keys::IPV6_SOURCE_NAT, &[("on", true), ("off", false)]);
+        let raw = |p: &Self, key: &str| {
+            p.get(key).cloned().unwrap_or_else(|| Raw {
+                source: key.to_string(),
+                value: String::new(),
+            })
+        };
+        match asked {
+            Some(true) if !dualstack => {
+                let r = raw(self, keys::IPV6_SOURCE_NAT);
+                self.errors.push(err(
+                    &r.source,
+                    &r.value,
+                    "IPv6 source NAT needs ip-address-type dualstack",
+                ));
+            }
+            Some(false) if dualstack && udp => {
+                let r = raw(self, keys::IPV6_SOURCE_NAT);
+                self.errors.push(err(
+                    &r.source,
+                    &r.value,
+                    "AWS refuses UDP listeners on a dualstack Network Load Balancer without IPv6 source NAT: remove the setting (on is the default there), use ip-address-type ipv4, or drop the UDP ports",
+                ));
+            }
+            _ => {}
+        }
+        let on = asked.unwrap_or(dualstack && udp);
+        let mut prefixes = Vec::new();
+        if let Some((r, given)) = self.parse_list(keys::SOURCE_NAT_PREFIXES) {
+            let count = match subnets {
+                Subnets::Explicit(l) => Some(l.len()),
+                Subnets::Discover => None,
+            };
+            if !on || !dualstack {
+                self.errors.push(err(
+                    &r.source,
+                    &r.value,
+                    "source-NAT prefixes apply only with IPv6 source NAT on (ip-address-type dualstack)",
+                ));
+            } else if count.is_some_and(|n| n != given.len()) {
+                let n = count.unwrap_or_default();
+                self.errors.push(err(
+                    &r.source,
+                    &r.value,
+                    format!("give exactly one per subnet ({n} subnets), in subnet order"),
+                ));
+            }
+            for g in given {
+                match source_nat_prefix(&g) {
+                    Ok(p) => prefixes.push(p),
+                    Err(why) => self.errors.push(err(&r.source, &r.value, why)),
+                }
+            }
+        }
+        (on && dualstack).then_some(SourceNat { prefixes })
+    }
+
+    /// Pod targets of a Service whose first IP family is IPv6 are IPv6 target groups, which only
+    /// a dualstack load balancer can forward to.
+    fn pod_family(&mut self, spec: &ServiceSpec, targets: TargetMode, ip: IpAddressType) {
+        if targets == TargetMode::Pods
+            && crate::build::pod_family(spec) == IpFamily::Ipv6
+            && ip != IpAddressType::Dualstack
+        {
+            let r = self.get(keys::IP_ADDRESS_TYPE).cloned().unwrap_or(Raw {
+                source: keys::IP_ADDRESS_TYPE.into(),
+                value: "ipv4".into(),
+            });
+            self.errors.push(err(
+                &r.source,
+                &r.value,
+                "the Service's first IP family (spec.ipFamilies) is IPv6, so its pods are IPv6 targets, which need ip-address-type dualstack",
+            ));
+        }
     }
 
     /// Subnets, and the EIP allocations (internet-facing) or private IPv4 addresses (internal)
@@ -1058,6 +1163,8 @@ impl Parser<'_> {
             private_ipv4_addresses,
         } = self.placement(scheme);
         let targets = self.targets();
+        let ipv6_source_nat = self.ipv6_source_nat(ip_address_type, &ports, &subnets);
+        self.pod_family(&spec, targets, ip_address_type);
         let health_check = self.health_check();
         let Tls {
             ssl_certificates,
@@ -1101,6 +1208,7 @@ impl Parser<'_> {
             subnets,
             eip_allocations,
             private_ipv4_addresses,
+            ipv6_source_nat,
             targets,
             health_check,
             ssl_certificates,

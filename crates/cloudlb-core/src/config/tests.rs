@@ -843,3 +843,76 @@ fn keys_that_look_like_ours_but_are_not_understood_are_listed() {
         ]
     );
 }
+
+#[test]
+fn ipv6_source_nat_is_on_where_aws_needs_it_and_refused_where_aws_refuses_it() {
+    let c = class(None);
+    let dual = ("cloudlb.io/ip-address-type", "dualstack");
+    let dns = || vec![port("dns", 53, "UDP")];
+    // UDP on dualstack: on, auto prefixes.
+    let cfg = resolve_ok(&c, &svc(&[dual], dns()));
+    assert_eq!(cfg.ipv6_source_nat, Some(SourceNat { prefixes: vec![] }));
+    // TCP only, or ipv4: off unless asked.
+    assert_eq!(resolve_ok(&c, &svc(&[dual], web())).ipv6_source_nat, None);
+    assert_eq!(resolve_ok(&c, &svc(&[], dns())).ipv6_source_nat, None);
+    let on = ("cloudlb.io/enable-prefix-for-ipv6-source-nat", "on");
+    assert!(
+        resolve_ok(&c, &svc(&[dual, on], web()))
+            .ipv6_source_nat
+            .is_some()
+    );
+    // Prefixes, one per explicit subnet; `auto` is AWS's auto_assigned.
+    let subnets = ("cloudlb.io/subnets", "subnet-a,subnet-b");
+    let prefixes = (
+        "service.beta.kubernetes.io/aws-load-balancer-source-nat-ipv6-prefixes",
+        "auto,2600:1F14:abc:1200::/80",
+    );
+    let cfg = resolve_ok(&c, &svc(&[dual, subnets, prefixes], dns()));
+    assert_eq!(
+        cfg.ipv6_source_nat.map(|n| n.prefixes),
+        Some(vec![
+            "auto_assigned".to_string(),
+            "2600:1f14:abc:1200::/80".to_string()
+        ])
+    );
+    // Refused: on without dualstack; off with UDP on dualstack; a prefix count that does not
+    // match the subnets.
+    first_error_says(&[on], web(), "needs ip-address-type dualstack");
+    let off = ("cloudlb.io/enable-prefix-for-ipv6-source-nat", "off");
+    first_error_says(&[dual, off], dns(), "AWS refuses UDP listeners");
+    let one_subnet = ("cloudlb.io/subnets", "subnet-a");
+    first_error_says(
+        &[dual, one_subnet, prefixes],
+        dns(),
+        "exactly one per subnet (1 subnets)",
+    );
+}
+
+#[test]
+fn ipv6_pods_need_a_dualstack_load_balancer() {
+    let c = class(None);
+    let mut s = svc(&[("cloudlb.io/target-type", "ip")], web());
+    if let Some(spec) = s.spec.as_mut() {
+        spec.ip_families = Some(vec!["IPv6".into()]);
+    }
+    let errors = resolve_err(&c, &s);
+    assert!(
+        errors[0]
+            .allowed
+            .contains("first IP family (spec.ipFamilies) is IPv6"),
+        "{errors:?}"
+    );
+    s.metadata.annotations = Some(
+        [
+            ("cloudlb.io/target-type", "ip"),
+            ("cloudlb.io/ip-address-type", "dualstack"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+    );
+    assert_eq!(resolve_ok(&c, &s).ip_address_type, IpAddressType::Dualstack);
+    // Node targets stay IPv4 (kube-proxy's nodePorts): no such requirement.
+    s.metadata.annotations = None;
+    resolve_ok(&c, &s);
+}

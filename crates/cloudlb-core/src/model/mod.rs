@@ -90,6 +90,59 @@ impl IpAddressType {
     }
 }
 
+/// The address family of a target group's targets.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum IpFamily {
+    #[default]
+    Ipv4,
+    Ipv6,
+}
+
+impl IpFamily {
+    pub fn as_aws(self) -> &'static str {
+        match self {
+            IpFamily::Ipv4 => "ipv4",
+            IpFamily::Ipv6 => "ipv6",
+        }
+    }
+
+    /// The `addressType` of the EndpointSlices of this family.
+    pub fn endpoint_address_type(self) -> &'static str {
+        match self {
+            IpFamily::Ipv4 => "IPv4",
+            IpFamily::Ipv6 => "IPv6",
+        }
+    }
+
+    fn is_ipv4(&self) -> bool {
+        *self == IpFamily::Ipv4
+    }
+}
+
+/// IPv6 source NAT of a dualstack NLB (what its UDP listeners need): one IPv6 /80 prefix per
+/// subnet that the load balancer sends from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceNat {
+    /// One per subnet, in subnet order: a /80 from the subnet's IPv6 block, or
+    /// [`SourceNat::AUTO`]; empty: `auto` for every subnet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefixes: Vec<String>,
+}
+
+impl SourceNat {
+    /// AWS picks the prefix from the subnet's IPv6 block.
+    pub const AUTO: &str = "auto_assigned";
+
+    /// The prefix of subnet `i` (of the load balancer's subnets, in order).
+    pub fn prefix(&self, i: usize) -> &str {
+        self.prefixes.get(i).map_or(Self::AUTO, String::as_str)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TargetType {
@@ -184,6 +237,9 @@ pub struct LoadBalancer {
     /// Private IPv4 addresses, one per subnet, in subnet order (internal only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub private_ipv4_addresses: Vec<String>,
+    /// IPv6 source NAT (dualstack only): on when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_source_nat: Option<SourceNat>,
     pub security: Security,
     /// AWS load-balancer attributes that differ from the AWS defaults (AWS only: the local
     /// provider's settings are [`LoadBalancer::local`]).
@@ -212,6 +268,7 @@ impl LoadBalancer {
             subnets: Subnets::Discover,
             eip_allocations: vec![],
             private_ipv4_addresses: vec![],
+            ipv6_source_nat: None,
             security: Security {
                 frontend: None,
                 extra_security_groups: vec![],
@@ -303,6 +360,10 @@ pub struct TargetGroup {
     /// is registered with its own port, so this one is not on the data path).
     pub port: u16,
     pub target_type: TargetType,
+    /// The targets' address family: IPv6 only for pod targets of a Service whose first IP family
+    /// is IPv6 (on a dualstack load balancer).
+    #[serde(default, skip_serializing_if = "IpFamily::is_ipv4")]
+    pub ip_family: IpFamily,
     pub health_check: HealthCheck,
     /// Target-group attributes that differ from the AWS defaults.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

@@ -8,7 +8,9 @@ use sha2::{Digest, Sha256};
 
 pub const MAX_NAME_LEN: usize = 32;
 
-fn hash_hex(parts: &[&str], len: usize) -> String {
+/// The first `len` hex digits of the SHA-256 of `parts` (each ended by a NUL), for names that must
+/// stay short and stable.
+pub fn hash_hex(parts: &[&str], len: usize) -> String {
     let mut h = Sha256::new();
     for p in parts {
         h.update(p.as_bytes());

@@ -61,6 +61,12 @@ pub struct ObservedLb {
     pub security_groups: Vec<String>,
     /// Every attribute the cloud reports.
     pub attributes: BTreeMap<String, String>,
+    /// The subnets it is in (AWS), in the order the cloud reports them.
+    #[serde(default)]
+    pub subnets: Vec<String>,
+    /// Whether IPv6 source NAT is on; `None`: the cloud did not say (taken as matching).
+    #[serde(default)]
+    pub ipv6_source_nat: Option<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

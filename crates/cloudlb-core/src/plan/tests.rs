@@ -3,7 +3,7 @@
 use super::*;
 use crate::config::class::{LoadBalancerClass, LoadBalancerClassSpec, ProviderKind};
 use crate::model::observed::{LbState, ObservedLb, ObservedSecurityGroup, ObservedTargetGroup};
-use crate::model::{Protocol, Scheme};
+use crate::model::{IpAddressType, Protocol, Scheme};
 use k8s_openapi::api::core::v1::{Node, Service};
 
 /// The cluster's backend security group, as the AWS provider knows it.
@@ -81,6 +81,8 @@ fn observed_for(d: &Desired) -> Observed {
                 .chain(lb.security.backend.as_ref().map(|_| BACKEND.to_string()))
                 .collect(),
             attributes: lb.attributes.clone(),
+            subnets: vec!["subnet-a".into()],
+            ipv6_source_nat: Some(lb.ipv6_source_nat.is_some()),
         }),
         listeners: lb
             .listeners
@@ -383,6 +385,50 @@ fn the_backend_group_is_attached_when_wanted_and_detached_when_not() {
         names(&plan(&off, &d_observed).expect("plan")),
         ["setSecurityGroups"]
     );
+}
+
+#[test]
+fn ipv6_source_nat_follows_the_model_around_the_address_type_change() {
+    let dns =
+        serde_json::json!([{"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053}]);
+    let v4 = desired_with(serde_json::json!({}), dns.clone(), &["i-1"]);
+    let dual = desired_with(
+        serde_json::json!({"cloudlb.io/ip-address-type": "dualstack"}),
+        dns,
+        &["i-1"],
+    );
+    assert!(
+        dual.lb
+            .as_ref()
+            .is_some_and(|l| l.ipv6_source_nat.is_some())
+    );
+    // On after the load balancer becomes dualstack; off before it goes back to ipv4.
+    let lb_ops = |p: &Plan| -> Vec<String> {
+        names(p)
+            .into_iter()
+            .filter(|n| n.starts_with("setIp"))
+            .collect()
+    };
+    let p = plan(&dual, &observed_for(&v4)).expect("plan");
+    assert_eq!(
+        lb_ops(&p),
+        ["setIpAddressType", "setIpv6SourceNat"],
+        "{p:?}"
+    );
+    let p = plan(&v4, &observed_for(&dual)).expect("plan");
+    assert_eq!(
+        lb_ops(&p),
+        ["setIpv6SourceNat", "setIpAddressType"],
+        "{p:?}"
+    );
+    // Unchanged: nothing; a cloud that does not report the setting is taken at its word.
+    assert!(plan(&dual, &observed_for(&dual)).expect("plan").is_empty());
+    let mut silent = observed_for(&v4);
+    if let Some(lb) = silent.lb.as_mut() {
+        lb.ip_address_type = IpAddressType::Dualstack;
+        lb.ipv6_source_nat = None;
+    }
+    assert!(!names(&plan(&dual, &silent).expect("plan")).contains(&"setIpv6SourceNat".to_string()));
 }
 
 #[test]

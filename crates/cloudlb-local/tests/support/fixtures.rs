@@ -58,6 +58,7 @@ pub fn target_group(
         protocol,
         port,
         target_type: TargetType::Ip,
+        ip_family: Default::default(),
         health_check,
         attributes: BTreeMap::new(),
         targets,
