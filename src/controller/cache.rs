@@ -136,6 +136,9 @@ pub struct CacheEntry {
     lb_attributes: Option<Attributes>,
     /// Per target group of `outline`, in the same order.
     target_groups: Vec<(Attributes, TargetSet)>,
+    /// The tags of every resource of `outline`, in [`tag_maps`] order (a Service's resources
+    /// share one map, and Services without user tags share the empty one).
+    tags: Vec<Attributes>,
     pub provider: ProviderKind,
     /// When the state was last read from the cloud (drift check).
     pub verified_at: Instant,
@@ -167,11 +170,15 @@ impl CacheEntry {
                 (attrs, targets)
             })
             .collect();
+        let tags = tag_maps(&mut observed)
+            .map(|t| interners.attributes(std::mem::take(t)))
+            .collect();
         CacheEntry {
             fingerprint,
             outline: observed,
             lb_attributes,
             target_groups,
+            tags,
             provider,
             verified_at,
             stale: false,
@@ -211,8 +218,20 @@ impl CacheEntry {
             tg.attributes = (**attrs).clone();
             tg.targets = targets.expand();
         }
+        for (t, tags) in tag_maps(&mut o).zip(&self.tags) {
+            *t = (**tags).clone();
+        }
         o
     }
+}
+
+/// The tag maps of `o`'s resources: load balancer, listeners, target groups, security group.
+fn tag_maps(o: &mut Observed) -> impl Iterator<Item = &mut BTreeMap<String, String>> {
+    o.lb.iter_mut()
+        .map(|l| &mut l.tags)
+        .chain(o.listeners.iter_mut().map(|l| &mut l.tags))
+        .chain(o.target_groups.iter_mut().map(|t| &mut t.tags))
+        .chain(o.security_group.iter_mut().map(|g| &mut g.tags))
 }
 
 #[cfg(test)]
@@ -245,6 +264,7 @@ mod tests {
             )]
             .into(),
             targets: targets(30000 + i + 2 * service as u16),
+            tags: [("team".to_string(), "web".to_string())].into(),
         };
         Observed {
             lb: Some(ObservedLb {
@@ -261,7 +281,9 @@ mod tests {
                 )]
                 .into(),
                 subnets: vec![],
+                subnet_zones: BTreeMap::new(),
                 ipv6_source_nat: None,
+                tags: [("team".to_string(), "web".to_string())].into(),
             }),
             listeners: Vec::new(),
             target_groups: vec![tg(0), tg(1)],
@@ -315,8 +337,8 @@ mod tests {
         );
         assert_eq!(
             interners.attributes.len(),
-            2,
-            "the LB's and the TGs' attribute maps"
+            3,
+            "the LB's and the TGs' attribute maps, and the tags every resource shares"
         );
         for (s, e) in entries.iter().enumerate() {
             assert_eq!(e.observed(), observed(s, 200));

@@ -115,10 +115,13 @@ fn every_desired(
         let cfg = crate::config::resolve(class, &svc).ok()?;
         let sref = crate::build::service_ref(&svc).ok()?;
         let slices = ctx.endpoints.slices(&sref.namespace, &sref.name);
+        // Every endpoint that may wait for its readiness gate counts: keeping a rule a pod does
+        // not need yet is safe, removing one a waiting pod needs is not.
+        let unready = super::readiness::unready_ips(&slices);
         let backends = crate::build::Backends {
             nodes: &nodes,
             endpoint_slices: &slices,
-            gate_waiting: crate::build::NO_GATE_WAITING,
+            gate_waiting: &unready,
         };
         let built = crate::build::build(&ctx.settings.cluster, &svc, backends, &cfg).ok()?;
         out.push((class.spec.provider, built.desired));
@@ -143,10 +146,9 @@ pub async fn prune_shared(
             tracing::info!("a Service of ours cannot be built: shared resources left as they are");
             continue;
         };
-        for provider in ctx.providers.all() {
-            let kind = match provider.name() {
-                "aws" => crate::config::class::ProviderKind::Aws,
-                _ => crate::config::class::ProviderKind::Local,
+        for kind in crate::config::class::ProviderKind::ALL {
+            let Some(provider) = ctx.providers.get(kind) else {
+                continue;
             };
             let wanted: Vec<Desired> = all
                 .iter()

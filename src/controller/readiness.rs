@@ -92,10 +92,21 @@ pub fn gated(pods: &[Pod], gate: &str) -> Vec<Gated> {
 /// Whether any endpoint of `slices` is not ready and not terminating: a pod that may be waiting
 /// for its gate (the only case in which the pods are listed).
 pub fn may_wait(slices: &[std::sync::Arc<EndpointSlice>]) -> bool {
-    slices.iter().flat_map(|s| &s.endpoints).any(|e| {
-        let c = e.conditions.as_ref();
-        c.and_then(|c| c.ready) == Some(false) && c.and_then(|c| c.terminating) != Some(true)
-    })
+    !unready_ips(slices).is_empty()
+}
+
+/// The addresses of the endpoints of `slices` that are not ready and not terminating (those
+/// that may wait for their gate).
+pub fn unready_ips(slices: &[std::sync::Arc<EndpointSlice>]) -> BTreeSet<String> {
+    slices
+        .iter()
+        .flat_map(|s| &s.endpoints)
+        .filter(|e| {
+            let c = e.conditions.as_ref();
+            c.and_then(|c| c.ready) == Some(false) && c.and_then(|c| c.terminating) != Some(true)
+        })
+        .flat_map(|e| e.addresses.iter().cloned())
+        .collect()
 }
 
 /// The Service's selector as a label selector string (`None`: it selects no pods).

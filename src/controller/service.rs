@@ -8,7 +8,9 @@ use super::{CacheEntry, Context, FINALIZER, INSTALLATION_ANNOTATION, PROVIDER_AN
 use crate::build::{self, BuildError};
 use crate::config::LbConfig;
 use crate::config::{self, annotations, class::ProviderKind};
-use crate::model::state::{self, DEFAULT_SCHEME_ANNOTATION, has_finalizer, recorded_installation};
+use crate::model::state::{
+    self, DEFAULT_SCHEME_ANNOTATION, TAG_KEYS_ANNOTATION, has_finalizer, recorded_installation,
+};
 use crate::model::{Desired, ServiceRef, TargetMode, naming};
 use crate::ownership::Ownership;
 use crate::plan::{Op, Plan, PlanError};
@@ -252,7 +254,7 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, Outcom
         Err(msg) => return Ok((invalid(ctx, svc, msg).await, Outcome::Invalid)),
     };
     let untouched = untouched(svc, ctx, &target);
-    if let Some(stop) = take_ownership(svc, ctx, &target).await? {
+    if let Some(stop) = take_ownership(svc, ctx, &target, &desired).await? {
         return Ok(stop);
     }
     let (action, outcome) = converge(svc, ctx, &target, &desired, untouched).await?;
@@ -293,18 +295,23 @@ async fn converge(
     let observed = apply(svc, ctx, target, desired, observed, &plan).await?;
     if !plan.is_empty() {
         tell_backend_notes(svc, ctx, &observed).await;
-        let outside = match observed.outside_vpc.as_slice() {
-            [] => String::new(),
-            targets => format!(
+        warn_about(ctx, svc, events::TARGETS_OUTSIDE_VPC, &observed.outside_vpc, |t| {
+            format!(
                 "Not registered: {} target(s) outside the load balancer's VPC: {} (for example host-network pods on nodes in another VPC); the other targets are registered",
-                targets.len(),
-                targets.join(", ")
-            ),
-        };
-        warn_on_change(ctx, svc, events::TARGETS_OUTSIDE_VPC, outside).await;
+                t.len(),
+                t.join(", ")
+            )
+        })
+        .await;
     }
     let provisioning = remember(ctx, target, fingerprint, &observed, verified_at);
     write_status(&ctx.metrics, &target.api(ctx), svc, desired, &observed).await?;
+    let tag_keys = TagKeys::of(svc, target, desired);
+    if tag_keys.before_write != tag_keys.wanted {
+        // The keys no longer wanted are off the resources: no longer ours to remove.
+        let value = state::tag_keys_value(&tag_keys.wanted);
+        annotate(&target.api(ctx), svc, vec![(TAG_KEYS_ANNOTATION, value)]).await?;
+    }
     announce(svc, ctx, &plan, &observed).await;
     let result = if plan.is_empty() {
         Outcome::Verified
@@ -455,26 +462,27 @@ async fn build_model(
     ctx.memory.with(&t.sref.uid, |m| m.last_invalid = None);
     let skipped = built.warnings.join("; ");
     warn_on_change(ctx, svc, events::TARGETS_SKIPPED, skipped).await;
-    let empty = match built.no_ready_endpoints.as_slice() {
-        [] => String::new(),
-        ports => {
-            let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
-            format!(
-                "No ready pod behind port(s) {}: their target groups are empty, the load balancer is kept; pods are registered as they become ready",
-                ports.join(", ")
-            )
-        }
-    };
-    warn_on_change(ctx, svc, events::NO_READY_ENDPOINTS, empty).await;
-    let unsupported = match annotations::unsupported(svc.annotations().keys()).as_slice() {
-        [] => String::new(),
-        keys => format!(
+    let ports: Vec<String> = built
+        .no_ready_endpoints
+        .iter()
+        .map(u16::to_string)
+        .collect();
+    warn_about(ctx, svc, events::NO_READY_ENDPOINTS, &ports, |p| {
+        format!(
+            "No ready pod behind port(s) {}: their target groups are empty, the load balancer is kept; pods are registered as they become ready",
+            p.join(", ")
+        )
+    })
+    .await;
+    let keys: Vec<&str> = annotations::unsupported(svc.annotations().keys());
+    warn_about(ctx, svc, events::UNSUPPORTED_ANNOTATION, &keys, |k| {
+        format!(
             "Ignored {} annotation(s) cloudlb does not understand: {}. The load balancer is built from the rest; the supported keys are in docs/annotations.md",
-            keys.len(),
-            keys.join(", ")
-        ),
-    };
-    warn_on_change(ctx, svc, events::UNSUPPORTED_ANNOTATION, unsupported).await;
+            k.len(),
+            k.join(", ")
+        )
+    })
+    .await;
     Ok(Some((built.desired, gated)))
 }
 
@@ -577,6 +585,22 @@ async fn tell_backend_notes(svc: &Service, ctx: &Context, observed: &Observed) {
 
 /// A Warning Event `reason` saying `message`, when the message differs from the last one of that
 /// reason ("" is none: nothing is said, and the next problem is told again).
+/// [`warn_on_change`] about a list: the message `say` makes of `items`, none when it is empty.
+async fn warn_about<T>(
+    ctx: &Context,
+    svc: &Service,
+    reason: &'static str,
+    items: &[T],
+    say: impl FnOnce(&[T]) -> String,
+) {
+    let message = if items.is_empty() {
+        String::new()
+    } else {
+        say(items)
+    };
+    warn_on_change(ctx, svc, reason, message).await;
+}
+
 async fn warn_on_change(ctx: &Context, svc: &Service, reason: &'static str, message: String) {
     let changed = ctx.memory.with(uid(svc), |m| m.warned(reason, &message));
     if !message.is_empty() && changed {
@@ -604,6 +628,7 @@ async fn take_ownership(
     svc: &Service,
     ctx: &Context,
     t: &Target,
+    desired: &Desired,
 ) -> Result<Option<(Action, Outcome)>, Error> {
     let held = recorded_provider(svc);
     let installation = &ctx.settings.installation;
@@ -618,6 +643,14 @@ async fn take_ownership(
         // Its load balancer was made under the old default scheme: keep it (see
         // config::default_scheme), now that the installation record ends "earlier version".
         record.push((DEFAULT_SCHEME_ANNOTATION, Some("internet-facing".into())));
+    }
+    let tag_keys = TagKeys::of(svc, t, desired);
+    if tag_keys.grows() {
+        // Before a write puts new keys on: a crash after it still knows them as ours.
+        record.push((
+            TAG_KEYS_ANNOTATION,
+            state::tag_keys_value(&tag_keys.before_write),
+        ));
     }
     if !has_finalizer(svc) {
         // A new Service: finalizer and record in one write.
@@ -634,6 +667,38 @@ async fn take_ownership(
             Ok(Some(switched))
         }
         _ => Ok(None),
+    }
+}
+
+/// The user tag keys of record ([`TAG_KEYS_ANNOTATION`]): AWS load balancers only.
+struct TagKeys {
+    recorded: BTreeSet<String>,
+    /// The user tag keys the model wants.
+    wanted: BTreeSet<String>,
+    /// The record while a reconcile writes: the recorded keys plus the wanted ones.
+    before_write: BTreeSet<String>,
+}
+
+impl TagKeys {
+    fn of(svc: &Service, t: &Target, desired: &Desired) -> Self {
+        let recorded = state::recorded_tag_keys(svc);
+        let wanted: BTreeSet<String> = match (&desired.lb, t.kind) {
+            (Some(lb), ProviderKind::Aws) => crate::model::tags::user_tags(&lb.tags)
+                .into_keys()
+                .collect(),
+            _ => BTreeSet::new(),
+        };
+        let before_write = recorded.union(&wanted).cloned().collect();
+        TagKeys {
+            recorded,
+            wanted,
+            before_write,
+        }
+    }
+
+    /// Whether the record must grow before the next write.
+    fn grows(&self) -> bool {
+        self.before_write != self.recorded
     }
 }
 
@@ -890,6 +955,7 @@ async fn cleanup(
         (INSTALLATION_ANNOTATION, None),
         (PROVIDER_ANNOTATION, None),
         (DEFAULT_SCHEME_ANNOTATION, None),
+        (TAG_KEYS_ANNOTATION, None),
     ];
     match write_ownership(&api, svc, remaining, forget).await {
         Ok(_) => {}

@@ -1,15 +1,17 @@
 //! Compatible annotations mean what they mean in aws-load-balancer-controller: the attributes
-//! key, attributes left alone by the drift check, and keys cloudlb does not understand reported
-//! in one Event while the load balancer is built from the rest.
+//! key, attributes left alone by the drift check, keys cloudlb does not understand reported in
+//! one Event while the load balancer is built from the rest, the forms the AWS controllers
+//! accept, and tags that follow the Service in place.
 
 use crate::helpers::web_ports;
 use crate::support;
 
+use kube::ResourceExt;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use support::TestGuard;
-use support::env::Env;
+use support::env::{Env, wait_for};
 
 /// The attributes of the account's only load balancer.
 async fn lb_attributes(env: &Env) -> BTreeMap<String, String> {
@@ -138,4 +140,286 @@ async fn keys_cloudlb_does_not_understand_are_told_once_and_the_rest_builds() {
     // An edit that leaves the unknown keys as they are tells nothing new.
     env.calls_for_unrelated_edit("web", "unchanged").await;
     assert_eq!(env.events("UnsupportedAnnotation").await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forms_the_aws_controllers_accept_build_and_aws_judges_attribute_keys() {
+    let _guard = TestGuard::new();
+    let env = Env::start("lenient", Duration::from_secs(3600)).await;
+    // backend-protocol http (TCP to the targets), a health-check port named by its Service port
+    // (its nodePort: instance targets), the legacy internal "0.0.0.0/0", and an attribute key
+    // cloudlb has no table for.
+    let ports = json!([
+        {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+        {"name": "status", "port": 9000, "targetPort": 9000, "protocol": "TCP"}
+    ]);
+    env.create_service(
+        "web",
+        json!({
+            "service.beta.kubernetes.io/aws-load-balancer-backend-protocol": "http",
+            "service.beta.kubernetes.io/aws-load-balancer-healthcheck-port": "status",
+            "service.beta.kubernetes.io/aws-load-balancer-internal": "0.0.0.0/0",
+            "service.beta.kubernetes.io/aws-load-balancer-attributes": "zonal_shift.config.enabled=true",
+        }),
+        ports.clone(),
+    )
+    .await;
+    env.wait_hostname("web").await;
+    let lb = &env.load_balancers().await[0];
+    assert_eq!(lb.scheme().map(|s| s.as_str()), Some("internal"));
+    assert_eq!(
+        lb_attributes(&env)
+            .await
+            .get("zonal_shift.config.enabled")
+            .map(String::as_str),
+        Some("true")
+    );
+    let svc = env.services().get("web").await.expect("service");
+    let status_node_port = svc
+        .spec
+        .and_then(|s| s.ports)
+        .and_then(|p| p.into_iter().find(|p| p.name.as_deref() == Some("status")))
+        .and_then(|p| p.node_port)
+        .expect("the status port's nodePort");
+    for tg in env.target_groups().await {
+        assert_eq!(tg.protocol().map(|p| p.as_str()), Some("TCP"));
+        assert_eq!(
+            tg.health_check_port(),
+            Some(status_node_port.to_string().as_str())
+        );
+    }
+
+    // A key AWS does not know: AWS refuses it and says why in the Service's Event.
+    env.create_service(
+        "bogus",
+        json!({"service.beta.kubernetes.io/aws-load-balancer-attributes": "no_such.attribute=1"}),
+        ports,
+    )
+    .await;
+    let notes = env.wait_events("SyncLoadBalancerFailed").await;
+    assert!(
+        notes.iter().any(|n| n.contains("no_such.attribute")),
+        "{notes:?}"
+    );
+}
+
+/// The tags of the ELB resources `arns`, by ARN.
+async fn elb_tags(env: &Env, arns: &[String]) -> BTreeMap<String, BTreeMap<String, String>> {
+    let out = env
+        .elbv2
+        .describe_tags()
+        .set_resource_arns(Some(arns.to_vec()))
+        .send()
+        .await
+        .expect("describe tags");
+    out.tag_descriptions()
+        .iter()
+        .map(|d| {
+            let tags = d
+                .tags()
+                .iter()
+                .filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())))
+                .collect();
+            (d.resource_arn().unwrap_or_default().to_string(), tags)
+        })
+        .collect()
+}
+
+/// The tags of the frontend security group of Service `name`.
+async fn frontend_group_tags(env: &Env, name: &str) -> BTreeMap<String, String> {
+    let groups = support::describe::security_groups(&env.ec2, &env.ns).await;
+    let group = groups
+        .iter()
+        .find(|g| {
+            g.tags()
+                .iter()
+                .any(|t| t.key() == Some("cloudlb.io/service-name") && t.value() == Some(name))
+        })
+        .expect("the Service's frontend security group");
+    group
+        .tags()
+        .iter()
+        .filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_follow_the_service_in_place_and_only_ours_are_removed() {
+    let _guard = TestGuard::new();
+    let env = Env::start("tags", Duration::from_secs(3600)).await;
+    let key = "service.beta.kubernetes.io/aws-load-balancer-additional-resource-tags";
+    env.create_service("web", json!({key: "team=web,env=dev"}), web_ports())
+        .await;
+    env.wait_hostname("web").await;
+    let lb_arn = env.load_balancers().await[0]
+        .load_balancer_arn()
+        .expect("arn")
+        .to_string();
+    env.wait_listeners(&lb_arn, 2).await;
+    let mut arns: Vec<String> = vec![lb_arn.clone()];
+    arns.extend(
+        env.listeners(&lb_arn)
+            .await
+            .iter()
+            .filter_map(|l| l.listener_arn().map(String::from)),
+    );
+    arns.extend(support::describe::target_group_arns(
+        &env.target_groups().await,
+    ));
+    assert_eq!(
+        arns.len(),
+        5,
+        "a load balancer, two listeners, two target groups"
+    );
+    // Someone tags the load balancer and the security group by hand, with a key of their own.
+    env.elbv2
+        .add_tags()
+        .resource_arns(&lb_arn)
+        .tags(
+            support::elbv2::types::Tag::builder()
+                .key("owner")
+                .value("ops")
+                .build(),
+        )
+        .send()
+        .await
+        .expect("tag by hand");
+
+    // One key changes its value, one goes, one comes: only tag calls, one per kind of change.
+    let edit = json!({"metadata": {"annotations": {key: "team=shop,cost=42"}}});
+    let delta = env.calls_for_edit("web", edit, "applied").await;
+    eprintln!("AWS calls of a tag change: {delta:?}");
+    let writes: BTreeMap<String, u64> = delta
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("Describe"))
+        .collect();
+    let want: BTreeMap<String, u64> = [
+        ("AddTags/ok", 1),
+        ("RemoveTags/ok", 1),
+        ("CreateTags/ok", 1),
+        ("DeleteTags/ok", 1),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(writes, want, "a tag change costs only tag calls");
+
+    let tags = elb_tags(&env, &arns).await;
+    assert_eq!(tags.len(), 5);
+    for (arn, t) in &tags {
+        assert_eq!(
+            t.get("team").map(String::as_str),
+            Some("shop"),
+            "{arn}: {t:?}"
+        );
+        assert_eq!(
+            t.get("cost").map(String::as_str),
+            Some("42"),
+            "{arn}: {t:?}"
+        );
+        assert!(!t.contains_key("env"), "{arn}: {t:?}");
+        assert_eq!(
+            t.get("cloudlb.io/cluster").map(String::as_str),
+            Some(env.ns.as_str()),
+            "the ownership tags stay: {arn}: {t:?}"
+        );
+    }
+    assert_eq!(
+        tags[&lb_arn].get("owner").map(String::as_str),
+        Some("ops"),
+        "a tag cloudlb did not put there stays"
+    );
+    let group = frontend_group_tags(&env, "web").await;
+    assert_eq!(
+        group.get("team").map(String::as_str),
+        Some("shop"),
+        "{group:?}"
+    );
+    assert_eq!(
+        group.get("cost").map(String::as_str),
+        Some("42"),
+        "{group:?}"
+    );
+    assert!(!group.contains_key("env"), "{group:?}");
+
+    // The record of our keys follows: the removed key is no longer ours.
+    let services = env.services();
+    wait_for("the tag keys of record", || async {
+        let svc = services.get("web").await.ok()?;
+        let record = svc.annotations().get("state.cloudlb.io/tag-keys")?.clone();
+        (record == r#"["cost","team"]"#).then_some(())
+    })
+    .await;
+    // Nothing more to do: an edit that changes nothing cloudlb reads costs no call.
+    let calls = env.calls_for_unrelated_edit("web", "unchanged").await;
+    assert!(calls.is_empty(), "{calls:?}");
+}
+
+/// The subnets the account's only load balancer is in, sorted.
+async fn lb_subnets(env: &Env) -> Vec<String> {
+    let mut s: Vec<String> = env.load_balancers().await[0]
+        .availability_zones()
+        .iter()
+        .filter_map(|z| z.subnet_id().map(String::from))
+        .collect();
+    s.sort();
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subnets_follow_the_service_in_place() {
+    let _guard = TestGuard::new();
+    let env = Env::start("subnets", Duration::from_secs(3600)).await;
+    // A third zone's subnet in the test VPC.
+    let third = env
+        .ec2
+        .create_subnet()
+        .vpc_id(&env.network.vpc_id)
+        .cidr_block("10.0.64.0/20")
+        .availability_zone("us-east-1c")
+        .send()
+        .await
+        .expect("create a subnet")
+        .subnet()
+        .and_then(|s| s.subnet_id())
+        .expect("its id")
+        .to_string();
+    let [a, b] = [0, 1].map(|i| env.network.public_subnets[i].id.clone());
+    let key = "service.beta.kubernetes.io/aws-load-balancer-subnets";
+    env.create_service("web", json!({key: format!("{a},{b}")}), web_ports())
+        .await;
+    env.wait_hostname("web").await;
+    let dns = env.load_balancers().await[0]
+        .dns_name()
+        .expect("dns")
+        .to_string();
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    assert_eq!(lb_subnets(&env).await, sorted(vec![a.clone(), b.clone()]));
+
+    // A zone added, then one removed: one SetSubnets each, the same load balancer.
+    for (list, want) in [
+        (
+            format!("{a},{b},{third}"),
+            vec![a.clone(), b.clone(), third.clone()],
+        ),
+        (format!("{a},{third}"), vec![a.clone(), third.clone()]),
+    ] {
+        let edit = json!({"metadata": {"annotations": {key: list}}});
+        let delta = env.calls_for_edit("web", edit, "applied").await;
+        eprintln!("AWS calls of a subnet change: {delta:?}");
+        let writes: Vec<(String, u64)> = delta
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with("Describe"))
+            .collect();
+        assert_eq!(writes, vec![("SetSubnets/ok".to_string(), 1)]);
+        assert_eq!(lb_subnets(&env).await, sorted(want));
+        let lbs = env.load_balancers().await;
+        assert_eq!(lbs.len(), 1, "changed in place, not replaced");
+        assert_eq!(lbs[0].dns_name(), Some(dns.as_str()));
+    }
+    let calls = env.calls_for_unrelated_edit("web", "unchanged").await;
+    assert!(calls.is_empty(), "{calls:?}");
 }

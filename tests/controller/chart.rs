@@ -873,16 +873,9 @@ fn install_docs_iam_policy_names_exactly_the_aws_calls() {
         missing.is_empty(),
         "the IAM policy in docs/install.md lacks {missing:?}"
     );
-    // Tagging is allowed only as part of a create call (tag-on-create).
     let extra: Vec<&String> = allowed
         .iter()
         .filter(|a| !called.contains(&operation(a)))
-        .filter(|a| {
-            !matches!(
-                a.as_str(),
-                "elasticloadbalancing:AddTags" | "ec2:CreateTags"
-            )
-        })
         .collect();
     assert!(
         extra.is_empty(),

@@ -63,7 +63,7 @@ pub async fn set_pod_ready(client: &Client, ns: &str, name: &str, ready: bool) {
 }
 
 /// The registered targets of `tg_arn` as `ip:port`, sorted.
-async fn pod_targets(env: &Env, tg_arn: &str) -> Vec<String> {
+pub async fn pod_targets(env: &Env, tg_arn: &str) -> Vec<String> {
     let mut t: Vec<String> = describe::target_health(&env.elbv2, tg_arn)
         .await
         .iter()
@@ -82,7 +82,7 @@ async fn wait_pod_targets(env: &Env, tg_arn: &str, want: &[String], what: &str) 
 }
 
 /// Pod `i`'s IP, in the VPC's first public subnet (10.0.x.0/24).
-fn pod_ip(env: &Env, i: usize) -> String {
+pub fn pod_ip(env: &Env, i: usize) -> String {
     let cidr = &env.network.public_subnets[0].cidr;
     let base = cidr.rsplit_once('.').map_or("10.0.0", |(b, _)| b);
     format!("{base}.{}", 100 + i)

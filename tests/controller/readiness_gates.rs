@@ -5,6 +5,7 @@
 //! endpoint is not ready: the gate holds it), and gets the gate's condition once moto reports
 //! its target healthy. A pod whose containers are not ready is neither registered nor passed.
 
+use crate::pod_targets::{pod_ip, pod_targets};
 use crate::support;
 
 use cloudlb::controller::readiness;
@@ -16,35 +17,24 @@ use kube::{Api, Client};
 use serde_json::json;
 use std::time::Duration;
 use support::env::{Env, wait_for};
-use support::{TestGuard, describe, fixtures};
+use support::{TestGuard, fixtures};
 
 /// The chart's pod entry, pointed at `port` on loopback and limited to namespace `ns` (when it
 /// carries the inject label).
 fn configuration(name: &str, ns: &str, port: u16, ca: &[u8]) -> MutatingWebhookConfiguration {
-    serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "webhooks": [{
-            "name": "mpod-namespace.cloudlb.io",
-            "clientConfig": {
-                "url": format!("https://127.0.0.1:{port}{}", webhook::POD_PATH),
-                "caBundle": k8s_openapi::ByteString(ca.to_vec()),
-            },
-            "rules": [{
-                "operations": ["CREATE"],
-                "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"],
-                "scope": "Namespaced"
-            }],
-            "failurePolicy": "Ignore",
-            "sideEffects": "None",
-            "admissionReviewVersions": ["v1"],
-            "timeoutSeconds": 5,
-            "namespaceSelector": {"matchLabels": {
-                "kubernetes.io/metadata.name": ns,
-                readiness::INJECT_LABEL: "enabled",
-            }},
-        }]
-    }))
-    .expect("MutatingWebhookConfiguration")
+    let entry = json!({
+        "name": "mpod-namespace.cloudlb.io",
+        "rules": [{
+            "operations": ["CREATE"],
+            "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"],
+            "scope": "Namespaced"
+        }],
+        "namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": ns,
+            readiness::INJECT_LABEL: "enabled",
+        }},
+    });
+    crate::webhook::loopback_configuration(name, port, ca, webhook::POD_PATH, entry)
 }
 
 /// Serves the webhook in-process for `env`'s class and registers it with the API server.
@@ -127,25 +117,6 @@ fn condition(p: &Pod, kind: &str) -> Option<String> {
         .map(|c| c.status.clone())
 }
 
-/// `ip:port` of each target registered in `arn`, sorted.
-async fn registered(env: &Env, arn: &str) -> Vec<String> {
-    let mut t: Vec<String> = describe::target_health(&env.elbv2, arn)
-        .await
-        .iter()
-        .filter_map(|d| d.target())
-        .map(|t| format!("{}:{}", t.id().unwrap_or_default(), t.port().unwrap_or(0)))
-        .collect();
-    t.sort();
-    t
-}
-
-/// An address in the VPC's first public subnet.
-fn ip(env: &Env, host: u8) -> String {
-    let cidr = &env.network.public_subnets[0].cidr;
-    let base = cidr.rsplit_once('.').map_or("10.0.0", |(b, _)| b);
-    format!("{base}.{host}")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gated_pod_is_registered_and_passes_its_gate_when_its_target_is_healthy() {
     let _guard = TestGuard::new();
@@ -185,7 +156,7 @@ async fn a_gated_pod_is_registered_and_passes_its_gate_when_its_target_is_health
             env.client.clone(),
             env.ns.clone(),
             gate.clone(),
-            ip(&env, 200),
+            pod_ip(&env, 100),
         );
         async move {
             let name = format!("probe-{probes}");
@@ -197,10 +168,10 @@ async fn a_gated_pod_is_registered_and_passes_its_gate_when_its_target_is_health
 
     // Containers ready, endpoint not ready (the gate holds it): registered, then passed once
     // moto reports the target healthy.
-    create_pod(&env.client, &env.ns, "web-0", &ip(&env, 10), true).await;
-    let want = vec![format!("{}:8080", ip(&env, 10))];
+    create_pod(&env.client, &env.ns, "web-0", &pod_ip(&env, 10), true).await;
+    let want = vec![format!("{}:8080", pod_ip(&env, 10))];
     wait_for("the gated pod registered", || async {
-        (registered(&env, &arn).await == want).then_some(())
+        (pod_targets(&env, &arn).await == want).then_some(())
     })
     .await;
     wait_for("the gate's condition set", || async {
@@ -214,7 +185,7 @@ async fn a_gated_pod_is_registered_and_passes_its_gate_when_its_target_is_health
     let before = env.provider.calls();
     tokio::time::sleep(2 * readiness::POLL).await;
     assert_eq!(env.calls_since(&before), Default::default());
-    assert_eq!(registered(&env, &arn).await, want);
+    assert_eq!(pod_targets(&env, &arn).await, want);
     let probe = pod(&env.client, &env.ns, "probe-1").await;
     assert_eq!(condition(&probe, &gate), None);
 

@@ -15,32 +15,43 @@ use support::env::wait_for;
 use support::fixtures;
 use support::{TestCluster, TestGuard};
 
+/// A MutatingWebhookConfiguration `name` with one webhook: `entry` (its name, rules and
+/// selectors) calling `path` on loopback `port` (its certificate signed by `ca`), with the
+/// chart's failure policy and timeouts.
+pub fn loopback_configuration(
+    name: &str,
+    port: u16,
+    ca: &[u8],
+    path: &str,
+    mut entry: Value,
+) -> MutatingWebhookConfiguration {
+    entry["clientConfig"] = json!({
+        "url": format!("https://127.0.0.1:{port}{path}"),
+        "caBundle": k8s_openapi::ByteString(ca.to_vec()),
+    });
+    entry["failurePolicy"] = json!("Ignore");
+    entry["sideEffects"] = json!("None");
+    entry["admissionReviewVersions"] = json!(["v1"]);
+    entry["timeoutSeconds"] = json!(5);
+    serde_json::from_value(json!({"metadata": {"name": name}, "webhooks": [entry]}))
+        .expect("MutatingWebhookConfiguration")
+}
+
 /// The configuration the chart installs, pointed at `port` on loopback and limited to `ns`.
 fn configuration(name: &str, ns: &str, port: u16, ca: &[u8]) -> MutatingWebhookConfiguration {
-    serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "webhooks": [{
-            "name": "mservice.cloudlb.io",
-            "clientConfig": {
-                "url": format!("https://127.0.0.1:{port}{}", webhook::PATH),
-                "caBundle": k8s_openapi::ByteString(ca.to_vec()),
-            },
-            "rules": [{
-                "operations": ["CREATE", "UPDATE"],
-                "apiGroups": [""], "apiVersions": ["v1"], "resources": ["services"],
-                "scope": "Namespaced"
-            }],
-            "failurePolicy": "Ignore",
-            "sideEffects": "None",
-            "admissionReviewVersions": ["v1"],
-            "timeoutSeconds": 5,
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
-            "objectSelector": {"matchExpressions": [
-                {"key": "cloudlb.io/webhook", "operator": "NotIn", "values": ["disabled"]}
-            ]}
-        }]
-    }))
-    .expect("MutatingWebhookConfiguration")
+    let entry = json!({
+        "name": "mservice.cloudlb.io",
+        "rules": [{
+            "operations": ["CREATE", "UPDATE"],
+            "apiGroups": [""], "apiVersions": ["v1"], "resources": ["services"],
+            "scope": "Namespaced"
+        }],
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+        "objectSelector": {"matchExpressions": [
+            {"key": "cloudlb.io/webhook", "operator": "NotIn", "values": ["disabled"]}
+        ]}
+    });
+    loopback_configuration(name, port, ca, webhook::PATH, entry)
 }
 
 fn service(name: &str, labels: Value, spec: Value) -> Service {

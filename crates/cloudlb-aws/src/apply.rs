@@ -13,11 +13,12 @@ use aws_sdk_elasticloadbalancingv2::operation::{
     modify_target_group::builders::ModifyTargetGroupFluentBuilder,
 };
 use aws_sdk_elasticloadbalancingv2::types as elb;
+use cloudlb_core::model::tags;
 use cloudlb_core::model::{
     Desired, HealthCheck, HealthCheckProtocol, IngressRule, IpFamily, Listener, LoadBalancer,
     SourceNat, Target, TargetGroup, TargetType,
 };
-use cloudlb_core::plan::{Op, Plan};
+use cloudlb_core::plan::{Op, Plan, Tagged};
 use cloudlb_core::provider::{
     Observed, ObservedLb, ObservedListener, ObservedTargetGroup, ProviderError,
 };
@@ -26,6 +27,14 @@ use std::future::Future;
 
 /// Targets per (De)RegisterTargets call.
 const TARGETS_PER_CALL: usize = 500;
+/// Resources per AddTags / RemoveTags call.
+const TAGGED_PER_CALL: usize = 20;
+
+/// A tag change of [`Run::change_tags`].
+enum Tags<'a> {
+    Add(&'a BTreeMap<String, String>),
+    Remove(&'a [String]),
+}
 
 impl AwsProvider {
     pub(crate) async fn apply_impl(
@@ -358,6 +367,7 @@ impl<'a> Run<'a> {
             Op::CreateLoadBalancer => self.create_lb().await,
             Op::SetIpAddressType => self.set_ip_address_type().await,
             Op::SetIpv6SourceNat => self.set_ipv6_source_nat().await,
+            Op::SetSubnets { subnets } => self.set_subnets(subnets, true).await,
             Op::SetSecurityGroups => self.set_security_groups().await,
             Op::SetLoadBalancerAttributes { attributes } => {
                 self.set_lb_attributes(attributes).await
@@ -378,6 +388,104 @@ impl<'a> Run<'a> {
             Op::CreateListener { port } => self.create_listener(*port).await,
             Op::DeleteTargetGroup { arn, .. } => self.delete_tg(arn).await,
             Op::DeleteSecurityGroup { id } => self.delete_security_group(id).await,
+            Op::RemoveTags { resources, keys } => {
+                self.change_tags(resources, &Tags::Remove(keys)).await
+            }
+            Op::AddTags { resources, tags } => self.change_tags(resources, &Tags::Add(tags)).await,
+        }
+    }
+
+    // ----------------------------------------------------------------- tags
+
+    /// Adds or removes tags on existing resources: the load balancer's in AddTags / RemoveTags
+    /// calls of up to 20 ARNs, the security group's in one CreateTags / DeleteTags.
+    async fn change_tags(
+        &mut self,
+        resources: &[Tagged],
+        change: &Tags<'_>,
+    ) -> Result<(), ProviderError> {
+        let mut arns = Vec::new();
+        let mut group = None;
+        for r in resources {
+            match r {
+                Tagged::LoadBalancer => arns.push(self.lb_arn()?),
+                Tagged::Listener { port } => {
+                    let arn = self
+                        .out
+                        .listeners
+                        .iter()
+                        .find(|l| l.port == *port)
+                        .map(|l| &l.arn);
+                    arns.push(needed(arn, "a listener to tag does not exist")?);
+                }
+                Tagged::TargetGroup { key } => arns.push(self.tg_arn(key)?),
+                Tagged::SecurityGroup => group = Some(self.sg_id()?),
+            }
+        }
+        let p = self.p;
+        for chunk in arns.chunks(TAGGED_PER_CALL) {
+            let chunk = Some(chunk.to_vec());
+            let sent = match change {
+                Tags::Add(tags) => {
+                    let req = p
+                        .elbv2
+                        .add_tags()
+                        .set_resource_arns(chunk)
+                        .set_tags(Some(elb_tags(tags)));
+                    p.calls
+                        .run("AddTags", || req.clone().send())
+                        .await
+                        .map(drop)
+                }
+                Tags::Remove(keys) => {
+                    let req = p
+                        .elbv2
+                        .remove_tags()
+                        .set_resource_arns(chunk)
+                        .set_tag_keys(Some(keys.to_vec()));
+                    p.calls
+                        .run("RemoveTags", || req.clone().send())
+                        .await
+                        .map(drop)
+                }
+            };
+            sent.gone("load balancer resource")?;
+        }
+        if let Some(id) = group {
+            let sent = match change {
+                Tags::Add(tags) => p.ec2.create_tags(&p.calls, &id, tags).await,
+                Tags::Remove(keys) => p.ec2.delete_tags(&p.calls, &id, keys).await,
+            };
+            sent.gone("security group")?;
+        }
+        for r in resources {
+            if let Some(have) = self.observed_tags_mut(r) {
+                match change {
+                    Tags::Add(tags) => {
+                        have.extend(tags.iter().map(|(k, v)| (k.clone(), v.clone())))
+                    }
+                    Tags::Remove(keys) => have.retain(|k, _| !keys.contains(k)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The tags of `r` as observed so far.
+    fn observed_tags_mut(&mut self, r: &Tagged) -> Option<&mut BTreeMap<String, String>> {
+        match r {
+            Tagged::LoadBalancer => self.out.lb.as_mut().map(|l| &mut l.tags),
+            Tagged::Listener { port } => self
+                .out
+                .listeners
+                .iter_mut()
+                .find(|l| l.port == *port)
+                .map(|l| &mut l.tags),
+            Tagged::TargetGroup { key } => {
+                let arn = self.tg_arns.get(key)?.clone();
+                self.observed_tg_mut(&arn).map(|t| &mut t.tags)
+            }
+            Tagged::SecurityGroup => self.out.security_group.as_mut().map(|g| &mut g.tags),
         }
     }
 
@@ -389,18 +497,24 @@ impl<'a> Run<'a> {
             internal("CreateSecurityGroup without a frontend security group in the model")
         })?;
         let vpc = self.vpc().await?;
-        let mut tags = lb.tags.clone();
-        tags.insert("Name".into(), frontend.name.clone());
+        let all_tags = lb.security_group_tags(frontend);
         let p = self.p;
         let id = p
             .ec2
-            .create_security_group(&p.calls, &frontend.name, &frontend.description, &vpc, &tags)
+            .create_security_group(
+                &p.calls,
+                &frontend.name,
+                &frontend.description,
+                &vpc,
+                &all_tags,
+            )
             .await?
             .ok_or_else(|| unexpected("CreateSecurityGroup", "no GroupId"))?;
         self.out.security_group = Some(cloudlb_core::provider::ObservedSecurityGroup {
             id,
             name: frontend.name.clone(),
             ingress: BTreeSet::new(),
+            tags: tags::user_tags(&all_tags),
         });
         Ok(())
     }
@@ -540,7 +654,11 @@ impl<'a> Run<'a> {
             &self.lb()?.attributes,
             cloudlb_core::plan::lb_attribute_default,
         );
+        let user_tags = tags::user_tags(&self.lb()?.tags);
         self.out.lb = convert::observed_lb(&created, attributes);
+        if let Some(l) = self.out.lb.as_mut() {
+            l.tags = user_tags;
+        }
         self.out.listeners.clear();
         Ok(())
     }
@@ -625,8 +743,8 @@ impl<'a> Run<'a> {
 
     /// IPv6 source NAT on or off (SetSubnets, with the subnets the load balancer is in: only
     /// the source-NAT setting changes).
+    /// IPv6 source NAT on or off, in the subnets the load balancer is in.
     async fn set_ipv6_source_nat(&mut self) -> Result<(), ProviderError> {
-        let (p, nat) = (self.p, self.lb()?.ipv6_source_nat.as_ref());
         let subnets = self
             .out
             .lb
@@ -638,13 +756,40 @@ impl<'a> Run<'a> {
                 "SetIpv6SourceNat: the load balancer's subnets are not known",
             ));
         }
-        source_nat_fits(nat, &subnets)?;
+        self.set_subnets(&subnets, false).await
+    }
+
+    /// Places the load balancer in exactly `subnets` (one SetSubnets), each with what the model
+    /// gives for its position (EIP allocation, private address, source-NAT prefix), and IPv6
+    /// source NAT as the model says. `moving`: the subnets change (the per-subnet lists must then
+    /// name one entry per subnet, as at creation).
+    async fn set_subnets(&mut self, subnets: &[String], moving: bool) -> Result<(), ProviderError> {
+        let (p, lb) = (self.p, self.lb()?);
+        let nat = lb.ipv6_source_nat.as_ref();
+        source_nat_fits(nat, subnets)?;
+        let n = subnets.len();
+        let per_subnet = [
+            ("EIP allocation ids", &lb.eip_allocations),
+            ("private IPv4 addresses", &lb.private_ipv4_addresses),
+        ];
+        for (what, list) in per_subnet.iter().filter(|_| moving) {
+            if !list.is_empty() && list.len() != n {
+                return Err(ProviderError::InvalidConfig(format!(
+                    "{} {what} given for {n} subnets ({}): give exactly one per subnet, in subnet order",
+                    list.len(),
+                    subnets.join(", ")
+                )));
+            }
+        }
         let mappings = subnets
             .iter()
             .enumerate()
             .map(|(i, id)| {
+                let at = |list: &Vec<String>| list.get(i).filter(|_| moving).cloned();
                 elb::SubnetMapping::builder()
                     .subnet_id(id)
+                    .set_allocation_id(at(&lb.eip_allocations))
+                    .set_private_ipv4_address(at(&lb.private_ipv4_addresses))
                     .set_source_nat_ipv6_prefix(nat.map(|n| n.prefix(i).to_string()))
                     .build()
             })
@@ -653,20 +798,31 @@ impl<'a> Run<'a> {
             Some(_) => elb::EnablePrefixForIpv6SourceNatEnum::On,
             None => elb::EnablePrefixForIpv6SourceNatEnum::Off,
         };
-        let req = p
+        let mut req = p
             .elbv2
             .set_subnets()
             .load_balancer_arn(self.lb_arn()?)
-            .set_subnet_mappings(Some(mappings))
-            .enable_prefix_for_ipv6_source_nat(flag);
+            .set_subnet_mappings(Some(mappings));
+        // Said only when it matters: a load balancer that never had it is left without.
+        let had_nat = self.out.lb.as_ref().and_then(|l| l.ipv6_source_nat);
+        if nat.is_some() || had_nat == Some(true) || !moving {
+            req = req.enable_prefix_for_ipv6_source_nat(flag);
+        }
         let sent = p.calls.run("SetSubnets", || req.clone().send());
         let on = nat.is_some();
+        let asked = subnets.to_vec();
         self.changed_lb(sent, |o, resp| {
             o.ipv6_source_nat = Some(
                 resp.enable_prefix_for_ipv6_source_nat
                     .as_ref()
                     .map_or(on, |e| e.as_str() == "on"),
             );
+            let zones = resp.availability_zones.unwrap_or_default();
+            o.subnet_zones = convert::subnet_zones(&zones);
+            o.subnets = zones.iter().filter_map(|z| z.subnet_id.clone()).collect();
+            if o.subnets.is_empty() {
+                o.subnets = asked;
+            }
         })
         .await
     }
@@ -742,8 +898,9 @@ impl<'a> Run<'a> {
         let attributes = defaults(&tg.attributes, |k| {
             cloudlb_core::plan::tg_attribute_default(k, tg)
         });
-        let observed = convert::observed_tg(&created, attributes, BTreeSet::new())
+        let mut observed = convert::observed_tg(&created, attributes, BTreeSet::new())
             .ok_or_else(|| unexpected("CreateTargetGroup", "a target group cloudlb cannot read"))?;
+        observed.tags = tags::user_tags(&tg.tags);
         self.out.target_groups.retain(|t| t.name != observed.name);
         self.out.target_groups.push(observed);
         self.unverified_tgs.push((arn.clone(), tg.name.clone()));
@@ -903,14 +1060,13 @@ impl<'a> Run<'a> {
         let req = req.with_listener(want, &tg_arn);
         let sent = p.calls.run("ModifyListener", || req.clone().send());
         let resp = sent.await.gone("listener")?;
-        let observed = answered_listener("ModifyListener", resp.listeners, want)?;
-        let before: Vec<String> = self
-            .out
-            .listeners
-            .iter()
-            .find(|l| l.arn == arn)
+        let mut observed = answered_listener("ModifyListener", resp.listeners, want)?;
+        let had = self.out.listeners.iter().find(|l| l.arn == arn);
+        let before: Vec<String> = had
             .map(|l| l.certificates.iter().skip(1).cloned().collect())
             .unwrap_or_default();
+        // A modify leaves the tags as they were.
+        observed.tags = had.map(|l| l.tags.clone()).unwrap_or_default();
         self.sync_extra_certificates(arn, want, &before).await?;
         self.out.listeners.retain(|l| l.arn != arn);
         self.out.listeners.push(observed);
@@ -927,7 +1083,8 @@ impl<'a> Run<'a> {
             .set_tags(Some(elb_tags(&lb.tags)));
         let sent = p.calls.run("CreateListener", || req.clone().send());
         let resp = sent.await.gone("load balancer")?;
-        let observed = answered_listener("CreateListener", resp.listeners, want)?;
+        let mut observed = answered_listener("CreateListener", resp.listeners, want)?;
+        observed.tags = tags::user_tags(&lb.tags);
         self.sync_extra_certificates(&observed.arn, want, &[])
             .await?;
         self.out.listeners.retain(|l| l.port != port);

@@ -70,11 +70,21 @@ pub(crate) fn observed_lb(
             .iter()
             .filter_map(|z| z.subnet_id.clone())
             .collect(),
+        subnet_zones: subnet_zones(lb.availability_zones()),
         ipv6_source_nat: lb
             .enable_prefix_for_ipv6_source_nat
             .as_ref()
             .map(|e| e.as_str() == "on"),
+        tags: BTreeMap::new(),
     })
+}
+
+/// Subnet id → zone, of the zones that name both.
+pub(crate) fn subnet_zones(zones: &[elb::AvailabilityZone]) -> BTreeMap<String, String> {
+    zones
+        .iter()
+        .filter_map(|z| Some((z.subnet_id.clone()?, z.zone_name.clone()?)))
+        .collect()
 }
 
 pub(crate) fn lb_attributes(attrs: &[elb::LoadBalancerAttribute]) -> BTreeMap<String, String> {
@@ -150,6 +160,7 @@ pub(crate) fn observed_listener(
         target_group_arn,
         certificates: canonical_certificates(default, others),
         ssl_policy: l.ssl_policy.clone().filter(|s| !s.is_empty()),
+        tags: BTreeMap::new(),
     })
 }
 
@@ -201,6 +212,7 @@ pub(crate) fn observed_tg(
         attributes,
         targets,
         algorithm: None,
+        tags: BTreeMap::new(),
     })
 }
 
@@ -208,33 +220,24 @@ pub(crate) fn observed_tg(
 pub(crate) fn registered_targets(
     descriptions: &[elb::TargetHealthDescription],
 ) -> BTreeSet<Target> {
-    descriptions
-        .iter()
-        .filter(|d| {
-            !d.target_health
-                .as_ref()
-                .and_then(|h| h.state.as_ref())
-                .is_some_and(|s| matches!(s.as_str(), "draining" | "unused"))
-        })
-        .filter_map(|d| {
-            let t = d.target.as_ref()?;
-            Some(Target {
-                id: t.id.clone()?,
-                port: u16::try_from(t.port?).ok()?,
-            })
-        })
-        .collect()
+    targets_where(descriptions, |s| !matches!(s, Some("draining" | "unused")))
 }
 
 /// The targets AWS reports `healthy`.
 pub(crate) fn healthy_targets(descriptions: &[elb::TargetHealthDescription]) -> BTreeSet<Target> {
+    targets_where(descriptions, |s| s == Some("healthy"))
+}
+
+/// The targets of `descriptions` whose health state (`None`: not reported) passes `keep`.
+fn targets_where(
+    descriptions: &[elb::TargetHealthDescription],
+    keep: impl Fn(Option<&str>) -> bool,
+) -> BTreeSet<Target> {
     descriptions
         .iter()
         .filter(|d| {
-            d.target_health
-                .as_ref()
-                .and_then(|h| h.state.as_ref())
-                .is_some_and(|s| s.as_str() == "healthy")
+            let state = d.target_health.as_ref().and_then(|h| h.state.as_ref());
+            keep(state.map(|s| s.as_str()))
         })
         .filter_map(|d| {
             let t = d.target.as_ref()?;

@@ -91,6 +91,17 @@ pub(crate) trait Ec2: Send + Sync + std::fmt::Debug {
 
     async fn delete_security_group(&self, calls: &Calls, id: &str) -> Result<(), AwsError>;
 
+    /// Sets `tags` on the resource `id` (CreateTags).
+    async fn create_tags(
+        &self,
+        calls: &Calls,
+        id: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<(), AwsError>;
+
+    /// Removes the tag `keys` from the resource `id` (DeleteTags), whatever their values.
+    async fn delete_tags(&self, calls: &Calls, id: &str, keys: &[String]) -> Result<(), AwsError>;
+
     /// Adds or removes the rules admitting other security groups, on the group `id`.
     async fn change_group_ingress(
         &self,
@@ -162,6 +173,12 @@ impl SdkEc2 {
     }
 }
 
+fn sdk_tags(tags: &BTreeMap<String, String>) -> Vec<sdk::Tag> {
+    tags.iter()
+        .map(|(k, v)| sdk::Tag::builder().key(k).value(v).build())
+        .collect()
+}
+
 fn sdk_filters(filters: &[Filter]) -> Option<Vec<sdk::Filter>> {
     (!filters.is_empty()).then(|| {
         filters
@@ -201,11 +218,7 @@ impl Ec2 for SdkEc2 {
     ) -> Result<Option<String>, AwsError> {
         let spec = sdk::TagSpecification::builder()
             .resource_type(sdk::ResourceType::SecurityGroup)
-            .set_tags(Some(
-                tags.iter()
-                    .map(|(k, v)| sdk::Tag::builder().key(k).value(v).build())
-                    .collect(),
-            ))
+            .set_tags(Some(sdk_tags(tags)))
             .build();
         let req = self
             .0
@@ -236,6 +249,31 @@ impl Ec2 for SdkEc2 {
         calls
             .run("DeleteSecurityGroup", || req.clone().send())
             .await?;
+        Ok(())
+    }
+
+    async fn create_tags(
+        &self,
+        calls: &Calls,
+        id: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<(), AwsError> {
+        let req = self
+            .0
+            .create_tags()
+            .resources(id)
+            .set_tags(Some(sdk_tags(tags)));
+        calls.run("CreateTags", || req.clone().send()).await?;
+        Ok(())
+    }
+
+    async fn delete_tags(&self, calls: &Calls, id: &str, keys: &[String]) -> Result<(), AwsError> {
+        let tags = keys
+            .iter()
+            .map(|k| sdk::Tag::builder().key(k).build())
+            .collect();
+        let req = self.0.delete_tags().resources(id).set_tags(Some(tags));
+        calls.run("DeleteTags", || req.clone().send()).await?;
         Ok(())
     }
 

@@ -209,7 +209,15 @@ impl Provider for AwsProvider {
     /// The NLB planner of `cloudlb-core`, with the backend security group as far as it is known.
     fn plan(&self, desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
         let backend = self.backend.group();
-        cloudlb_core::plan::plan_with_backend(desired, observed, backend.as_deref())
+        let subnets = match (&desired.lb, &observed.lb) {
+            (Some(lb), Some(have)) => self.known_placement(lb, have),
+            _ => None,
+        };
+        let known = cloudlb_core::plan::Known {
+            backend: backend.as_deref(),
+            subnets: subnets.as_deref(),
+        };
+        cloudlb_core::plan::plan_with(desired, observed, known)
     }
 
     async fn observe(&self, desired: &Desired) -> Result<Observed, ProviderError> {

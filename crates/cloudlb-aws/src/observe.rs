@@ -7,7 +7,7 @@ use super::convert::{self, is_ours, tag_map_elb};
 use super::ec2::Filter;
 use super::error::{AwsError, CallResult};
 use aws_sdk_elasticloadbalancingv2::types as elb;
-use cloudlb_core::model::{Desired, Target, naming};
+use cloudlb_core::model::{Desired, Target, naming, tags};
 use cloudlb_core::provider::{Observed, ObservedSecurityGroup, ObservedTargetGroup, ProviderError};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -25,11 +25,15 @@ impl AwsProvider {
         let mut observed = Observed::default();
 
         // 1. The load balancer, by name.
-        let lb = self.find_lb(desired, deleting).await?;
+        let found = self.find_lb(desired, deleting).await?;
         let mut attached: Vec<elb::TargetGroup> = Vec::new();
-        if let Some(lb) = &lb {
+        let lb = found.as_ref().map(|(lb, _)| lb);
+        if let Some((lb, lb_tags)) = &found {
             let arn = lb.load_balancer_arn.clone().unwrap_or_default();
             observed.lb = convert::observed_lb(lb, self.lb_attributes(&arn).await?);
+            if let Some(l) = observed.lb.as_mut() {
+                l.tags = tags::user_tags(lb_tags);
+            }
             observed.listeners = self.describe_listeners(&arn, true).await?;
             attached = self.describe_attached_target_groups(&arn).await?;
         }
@@ -43,16 +47,23 @@ impl AwsProvider {
         if wants_backend && observed.lb.is_some() && self.backend_group_id().is_none() {
             self.find_backend_group().await?;
         }
+        // Where the load balancer should be, so the plan can move it (cached).
+        if let (Some(want), Some(_)) = (&desired.lb, &observed.lb) {
+            self.learn_placement(want).await?;
+        }
 
-        // 2. Target groups: attached, plus desired ones by name.
-        observed.target_groups = self.find_target_groups(desired, attached, deleting).await?;
+        // 2. Target groups: attached, plus desired ones by name (and the listeners' tags, read
+        // with theirs).
+        observed.target_groups = self
+            .find_target_groups(desired, attached, &mut observed.listeners, deleting)
+            .await?;
 
         // 3. The frontend security group, by name.
         let vpc = self
             .settings
             .vpc_id
             .clone()
-            .or_else(|| lb.as_ref().and_then(|l| l.vpc_id.clone()));
+            .or_else(|| lb.and_then(|l| l.vpc_id.clone()));
         observed.security_group = self.find_security_group(desired, vpc, deleting).await?;
 
         observed
@@ -66,11 +77,13 @@ impl AwsProvider {
 
     /// Our target groups among those `attached` to the load balancer and those the model wants
     /// (by name), read in full. A wanted name held by a group without our tags is
-    /// [`ProviderError::Foreign`] (unless deleting).
+    /// [`ProviderError::Foreign`] (unless deleting). The tags of `listeners` are read in the
+    /// same DescribeTags calls (unless deleting: the empty model does not need them).
     async fn find_target_groups(
         &self,
         desired: &Desired,
         attached: Vec<elb::TargetGroup>,
+        listeners: &mut [cloudlb_core::provider::ObservedListener],
         deleting: bool,
     ) -> Result<Vec<ObservedTargetGroup>, ProviderError> {
         let wanted: Vec<&str> = desired
@@ -103,11 +116,21 @@ impl AwsProvider {
                 Err(e) => return Err(e.into()),
             }
         }
+        let listener_arns = listeners
+            .iter()
+            .filter(|_| !deleting)
+            .map(|l| l.arn.clone());
         let arns: Vec<String> = candidates
             .iter()
             .filter_map(|t| t.target_group_arn.clone())
+            .chain(listener_arns)
             .collect();
         let tags = self.describe_tags(&arns).await?;
+        for l in listeners.iter_mut() {
+            if let Some(t) = tags.get(&l.arn) {
+                l.tags = tags::user_tags(t);
+            }
+        }
         let mut ours = Vec::new();
         for tg in candidates {
             let (Some(arn), Some(name)) =
@@ -127,11 +150,17 @@ impl AwsProvider {
             }
         }
         let read = ours.iter().map(|tg| self.read_target_group(tg));
-        Ok(futures::future::try_join_all(read)
+        let mut observed: Vec<ObservedTargetGroup> = futures::future::try_join_all(read)
             .await?
             .into_iter()
             .flatten()
-            .collect())
+            .collect();
+        for tg in &mut observed {
+            if let Some(t) = tags.get(&tg.arn) {
+                tg.tags = tags::user_tags(t);
+            }
+        }
+        Ok(observed)
     }
 
     /// The load balancer named `desired.lb_name` that is ours. Several of that name can exist
@@ -140,7 +169,7 @@ impl AwsProvider {
         &self,
         desired: &Desired,
         deleting: bool,
-    ) -> Result<Option<elb::LoadBalancer>, ProviderError> {
+    ) -> Result<Option<(elb::LoadBalancer, BTreeMap<String, String>)>, ProviderError> {
         let name = desired.lb_name.as_str();
         let resp = self
             .calls
@@ -167,21 +196,22 @@ impl AwsProvider {
             .iter()
             .filter_map(|l| l.load_balancer_arn.clone())
             .collect();
-        let tags = self.describe_tags(&arns).await?;
-        let mut ours = found.into_iter().filter(|lb| {
-            lb.load_balancer_arn.as_deref().is_some_and(|arn| {
-                ours_elb(&tags, arn, &self.settings.cluster, &desired.service.uid)
-            })
+        let mut tags = self.describe_tags(&arns).await?;
+        let mut ours = found.into_iter().filter_map(|lb| {
+            let arn = lb.load_balancer_arn.clone()?;
+            ours_elb(&tags, &arn, &self.settings.cluster, &desired.service.uid).then_some((arn, lb))
         });
         match ours.next() {
-            Some(lb) => {
+            Some((arn, lb)) => {
                 if ours.next().is_some() {
                     tracing::warn!(
                         load_balancer = name,
                         "several load balancers of this name carry our tags; using the first"
                     );
                 }
-                Ok(Some(lb))
+                drop(ours);
+                let lb_tags = tags.remove(&arn).unwrap_or_default();
+                Ok(Some((lb, lb_tags)))
             }
             None if deleting => {
                 tracing::info!(
@@ -384,6 +414,7 @@ impl AwsProvider {
                 id: g.id.clone(),
                 name,
                 ingress: g.ingress.clone(),
+                tags: tags::user_tags(&g.tags),
             })),
             None if !groups.is_empty() && frontend.is_some() && !deleting => {
                 Err(ProviderError::Foreign {

@@ -191,6 +191,7 @@ impl AwsProvider {
             id: g.id,
             name: g.name,
             ingress: g.ingress,
+            tags: cloudlb_core::model::tags::user_tags(&g.tags),
         });
         Ok((service, observed))
     }

@@ -1,6 +1,14 @@
-//! Subnets for a new load balancer: explicit ids or `Name` tags, or discovery by the
+//! Subnets for a load balancer: explicit ids or `Name` tags, or discovery by the
 //! `kubernetes.io/role/elb` / `kubernetes.io/role/internal-elb` tags. Results are cached for a
 //! few minutes so a burst of new Services does not describe the subnets once each.
+//!
+//! An existing load balancer follows its placement in place ([`placement`]): zones are added and
+//! removed with SetSubnets. The plan learns the wanted subnets without a call: explicit subnet
+//! ids are known as given, names and discovery from the cache, which the drift check's observe
+//! fills (one DescribeSubnets per placement every few minutes, shared by every Service that
+//! discovers). Discovery never moves a load balancer to another subnet of a zone it is in (a
+//! newly tagged subnet there is left for new load balancers); explicit lists are followed as
+//! given.
 
 use super::AwsProvider;
 use super::ec2::Filter;
@@ -18,6 +26,8 @@ pub(crate) const ROLE_INTERNAL_ELB: &str = "kubernetes.io/role/internal-elb";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct ResolvedSubnets {
     pub ids: Vec<String>,
+    /// The zone of each of `ids`, in the same order.
+    pub zones: Vec<String>,
     pub vpc_id: Option<String>,
 }
 
@@ -117,8 +127,10 @@ pub(crate) fn pick_subnets(
             per_zone.insert(s.zone.clone(), s);
         }
     }
+    let (ids, zones) = per_zone.into_values().map(|s| (s.id, s.zone)).unzip();
     Ok(ResolvedSubnets {
-        ids: per_zone.into_values().map(|s| s.id).collect(),
+        ids,
+        zones,
         vpc_id: Some(vpc),
     })
 }
@@ -127,17 +139,77 @@ fn filter(name: &str, values: impl IntoIterator<Item = String>) -> Filter {
     Filter::new(name, values)
 }
 
+fn cache_key(scheme: Scheme, subnets: &Subnets) -> CacheKey {
+    match subnets {
+        Subnets::Discover => CacheKey::Discover(scheme),
+        Subnets::Explicit(list) => CacheKey::Explicit(list.clone()),
+    }
+}
+
+/// Whether `list` names every subnet by id (so it is known without a call).
+fn all_ids(list: &[String]) -> bool {
+    list.iter().all(|s| s.starts_with("subnet-"))
+}
+
+/// The subnets an existing load balancer, now in `have` (subnet id → zone), should be in for the
+/// placement `spec` that resolves to `resolved`. Discovery keeps the subnet it has in each zone
+/// that stays; zones are added and removed. An explicit list is followed as given.
+pub(crate) fn placement(
+    spec: &Subnets,
+    resolved: &ResolvedSubnets,
+    have: &BTreeMap<String, String>,
+) -> Vec<String> {
+    match spec {
+        Subnets::Explicit(_) => resolved.ids.clone(),
+        Subnets::Discover => resolved
+            .ids
+            .iter()
+            .zip(&resolved.zones)
+            .map(|(id, zone)| {
+                have.iter()
+                    .find(|(_, z)| *z == zone)
+                    .map_or_else(|| id.clone(), |(kept, _)| kept.clone())
+            })
+            .collect(),
+    }
+}
+
 impl AwsProvider {
+    /// The subnets the existing load balancer `have` should be in for `lb`, when that is known
+    /// without a call (explicit ids, or a cached resolution); `None` otherwise.
+    pub(crate) fn known_placement(
+        &self,
+        lb: &cloudlb_core::model::LoadBalancer,
+        have: &cloudlb_core::provider::ObservedLb,
+    ) -> Option<Vec<String>> {
+        if let Subnets::Explicit(list) = &lb.subnets
+            && all_ids(list)
+        {
+            return Some(list.clone());
+        }
+        let resolved = self.subnet_cache.get(&cache_key(lb.scheme, &lb.subnets))?;
+        Some(placement(&lb.subnets, &resolved, &have.subnet_zones))
+    }
+
+    /// Makes [`AwsProvider::known_placement`] know the placement of `lb` (unless explicit ids
+    /// already say it): at most one DescribeSubnets per placement and cache period.
+    pub(crate) async fn learn_placement(
+        &self,
+        lb: &cloudlb_core::model::LoadBalancer,
+    ) -> Result<(), ProviderError> {
+        match &lb.subnets {
+            Subnets::Explicit(list) if all_ids(list) => Ok(()),
+            spec => self.resolve_subnets(lb.scheme, spec).await.map(drop),
+        }
+    }
+
     /// The subnets a new load balancer of `scheme` goes into.
     pub(crate) async fn resolve_subnets(
         &self,
         scheme: Scheme,
         subnets: &Subnets,
     ) -> Result<ResolvedSubnets, ProviderError> {
-        let key = match subnets {
-            Subnets::Discover => CacheKey::Discover(scheme),
-            Subnets::Explicit(list) => CacheKey::Explicit(list.clone()),
-        };
+        let key = cache_key(scheme, subnets);
         if let Some(hit) = self.subnet_cache.get(&key) {
             return Ok(hit);
         }
@@ -178,6 +250,7 @@ impl AwsProvider {
             found.extend(self.describe_subnets(filters, Vec::new()).await?);
         }
         let mut out = Vec::with_capacity(list.len());
+        let mut zones = Vec::with_capacity(list.len());
         let mut vpc: Option<String> = None;
         for want in list {
             let matches: Vec<&SubnetInfo> = found
@@ -213,9 +286,11 @@ impl AwsProvider {
                 Some(_) => {}
             }
             out.push(subnet.id.clone());
+            zones.push(subnet.zone.clone());
         }
         Ok(ResolvedSubnets {
             ids: out,
+            zones,
             vpc_id: vpc,
         })
     }
@@ -279,6 +354,30 @@ mod tests {
         let got = pick_subnets("c1", Scheme::InternetFacing, subnets).expect("found");
         assert_eq!(got.ids, vec!["subnet-a", "subnet-z"]);
         assert_eq!(got.vpc_id.as_deref(), Some("vpc-1"));
+    }
+
+    #[test]
+    fn discovery_adds_and_removes_zones_but_keeps_the_subnet_of_a_zone() {
+        let resolved = ResolvedSubnets {
+            ids: vec!["subnet-new-a".into(), "subnet-c".into()],
+            zones: vec!["az-a".into(), "az-c".into()],
+            vpc_id: None,
+        };
+        let have: BTreeMap<String, String> = [("subnet-a", "az-a"), ("subnet-b", "az-b")]
+            .into_iter()
+            .map(|(s, z)| (s.to_string(), z.to_string()))
+            .collect();
+        // Zone b goes, zone c comes, zone a keeps its subnet.
+        assert_eq!(
+            placement(&Subnets::Discover, &resolved, &have),
+            vec!["subnet-a", "subnet-c"]
+        );
+        // An explicit list is followed as given.
+        let explicit = Subnets::Explicit(vec!["x".into(), "y".into()]);
+        assert_eq!(
+            placement(&explicit, &resolved, &have),
+            vec!["subnet-new-a", "subnet-c"]
+        );
     }
 
     #[test]

@@ -141,6 +141,7 @@ fn desired_for(cluster: &str, svc: ServiceRef, ports: &[Port], instances: &[Stri
             },
             attributes: BTreeMap::new(),
             tags,
+            applied_tag_keys: Default::default(),
             listeners,
             target_groups,
             status_ports: ports.iter().map(|&(p, proto, _)| (p, proto)).collect(),

@@ -329,7 +329,8 @@ fn health_check(svc: &Service, cfg: &LbConfig, mode: TargetMode, udp_only: bool)
         port: c.port.unwrap_or(def_port),
         path: http.then(|| c.path.clone().unwrap_or_else(|| def_path.to_string())),
         interval_seconds: c.interval_seconds.unwrap_or(10),
-        timeout_seconds: c.timeout_seconds.unwrap_or(if http { 6 } else { 10 }),
+        // aws-load-balancer-controller: 6 s for the eTP=Local check, else 10 s, whatever the protocol.
+        timeout_seconds: c.timeout_seconds.unwrap_or(if local { 6 } else { 10 }),
         healthy_threshold: c.healthy_threshold.unwrap_or(if local { 2 } else { 3 }),
         unhealthy_threshold: c.unhealthy_threshold.unwrap_or(if local { 2 } else { 3 }),
         success_codes: http.then(|| c.success_codes.clone().unwrap_or_else(|| "200-399".into())),
@@ -544,6 +545,7 @@ fn assemble(
         },
         attributes,
         tags,
+        applied_tag_keys: crate::model::state::recorded_tag_keys(svc),
         listeners,
         target_groups,
         status_ports: service_status_ports(svc),

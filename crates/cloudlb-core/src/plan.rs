@@ -8,12 +8,15 @@
 //!
 //! Order: security group first (an NLB only takes security groups at creation), then the load
 //! balancer, its attributes, target groups (create, health check, attributes, deregister before
-//! register), listeners (delete, modify, create), and last the target groups and security group
-//! nothing references any more. Immutable changes (scheme; target-group protocol/port/target
+//! register), listeners (delete, modify, create), the user's tags on what stays (in place: keys
+//! cloudlb put there and no longer wants removed, the rest set), and last the target groups and
+//! security group nothing references any more. Immutable changes (scheme; target-group protocol/port/target
 //! type, which are part of the target-group name) replace the resource.
 
 use crate::model::observed::{Observed, ObservedLb, ObservedListener, ObservedTargetGroup};
-use crate::model::{Algorithm, Desired, IngressRule, Listener, LoadBalancer, Target, TargetGroup};
+use crate::model::{
+    Algorithm, Desired, IngressRule, Listener, LoadBalancer, Target, TargetGroup, tags,
+};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -36,6 +39,12 @@ pub enum Op {
     /// Create the load balancer of the desired model.
     CreateLoadBalancer,
     SetIpAddressType,
+    /// Place the existing load balancer in exactly `subnets` (zones added or removed in place),
+    /// with the EIP allocations, private addresses and source-NAT prefixes the model gives per
+    /// subnet.
+    SetSubnets {
+        subnets: Vec<String>,
+    },
     /// Turn IPv6 source NAT on or off as the desired model says (in the subnets the load
     /// balancer is in).
     SetIpv6SourceNat,
@@ -85,6 +94,28 @@ pub enum Op {
     DeleteSecurityGroup {
         id: String,
     },
+    /// Remove the tag `keys` from existing `resources` (only keys cloudlb put there, see
+    /// [`LoadBalancer::applied_tag_keys`]); before [`Op::AddTags`].
+    RemoveTags {
+        resources: Vec<Tagged>,
+        keys: Vec<String>,
+    },
+    /// Set `tags` on existing `resources` (new values or new keys).
+    AddTags {
+        resources: Vec<Tagged>,
+        tags: BTreeMap<String, String>,
+    },
+}
+
+/// A resource of the Service's load balancer whose tags an [`Op::AddTags`] or
+/// [`Op::RemoveTags`] changes.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum Tagged {
+    LoadBalancer,
+    Listener { port: u16 },
+    TargetGroup { key: String },
+    SecurityGroup,
 }
 
 impl Op {
@@ -169,20 +200,42 @@ fn changed_attributes<'c>(
 
 /// The AWS NLB planner: the operations that turn `observed` (what exists in AWS) into `desired`.
 pub fn plan(desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
-    plan_with_backend(desired, observed, None)
+    plan_with(desired, observed, Known::default())
 }
 
-/// [`plan`], knowing the id of the cluster's backend security group (`None`: not known yet, so
-/// not attached to anything as far as this plan can tell).
+/// What the provider knows beside the observed state when it plans.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Known<'a> {
+    /// The id of the cluster's backend security group (`None`: not known yet, so not attached
+    /// to anything as far as this plan can tell).
+    pub backend: Option<&'a str>,
+    /// The subnet ids the model's placement resolves to now, in order (`None`: not resolved,
+    /// so no subnet change is planned).
+    pub subnets: Option<&'a [String]>,
+}
+
+/// [`plan`], knowing the id of the cluster's backend security group.
 pub fn plan_with_backend(
     desired: &Desired,
     observed: &Observed,
     backend: Option<&str>,
 ) -> Result<Plan, PlanError> {
+    plan_with(
+        desired,
+        observed,
+        Known {
+            backend,
+            subnets: None,
+        },
+    )
+}
+
+/// [`plan`], with what the provider `known`s.
+pub fn plan_with(desired: &Desired, observed: &Observed, known: Known) -> Result<Plan, PlanError> {
     let mut ops = Vec::new();
     match &desired.lb {
         None => plan_delete(observed, &mut ops)?,
-        Some(lb) => plan_ensure(lb, observed, backend, &mut ops)?,
+        Some(lb) => plan_ensure(lb, observed, known, &mut ops)?,
     }
     Ok(Plan { ops })
 }
@@ -209,7 +262,7 @@ fn protected(lb: &ObservedLb) -> bool {
 fn plan_ensure(
     lb: &LoadBalancer,
     observed: &Observed,
-    backend: Option<&str>,
+    known: Known,
     ops: &mut Vec<Op>,
 ) -> Result<(), PlanError> {
     // A replacement deletes the load balancer: refused before any write when it is protected.
@@ -223,7 +276,7 @@ fn plan_ensure(
         });
     }
     plan_security_group(lb, observed, ops);
-    let existing = plan_load_balancer(lb, observed, backend, ops);
+    let existing = plan_load_balancer(lb, observed, known, ops);
     plan_lb_attributes(lb, existing, ops);
     // Target groups are matched by name, which embeds the immutable fields.
     for tg in &lb.target_groups {
@@ -236,6 +289,7 @@ fn plan_ensure(
         &[]
     };
     plan_listeners(lb, observed, observed_listeners, ops);
+    plan_tags(lb, observed, existing, ops);
     plan_cleanup(lb, observed, ops);
     Ok(())
 }
@@ -279,7 +333,7 @@ fn plan_security_group(lb: &LoadBalancer, observed: &Observed, ops: &mut Vec<Op>
 fn plan_load_balancer<'o>(
     lb: &LoadBalancer,
     observed: &'o Observed,
-    backend: Option<&str>,
+    known: Known,
     ops: &mut Vec<Op>,
 ) -> Option<&'o ObservedLb> {
     let mut existing = observed.lb.as_ref();
@@ -306,15 +360,31 @@ fn plan_load_balancer<'o>(
             if have.ip_address_type != lb.ip_address_type {
                 ops.push(Op::SetIpAddressType);
             }
-            if nat_differs && want_nat {
+            // Zones added or removed in place; the source-NAT prefixes go with the subnets.
+            let moved = known
+                .subnets
+                .filter(|want| subnets_differ(want, &have.subnets));
+            if let Some(want) = moved {
+                ops.push(Op::SetSubnets {
+                    subnets: want.to_vec(),
+                });
+            } else if nat_differs && want_nat {
                 ops.push(Op::SetIpv6SourceNat);
             }
-            if security_groups_differ(lb, have, observed, backend) {
+            if security_groups_differ(lb, have, observed, known.backend) {
                 ops.push(Op::SetSecurityGroups);
             }
         }
     }
     existing
+}
+
+/// Whether the load balancer is not in exactly the `want`ed subnets (a cloud that reports no
+/// subnets is taken at its word, and nothing is ever set to no subnet).
+fn subnets_differ(want: &[String], have: &[String]) -> bool {
+    let want: BTreeSet<&String> = want.iter().collect();
+    let have: BTreeSet<&String> = have.iter().collect();
+    !want.is_empty() && !have.is_empty() && want != have
 }
 
 fn replace_reason(have: &ObservedLb, lb: &LoadBalancer) -> String {
@@ -414,6 +484,70 @@ fn listener_differs(
         || have.target_group_arn.as_ref() != tg_arn
         || want_certs != have_certs
         || (want.ssl_policy.is_some() && have.ssl_policy != want.ssl_policy)
+}
+
+/// 5b. The user's tags on what exists and stays (what this plan creates gets them at creation):
+///    keys cloudlb put there and no longer wants are removed, wanted keys with another value or
+///    none are set. Resources that need the same change share one operation (AWS takes up to
+///    20 resources per call), removals first.
+type Tags = BTreeMap<String, String>;
+
+fn plan_tags(
+    lb: &LoadBalancer,
+    observed: &Observed,
+    existing: Option<&ObservedLb>,
+    ops: &mut Vec<Op>,
+) {
+    let want = tags::user_tags(&lb.tags);
+    // (resource, the tags it has, the user tags it should have)
+    let mut have: Vec<(Tagged, &Tags, Tags)> = Vec::new();
+    if let Some(l) = existing {
+        have.push((Tagged::LoadBalancer, &l.tags, want.clone()));
+        for h in &observed.listeners {
+            if lb.listeners.iter().any(|w| w.port == h.port) {
+                have.push((Tagged::Listener { port: h.port }, &h.tags, want.clone()));
+            }
+        }
+    }
+    for tg in &lb.target_groups {
+        if let Some(h) = observed_tg(observed, &tg.name) {
+            let key = tg.key.clone();
+            have.push((
+                Tagged::TargetGroup { key },
+                &h.tags,
+                tags::user_tags(&tg.tags),
+            ));
+        }
+    }
+    if let (Some(f), Some(sg)) = (&lb.security.frontend, &observed.security_group) {
+        let want = tags::user_tags(&lb.security_group_tags(f));
+        have.push((Tagged::SecurityGroup, &sg.tags, want));
+    }
+    let mut removals: BTreeMap<Vec<String>, Vec<Tagged>> = BTreeMap::new();
+    let mut additions: BTreeMap<Tags, Vec<Tagged>> = BTreeMap::new();
+    for (resource, have, want) in have {
+        let gone: Vec<String> = have
+            .keys()
+            .filter(|k| !want.contains_key(*k) && lb.applied_tag_keys.contains(*k))
+            .cloned()
+            .collect();
+        let add: Tags = want
+            .into_iter()
+            .filter(|(k, v)| have.get(k) != Some(v))
+            .collect();
+        if !gone.is_empty() {
+            removals.entry(gone).or_default().push(resource.clone());
+        }
+        if !add.is_empty() {
+            additions.entry(add).or_default().push(resource);
+        }
+    }
+    for (keys, resources) in removals {
+        ops.push(Op::RemoveTags { resources, keys });
+    }
+    for (tags, resources) in additions {
+        ops.push(Op::AddTags { resources, tags });
+    }
 }
 
 /// 6. Target groups no longer wanted, now that no listener forwards to them; then our security

@@ -243,7 +243,9 @@ mod tests {
                 security_groups: vec![],
                 attributes: BTreeMap::new(),
                 subnets: vec![],
+                subnet_zones: BTreeMap::new(),
                 ipv6_source_nat: None,
+                tags: BTreeMap::new(),
             }),
             listeners: lb
                 .listeners
@@ -255,6 +257,7 @@ mod tests {
                     target_group_arn: Some(l.target_group.clone()),
                     certificates: vec![],
                     ssl_policy: None,
+                    tags: BTreeMap::new(),
                 })
                 .collect(),
             target_groups: lb
@@ -270,6 +273,7 @@ mod tests {
                     attributes: BTreeMap::new(),
                     targets: t.targets.clone(),
                     algorithm: Some(algorithm),
+                    tags: BTreeMap::new(),
                 })
                 .collect(),
             security_group: None,

@@ -180,7 +180,9 @@ impl ServiceLb {
             security_groups: Vec::new(),
             attributes: BTreeMap::new(),
             subnets: vec![],
+            subnet_zones: BTreeMap::new(),
             ipv6_source_nat: None,
+            tags: BTreeMap::new(),
         });
         let listeners = match self.address {
             None => Vec::new(),
@@ -196,6 +198,7 @@ impl ServiceLb {
                         target_group_arn: Some(rt.group_key()),
                         certificates: Vec::new(),
                         ssl_policy: None,
+                        tags: BTreeMap::new(),
                     })
                 })
                 .collect(),
@@ -215,6 +218,7 @@ impl ServiceLb {
                     attributes: BTreeMap::new(),
                     targets: g.snapshot().iter().map(|t| t.target.clone()).collect(),
                     algorithm: Some(g.algorithm()),
+                    tags: BTreeMap::new(),
                 })
             })
             .collect();

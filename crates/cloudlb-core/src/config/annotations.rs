@@ -84,7 +84,7 @@ pub const SETTINGS: &[Setting] = &[
         name: INTERNAL,
         aliases: &[alias!("internal")],
         class_field: None,
-        kind: "bool",
+        kind: "bool, or `0.0.0.0/0` (the legacy form of `true`)",
         default: "`false`",
         example: "`true`",
         on_change: "replaces the load balancer",
@@ -107,7 +107,7 @@ pub const SETTINGS: &[Setting] = &[
         kind: "comma-separated subnet ids or Name tags",
         default: "discovered: subnets tagged `kubernetes.io/role/elb` (internal: `kubernetes.io/role/internal-elb`) and `kubernetes.io/cluster/<cluster>`, one per zone",
         example: "`subnet-0abc,subnet-0def`",
-        on_change: "used at creation; later changes are not applied (recreate the Service)",
+        on_change: "in place (SetSubnets: zones added or removed; discovery follows newly tagged subnets at the drift check and keeps the subnet a zone has)",
         doc: "Subnets the load balancer is placed in.",
     },
     Setting {
@@ -254,8 +254,8 @@ pub const SETTINGS: &[Setting] = &[
         name: SSL_PORTS,
         aliases: &[alias!("ssl-ports")],
         class_field: None,
-        kind: "`*` or comma-separated port names/numbers",
-        default: "`*` (every TCP port) when `ssl-cert` is set",
+        kind: "comma-separated port names/numbers",
+        default: "every TCP port when `ssl-cert` is set",
         example: "`443,https`",
         on_change: "modified in place",
         doc: "Which ports get TLS listeners; each must be a TCP port of the Service.",
@@ -274,7 +274,7 @@ pub const SETTINGS: &[Setting] = &[
         name: BACKEND_PROTOCOL,
         aliases: &[alias!("backend-protocol")],
         class_field: None,
-        kind: "`tcp` \\| `ssl` \\| `tls`",
+        kind: "`ssl` or `tls` (TLS to the targets) \\| `tcp`, `http`, `https` (TCP)",
         default: "`tcp`",
         example: "`ssl`",
         on_change: "replaces the target groups of TLS ports",
@@ -317,7 +317,7 @@ pub const SETTINGS: &[Setting] = &[
         kind: "comma-separated `key=value`",
         default: "none",
         example: "`team=web,env=prod`",
-        on_change: "applied at creation",
+        on_change: "in place (AddTags/RemoveTags; only keys cloudlb put there are removed)",
         doc: "Extra tags on every resource (class and Service tags merge; the Service wins).",
     },
     Setting {
@@ -392,6 +392,46 @@ pub const SETTINGS: &[Setting] = &[
     },
 ];
 
+/// Where a setting deliberately means something else in cloudlb than in
+/// aws-load-balancer-controller (ALBC) or the legacy in-tree provider: the `Differs` column of
+/// `docs/annotations.md`. A value refused here says why in the Service's `InvalidConfiguration`
+/// Event. Every setting not listed means the same, with the same default.
+pub const DIFFERENCES: &[(&str, &str)] = &[
+    (
+        TARGET_TYPE,
+        "`node-ip` (the nodes by address) is cloudlb's own; `instance` and `ip` (the pods) mean what they mean in ALBC",
+    ),
+    (
+        INTERNAL,
+        "values other than true, false and 0.0.0.0/0 are refused (the legacy provider reads any other value as true)",
+    ),
+    (
+        BACKEND_PROTOCOL,
+        "values other than tcp, http, https, ssl and tls are refused (ALBC reads any value but ssl as tcp)",
+    ),
+    (
+        SSL_PORTS,
+        "`*` is refused, as in ALBC (the legacy provider read it as every port)",
+    ),
+    (
+        PROXY_PROTOCOL,
+        "`true`/`false` are accepted besides ALBC's `*`",
+    ),
+    (
+        IPV6_SOURCE_NAT,
+        "on by default for UDP on a dualstack load balancer (ALBC: off, which AWS refuses for UDP there)",
+    ),
+    (SECURITY_GROUPS, "ids only (ALBC also resolves Name tags)"),
+];
+
+/// How setting `name` differs from the AWS controllers, if it does.
+pub fn difference(name: &str) -> Option<&'static str> {
+    DIFFERENCES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, d)| *d)
+}
+
 pub fn setting(name: &str) -> Option<&'static Setting> {
     SETTINGS.iter().find(|s| s.name == name)
 }
@@ -429,8 +469,12 @@ pub fn markdown() -> String {
          `LoadBalancerClass` field, the built-in default. Setting our key and a compatible key to\n\
          different values is an error. Every invalid value is reported in one Warning Event\n\
          (`InvalidConfiguration`) and nothing is written to the cloud.\n\n\
-         | Annotation | Compatible keys | Class field | Type | Default | Example | On change |\n\
-         |---|---|---|---|---|---|---|\n",
+         The `Differs` column says where a setting deliberately means something else than in\n\
+         aws-load-balancer-controller (ALBC) or the legacy in-tree provider (a value refused here\n\
+         is refused with the reason in the Event). Everything else means the same, with the same\n\
+         default.\n\n\
+         | Annotation | Compatible keys | Class field | Type | Default | Example | On change | Differs |\n\
+         |---|---|---|---|---|---|---|---|\n",
     );
     for s in SETTINGS {
         let aliases = if s.aliases.is_empty() {
@@ -443,7 +487,7 @@ pub fn markdown() -> String {
                 .join("<br>")
         };
         out.push_str(&format!(
-            "| `{}`<br>{} | {} | {} | {} | {} | {} | {} |\n",
+            "| `{}`<br>{} | {} | {} | {} | {} | {} | {} | {} |\n",
             s.key(),
             s.doc,
             aliases,
@@ -451,7 +495,8 @@ pub fn markdown() -> String {
             s.kind,
             s.default,
             s.example,
-            s.on_change
+            s.on_change,
+            difference(s.name).unwrap_or("—")
         ));
     }
     out

@@ -14,6 +14,10 @@ pub enum ProviderKind {
     Local,
 }
 
+impl ProviderKind {
+    pub const ALL: [ProviderKind; 2] = [ProviderKind::Aws, ProviderKind::Local];
+}
+
 impl std::fmt::Display for ProviderKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

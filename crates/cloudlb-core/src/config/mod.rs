@@ -11,6 +11,7 @@ use crate::model::{
 use annotations as keys;
 use class::{AwsClassSpec, LoadBalancerClass, ProviderKind};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::BTreeMap;
 
 /// One problem with the configuration: where, what value, what is allowed.
@@ -140,27 +141,6 @@ fn local_spec(class: &LoadBalancerClass, errors: &mut Vec<ConfigError>) -> Local
         requested_address: None,
     }
 }
-
-/// Load-balancer attributes users may set.
-pub const LB_ATTRIBUTE_KEYS: &[&str] = &[
-    "deletion_protection.enabled",
-    "load_balancing.cross_zone.enabled",
-    "access_logs.s3.enabled",
-    "access_logs.s3.bucket",
-    "access_logs.s3.prefix",
-    "dns_record.client_routing_policy",
-];
-
-/// Target-group attributes users may set.
-pub const TG_ATTRIBUTE_KEYS: &[&str] = &[
-    "deregistration_delay.timeout_seconds",
-    "deregistration_delay.connection_termination.enabled",
-    "proxy_protocol_v2.enabled",
-    "preserve_client_ip.enabled",
-    "stickiness.enabled",
-    "stickiness.type",
-    "load_balancing.cross_zone.enabled",
-];
 
 /// Where a raw value came from.
 #[derive(Clone, Debug)]
@@ -410,19 +390,25 @@ impl Parser<'_> {
         Some((raw, out))
     }
 
-    fn attributes(&mut self, name: &str, allowed: &[&str]) -> BTreeMap<String, String> {
+    /// An attribute map, passed through as AWS names them (AWS validates keys cloudlb does not
+    /// know, as aws-load-balancer-controller lets it; its answer is the Service's Event). Only
+    /// what cannot be an attribute key is refused here.
+    fn attributes(&mut self, name: &str) -> BTreeMap<String, String> {
         let Some((raw, map)) = self.parse_kv(name) else {
             return BTreeMap::new();
         };
         let mut out = BTreeMap::new();
         for (k, v) in map {
-            if allowed.contains(&k.as_str()) {
+            let key_like = k
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '_');
+            if key_like {
                 out.insert(k, v);
             } else {
                 self.errors.push(err(
                     &raw.source,
                     &raw.value,
-                    format!("unknown attribute {k:?}; allowed: {}", allowed.join(", ")),
+                    format!("{k:?} is not an attribute key (lower-case letters, digits, dots and underscores, e.g. deregistration_delay.timeout_seconds)"),
                 ));
             }
         }
@@ -524,7 +510,17 @@ impl Parser<'_> {
                 ("internal", Scheme::Internal),
             ],
         );
-        if let Some(internal) = self.parse_bool(keys::INTERNAL) {
+        // `0.0.0.0/0` is the legacy provider's documented form of `true`.
+        let internal = self.parse_with(
+            keys::INTERNAL,
+            "must be true, false or 0.0.0.0/0 (the legacy form of true)",
+            |v| match v.trim().to_ascii_lowercase().as_str() {
+                "true" | "0.0.0.0/0" => Some(true),
+                "false" => Some(false),
+                _ => None,
+            },
+        );
+        if let Some(internal) = internal {
             let from_internal = if internal {
                 Scheme::Internal
             } else {
@@ -752,7 +748,7 @@ impl Parser<'_> {
         TargetMode::Pods
     }
 
-    fn health_check(&mut self) -> HealthCheckConfig {
+    fn health_check(&mut self, ports: &[ServicePort], targets: TargetMode) -> HealthCheckConfig {
         let protocol = self.parse_enum(
             keys::HC_PROTOCOL,
             &[
@@ -761,7 +757,7 @@ impl Parser<'_> {
                 ("https", HealthCheckProtocol::Https),
             ],
         );
-        let port = self.health_check_port();
+        let port = self.health_check_port(ports, targets);
         let path = self.health_check_path();
         let success_codes = self.health_check_success_codes();
         let health_check = HealthCheckConfig {
@@ -784,13 +780,64 @@ impl Parser<'_> {
         health_check
     }
 
-    /// `Some(None)`: explicitly the traffic port.
-    fn health_check_port(&mut self) -> Option<Option<u16>> {
-        let allowed = "must be traffic-port or a port number 1-65535";
-        self.parse_with(keys::HC_PORT, allowed, |v| match v.trim() {
+    /// `Some(None)`: explicitly the traffic port. A Service port's name means, as in
+    /// aws-load-balancer-controller, its nodePort for node targets and its numeric targetPort
+    /// for pods.
+    fn health_check_port(
+        &mut self,
+        ports: &[ServicePort],
+        targets: TargetMode,
+    ) -> Option<Option<u16>> {
+        let names: Vec<&str> = ports.iter().filter_map(|p| p.name.as_deref()).collect();
+        let allowed = format!(
+            "must be traffic-port, a port number 1-65535 or the name of one of the Service's ports ({})",
+            if names.is_empty() {
+                "it names none".to_string()
+            } else {
+                names.join(", ")
+            }
+        );
+        let mut named: Option<(String, String)> = None;
+        let port = self.parse_with(keys::HC_PORT, allowed, |v| match v.trim() {
             "traffic-port" => Some(None),
-            v => v.parse::<u16>().ok().filter(|n| *n > 0).map(Some),
-        })
+            v => match v.parse::<u16>() {
+                Ok(n) => (n > 0).then_some(Some(n)),
+                Err(_) => {
+                    let p = ports.iter().find(|p| p.name.as_deref() == Some(v))?;
+                    let resolved = match targets {
+                        TargetMode::Pods => match &p.target_port {
+                            None => u16::try_from(p.port).ok(),
+                            Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+                            Some(IntOrString::String(_)) => None,
+                        },
+                        TargetMode::Instance | TargetMode::NodeIp => p
+                            .node_port
+                            .and_then(|n| u16::try_from(n).ok())
+                            .filter(|n| *n > 0),
+                    };
+                    if resolved.is_none() {
+                        let why = match targets {
+                            TargetMode::Pods => {
+                                "its targetPort is a name too: give the pods' port number"
+                            }
+                            _ => "it has no nodePort",
+                        };
+                        named = Some((v.to_string(), why.to_string()));
+                    }
+                    Some(resolved)
+                }
+            },
+        });
+        if let Some((name, why)) = named {
+            let raw = self.get(keys::HC_PORT).cloned();
+            let source = raw.map_or_else(|| keys::HC_PORT.to_string(), |r| r.source);
+            self.errors.push(err(
+                &source,
+                &name,
+                format!("Service port {name:?} cannot give the health-check port: {why}"),
+            ));
+        }
+        port
     }
 
     fn health_check_path(&mut self) -> Option<String> {
@@ -815,10 +862,17 @@ impl Parser<'_> {
         let ssl_policy = self
             .get(keys::SSL_POLICY)
             .map(|r| r.value.trim().to_string());
+        // As the AWS controllers read it: only ssl means TLS to the targets.
         let backend_tls = self
             .parse_enum(
                 keys::BACKEND_PROTOCOL,
-                &[("tcp", false), ("ssl", true), ("tls", true)],
+                &[
+                    ("tcp", false),
+                    ("http", false),
+                    ("https", false),
+                    ("ssl", true),
+                    ("tls", true),
+                ],
             )
             .unwrap_or(false);
         Tls {
@@ -880,7 +934,13 @@ impl Parser<'_> {
     /// The ports one `ssl-ports` entry `w` names: `*` (every TCP port), a port name or number.
     fn tls_ports_named(&mut self, raw: &Raw, w: &str, ports: &[ServicePort]) -> Vec<u16> {
         if w == "*" {
-            return tcp_ports(ports).collect();
+            // aws-load-balancer-controller refuses it too (an unused port).
+            self.errors.push(err(
+                &raw.source,
+                &raw.value,
+                "\"*\" is not a port of this Service (aws-load-balancer-controller refuses it as an unused port): name the TLS ports, or leave ssl-ports out to make every TCP port TLS",
+            ));
+            return Vec::new();
         }
         let matched: Vec<_> = ports
             .iter()
@@ -925,8 +985,8 @@ impl Parser<'_> {
     /// Load-balancer and target-group attributes: the attribute maps, then the settings that are
     /// shorthands for one attribute, then the checks of the values.
     fn lb_and_tg_attributes(&mut self) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
-        let mut lb_attributes = self.attributes(keys::LB_ATTRIBUTES, LB_ATTRIBUTE_KEYS);
-        let mut tg_attributes = self.attributes(keys::TG_ATTRIBUTES, TG_ATTRIBUTE_KEYS);
+        let mut lb_attributes = self.attributes(keys::LB_ATTRIBUTES);
+        let mut tg_attributes = self.attributes(keys::TG_ATTRIBUTES);
         if let Some(v) = self.parse_bool(keys::CROSS_ZONE) {
             lb_attributes.insert("load_balancing.cross_zone.enabled".into(), v.to_string());
         }
@@ -1165,7 +1225,7 @@ impl Parser<'_> {
         let targets = self.targets();
         let ipv6_source_nat = self.ipv6_source_nat(ip_address_type, &ports, &subnets);
         self.pod_family(&spec, targets, ip_address_type);
-        let health_check = self.health_check();
+        let health_check = self.health_check(&ports, targets);
         let Tls {
             ssl_certificates,
             tls_ports,

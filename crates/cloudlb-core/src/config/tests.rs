@@ -231,7 +231,7 @@ fn every_problem_is_reported_at_once_with_key_value_and_allowed() {
             ("cloudlb.io/healthcheck-healthy-threshold", "11"),
             ("cloudlb.io/cross-zone-load-balancing-enabled", "yes"),
             ("cloudlb.io/ssl-ports", "8443"),
-            ("cloudlb.io/target-group-attributes", "bogus.key=1"),
+            ("cloudlb.io/target-group-attributes", "Bogus-Key=1"),
             ("cloudlb.io/name", "-bad_name-"),
         ],
         web(),
@@ -248,7 +248,7 @@ fn every_problem_is_reported_at_once_with_key_value_and_allowed() {
         "annotation cloudlb.io/cross-zone-load-balancing-enabled = \"yes\": must be true or false",
         "port \"8443\" is not a port of this Service; its ports: http (80), https (443)",
         "TLS ports need a certificate",
-        "unknown attribute \"bogus.key\"",
+        "\"Bogus-Key\" is not an attribute key",
         "annotation cloudlb.io/name = \"-bad_name-\": not a valid load-balancer name",
     ] {
         assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
@@ -915,4 +915,48 @@ fn ipv6_pods_need_a_dualstack_load_balancer() {
     // Node targets stay IPv4 (kube-proxy's nodePorts): no such requirement.
     s.metadata.annotations = None;
     resolve_ok(&c, &s);
+}
+
+#[test]
+fn every_difference_names_a_setting_and_shows_in_the_docs_table() {
+    for (name, note) in annotations::DIFFERENCES {
+        assert!(annotations::setting(name).is_some(), "{name}");
+        assert!(annotations::markdown().contains(note), "{name}");
+    }
+    assert_eq!(annotations::difference(annotations::SCHEME), None);
+}
+
+#[test]
+fn a_named_health_check_port_is_the_nodeport_or_the_pods_port() {
+    let c = class(None);
+    let mut status = port("status", 9000, "TCP");
+    status.target_port = Some(IntOrString::Int(9090));
+    let ports = |status: &ServicePort| vec![port("http", 80, "TCP"), status.clone()];
+    let hc = ("cloudlb.io/healthcheck-port", "status");
+    assert_eq!(
+        resolve_ok(&c, &svc(&[hc], ports(&status)))
+            .health_check
+            .port,
+        Some(Some(39000))
+    );
+    let pods = ("cloudlb.io/target-type", "ip");
+    assert_eq!(
+        resolve_ok(&c, &svc(&[hc, pods], ports(&status)))
+            .health_check
+            .port,
+        Some(Some(9090))
+    );
+    // A named targetPort cannot be resolved without the pods: refused, naming the port.
+    status.target_port = Some(IntOrString::String("metrics".into()));
+    let errs = resolve_err(&c, &svc(&[hc, pods], ports(&status)));
+    assert!(
+        errs[0].allowed.contains("its targetPort is a name too"),
+        "{errs:?}"
+    );
+    // Not a port of the Service: the allowed values name them.
+    first_error_says(
+        &[("cloudlb.io/healthcheck-port", "admin")],
+        ports(&status),
+        "(http, status)",
+    );
 }

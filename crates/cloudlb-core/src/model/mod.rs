@@ -247,6 +247,12 @@ pub struct LoadBalancer {
     pub attributes: BTreeMap<String, String>,
     /// Every tag: ownership tags plus user tags.
     pub tags: BTreeMap<String, String>,
+    /// The user tag keys cloudlb has put on this Service's resources (recorded on the Service,
+    /// [`crate::model::state::TAG_KEYS_ANNOTATION`]): the only keys it removes from them when
+    /// they are no longer wanted, so a tag added by hand is never removed. Not part of the
+    /// fingerprint (a record is no change to make).
+    #[serde(default, skip_serializing)]
+    pub applied_tag_keys: BTreeSet<String>,
     pub listeners: Vec<Listener>,
     pub target_groups: Vec<TargetGroup>,
     /// The scheme/address status the Service ends up with (ports listed in status).
@@ -276,11 +282,21 @@ impl LoadBalancer {
             },
             attributes: BTreeMap::new(),
             tags: BTreeMap::new(),
+            applied_tag_keys: BTreeSet::new(),
             listeners: vec![],
             target_groups: vec![],
             status_ports: vec![],
             local: Some(local),
         }
+    }
+    /// The tags of the frontend security group `frontend`: the load balancer's, plus its `Name`.
+    pub fn security_group_tags(
+        &self,
+        frontend: &FrontendSecurityGroup,
+    ) -> BTreeMap<String, String> {
+        let mut tags = self.tags.clone();
+        tags.insert("Name".into(), frontend.name.clone());
+        tags
     }
 }
 
@@ -451,5 +467,24 @@ pub mod tags {
     /// The tag the in-tree AWS provider and ALBC use to mark cluster ownership.
     pub fn kubernetes_cluster(cluster: &str) -> String {
         format!("kubernetes.io/cluster/{cluster}")
+    }
+
+    /// Whether `key` is one of cloudlb's own tags (ownership and identity, set at creation and
+    /// checked, never planned) or reserved by AWS.
+    pub fn is_reserved(key: &str) -> bool {
+        key.starts_with("cloudlb.io/")
+            || key.starts_with("kubernetes.io/cluster/")
+            || key.starts_with("aws:")
+    }
+
+    /// The tags of `all` that are not [reserved](is_reserved): the user's (and any added by
+    /// hand), which follow the Service in place.
+    pub fn user_tags(
+        all: &std::collections::BTreeMap<String, String>,
+    ) -> std::collections::BTreeMap<String, String> {
+        all.iter()
+            .filter(|(k, _)| !is_reserved(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 }

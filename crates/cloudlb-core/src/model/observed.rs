@@ -64,9 +64,16 @@ pub struct ObservedLb {
     /// The subnets it is in (AWS), in the order the cloud reports them.
     #[serde(default)]
     pub subnets: Vec<String>,
+    /// The zone of each of `subnets` the cloud reported one for.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub subnet_zones: BTreeMap<String, String>,
     /// Whether IPv6 source NAT is on; `None`: the cloud did not say (taken as matching).
     #[serde(default)]
     pub ipv6_source_nat: Option<bool>,
+    /// Its tags other than the [reserved](crate::model::tags::is_reserved) ones (the user's,
+    /// and any added by hand); ownership is checked when it is observed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +86,10 @@ pub struct ObservedListener {
     pub target_group_arn: Option<String>,
     pub certificates: Vec<String>,
     pub ssl_policy: Option<String>,
+    /// Its tags other than the [reserved](crate::model::tags::is_reserved) ones (the user's,
+    /// and any added by hand); ownership is checked when it is observed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +109,10 @@ pub struct ObservedTargetGroup {
     /// choice).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub algorithm: Option<Algorithm>,
+    /// Its tags other than the [reserved](crate::model::tags::is_reserved) ones (the user's,
+    /// and any added by hand); ownership is checked when it is observed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,4 +120,8 @@ pub struct ObservedSecurityGroup {
     pub id: String,
     pub name: String,
     pub ingress: BTreeSet<IngressRule>,
+    /// Its tags other than the [reserved](crate::model::tags::is_reserved) ones (the user's,
+    /// and any added by hand); ownership is checked when it is observed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
 }

@@ -16,6 +16,25 @@ pub const INSTALLATION_ANNOTATION: &str = "state.cloudlb.io/installation";
 /// balancers); absent: `internal`.
 pub const DEFAULT_SCHEME_ANNOTATION: &str = "state.cloudlb.io/default-scheme";
 
+/// The user tag keys cloudlb has put on the Service's cloud resources (a JSON list of strings):
+/// the only tag keys it ever removes from them. Grown before a write adds keys, trimmed to the
+/// wanted ones after it; see [`crate::model::LoadBalancer::applied_tag_keys`].
+pub const TAG_KEYS_ANNOTATION: &str = "state.cloudlb.io/tag-keys";
+
+/// The tag keys recorded on the Service ([`TAG_KEYS_ANNOTATION`]); none when absent or not a
+/// JSON list of strings (a hand-edited record can leave a tag behind, never remove a foreign
+/// one that is not listed).
+pub fn recorded_tag_keys(svc: &Service) -> std::collections::BTreeSet<String> {
+    recorded(svc, TAG_KEYS_ANNOTATION)
+        .and_then(|v| serde_json::from_str(v).ok())
+        .unwrap_or_default()
+}
+
+/// The value of [`TAG_KEYS_ANNOTATION`] for `keys`; `None` (no annotation) when empty.
+pub fn tag_keys_value(keys: &std::collections::BTreeSet<String>) -> Option<String> {
+    (!keys.is_empty()).then(|| serde_json::to_string(keys).unwrap_or_default())
+}
+
 /// Whether our finalizer is on the Service.
 pub fn has_finalizer(svc: &Service) -> bool {
     svc.metadata

@@ -82,7 +82,9 @@ fn observed_for(d: &Desired) -> Observed {
                 .collect(),
             attributes: lb.attributes.clone(),
             subnets: vec!["subnet-a".into()],
+            subnet_zones: BTreeMap::new(),
             ipv6_source_nat: Some(lb.ipv6_source_nat.is_some()),
+            tags: tags::user_tags(&lb.tags),
         }),
         listeners: lb
             .listeners
@@ -98,6 +100,7 @@ fn observed_for(d: &Desired) -> Observed {
                     .map(|t| tg_arn(&t.name)),
                 certificates: l.certificates.clone(),
                 ssl_policy: l.ssl_policy.clone(),
+                tags: tags::user_tags(&lb.tags),
             })
             .collect(),
         target_groups: lb
@@ -113,6 +116,7 @@ fn observed_for(d: &Desired) -> Observed {
                 attributes: t.attributes.clone(),
                 targets: t.targets.clone(),
                 algorithm: None,
+                tags: tags::user_tags(&t.tags),
             })
             .collect(),
         security_group: lb
@@ -123,6 +127,7 @@ fn observed_for(d: &Desired) -> Observed {
                 id: "sg-ours".into(),
                 name: f.name.clone(),
                 ingress: f.ingress.clone(),
+                tags: tags::user_tags(&lb.security_group_tags(f)),
             }),
         notes: vec![],
         outside_vpc: vec![],
@@ -535,4 +540,108 @@ fn random_models_plan_idempotently() {
             "round {round}"
         );
     }
+}
+
+/// The web Service on node `i-1` with `additional-resource-tags: value`, knowing `applied` as
+/// the tag keys it put on its resources before.
+fn web_tagged(value: &str, applied: &[&str]) -> Desired {
+    let mut d = web_annotated(serde_json::json!({"cloudlb.io/additional-resource-tags": value}));
+    if let Some(lb) = d.lb.as_mut() {
+        lb.applied_tag_keys = applied.iter().map(|k| k.to_string()).collect();
+    }
+    d
+}
+
+#[test]
+fn tag_changes_are_made_in_place_one_operation_per_change() {
+    let mut observed = observed_for(&web_tagged("team=web,env=dev", &[]));
+    // A key someone added by hand.
+    if let Some(lb) = observed.lb.as_mut() {
+        lb.tags.insert("owner".into(), "ops".into());
+    }
+    let after = web_tagged("team=shop,cost=42", &["team", "env"]);
+    let p = plan(&after, &observed).expect("plan");
+    assert_eq!(names(&p), ["removeTags", "addTags"]);
+    let every = vec![
+        Tagged::LoadBalancer,
+        Tagged::Listener { port: 80 },
+        Tagged::Listener { port: 443 },
+        Tagged::TargetGroup {
+            key: "tcp-80".into(),
+        },
+        Tagged::TargetGroup {
+            key: "tcp-443".into(),
+        },
+        Tagged::SecurityGroup,
+    ];
+    assert_eq!(
+        p.ops[0],
+        Op::RemoveTags {
+            resources: every.clone(),
+            keys: vec!["env".into()],
+        },
+        "only the key cloudlb put there goes; owner stays"
+    );
+    assert_eq!(
+        p.ops[1],
+        Op::AddTags {
+            resources: every,
+            tags: [("cost", "42"), ("team", "shop")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    );
+    // Once made, nothing is left to do.
+    let done = observed_for(&after);
+    assert_eq!(plan(&after, &done).expect("plan"), Plan::default());
+}
+
+#[test]
+fn tags_not_of_record_are_never_removed() {
+    // Resources an earlier version tagged (no record yet), or tagged by hand: left as they are.
+    let observed = observed_for(&web_tagged("team=web,env=dev", &[]));
+    let after = web_tagged("team=web", &[]);
+    assert_eq!(plan(&after, &observed).expect("plan"), Plan::default());
+    // A tag on one resource only: only that resource is changed.
+    let mut observed = observed_for(&after);
+    if let Some(tg) = observed.target_groups.first_mut() {
+        tg.tags.insert("team".into(), "changed-by-hand".into());
+    }
+    let p = plan(&after, &observed).expect("plan");
+    match p.ops.as_slice() {
+        [Op::AddTags { resources, tags }] => {
+            assert_eq!(resources.len(), 1, "{resources:?}");
+            assert_eq!(tags.get("team").map(String::as_str), Some("web"));
+        }
+        other => panic!("one AddTags expected: {other:?}"),
+    }
+}
+
+#[test]
+fn subnets_follow_the_placement_in_place_when_the_provider_knows_it() {
+    let d = web(&["i-1"]);
+    let observed = observed_for(&d);
+    fn with(subnets: &[String]) -> Known<'_> {
+        Known {
+            backend: Some(BACKEND),
+            subnets: Some(subnets),
+        }
+    }
+    // Where it is: nothing to do; not known: nothing planned.
+    let same = vec!["subnet-a".to_string()];
+    assert_eq!(
+        plan_with(&d, &observed, with(&same)).expect("plan"),
+        Plan::default()
+    );
+    assert_eq!(plan(&d, &observed).expect("plan"), Plan::default());
+    // A zone more: one SetSubnets with every subnet, nothing replaced.
+    let more = vec!["subnet-a".to_string(), "subnet-b".to_string()];
+    let p = plan_with(&d, &observed, with(&more)).expect("plan");
+    assert_eq!(p.ops, vec![Op::SetSubnets { subnets: more }]);
+    // Never to no subnet at all.
+    assert_eq!(
+        plan_with(&d, &observed, with(&[])).expect("plan"),
+        Plan::default()
+    );
 }
