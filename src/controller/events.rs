@@ -32,6 +32,8 @@ pub const ENSURED: &str = "EnsuredLoadBalancer";
 pub const SYNC_FAILED: &str = "SyncLoadBalancerFailed";
 pub const DELETING: &str = "DeletingLoadBalancer";
 pub const DELETED: &str = "DeletedLoadBalancer";
+/// A change AWS cannot make in place: a new load balancer beside the old one.
+pub const REPLACING: &str = "ReplacingLoadBalancer";
 pub const INVALID: &str = "InvalidConfiguration";
 pub const TARGETS_SKIPPED: &str = "NodesNotTargeted";
 /// Pod targets: a Service port has no ready endpoint (its target group is empty).

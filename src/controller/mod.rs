@@ -9,6 +9,7 @@ pub mod events;
 pub mod memory;
 pub mod orphans;
 pub mod readiness;
+mod replace;
 pub mod service;
 pub mod status;
 

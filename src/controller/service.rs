@@ -113,7 +113,7 @@ fn is_provisioning(observed: &crate::provider::Observed) -> bool {
 }
 
 /// The annotation changes of an ownership write: a value to set, or `None` to remove.
-type AnnotationChanges = Vec<(&'static str, Option<String>)>;
+pub(super) type AnnotationChanges = Vec<(&'static str, Option<String>)>;
 
 /// The changes as a merge patch's `metadata.annotations` (`null` removes).
 fn merge_annotations(changes: AnnotationChanges) -> serde_json::Value {
@@ -258,6 +258,13 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<(Action, Outcom
         return Ok(stop);
     }
     let (action, outcome) = converge(svc, ctx, &target, &desired, untouched).await?;
+    // A replaced load balancer serves for its grace period, then goes (after the status moved).
+    let action = match super::replace::retire(svc, ctx, &target, &desired).await? {
+        Some(check_again) if super::replace::replacing(svc, &target, &desired).is_none() => {
+            check_again
+        }
+        _ => action,
+    };
     if follow_gates(ctx, &target, &desired, &gated).await {
         return Ok((Action::requeue(readiness::POLL), outcome));
     }
@@ -272,8 +279,17 @@ async fn converge(
     desired: &Desired,
     untouched: bool,
 ) -> Result<(Action, Outcome), Error> {
+    if let Some(old) = super::replace::replacing(svc, target, desired) {
+        return super::replace::step(svc, ctx, target, desired, old).await;
+    }
     let (uid, fingerprint, now) = (&target.sref.uid, desired.fingerprint(), Instant::now());
-    let mut memory = ctx.memory.cloud(uid);
+    // What memory holds of another load balancer (a replaced one) is no basis for this one.
+    let mut memory = ctx.memory.cloud(uid).filter(|e| {
+        e.outline()
+            .lb
+            .as_ref()
+            .is_none_or(|l| l.name == desired.lb_name)
+    });
     let remembered = memory
         .as_ref()
         .map(|e| e.remembered(&fingerprint, target.kind, now));
@@ -291,6 +307,9 @@ async fn converge(
         (Basis::Nothing, _) => (Observed::default(), now),
         _ => (target.provider.observe(desired).await?, now),
     };
+    if let Some(stop) = super::replace::start(svc, ctx, target, desired, &observed).await? {
+        return Ok(stop);
+    }
     let plan = target.provider.plan(desired, &observed)?;
     let observed = apply(svc, ctx, target, desired, observed, &plan).await?;
     if !plan.is_empty() {
@@ -322,7 +341,7 @@ async fn converge(
 }
 
 /// Remembers what exists after a reconcile; returns whether it is still provisioning.
-fn remember(
+pub(super) fn remember(
     ctx: &Context,
     t: &Target,
     fingerprint: String,
@@ -344,16 +363,16 @@ fn remember(
 }
 
 /// A Service of ours, resolved against its class.
-struct Target {
-    sref: ServiceRef,
+pub(super) struct Target {
+    pub(super) sref: ServiceRef,
     class_name: String,
-    kind: ProviderKind,
-    provider: Arc<dyn Provider>,
-    cfg: LbConfig,
+    pub(super) kind: ProviderKind,
+    pub(super) provider: Arc<dyn Provider>,
+    pub(super) cfg: LbConfig,
 }
 
 impl Target {
-    fn api(&self, ctx: &Context) -> Api<Service> {
+    pub(super) fn api(&self, ctx: &Context) -> Api<Service> {
         Api::namespaced(ctx.client.clone(), &self.sref.namespace)
     }
 }
@@ -601,7 +620,12 @@ async fn warn_about<T>(
     warn_on_change(ctx, svc, reason, message).await;
 }
 
-async fn warn_on_change(ctx: &Context, svc: &Service, reason: &'static str, message: String) {
+pub(super) async fn warn_on_change(
+    ctx: &Context,
+    svc: &Service,
+    reason: &'static str,
+    message: String,
+) {
     let changed = ctx.memory.with(uid(svc), |m| m.warned(reason, &message));
     if !message.is_empty() && changed {
         tracing::warn!(reason, %message, "told the Service");
@@ -644,6 +668,7 @@ async fn take_ownership(
         // config::default_scheme), now that the installation record ends "earlier version".
         record.push((DEFAULT_SCHEME_ANNOTATION, Some("internet-facing".into())));
     }
+    record.extend(super::replace::serving_record(svc, t, desired));
     let tag_keys = TagKeys::of(svc, t, desired);
     if tag_keys.grows() {
         // Before a write puts new keys on: a crash after it still knows them as ours.
@@ -749,7 +774,7 @@ async fn trusted(
 
 /// Executes a non-empty plan; when that fails, the cloud state is forgotten so the next reconcile
 /// reads it again.
-async fn apply(
+pub(super) async fn apply(
     svc: &Service,
     ctx: &Context,
     t: &Target,
@@ -805,7 +830,7 @@ fn next_check(ctx: &Context, provisioning: bool, left: Duration) -> Action {
     }
 }
 
-async fn write_status(
+pub(super) async fn write_status(
     metrics: &crate::telemetry::Metrics,
     api: &Api<Service>,
     svc: &Service,
@@ -853,7 +878,12 @@ fn cleanup_name(
     });
     match given {
         Some(n) if naming::validate_lb_name(n.trim()).is_ok() => n.trim().to_string(),
-        _ => build::lb_name(&ctx.settings.cluster, sref, None),
+        _ => build::lb_name(
+            &ctx.settings.cluster,
+            sref,
+            None,
+            state::recorded_generation(svc),
+        ),
     }
 }
 
@@ -876,7 +906,7 @@ fn recorded_provider(svc: &Service) -> Option<ProviderKind> {
 }
 
 /// Makes the annotation `changes` (a merge patch: `None` removes).
-async fn annotate(
+pub(super) async fn annotate(
     api: &Api<Service>,
     svc: &Service,
     changes: AnnotationChanges,
@@ -1008,9 +1038,27 @@ async fn remove_load_balancer(
     let cached = ctx.memory.cloud(&sref.uid).filter(|e| e.provider == kind);
     let sref = sref.clone();
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &sref.namespace);
-    if let Some(provider) = ctx.providers.get(kind) {
-        let desired = Desired::empty(sref.clone(), cleanup_name(ctx, svc, &sref, cached.as_ref()));
-        let observed = observed_for_deletion(ctx, &*provider, &desired, cached.as_ref()).await?;
+    let Some(provider) = ctx.providers.get(kind) else {
+        return Ok(None);
+    };
+    // The load balancer of the model, and those a replacement left (the one the status points
+    // to, the retiring one), each through the empty model.
+    let mut names = vec![cleanup_name(ctx, svc, &sref, cached.as_ref())];
+    let recorded = [
+        state::recorded(svc, state::SERVING_ANNOTATION).map(String::from),
+        state::recorded_retiring(svc).map(|(name, _)| name),
+    ];
+    for name in recorded.into_iter().flatten() {
+        if kind == ProviderKind::Aws && !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    for name in names {
+        let cached = cached
+            .as_ref()
+            .filter(|e| e.outline().lb.as_ref().is_none_or(|l| l.name == name));
+        let desired = Desired::empty(sref.clone(), name);
+        let observed = observed_for_deletion(ctx, &*provider, &desired, cached).await?;
         let plan = match provider.plan(&desired, &observed) {
             Ok(p) => p,
             Err(e @ PlanError::DeletionProtected { .. }) => {

@@ -110,7 +110,7 @@ async fn keys_cloudlb_does_not_understand_are_told_once_and_the_rest_builds() {
     let env = Env::start("unsupported", Duration::from_secs(3600)).await;
     let unknown = [
         "cloudlb.io/shceme",
-        "service.beta.kubernetes.io/aws-load-balancer-alpn-policy",
+        "service.beta.kubernetes.io/aws-load-balancer-multi-cluster-target-group",
         "service.beta.kubernetes.io/aws-load-balancer-listener-attributes.TCP-80",
         "service.beta.kubernetes.io/aws-load-balancer-minimum-load-balancer-capacity",
         "service.beta.kubernetes.io/aws-load-balancer-security-group-prefix-lists",
@@ -422,4 +422,58 @@ async fn subnets_follow_the_service_in_place() {
     }
     let calls = env.calls_for_unrelated_edit("web", "unchanged").await;
     assert!(calls.is_empty(), "{calls:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alpn_policy_is_set_on_the_tls_listener_and_drift_checks_keep_it() {
+    let _guard = TestGuard::new();
+    // The test's own moto account, to hold the listener's certificate too.
+    let moto = support::AwsEmulator::shared().await;
+    let account = moto.new_account();
+    let setup = support::env::Setup {
+        resync: Duration::from_secs(2),
+        account: Some(account.clone()),
+        ..Default::default()
+    };
+    let env = Env::start_with("alpn", setup).await;
+    let certificate = moto.request_certificate(&account, "web.example.com");
+    let annotations = json!({
+        "service.beta.kubernetes.io/aws-load-balancer-ssl-cert": certificate,
+        "service.beta.kubernetes.io/aws-load-balancer-ssl-ports": "https",
+        "service.beta.kubernetes.io/aws-load-balancer-alpn-policy": "HTTP2Preferred",
+    });
+    env.create_service("web", annotations, web_ports()).await;
+    env.wait_hostname("web").await;
+    let lb_arn = env.load_balancers().await[0]
+        .load_balancer_arn()
+        .expect("arn")
+        .to_string();
+    env.wait_listeners(&lb_arn, 2).await;
+    let alpn = |port: i32| {
+        let env = &env;
+        let lb_arn = lb_arn.clone();
+        async move {
+            env.listeners(&lb_arn)
+                .await
+                .iter()
+                .find(|l| l.port() == Some(port))
+                .map(|l| l.alpn_policy().to_vec())
+                .unwrap_or_default()
+        }
+    };
+    assert_eq!(alpn(443).await, vec!["HTTP2Preferred".to_string()]);
+    assert!(
+        alpn(80).await.iter().all(|p| p == "None"),
+        "{:?}",
+        alpn(80).await
+    );
+    // The drift checks find it as it should be: no listener change.
+    let before = env.provider.calls();
+    let verified = env.metrics.reconcile_count("verified");
+    support::env::wait_within("two drift checks", Duration::from_secs(30), || async {
+        (env.metrics.reconcile_count("verified") >= verified + 2).then_some(())
+    })
+    .await;
+    let delta = env.calls_since(&before);
+    assert!(!delta.contains_key("ModifyListener/ok"), "{delta:?}");
 }

@@ -21,5 +21,6 @@ mod operator_process;
 mod ownership;
 mod pod_targets;
 mod readiness_gates;
+mod replacement;
 mod smoke;
 mod webhook;

@@ -193,6 +193,7 @@ macro_rules! impl_with_listener {
                     .default_actions(forward(tg_arn))
                     .set_certificates(want.certificates.first().map(|c| vec![certificate(c)]))
                     .set_ssl_policy(want.ssl_policy.clone())
+                    .set_alpn_policy(want.alpn_policy.clone().map(|p| vec![p]))
             }
         }
     )+};

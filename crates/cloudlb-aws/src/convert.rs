@@ -160,6 +160,11 @@ pub(crate) fn observed_listener(
         target_group_arn,
         certificates: canonical_certificates(default, others),
         ssl_policy: l.ssl_policy.clone().filter(|s| !s.is_empty()),
+        alpn_policy: l
+            .alpn_policy()
+            .first()
+            .filter(|p| !p.is_empty() && *p != "None")
+            .cloned(),
         tags: BTreeMap::new(),
     })
 }

@@ -85,6 +85,7 @@ fn desired_for(cluster: &str, svc: ServiceRef, ports: &[Port], instances: &[Stri
             target_group: key.clone(),
             certificates: Vec::new(),
             ssl_policy: None,
+            alpn_policy: None,
         });
         let mut tg_tags = tags.clone();
         tg_tags.insert(tags::RESOURCE.into(), key.clone());

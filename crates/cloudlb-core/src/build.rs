@@ -63,9 +63,16 @@ pub fn service_ref(svc: &Service) -> Result<ServiceRef, BuildError> {
 }
 
 /// The load-balancer name the Service has or would have.
-pub fn lb_name(cluster: &str, svc: &ServiceRef, cfg: Option<&LbConfig>) -> String {
-    cfg.and_then(|c| c.name.clone())
-        .unwrap_or_else(|| naming::load_balancer_name(cluster, &svc.namespace, &svc.name, &svc.uid))
+pub fn lb_name(cluster: &str, svc: &ServiceRef, cfg: Option<&LbConfig>, generation: u32) -> String {
+    cfg.and_then(|c| c.name.clone()).unwrap_or_else(|| {
+        naming::load_balancer_name_of_generation(
+            cluster,
+            &svc.namespace,
+            &svc.name,
+            &svc.uid,
+            generation,
+        )
+    })
 }
 
 /// Whether a node may receive load-balancer traffic at all (service-controller rules): not being
@@ -384,7 +391,8 @@ pub fn build<N: std::borrow::Borrow<Node>, S: std::borrow::Borrow<EndpointSlice>
     cfg: &LbConfig,
 ) -> Result<Built, BuildError> {
     let service = service_ref(svc)?;
-    let name = lb_name(cluster, &service, Some(cfg));
+    let generation = crate::model::state::recorded_generation(svc);
+    let name = lb_name(cluster, &service, Some(cfg), generation);
     let mut warnings = Vec::new();
 
     let base_tags = base_tags(cluster, &service, cfg);
@@ -738,6 +746,7 @@ fn listener(g: &PortGroup, target_group: String, cfg: &LbConfig) -> Listener {
             vec![]
         },
         ssl_policy: if tls { cfg.ssl_policy.clone() } else { None },
+        alpn_policy: if tls { cfg.alpn_policy.clone() } else { None },
     }
 }
 

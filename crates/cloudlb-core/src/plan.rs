@@ -484,6 +484,10 @@ fn listener_differs(
         || have.target_group_arn.as_ref() != tg_arn
         || want_certs != have_certs
         || (want.ssl_policy.is_some() && have.ssl_policy != want.ssl_policy)
+        || want
+            .alpn_policy
+            .as_deref()
+            .is_some_and(|p| have.alpn_policy.as_deref().unwrap_or("None") != p)
 }
 
 /// 5b. The user's tags on what exists and stays (what this plan creates gets them at creation):

@@ -257,6 +257,7 @@ mod tests {
                     target_group_arn: Some(l.target_group.clone()),
                     certificates: vec![],
                     ssl_policy: None,
+                    alpn_policy: None,
                     tags: BTreeMap::new(),
                 })
                 .collect(),

@@ -198,6 +198,7 @@ impl ServiceLb {
                         target_group_arn: Some(rt.group_key()),
                         certificates: Vec::new(),
                         ssl_policy: None,
+                        alpn_policy: None,
                         tags: BTreeMap::new(),
                     })
                 })

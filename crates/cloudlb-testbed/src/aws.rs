@@ -174,6 +174,29 @@ impl AwsEmulator {
     }
 
     /// A fresh 12-digit account id, unique per call (and per test process).
+    /// A certificate moto's ACM issues at once in `account`, for `domain`: its ARN. moto checks
+    /// that a TLS listener's certificate exists. (One JSON call through curl: the testbed has no
+    /// ACM client.)
+    pub fn request_certificate(&self, account: &str, domain: &str) -> String {
+        let out = crate::process::run_ok(
+            std::process::Command::new("curl")
+                .args(["-sS", "--fail", "-X", "POST", &self.endpoint])
+                .args(["-H", "X-Amz-Target: CertificateManager.RequestCertificate"])
+                .args(["-H", "Content-Type: application/x-amz-json-1.1"])
+                .args(["-H", &format!("x-moto-account-id: {account}")])
+                .args(["-H", &format!(
+                    "Authorization: AWS4-HMAC-SHA256 Credential=AKIACLOUDLBTEST00000/20260101/{REGION}/acm/aws4_request, SignedHeaders=host, Signature=0"
+                )])
+                .args(["--data", &format!("{{\"DomainName\": \"{domain}\"}}")]),
+        );
+        let answer: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("RequestCertificate answers JSON");
+        answer["CertificateArn"]
+            .as_str()
+            .unwrap_or_else(|| panic!("RequestCertificate: no CertificateArn in {answer}"))
+            .to_string()
+    }
+
     pub fn new_account(&self) -> String {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);

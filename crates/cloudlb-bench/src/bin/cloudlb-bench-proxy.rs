@@ -438,6 +438,7 @@ fn desired(n: u8) -> Desired {
             target_group: "tcp-8080".into(),
             certificates: vec![],
             ssl_policy: None,
+            alpn_policy: None,
         }],
         target_groups: vec![TargetGroup {
             key: "tcp-8080".into(),

@@ -53,10 +53,14 @@ pub const HC_SUCCESS_CODES: &str = "healthcheck-success-codes";
 pub const SSL_CERT: &str = "ssl-cert";
 pub const SSL_PORTS: &str = "ssl-ports";
 pub const SSL_POLICY: &str = "ssl-negotiation-policy";
+pub const ALPN_POLICY: &str = "alpn-policy";
 pub const BACKEND_PROTOCOL: &str = "backend-protocol";
 pub const CROSS_ZONE: &str = "cross-zone-load-balancing-enabled";
 pub const DELETION_PROTECTION: &str = "deletion-protection";
 pub const PROXY_PROTOCOL: &str = "proxy-protocol";
+pub const ACCESS_LOG_ENABLED: &str = "access-log-enabled";
+pub const ACCESS_LOG_BUCKET: &str = "access-log-s3-bucket-name";
+pub const ACCESS_LOG_PREFIX: &str = "access-log-s3-bucket-prefix";
 pub const ADDITIONAL_TAGS: &str = "additional-resource-tags";
 pub const TG_ATTRIBUTES: &str = "target-group-attributes";
 pub const LB_ATTRIBUTES: &str = "load-balancer-attributes";
@@ -64,6 +68,7 @@ pub const TARGET_NODE_LABELS: &str = "target-node-labels";
 pub const SECURITY_GROUPS: &str = "security-groups";
 pub const MANAGE_BACKEND_SG: &str = "manage-backend-security-group-rules";
 pub const NAME: &str = "name";
+pub const REPLACEMENT_GRACE: &str = "replacement-grace-period-seconds";
 pub const SOURCE_RANGES: &str = "source-ranges";
 
 /// The upstream (non-AWS-specific) source-ranges annotation.
@@ -271,6 +276,16 @@ pub const SETTINGS: &[Setting] = &[
         doc: "TLS policy of TLS listeners.",
     },
     Setting {
+        name: ALPN_POLICY,
+        aliases: &[alias!("alpn-policy")],
+        class_field: None,
+        kind: "`HTTP1Only` \\| `HTTP2Only` \\| `HTTP2Optional` \\| `HTTP2Preferred` \\| `None`",
+        default: "none (the listeners' policy is left as it is)",
+        example: "`HTTP2Preferred`",
+        on_change: "modified in place",
+        doc: "The ALPN policy of the TLS listeners (other listeners have none).",
+    },
+    Setting {
         name: BACKEND_PROTOCOL,
         aliases: &[alias!("backend-protocol")],
         class_field: None,
@@ -299,6 +314,36 @@ pub const SETTINGS: &[Setting] = &[
         example: "`true`",
         on_change: "modified in place; while on, deleting the Service stops with an Event instead of deleting the load balancer",
         doc: "Protect the load balancer from deletion (`deletion_protection.enabled`).",
+    },
+    Setting {
+        name: ACCESS_LOG_ENABLED,
+        aliases: &[alias!("access-log-enabled")],
+        class_field: None,
+        kind: "bool",
+        default: "none (the attribute is left as it is)",
+        example: "`true`",
+        on_change: "modified in place",
+        doc: "`true` turns access logs on (`access_logs.s3.enabled`), to the bucket and prefix below; `false` leaves the attribute alone, as in aws-load-balancer-controller (turn them off with `load-balancer-attributes`).",
+    },
+    Setting {
+        name: ACCESS_LOG_BUCKET,
+        aliases: &[alias!("access-log-s3-bucket-name")],
+        class_field: None,
+        kind: "S3 bucket name",
+        default: "none",
+        example: "`shop-logs`",
+        on_change: "modified in place",
+        doc: "The access logs' bucket (`access_logs.s3.bucket`); read only with `access-log-enabled: true`.",
+    },
+    Setting {
+        name: ACCESS_LOG_PREFIX,
+        aliases: &[alias!("access-log-s3-bucket-prefix")],
+        class_field: None,
+        kind: "S3 key prefix",
+        default: "none",
+        example: "`nlb/web`",
+        on_change: "modified in place",
+        doc: "The access logs' prefix (`access_logs.s3.prefix`); read only with `access-log-enabled: true`.",
     },
     Setting {
         name: PROXY_PROTOCOL,
@@ -377,8 +422,18 @@ pub const SETTINGS: &[Setting] = &[
         kind: "≤32 chars, letters, digits, hyphens",
         default: "`k8s-<namespace>-<name>-<hash>`",
         example: "`web-prod`",
-        on_change: "a new load balancer under the new name; the old one is deleted",
+        on_change: "replaced without downtime: a new load balancer under the new name beside the old one, which serves until the new one is active and then for the grace period",
         doc: "Name of the load balancer.",
+    },
+    Setting {
+        name: REPLACEMENT_GRACE,
+        aliases: &[],
+        class_field: Some("spec.aws.replacementGracePeriodSeconds"),
+        kind: "seconds, 0-86400",
+        default: "`300`",
+        example: "`600`",
+        on_change: "applies to the next replacement",
+        doc: "How long a replaced load balancer keeps serving after the Service's status moved to its replacement, so DNS caches follow.",
     },
     Setting {
         name: SOURCE_RANGES,

@@ -125,6 +125,9 @@ pub struct AwsClassSpec {
     /// Only nodes with all these labels are targets.
     pub target_node_labels: Option<BTreeMap<String, String>>,
     pub ssl_negotiation_policy: Option<String>,
+    /// How long a replaced load balancer keeps serving after the Service's status moved to its
+    /// replacement (so DNS caches follow), in seconds; default 300.
+    pub replacement_grace_period_seconds: Option<u32>,
 }
 
 #[serde_with::skip_serializing_none]

@@ -81,6 +81,8 @@ pub struct LbConfig {
     /// Service port numbers that get TLS listeners.
     pub tls_ports: Vec<u16>,
     pub ssl_policy: Option<String>,
+    /// The ALPN policy of the TLS listeners; `None`: left as it is.
+    pub alpn_policy: Option<String>,
     /// TLS to the backends on TLS ports.
     pub backend_tls: bool,
     /// Load-balancer attributes the user set (beyond the AWS defaults).
@@ -94,6 +96,8 @@ pub struct LbConfig {
     pub manage_backend_rules: bool,
     pub source_ranges: Vec<String>,
     pub name: Option<String>,
+    /// How long a replaced load balancer keeps serving after the status moved (AWS).
+    pub replacement_grace: std::time::Duration,
     /// Settings of the local provider (`provider: local` only), validated; the build adds the
     /// requested address.
     pub local: Option<LocalSpec>,
@@ -167,6 +171,7 @@ struct Tls {
     ssl_certificates: Vec<String>,
     tls_ports: Vec<u16>,
     ssl_policy: Option<String>,
+    alpn_policy: Option<String>,
     backend_tls: bool,
 }
 
@@ -862,6 +867,24 @@ impl Parser<'_> {
         let ssl_policy = self
             .get(keys::SSL_POLICY)
             .map(|r| r.value.trim().to_string());
+        const ALPN: [&str; 5] = [
+            "HTTP1Only",
+            "HTTP2Only",
+            "HTTP2Optional",
+            "HTTP2Preferred",
+            "None",
+        ];
+        let alpn_policy = self
+            .parse_with(
+                keys::ALPN_POLICY,
+                format!("allowed values: {}", ALPN.join(", ")),
+                |v| {
+                    ALPN.iter()
+                        .find(|p| p.eq_ignore_ascii_case(v.trim()))
+                        .copied()
+                },
+            )
+            .map(String::from);
         // As the AWS controllers read it: only ssl means TLS to the targets.
         let backend_tls = self
             .parse_enum(
@@ -879,6 +902,7 @@ impl Parser<'_> {
             ssl_certificates,
             tls_ports,
             ssl_policy,
+            alpn_policy,
             backend_tls,
         }
     }
@@ -992,6 +1016,18 @@ impl Parser<'_> {
         }
         if let Some(v) = self.parse_bool(keys::DELETION_PROTECTION) {
             lb_attributes.insert("deletion_protection.enabled".into(), v.to_string());
+        }
+        // As aws-load-balancer-controller reads them: only `true` acts, with bucket and prefix.
+        if self.parse_bool(keys::ACCESS_LOG_ENABLED) == Some(true) {
+            lb_attributes.insert("access_logs.s3.enabled".into(), "true".into());
+            for (key, attribute) in [
+                (keys::ACCESS_LOG_BUCKET, "access_logs.s3.bucket"),
+                (keys::ACCESS_LOG_PREFIX, "access_logs.s3.prefix"),
+            ] {
+                if let Some(raw) = self.get(key) {
+                    lb_attributes.insert(attribute.into(), raw.value.trim().to_string());
+                }
+            }
         }
         if let Some(v) = self.proxy_protocol() {
             tg_attributes.insert("proxy_protocol_v2.enabled".into(), v.to_string());
@@ -1230,6 +1266,7 @@ impl Parser<'_> {
             ssl_certificates,
             tls_ports,
             ssl_policy,
+            alpn_policy,
             backend_tls,
         } = self.tls(&ports);
         let (lb_attributes, tg_attributes) = self.lb_and_tg_attributes();
@@ -1239,6 +1276,10 @@ impl Parser<'_> {
         let manage_backend_rules = self.manage_backend_rules(&security_groups);
         let source_ranges = self.source_ranges(&spec, &security_groups, ip_address_type);
         let name = self.name();
+        let replacement_grace = std::time::Duration::from_secs(u64::from(
+            self.parse_u32(keys::REPLACEMENT_GRACE, 0, 86_400)
+                .unwrap_or(300),
+        ));
         self.service_checks(&spec, &ports, targets);
 
         let local = (class.spec.provider == ProviderKind::Local).then(|| {
@@ -1274,6 +1315,7 @@ impl Parser<'_> {
             ssl_certificates,
             tls_ports,
             ssl_policy,
+            alpn_policy,
             backend_tls,
             lb_attributes,
             tg_attributes,
@@ -1283,6 +1325,7 @@ impl Parser<'_> {
             manage_backend_rules,
             source_ranges,
             name,
+            replacement_grace,
             local,
         }
     }

@@ -736,6 +736,7 @@ fn every_class_field_of_the_settings_table_is_read() {
         manage_backend_security_group_rules: Some(false),
         target_node_labels: Some(map("label")),
         ssl_negotiation_policy: Some("ELBSecurityPolicy-TLS13-1-2-2021-06".into()),
+        replacement_grace_period_seconds: Some(600),
     };
     let mut got = class_values("web", &aws);
     got.sort();
@@ -765,6 +766,7 @@ fn every_class_field_of_the_settings_table_is_read() {
             ("load-balancer-attributes", "lb.a=2,lb.b=1"),
             ("manage-backend-security-group-rules", "false"),
             ("proxy-protocol", "true"),
+            ("replacement-grace-period-seconds", "600"),
             ("scheme", "internal"),
             ("security-groups", "sg-1,sg-2"),
             ("source-ranges", "10.0.0.0/8"),
@@ -838,7 +840,6 @@ fn keys_that_look_like_ours_but_are_not_understood_are_listed() {
         annotations::unsupported(annotations.keys()),
         [
             "cloudlb.io/shceme",
-            "service.beta.kubernetes.io/aws-load-balancer-alpn-policy",
             "service.beta.kubernetes.io/aws-load-balancer-connection-idle-timeout",
         ]
     );
@@ -958,5 +959,67 @@ fn a_named_health_check_port_is_the_nodeport_or_the_pods_port() {
         &[("cloudlb.io/healthcheck-port", "admin")],
         ports(&status),
         "(http, status)",
+    );
+}
+
+#[test]
+fn access_log_keys_turn_access_logs_on_as_the_aws_controllers_read_them() {
+    let c = class(None);
+    let on = [
+        (
+            "service.beta.kubernetes.io/aws-load-balancer-access-log-enabled",
+            "true",
+        ),
+        (
+            "service.beta.kubernetes.io/aws-load-balancer-access-log-s3-bucket-name",
+            "shop-logs",
+        ),
+        (
+            "service.beta.kubernetes.io/aws-load-balancer-access-log-s3-bucket-prefix",
+            "nlb/web",
+        ),
+    ];
+    let cfg = resolve_ok(&c, &svc(&on, web()));
+    for (k, v) in [
+        ("access_logs.s3.enabled", "true"),
+        ("access_logs.s3.bucket", "shop-logs"),
+        ("access_logs.s3.prefix", "nlb/web"),
+    ] {
+        assert_eq!(cfg.lb_attributes.get(k).map(String::as_str), Some(v), "{k}");
+    }
+    // `false` leaves the attributes alone; the bucket is read only when enabled.
+    let off = [
+        (
+            "service.beta.kubernetes.io/aws-load-balancer-access-log-enabled",
+            "false",
+        ),
+        (
+            "service.beta.kubernetes.io/aws-load-balancer-access-log-s3-bucket-name",
+            "shop-logs",
+        ),
+    ];
+    let cfg = resolve_ok(&c, &svc(&off, web()));
+    assert!(cfg.lb_attributes.is_empty(), "{:?}", cfg.lb_attributes);
+    // Enabled without a bucket: the attributes' own check names what is missing.
+    first_error_says(
+        &[(
+            "service.beta.kubernetes.io/aws-load-balancer-access-log-enabled",
+            "true",
+        )],
+        web(),
+        "access logs need access_logs.s3.bucket",
+    );
+}
+
+#[test]
+fn the_alpn_policy_takes_the_aws_names() {
+    let c = class(None);
+    let key = "service.beta.kubernetes.io/aws-load-balancer-alpn-policy";
+    let cfg = resolve_ok(&c, &svc(&[(key, "http2preferred")], web()));
+    assert_eq!(cfg.alpn_policy.as_deref(), Some("HTTP2Preferred"));
+    first_error_says(
+        &[(key, "h2")],
+        web(),
+        "allowed values: HTTP1Only, HTTP2Only, HTTP2Optional, HTTP2Preferred, None",
     );
 }

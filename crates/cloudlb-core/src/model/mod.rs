@@ -362,6 +362,9 @@ pub struct Listener {
     pub certificates: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssl_policy: Option<String>,
+    /// TLS listeners: the ALPN policy (`None`: left as the listener has it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpn_policy: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -35,7 +35,25 @@ fn sanitize(s: &str, max: usize) -> String {
 
 /// `k8s-<ns>-<name>-<hash10>`: ≤ 32 chars.
 pub fn load_balancer_name(cluster: &str, namespace: &str, name: &str, uid: &str) -> String {
-    let hash = hash_hex(&["lb", cluster, namespace, name, uid], 10);
+    load_balancer_name_of_generation(cluster, namespace, name, uid, 0)
+}
+
+/// [`load_balancer_name`] of the Service's `generation`-th load balancer: 0 is the first; each
+/// replacement (a change AWS cannot make in place, such as the scheme) makes the next one under
+/// a new name, beside the one that serves until it is ready.
+pub fn load_balancer_name_of_generation(
+    cluster: &str,
+    namespace: &str,
+    name: &str,
+    uid: &str,
+    generation: u32,
+) -> String {
+    let generation = generation.to_string();
+    let parts: &[&str] = match generation.as_str() {
+        "0" => &["lb", cluster, namespace, name, uid],
+        g => &["lb", cluster, namespace, name, uid, g],
+    };
+    let hash = hash_hex(parts, 10);
     // 3 ("k8s") + 1 + 8 + 1 + 8 + 1 + 10 = 32
     format!(
         "k8s-{}-{}-{hash}",

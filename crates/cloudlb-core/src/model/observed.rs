@@ -86,6 +86,9 @@ pub struct ObservedListener {
     pub target_group_arn: Option<String>,
     pub certificates: Vec<String>,
     pub ssl_policy: Option<String>,
+    /// The ALPN policy (`None`: the cloud reported none, which is AWS's `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpn_policy: Option<String>,
     /// Its tags other than the [reserved](crate::model::tags::is_reserved) ones (the user's,
     /// and any added by hand); ownership is checked when it is observed.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

@@ -35,6 +35,29 @@ pub fn tag_keys_value(keys: &std::collections::BTreeSet<String>) -> Option<Strin
     (!keys.is_empty()).then(|| serde_json::to_string(keys).unwrap_or_default())
 }
 
+/// The name of the load balancer the Service's status points to (AWS), written with the
+/// finalizer and when a replacement moves the status. A desired name that differs is a
+/// replacement in progress: the new load balancer is made beside this one, which keeps serving.
+pub const SERVING_ANNOTATION: &str = "state.cloudlb.io/load-balancer";
+/// The replaced load balancer that still serves for its grace period: `<name>@<unix seconds
+/// when the status moved away from it>`.
+pub const RETIRING_ANNOTATION: &str = "state.cloudlb.io/retiring";
+/// How many times the Service's generated load-balancer name was replaced (absent: 0).
+pub const GENERATION_ANNOTATION: &str = "state.cloudlb.io/generation";
+
+/// The generation recorded on the Service (0 when absent or not a number).
+pub fn recorded_generation(svc: &Service) -> u32 {
+    recorded(svc, GENERATION_ANNOTATION)
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The retiring load balancer recorded on the Service: its name and since when (unix seconds).
+pub fn recorded_retiring(svc: &Service) -> Option<(String, u64)> {
+    let (name, since) = recorded(svc, RETIRING_ANNOTATION)?.rsplit_once('@')?;
+    Some((name.to_string(), since.trim().parse().ok()?))
+}
+
 /// Whether our finalizer is on the Service.
 pub fn has_finalizer(svc: &Service) -> bool {
     svc.metadata

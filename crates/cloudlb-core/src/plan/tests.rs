@@ -100,6 +100,7 @@ fn observed_for(d: &Desired) -> Observed {
                     .map(|t| tg_arn(&t.name)),
                 certificates: l.certificates.clone(),
                 ssl_policy: l.ssl_policy.clone(),
+                alpn_policy: l.alpn_policy.clone(),
                 tags: tags::user_tags(&lb.tags),
             })
             .collect(),
@@ -642,6 +643,58 @@ fn subnets_follow_the_placement_in_place_when_the_provider_knows_it() {
     // Never to no subnet at all.
     assert_eq!(
         plan_with(&d, &observed, with(&[])).expect("plan"),
+        Plan::default()
+    );
+}
+
+#[test]
+fn an_alpn_policy_is_set_on_the_tls_listeners_and_otherwise_left_alone() {
+    let tls = serde_json::json!({
+        "cloudlb.io/ssl-cert": "arn:aws:acm:us-east-1:1:certificate/x",
+        "cloudlb.io/ssl-ports": "443",
+    });
+    let mut with_alpn = tls.clone();
+    with_alpn["service.beta.kubernetes.io/aws-load-balancer-alpn-policy"] =
+        serde_json::json!("HTTP2Preferred");
+    let before = web_annotated(tls);
+    let after = web_annotated(with_alpn);
+    let alpn: Vec<Option<&str>> = after
+        .lb
+        .iter()
+        .flat_map(|l| &l.listeners)
+        .map(|l| l.alpn_policy.as_deref())
+        .collect();
+    assert_eq!(
+        alpn,
+        [None, Some("HTTP2Preferred")],
+        "the TLS listener only"
+    );
+    let p = plan(&after, &observed_for(&before)).expect("plan");
+    assert_eq!(
+        p.ops,
+        vec![Op::ModifyListener {
+            arn: "arn:listener/443".into(),
+            port: 443
+        }]
+    );
+    assert_eq!(
+        plan(&after, &observed_for(&after)).expect("plan"),
+        Plan::default()
+    );
+    // Not set: a policy the listener has (set in the console) is left as it is.
+    let mut console = observed_for(&before);
+    if let Some(l) = console.listeners.iter_mut().find(|l| l.port == 443) {
+        l.alpn_policy = Some("HTTP2Only".into());
+    }
+    assert_eq!(plan(&before, &console).expect("plan"), Plan::default());
+    // `None` is what a listener without a policy reports.
+    let mut none = serde_json::json!({
+        "cloudlb.io/ssl-cert": "arn:aws:acm:us-east-1:1:certificate/x",
+        "cloudlb.io/ssl-ports": "443",
+    });
+    none["cloudlb.io/alpn-policy"] = serde_json::json!("None");
+    assert_eq!(
+        plan(&web_annotated(none), &observed_for(&before)).expect("plan"),
         Plan::default()
     );
 }

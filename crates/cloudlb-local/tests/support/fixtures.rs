@@ -40,6 +40,7 @@ pub fn listener(port: u16, protocol: Protocol, key: &str) -> Listener {
         target_group: key.into(),
         certificates: vec![],
         ssl_policy: None,
+        alpn_policy: None,
     }
 }
 

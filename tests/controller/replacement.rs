@@ -1,0 +1,227 @@
+//! Changes AWS cannot make in place (the scheme, the name) replace the load balancer without a
+//! moment of downtime: the new one is made beside the old one, the status moves once the new one
+//! is active, and the old one serves for the grace period before it is deleted. A client polls
+//! the Service's status every 100 ms throughout and must never see it empty, nor pointing at a
+//! load balancer that no longer exists.
+
+use crate::helpers::web_ports;
+use crate::support;
+
+use k8s_openapi::api::core::v1::Service;
+use kube::Api;
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use support::env::{Env, wait_for, wait_within};
+use support::{TestGuard, describe, elbv2, fixtures};
+
+/// The grace period the tests' Services ask for.
+const GRACE_SECONDS: u64 = 4;
+
+/// What a client polling the status saw: every distinct hostname, in order, and every moment it
+/// found the status empty or naming a load balancer that does not exist.
+#[derive(Default)]
+struct Seen {
+    hostnames: Vec<String>,
+    problems: Vec<String>,
+}
+
+/// Polls Service `name`'s status every 100 ms until `stop`, checking each hostname against the
+/// account's load balancers.
+fn watch_status(
+    services: Api<Service>,
+    elbv2: elbv2::Client,
+    name: &'static str,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Seen> {
+    tokio::spawn(async move {
+        let mut seen = Seen::default();
+        while !stop.load(Ordering::Relaxed) {
+            let hostname = fixtures::ingress(&services, name)
+                .await
+                .and_then(|i| i.hostname);
+            match hostname {
+                None => seen.problems.push("the status is empty".into()),
+                Some(h) => {
+                    let exists = describe::load_balancers(&elbv2)
+                        .await
+                        .iter()
+                        .any(|lb| lb.dns_name() == Some(h.as_str()));
+                    if !exists {
+                        seen.problems
+                            .push(format!("the status names {h}, which does not exist"));
+                    }
+                    if seen.hostnames.last() != Some(&h) {
+                        seen.hostnames.push(h);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        seen
+    })
+}
+
+/// Creates Service `web` with `annotations` (and a short grace period), applies `change`, and
+/// follows the replacement: the status moves exactly once, from the old load balancer to the
+/// new one, which the old one outlives by the grace period. Returns the new load balancer.
+async fn replaced_without_downtime(
+    env: &Env,
+    annotations: serde_json::Value,
+    change: serde_json::Value,
+) -> elbv2::types::LoadBalancer {
+    let mut annotations = annotations;
+    annotations["cloudlb.io/replacement-grace-period-seconds"] = json!(GRACE_SECONDS.to_string());
+    env.create_service("web", annotations, web_ports()).await;
+    let before = env.wait_hostname("web").await;
+    let old_name = env.load_balancer_names().await;
+    assert_eq!(old_name.len(), 1);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = watch_status(env.services(), env.elbv2.clone(), "web", stop.clone());
+    env.patch_service("web", json!({"metadata": {"annotations": change}}))
+        .await;
+    let after = wait_for("the status on the new load balancer", || async {
+        env.hostname("web").await.filter(|h| *h != before)
+    })
+    .await;
+    // The old one still serves, beside the new one.
+    let names = env.load_balancer_names().await;
+    assert_eq!(
+        names.len(),
+        2,
+        "both serve during the grace period: {names:?}"
+    );
+    assert!(names.contains(&old_name[0]), "{names:?}");
+    // Then it goes, after the grace period, and only it.
+    wait_within(
+        "the old load balancer deleted",
+        Duration::from_secs(GRACE_SECONDS + 30),
+        || async { (env.load_balancer_names().await.len() == 1).then_some(()) },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let seen = watcher.await.expect("the status watcher");
+    assert!(seen.problems.is_empty(), "{:?}", seen.problems);
+    assert_eq!(
+        seen.hostnames,
+        vec![before, after.clone()],
+        "one move, old → new"
+    );
+    let lbs = env.load_balancers().await;
+    assert_eq!(lbs[0].dns_name(), Some(after.as_str()));
+    assert!(!env.load_balancer_names().await.contains(&old_name[0]));
+    let notes = env.events("ReplacingLoadBalancer").await;
+    assert!(
+        notes.iter().any(|n| n.contains("DNS name changes")),
+        "{notes:?}"
+    );
+    lbs.into_iter().next().expect("the new load balancer")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheme_change_replaces_the_load_balancer_without_downtime() {
+    let _guard = TestGuard::new();
+    let env = Env::start("rescheme", Duration::from_secs(3600)).await;
+    let new = replaced_without_downtime(
+        &env,
+        json!({"cloudlb.io/scheme": "internet-facing"}),
+        json!({"cloudlb.io/scheme": "internal"}),
+    )
+    .await;
+    assert_eq!(new.scheme().map(|s| s.as_str()), Some("internal"));
+    // Its target groups and security group are its own; the old one's are gone with it.
+    wait_for("the old target groups deleted", || async {
+        (env.target_groups().await.len() == 2).then_some(())
+    })
+    .await;
+    let listeners = env.listeners(new.load_balancer_arn().expect("arn")).await;
+    assert_eq!(listeners.len(), 2);
+    // Deleting the Service deletes the new one too.
+    crate::helpers::delete_service(&env.services(), "web").await;
+    assert!(env.load_balancer_names().await.is_empty());
+    assert!(env.target_groups().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rename_replaces_the_load_balancer_without_downtime() {
+    let _guard = TestGuard::new();
+    let env = Env::start("rename", Duration::from_secs(3600)).await;
+    let new = replaced_without_downtime(
+        &env,
+        json!({}),
+        json!({"service.beta.kubernetes.io/aws-load-balancer-name": "web-renamed"}),
+    )
+    .await;
+    assert_eq!(new.load_balancer_name(), Some("web-renamed"));
+    wait_for("only the new target groups left", || async {
+        (env.target_groups().await.len() == 2).then_some(())
+    })
+    .await;
+    // Settled: an edit that changes nothing costs no call.
+    let calls = env.calls_for_unrelated_edit("web", "unchanged").await;
+    assert!(calls.is_empty(), "{calls:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_at_every_step_of_a_replacement_it_converges_to_exactly_the_new_one() {
+    use rand::{Rng, SeedableRng};
+    let _guard = TestGuard::new();
+    let seed: u64 = std::env::var("CLOUDLB_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20261207);
+    eprintln!("replacement crash seed {seed} (set CLOUDLB_CRASH_SEED to replay)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut env = Env::start("rekill", Duration::from_secs(3600)).await;
+    let grace = "2";
+    let annotations = json!({
+        "cloudlb.io/scheme": "internet-facing",
+        "cloudlb.io/replacement-grace-period-seconds": grace,
+    });
+    env.create_service("web", annotations, web_ports()).await;
+    let before = env.wait_hostname("web").await;
+    let old = env.load_balancer_names().await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = watch_status(env.services(), env.elbv2.clone(), "web", stop.clone());
+    let change = json!({"metadata": {"annotations": {"cloudlb.io/scheme": "internal"}}});
+    env.patch_service("web", change).await;
+    // Killed (its task aborted: calls cut, memory gone) and started again, at random moments
+    // across the replacement: making the new one, moving the status, the grace, the delete.
+    for _ in 0..12 * support::soak() {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..700))).await;
+        env.restart_operator();
+    }
+    wait_within(
+        "exactly one load balancer, the new one, serving",
+        Duration::from_secs(90),
+        || async {
+            let lbs = env.load_balancers().await;
+            let hostname = env.hostname("web").await?;
+            let only_new = lbs.len() == 1
+                && lbs[0].dns_name() == Some(hostname.as_str())
+                && hostname != before
+                && lbs[0].scheme().map(|s| s.as_str()) == Some("internal");
+            only_new.then_some(())
+        },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let seen = watcher.await.expect("the status watcher");
+    assert!(seen.problems.is_empty(), "{:?}", seen.problems);
+    assert!(!env.load_balancer_names().await.contains(&old[0]));
+    // Nothing of the old one is left: its target groups and security group went with it.
+    wait_for("only the new target groups and security group", || async {
+        let tgs = env.target_groups().await.len();
+        let groups = env.our_security_groups().await;
+        let frontends = describe::security_groups(&env.ec2, &env.ns)
+            .await
+            .iter()
+            .filter(|g| g.group_name().is_some_and(|n| n.ends_with("-frontend")))
+            .count();
+        (tgs == 2 && frontends == 1 && !groups.is_empty()).then_some(())
+    })
+    .await;
+}
