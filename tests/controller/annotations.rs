@@ -251,6 +251,8 @@ async fn tags_follow_the_service_in_place_and_only_ours_are_removed() {
     env.create_service("web", json!({key: "team=web,env=dev"}), web_ports())
         .await;
     env.wait_hostname("web").await;
+    // The create's reconcile has ended: the edit's is the next one counted.
+    env.wait_reconciles("applied", 0).await;
     let lb_arn = env.load_balancers().await[0]
         .load_balancer_arn()
         .expect("arn")
@@ -389,6 +391,8 @@ async fn subnets_follow_the_service_in_place() {
     env.create_service("web", json!({key: format!("{a},{b}")}), web_ports())
         .await;
     env.wait_hostname("web").await;
+    // The create's reconcile has ended: the edit's is the next one counted.
+    env.wait_reconciles("applied", 0).await;
     let dns = env.load_balancers().await[0]
         .dns_name()
         .expect("dns")
