@@ -111,9 +111,9 @@ async fn keys_cloudlb_does_not_understand_are_told_once_and_the_rest_builds() {
     let unknown = [
         "cloudlb.io/shceme",
         "service.beta.kubernetes.io/aws-load-balancer-multi-cluster-target-group",
-        "service.beta.kubernetes.io/aws-load-balancer-listener-attributes.TCP-80",
+        "service.beta.kubernetes.io/aws-load-balancer-ipv6-addresses",
         "service.beta.kubernetes.io/aws-load-balancer-minimum-load-balancer-capacity",
-        "service.beta.kubernetes.io/aws-load-balancer-security-group-prefix-lists",
+        "service.beta.kubernetes.io/aws-load-balancer-enable-icmp-for-path-mtu-discovery",
     ];
     let mut annotations: serde_json::Map<String, serde_json::Value> = unknown
         .iter()
@@ -480,4 +480,149 @@ async fn the_alpn_policy_is_set_on_the_tls_listener_and_drift_checks_keep_it() {
     .await;
     let delta = env.calls_since(&before);
     assert!(!delta.contains_key("ModifyListener/ok"), "{delta:?}");
+}
+
+/// A managed prefix list in the test's account: its id.
+async fn prefix_list(env: &Env, name: &str) -> String {
+    env.ec2
+        .create_managed_prefix_list()
+        .prefix_list_name(name)
+        .address_family("IPv4")
+        .max_entries(5)
+        .entries(
+            support::ec2::types::AddPrefixListEntry::builder()
+                .cidr("198.51.100.0/24")
+                .build(),
+        )
+        .send()
+        .await
+        .expect("create a prefix list")
+        .prefix_list()
+        .and_then(|p| p.prefix_list_id())
+        .expect("its id")
+        .to_string()
+}
+
+/// The sources (CIDRs and prefix lists) the frontend group of `name` admits on `port`, sorted.
+async fn frontend_sources(env: &Env, name: &str, port: i32) -> Vec<String> {
+    let groups = support::describe::security_groups(&env.ec2, &env.ns).await;
+    let group = groups
+        .iter()
+        .find(|g| {
+            g.tags()
+                .iter()
+                .any(|t| t.key() == Some("cloudlb.io/service-name") && t.value() == Some(name))
+        })
+        .expect("the Service's frontend security group");
+    let mut sources: Vec<String> = group
+        .ip_permissions()
+        .iter()
+        .filter(|p| p.from_port() == Some(port))
+        .flat_map(|p| {
+            let cidrs = p
+                .ip_ranges()
+                .iter()
+                .filter_map(|r| r.cidr_ip().map(String::from));
+            let lists = p
+                .prefix_list_ids()
+                .iter()
+                .filter_map(|l| l.prefix_list_id().map(String::from));
+            cidrs.chain(lists).collect::<Vec<_>>()
+        })
+        .collect();
+    sources.sort();
+    sources
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_lists_are_admitted_on_every_listener_port_and_change_in_place() {
+    let _guard = TestGuard::new();
+    let env = Env::start("prefixes", Duration::from_secs(3600)).await;
+    let (a, b) = (
+        prefix_list(&env, "offices").await,
+        prefix_list(&env, "cdn").await,
+    );
+    let key = "service.beta.kubernetes.io/aws-load-balancer-security-group-prefix-lists";
+    env.create_service("web", json!({key: a.clone()}), web_ports())
+        .await;
+    env.wait_hostname("web").await;
+    env.wait_reconciles("applied", 0).await;
+    for port in [80, 443] {
+        assert_eq!(
+            frontend_sources(&env, "web", port).await,
+            vec![a.clone()],
+            "port {port}: the prefix list only, no 0.0.0.0/0"
+        );
+    }
+    let edit = json!({"metadata": {"annotations": {key: b.clone()}}});
+    let delta = env.calls_for_edit("web", edit, "applied").await;
+    let writes: Vec<(String, u64)> = delta
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("Describe"))
+        .collect();
+    assert_eq!(
+        writes,
+        vec![
+            ("AuthorizeSecurityGroupIngress/ok".to_string(), 1),
+            ("RevokeSecurityGroupIngress/ok".to_string(), 1)
+        ]
+    );
+    assert_eq!(frontend_sources(&env, "web", 443).await, vec![b]);
+}
+
+/// The attributes of the listener on `port` of the account's only load balancer.
+async fn listener_attributes(env: &Env, port: i32) -> BTreeMap<String, String> {
+    let lb_arn = env.load_balancers().await[0]
+        .load_balancer_arn()
+        .expect("arn")
+        .to_string();
+    let listener = env
+        .listeners(&lb_arn)
+        .await
+        .into_iter()
+        .find(|l| l.port() == Some(port))
+        .and_then(|l| l.listener_arn().map(String::from))
+        .expect("the listener");
+    let out = env
+        .elbv2
+        .describe_listener_attributes()
+        .listener_arn(listener)
+        .send()
+        .await
+        .expect("describe listener attributes");
+    out.attributes()
+        .iter()
+        .filter_map(|a| Some((a.key()?.to_string(), a.value()?.to_string())))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_attributes_are_set_and_changed_in_place() {
+    let _guard = TestGuard::new();
+    let env = Env::start("lattrs", Duration::from_secs(3600)).await;
+    let key = "service.beta.kubernetes.io/aws-load-balancer-listener-attributes.TCP-80";
+    env.create_service(
+        "web",
+        json!({key: "tcp.idle_timeout.seconds=400"}),
+        web_ports(),
+    )
+    .await;
+    env.wait_hostname("web").await;
+    env.wait_reconciles("applied", 0).await;
+    let idle = |a: BTreeMap<String, String>| a.get("tcp.idle_timeout.seconds").cloned();
+    assert_eq!(
+        idle(listener_attributes(&env, 80).await).as_deref(),
+        Some("400")
+    );
+    let edit = json!({"metadata": {"annotations": {key: "tcp.idle_timeout.seconds=500"}}});
+    let delta = env.calls_for_edit("web", edit, "applied").await;
+    let writes: Vec<(String, u64)> = delta
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("Describe"))
+        .collect();
+    assert_eq!(writes, vec![("ModifyListenerAttributes/ok".to_string(), 1)]);
+    assert_eq!(
+        idle(listener_attributes(&env, 80).await).as_deref(),
+        Some("500")
+    );
 }

@@ -80,12 +80,14 @@ async fn replaced_without_downtime(
 
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = watch_status(env.services(), env.elbv2.clone(), "web", stop.clone());
+    let (calls, started) = (env.provider.calls(), std::time::Instant::now());
     env.patch_service("web", json!({"metadata": {"annotations": change}}))
         .await;
     let after = wait_for("the status on the new load balancer", || async {
         env.hostname("web").await.filter(|h| *h != before)
     })
     .await;
+    let moved = started.elapsed();
     // The old one still serves, beside the new one.
     let names = env.load_balancer_names().await;
     assert_eq!(
@@ -101,6 +103,12 @@ async fn replaced_without_downtime(
         || async { (env.load_balancer_names().await.len() == 1).then_some(()) },
     )
     .await;
+    eprintln!(
+        "replacement: status moved after {:.1} s, old load balancer deleted after {:.1} s (grace {GRACE_SECONDS} s); AWS calls: {:?}",
+        moved.as_secs_f64(),
+        started.elapsed().as_secs_f64(),
+        env.calls_since(&calls)
+    );
     stop.store(true, Ordering::Relaxed);
     let seen = watcher.await.expect("the status watcher");
     assert!(seen.problems.is_empty(), "{:?}", seen.problems);

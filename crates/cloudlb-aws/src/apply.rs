@@ -387,6 +387,9 @@ impl<'a> Run<'a> {
             Op::DeleteListener { arn, .. } => self.delete_listener(arn).await,
             Op::ModifyListener { arn, port } => self.modify_listener(arn, *port).await,
             Op::CreateListener { port } => self.create_listener(*port).await,
+            Op::SetListenerAttributes { port, attributes } => {
+                self.set_listener_attributes(*port, attributes).await
+            }
             Op::DeleteTargetGroup { arn, .. } => self.delete_tg(arn).await,
             Op::DeleteSecurityGroup { id } => self.delete_security_group(id).await,
             Op::RemoveTags { resources, keys } => {
@@ -1071,6 +1074,38 @@ impl<'a> Run<'a> {
         self.sync_extra_certificates(arn, want, &before).await?;
         self.out.listeners.retain(|l| l.arn != arn);
         self.out.listeners.push(observed);
+        Ok(())
+    }
+
+    async fn set_listener_attributes(
+        &mut self,
+        port: u16,
+        attributes: &BTreeMap<String, String>,
+    ) -> Result<(), ProviderError> {
+        let p = self.p;
+        let arn = self
+            .out
+            .listeners
+            .iter()
+            .find(|l| l.port == port)
+            .map(|l| &l.arn);
+        let arn = needed(arn, "a listener to set attributes on does not exist")?;
+        let list = attributes
+            .iter()
+            .map(|(k, v)| elb::ListenerAttribute::builder().key(k).value(v).build());
+        let req = p
+            .elbv2
+            .modify_listener_attributes()
+            .listener_arn(&arn)
+            .set_attributes(Some(list.collect()));
+        let sent = p
+            .calls
+            .run("ModifyListenerAttributes", || req.clone().send());
+        sent.await.gone("listener")?;
+        if let Some(l) = self.out.listeners.iter_mut().find(|l| l.arn == arn) {
+            l.attributes
+                .extend(attributes.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
         Ok(())
     }
 

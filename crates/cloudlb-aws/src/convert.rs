@@ -165,6 +165,7 @@ pub(crate) fn observed_listener(
             .first()
             .filter(|p| !p.is_empty() && *p != "None")
             .cloned(),
+        attributes: BTreeMap::new(),
         tags: BTreeMap::new(),
     })
 }

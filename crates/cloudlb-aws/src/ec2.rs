@@ -480,7 +480,12 @@ fn ingress_rules(perms: &[sdk::IpPermission]) -> BTreeSet<IngressRule> {
             .iter()
             .flatten()
             .filter_map(|r| r.cidr_ipv6.clone());
-        for cidr in v4.chain(v6) {
+        let lists = p
+            .prefix_list_ids
+            .iter()
+            .flatten()
+            .filter_map(|l| l.prefix_list_id.clone());
+        for cidr in v4.chain(v6).chain(lists) {
             out.insert(IngressRule {
                 protocol: protocol.to_string(),
                 port,
@@ -500,7 +505,9 @@ fn ip_permissions(rules: &[IngressRule]) -> Vec<sdk::IpPermission> {
                 .ip_protocol(&r.protocol)
                 .from_port(i32::from(r.port))
                 .to_port(i32::from(r.port));
-            if r.cidr.contains(':') {
+            if r.cidr.starts_with("pl-") {
+                b.prefix_list_ids(sdk::PrefixListId::builder().prefix_list_id(&r.cidr).build())
+            } else if r.cidr.contains(':') {
                 b.ipv6_ranges(sdk::Ipv6Range::builder().cidr_ipv6(&r.cidr).build())
             } else {
                 b.ip_ranges(sdk::IpRange::builder().cidr_ip(&r.cidr).build())
@@ -526,6 +533,11 @@ mod tests {
                 protocol: "udp".into(),
                 port: 53,
                 cidr: "::/0".into(),
+            },
+            IngressRule {
+                protocol: "tcp".into(),
+                port: 443,
+                cidr: "pl-0123abcd".into(),
             },
         ];
         let back = ingress_rules(&ip_permissions(&rules));

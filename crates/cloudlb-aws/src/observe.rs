@@ -35,6 +35,8 @@ impl AwsProvider {
                 l.tags = tags::user_tags(lb_tags);
             }
             observed.listeners = self.describe_listeners(&arn, true).await?;
+            self.read_listener_attributes(desired, &mut observed.listeners)
+                .await?;
             attached = self.describe_attached_target_groups(&arn).await?;
         }
 
@@ -311,6 +313,41 @@ impl AwsProvider {
             }
         }
         Ok(out)
+    }
+
+    /// The attributes of the listeners the model sets attributes on (one read each; none for
+    /// the others, whose attributes are left as they are).
+    async fn read_listener_attributes(
+        &self,
+        desired: &Desired,
+        listeners: &mut [cloudlb_core::provider::ObservedListener],
+    ) -> Result<(), ProviderError> {
+        let Some(want) = &desired.lb else {
+            return Ok(());
+        };
+        for l in listeners.iter_mut() {
+            let sets = want
+                .listeners
+                .iter()
+                .any(|w| w.port == l.port && !w.attributes.is_empty());
+            if !sets {
+                continue;
+            }
+            let req = self
+                .elbv2
+                .describe_listener_attributes()
+                .listener_arn(&l.arn);
+            let resp = self
+                .calls
+                .run("DescribeListenerAttributes", || req.clone().send())
+                .await?;
+            l.attributes = resp
+                .attributes()
+                .iter()
+                .filter_map(|a| Some((a.key.clone()?, a.value.clone()?)))
+                .collect();
+        }
+        Ok(())
     }
 
     async fn describe_listener_certificates(

@@ -86,6 +86,7 @@ fn desired_for(cluster: &str, svc: ServiceRef, ports: &[Port], instances: &[Stri
             certificates: Vec::new(),
             ssl_policy: None,
             alpn_policy: None,
+            attributes: BTreeMap::new(),
         });
         let mut tg_tags = tags.clone();
         tg_tags.insert(tags::RESOURCE.into(), key.clone());

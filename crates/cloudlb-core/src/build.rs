@@ -747,6 +747,11 @@ fn listener(g: &PortGroup, target_group: String, cfg: &LbConfig) -> Listener {
         },
         ssl_policy: if tls { cfg.ssl_policy.clone() } else { None },
         alpn_policy: if tls { cfg.alpn_policy.clone() } else { None },
+        attributes: cfg
+            .listener_attributes
+            .get(&g.port)
+            .cloned()
+            .unwrap_or_default(),
     }
 }
 

@@ -87,6 +87,11 @@ pub enum Op {
     CreateListener {
         port: u16,
     },
+    /// Set the listener on `port`'s `attributes` (those that differ, or all on a new listener).
+    SetListenerAttributes {
+        port: u16,
+        attributes: BTreeMap<String, String>,
+    },
     DeleteTargetGroup {
         arn: String,
         name: String,
@@ -461,6 +466,22 @@ fn plan_listeners(
     plan_listeners_by_port(&lb.listeners, observed_listeners, ops, |want, have| {
         listener_differs(lb, want, have, observed)
     });
+    // Attributes the user set: those that differ, or all of them on a new listener.
+    for want in lb.listeners.iter().filter(|l| !l.attributes.is_empty()) {
+        let have = observed_listeners.iter().find(|l| l.port == want.port);
+        let attributes = match have {
+            Some(h) => changed_attributes(&want.attributes, |k| {
+                h.attributes.get(k).map(String::as_str)
+            }),
+            None => want.attributes.clone(),
+        };
+        if !attributes.is_empty() {
+            ops.push(Op::SetListenerAttributes {
+                port: want.port,
+                attributes,
+            });
+        }
+    }
 }
 
 fn listener_differs(

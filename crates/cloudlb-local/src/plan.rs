@@ -258,6 +258,7 @@ mod tests {
                     certificates: vec![],
                     ssl_policy: None,
                     alpn_policy: None,
+                    attributes: BTreeMap::new(),
                     tags: BTreeMap::new(),
                 })
                 .collect(),

@@ -199,6 +199,7 @@ impl ServiceLb {
                         certificates: Vec::new(),
                         ssl_policy: None,
                         alpn_policy: None,
+                        attributes: BTreeMap::new(),
                         tags: BTreeMap::new(),
                     })
                 })

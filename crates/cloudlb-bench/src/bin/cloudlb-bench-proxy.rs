@@ -439,6 +439,7 @@ fn desired(n: u8) -> Desired {
             certificates: vec![],
             ssl_policy: None,
             alpn_policy: None,
+            attributes: BTreeMap::new(),
         }],
         target_groups: vec![TargetGroup {
             key: "tcp-8080".into(),

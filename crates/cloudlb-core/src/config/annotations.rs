@@ -70,6 +70,15 @@ pub const MANAGE_BACKEND_SG: &str = "manage-backend-security-group-rules";
 pub const NAME: &str = "name";
 pub const REPLACEMENT_GRACE: &str = "replacement-grace-period-seconds";
 pub const SOURCE_RANGES: &str = "source-ranges";
+pub const PREFIX_LISTS: &str = "security-group-prefix-lists";
+/// Per-listener attributes: `cloudlb.io/listener-attributes.<PROTOCOL>-<PORT>` and the compatible
+/// `service.beta.kubernetes.io/aws-load-balancer-listener-attributes.<PROTOCOL>-<PORT>`.
+pub const LISTENER_ATTRIBUTES: &str = "listener-attributes.";
+/// The prefixes of the per-listener attribute keys (ours, then the compatible one).
+pub const LISTENER_ATTRIBUTES_PREFIXES: [&str; 2] = [
+    "cloudlb.io/listener-attributes.",
+    alias!("listener-attributes."),
+];
 
 /// The upstream (non-AWS-specific) source-ranges annotation.
 pub const UPSTREAM_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
@@ -445,6 +454,26 @@ pub const SETTINGS: &[Setting] = &[
         on_change: "security-group rules updated in place",
         doc: "Client ranges allowed in; `spec.loadBalancerSourceRanges` takes precedence.",
     },
+    Setting {
+        name: "listener-attributes.<PROTOCOL>-<PORT>",
+        aliases: &[alias!("listener-attributes.<PROTOCOL>-<PORT>")],
+        class_field: None,
+        kind: "comma-separated `key=value` (e.g. `tcp.idle_timeout.seconds=400`)",
+        default: "none (the listener's attributes are left as they are)",
+        example: "`listener-attributes.TCP-80: tcp.idle_timeout.seconds=400`",
+        on_change: "modified in place",
+        doc: "Attributes of the listener on `<PORT>` with `<PROTOCOL>` (`TCP`, `UDP`, `TLS`, `TCP_UDP`), passed to AWS as given (AWS validates them).",
+    },
+    Setting {
+        name: PREFIX_LISTS,
+        aliases: &[alias!("security-group-prefix-lists")],
+        class_field: None,
+        kind: "comma-separated managed prefix-list ids (`pl-…`)",
+        default: "none",
+        example: "`pl-0123abcd,pl-4567efgh`",
+        on_change: "security-group rules updated in place",
+        doc: "Prefix lists allowed in on every listener port, besides the source ranges; with prefix lists and no source range, no `0.0.0.0/0` rule is made (as in aws-load-balancer-controller).",
+    },
 ];
 
 /// Where a setting deliberately means something else in cloudlb than in
@@ -506,6 +535,11 @@ pub fn unsupported<'a>(annotations: impl IntoIterator<Item = &'a String>) -> Vec
         .map(String::as_str)
         .filter(|k| READ_PREFIXES.iter().any(|p| k.starts_with(p)))
         .filter(|k| !READ_ELSEWHERE.contains(k))
+        .filter(|k| {
+            !LISTENER_ATTRIBUTES_PREFIXES
+                .iter()
+                .any(|p| k.starts_with(p))
+        })
         .filter(|k| {
             !SETTINGS
                 .iter()

@@ -83,6 +83,8 @@ pub struct LbConfig {
     pub ssl_policy: Option<String>,
     /// The ALPN policy of the TLS listeners; `None`: left as it is.
     pub alpn_policy: Option<String>,
+    /// Attributes of listeners, by port (the protocol in the key was checked against it).
+    pub listener_attributes: BTreeMap<u16, BTreeMap<String, String>>,
     /// TLS to the backends on TLS ports.
     pub backend_tls: bool,
     /// Load-balancer attributes the user set (beyond the AWS defaults).
@@ -144,6 +146,35 @@ fn local_spec(class: &LoadBalancerClass, errors: &mut Vec<ConfigError>) -> Local
         drain_timeout_seconds,
         requested_address: None,
     }
+}
+
+/// Whether `k` can be an AWS attribute key (lower-case letters, digits, dots, underscores).
+fn is_attribute_key(k: &str) -> bool {
+    !k.is_empty()
+        && k.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '_')
+}
+
+/// The protocol of each listener the Service's ports make, by port, in AWS spelling: `TLS` for
+/// TCP ports that terminate TLS, `TCP_UDP` for a port number with both.
+fn listener_protocols(ports: &[ServicePort], tls_ports: &[u16]) -> BTreeMap<u16, &'static str> {
+    let mut out: BTreeMap<u16, &'static str> = BTreeMap::new();
+    for p in ports {
+        let Ok(port) = u16::try_from(p.port) else {
+            continue;
+        };
+        let proto = match p.protocol.as_deref().unwrap_or("TCP") {
+            "UDP" => "UDP",
+            _ if tls_ports.contains(&port) => "TLS",
+            _ => "TCP",
+        };
+        let merged = match (out.get(&port), proto) {
+            (Some(&"TCP"), "UDP") | (Some(&"UDP"), "TCP") => "TCP_UDP",
+            _ => proto,
+        };
+        out.insert(port, merged);
+    }
+    out
 }
 
 /// Where a raw value came from.
@@ -404,10 +435,7 @@ impl Parser<'_> {
         };
         let mut out = BTreeMap::new();
         for (k, v) in map {
-            let key_like = k
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '_');
-            if key_like {
+            if is_attribute_key(&k) {
                 out.insert(k, v);
             } else {
                 self.errors.push(err(
@@ -1037,6 +1065,66 @@ impl Parser<'_> {
         (lb_attributes, tg_attributes)
     }
 
+    /// `listener-attributes.<PROTOCOL>-<PORT>` keys: each must name a listener the Service has
+    /// (its port, with the protocol its listener gets), and hold attribute `key=value` pairs.
+    fn listener_attributes(
+        &mut self,
+        ports: &[ServicePort],
+        tls_ports: &[u16],
+    ) -> BTreeMap<u16, BTreeMap<String, String>> {
+        let listeners = listener_protocols(ports, tls_ports);
+        let have = || {
+            listeners
+                .iter()
+                .map(|(port, proto)| format!("{proto}-{port}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let annotations = self.svc.metadata.annotations.clone().unwrap_or_default();
+        let mut out: BTreeMap<u16, BTreeMap<String, String>> = BTreeMap::new();
+        for (key, value) in &annotations {
+            let Some(listener) = keys::LISTENER_ATTRIBUTES_PREFIXES
+                .iter()
+                .find_map(|p| key.strip_prefix(p))
+            else {
+                continue;
+            };
+            let source = format!("annotation {key}");
+            let named = listener.rsplit_once('-').and_then(|(proto, port)| {
+                let port: u16 = port.parse().ok()?;
+                Some((proto.to_ascii_uppercase(), port))
+            });
+            let port = match named {
+                Some((proto, port)) if listeners.get(&port) == Some(&proto.as_str()) => port,
+                _ => {
+                    self.errors.push(err(
+                        &source,
+                        value,
+                        format!(
+                            "{listener:?} is not a listener of this Service; its listeners: {}",
+                            have()
+                        ),
+                    ));
+                    continue;
+                }
+            };
+            for item in list(value) {
+                match item.split_once('=') {
+                    Some((k, v)) if is_attribute_key(k.trim()) => {
+                        let attrs = out.entry(port).or_default();
+                        attrs.insert(k.trim().to_string(), v.trim().to_string());
+                    }
+                    _ => self.errors.push(err(
+                        &source,
+                        value,
+                        format!("{item:?} is not key=value with an attribute key (e.g. tcp.idle_timeout.seconds=400)"),
+                    )),
+                }
+            }
+        }
+        out
+    }
+
     fn proxy_protocol(&mut self) -> Option<bool> {
         let raw = self.get(keys::PROXY_PROTOCOL).cloned()?;
         match raw.value.trim() {
@@ -1184,14 +1272,32 @@ impl Parser<'_> {
                 "IPv6 ranges need ip-address-type dualstack",
             ));
         }
-        if ranges.is_empty() && security_groups.is_empty() {
-            match ip_address_type {
-                IpAddressType::Ipv4 => vec!["0.0.0.0/0".to_string()],
-                IpAddressType::Dualstack => vec!["0.0.0.0/0".to_string(), "::/0".to_string()],
-            }
-        } else {
-            ranges
+        let prefix_lists = self.checked_list(keys::PREFIX_LISTS, |_, p| {
+            let id_like = p
+                .strip_prefix("pl-")
+                .is_some_and(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric()));
+            (!id_like).then(|| format!("{p:?} is not a managed prefix-list id (pl-…)"))
+        });
+        if !prefix_lists.is_empty() && !security_groups.is_empty() {
+            let source = self.get(keys::PREFIX_LISTS).map(|r| r.source.clone());
+            self.errors.push(err(
+                &source.unwrap_or_default(),
+                &prefix_lists.join(","),
+                "cannot be enforced together with user security groups (cloudlb never edits groups it does not own); remove one of the two",
+            ));
         }
+        let mut allowed =
+            if ranges.is_empty() && prefix_lists.is_empty() && security_groups.is_empty() {
+                match ip_address_type {
+                    IpAddressType::Ipv4 => vec!["0.0.0.0/0".to_string()],
+                    IpAddressType::Dualstack => vec!["0.0.0.0/0".to_string(), "::/0".to_string()],
+                }
+            } else {
+                ranges
+            };
+        // Prefix lists are sources of the frontend rules, as CIDRs are.
+        allowed.extend(prefix_lists);
+        allowed
     }
 
     fn name(&mut self) -> Option<String> {
@@ -1270,6 +1376,7 @@ impl Parser<'_> {
             backend_tls,
         } = self.tls(&ports);
         let (lb_attributes, tg_attributes) = self.lb_and_tg_attributes();
+        let listener_attributes = self.listener_attributes(&ports, &tls_ports);
         let tags = self.tags(class);
         let target_node_labels = self.target_node_labels();
         let security_groups = self.security_groups();
@@ -1291,11 +1398,12 @@ impl Parser<'_> {
             }
             if !spec.load_balancer_source_ranges.clone().unwrap_or_default().is_empty()
                 || self.get(keys::SOURCE_RANGES).is_some()
+                || self.get(keys::PREFIX_LISTS).is_some()
             {
                 self.errors.push(err(
                     "source ranges",
                     &source_ranges.join(","),
-                    "the local provider cannot enforce loadBalancerSourceRanges; remove them or use an aws class",
+                    "the local provider cannot enforce loadBalancerSourceRanges or prefix lists; remove them or use an aws class",
                 ));
             }
             local_spec(class, &mut self.errors)
@@ -1316,6 +1424,7 @@ impl Parser<'_> {
             tls_ports,
             ssl_policy,
             alpn_policy,
+            listener_attributes,
             backend_tls,
             lb_attributes,
             tg_attributes,

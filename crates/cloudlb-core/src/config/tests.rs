@@ -1023,3 +1023,55 @@ fn the_alpn_policy_takes_the_aws_names() {
         "allowed values: HTTP1Only, HTTP2Only, HTTP2Optional, HTTP2Preferred, None",
     );
 }
+
+#[test]
+fn prefix_lists_are_sources_besides_the_ranges_and_replace_the_open_default() {
+    let c = class(None);
+    let key = "service.beta.kubernetes.io/aws-load-balancer-security-group-prefix-lists";
+    // Prefix lists alone: no 0.0.0.0/0 rule, as in aws-load-balancer-controller.
+    let cfg = resolve_ok(&c, &svc(&[(key, "pl-0123abcd, pl-4567efgh")], web()));
+    assert_eq!(cfg.source_ranges, ["pl-0123abcd", "pl-4567efgh"]);
+    // With ranges: both.
+    let both = [
+        (key, "pl-0123abcd"),
+        ("cloudlb.io/source-ranges", "10.0.0.0/8"),
+    ];
+    let cfg = resolve_ok(&c, &svc(&both, web()));
+    assert_eq!(cfg.source_ranges, ["10.0.0.0/8", "pl-0123abcd"]);
+    first_error_says(
+        &[(key, "sg-1")],
+        web(),
+        "not a managed prefix-list id (pl-…)",
+    );
+}
+
+#[test]
+fn listener_attributes_name_a_listener_of_the_service() {
+    let c = class(None);
+    let key = "service.beta.kubernetes.io/aws-load-balancer-listener-attributes.TCP-80";
+    let cfg = resolve_ok(&c, &svc(&[(key, "tcp.idle_timeout.seconds=400")], web()));
+    assert_eq!(
+        cfg.listener_attributes
+            .get(&80)
+            .and_then(|a| a.get("tcp.idle_timeout.seconds"))
+            .map(String::as_str),
+        Some("400")
+    );
+    // A listener the Service does not have: the ones it has are named.
+    first_error_says(
+        &[(
+            "cloudlb.io/listener-attributes.UDP-80",
+            "tcp.idle_timeout.seconds=400",
+        )],
+        web(),
+        "\"UDP-80\" is not a listener of this Service; its listeners: TCP-80, TCP-443",
+    );
+    first_error_says(
+        &[(key, "Idle-Timeout=400")],
+        web(),
+        "not key=value with an attribute key",
+    );
+    // Not an unknown key.
+    let keys = [key.to_string()];
+    assert!(annotations::unsupported(keys.iter()).is_empty());
+}

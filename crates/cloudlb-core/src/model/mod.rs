@@ -348,6 +348,7 @@ pub struct IngressRule {
     /// `tcp`, `udp` (EC2 spelling).
     pub protocol: String,
     pub port: u16,
+    /// The source: a CIDR, or a managed prefix list (`pl-…`).
     pub cidr: String,
 }
 
@@ -365,6 +366,9 @@ pub struct Listener {
     /// TLS listeners: the ALPN policy (`None`: left as the listener has it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alpn_policy: Option<String>,
+    /// Listener attributes the user set (AWS only); others are left as the listener has them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

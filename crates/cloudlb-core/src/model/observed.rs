@@ -89,6 +89,9 @@ pub struct ObservedListener {
     /// The ALPN policy (`None`: the cloud reported none, which is AWS's `None`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alpn_policy: Option<String>,
+    /// The attributes read (only of listeners the model sets attributes on).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
     /// Its tags other than the [reserved](crate::model::tags::is_reserved) ones (the user's,
     /// and any added by hand); ownership is checked when it is observed.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

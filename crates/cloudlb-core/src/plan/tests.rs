@@ -101,6 +101,7 @@ fn observed_for(d: &Desired) -> Observed {
                 certificates: l.certificates.clone(),
                 ssl_policy: l.ssl_policy.clone(),
                 alpn_policy: l.alpn_policy.clone(),
+                attributes: l.attributes.clone(),
                 tags: tags::user_tags(&lb.tags),
             })
             .collect(),
@@ -696,5 +697,34 @@ fn an_alpn_policy_is_set_on_the_tls_listeners_and_otherwise_left_alone() {
     assert_eq!(
         plan(&web_annotated(none), &observed_for(&before)).expect("plan"),
         Plan::default()
+    );
+}
+
+#[test]
+fn listener_attributes_are_set_where_they_differ_and_on_new_listeners() {
+    let key = "cloudlb.io/listener-attributes.TCP-80";
+    let d = web_annotated(serde_json::json!({key: "tcp.idle_timeout.seconds=400"}));
+    let attrs = |v: &str| -> BTreeMap<String, String> {
+        [("tcp.idle_timeout.seconds".to_string(), v.to_string())].into()
+    };
+    // New: created, then its attributes set.
+    let p = plan(&d, &Observed::default()).expect("plan");
+    assert!(p.ops.contains(&Op::SetListenerAttributes {
+        port: 80,
+        attributes: attrs("400")
+    }));
+    // As wanted: nothing; another value: only that listener's attributes.
+    assert_eq!(plan(&d, &observed_for(&d)).expect("plan"), Plan::default());
+    let mut other = observed_for(&d);
+    if let Some(l) = other.listeners.iter_mut().find(|l| l.port == 80) {
+        l.attributes = attrs("350");
+    }
+    let p = plan(&d, &other).expect("plan");
+    assert_eq!(
+        p.ops,
+        vec![Op::SetListenerAttributes {
+            port: 80,
+            attributes: attrs("400")
+        }]
     );
 }

@@ -41,6 +41,7 @@ pub fn listener(port: u16, protocol: Protocol, key: &str) -> Listener {
         certificates: vec![],
         ssl_policy: None,
         alpn_policy: None,
+        attributes: BTreeMap::new(),
     }
 }
 
