@@ -46,6 +46,15 @@ struct CallLabels {
     outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RateLabels {
+    provider: String,
+    family: String,
+}
+
+/// A gauge of calls per second.
+type RateGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 /// Prometheus metrics, prefix `cloudlb_`.
 pub struct Metrics {
     registry: Registry,
@@ -53,6 +62,7 @@ pub struct Metrics {
     reconcile_duration: Histogram,
     cloud_calls: Family<CallLabels, Counter>,
     cloud_throttled: Counter,
+    cloud_rate: Family<RateLabels, RateGauge>,
     watch_errors: Family<ResourceLabels, Counter>,
     status_writes: Counter,
     orphan_sweeps: Counter,
@@ -74,6 +84,7 @@ impl Metrics {
         let reconcile_duration = Histogram::new(exponential_buckets(0.005, 2.0, 14));
         let cloud_calls = Family::<CallLabels, Counter>::default();
         let cloud_throttled = Counter::default();
+        let cloud_rate = Family::<RateLabels, RateGauge>::default();
         let watch_errors = Family::<ResourceLabels, Counter>::default();
         let status_writes = Counter::default();
         let orphan_sweeps = Counter::default();
@@ -98,6 +109,11 @@ impl Metrics {
             "cloud_api_throttled",
             "Cloud API calls answered with throttling",
             cloud_throttled.clone(),
+        );
+        registry.register(
+            "cloud_api_rate_limit",
+            "The client-side limit of cloud calls per second, by provider and family (describe, write, targets); it halves when the cloud throttles and recovers slowly; 0: none",
+            cloud_rate.clone(),
         );
         registry.register(
             "watch_errors",
@@ -132,6 +148,7 @@ impl Metrics {
             reconcile_duration,
             cloud_calls,
             cloud_throttled,
+            cloud_rate,
             watch_errors,
             status_writes,
             orphan_sweeps,
@@ -238,6 +255,16 @@ impl cloudlb_core::provider::CallObserver for Metrics {
             self.cloud_throttled.inc();
         }
     }
+
+    /// `cloudlb_cloud_api_rate_limit{provider,family}`.
+    fn call_rate(&self, provider: &str, family: &str, per_second: f64) {
+        self.cloud_rate
+            .get_or_create(&RateLabels {
+                provider: provider.to_string(),
+                family: family.to_string(),
+            })
+            .set(per_second);
+    }
 }
 
 #[cfg(test)]
@@ -259,6 +286,18 @@ mod tests {
         );
         assert!(
             text.contains("cloudlb_cloud_api_throttled_total 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_adapted_call_rate_is_a_gauge_per_family() {
+        let metrics = Metrics::new();
+        metrics.call_rate("aws", "write", 10.0);
+        metrics.call_rate("aws", "write", 5.0);
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"cloudlb_cloud_api_rate_limit{provider="aws",family="write"} 5.0"#),
             "{text}"
         );
     }

@@ -45,8 +45,11 @@ const RATE_LIMIT: u64 = 5;
 const JITTER_CALLS: u64 = 1;
 
 /// How long a wave of Services may take under faults (scaled with the soak factor).
+/// How long a wave may take to converge: the tail is a Service whose reconciles failed several
+/// times in a row under the injected faults and waits in its exponential backoff (up to 5 min a
+/// step); measured waves took 113-369 s, so 480 s was too close to that tail.
 fn wave_limit() -> Duration {
-    Duration::from_secs(480) * u32::try_from(support::soak()).unwrap_or(u32::MAX)
+    Duration::from_secs(900) * u32::try_from(support::soak()).unwrap_or(u32::MAX)
 }
 
 /// `cloudlb run` limited to the test's namespace and class, its AWS calls through `proxy`.
@@ -458,11 +461,20 @@ async fn heavy_throttling_never_exceeds_the_operators_rate_limit() {
             }
         }
     }
-    // Demand has to exceed the limit for the check to mean something.
+    // The limit adapts: AWS's throttling brought the families' rates below the configured one
+    // (what the operator reports in cloudlb_cloud_api_rate_limit).
+    let mut rates = Vec::new();
+    for family in ["describe", "write", "targets"] {
+        let filter = format!("family=\"{family}\"");
+        rates.push((
+            family,
+            op.metric("cloudlb_cloud_api_rate_limit", &filter).await,
+        ));
+    }
+    eprintln!("adapted rates per second (limit {RATE_LIMIT}): {rates:?}");
     assert!(
-        proxy.max_in_window(Family::Describe, Duration::from_secs(10)) >= 5 * RATE_LIMIT
-            || proxy.max_in_window(Family::Write, Duration::from_secs(10)) >= 5 * RATE_LIMIT,
-        "the operator never came near its limit"
+        rates.iter().any(|(_, r)| *r < RATE_LIMIT as f64),
+        "no family's rate adapted to 70% throttling: {rates:?}"
     );
     assert!(
         over.is_empty(),

@@ -96,6 +96,16 @@ pub(crate) enum Family {
 }
 
 impl Family {
+    const ALL: [Family; 3] = [Family::Describe, Family::Write, Family::Targets];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Family::Describe => "describe",
+            Family::Write => "write",
+            Family::Targets => "targets",
+        }
+    }
+
     pub(crate) fn of(operation: &str) -> Family {
         match operation {
             "RegisterTargets" | "DeregisterTargets" => Family::Targets,
@@ -105,14 +115,39 @@ impl Family {
     }
 }
 
-/// A token bucket refilled at `rate` tokens per second, holding at most `burst` tokens.
-/// A rate that is not a positive finite number disables the limit.
+/// A token bucket refilled at the current rate (tokens per second), holding at most `burst`
+/// tokens. A configured rate that is not a positive finite number disables the limit.
+///
+/// The rate adapts to AWS (AIMD, as TCP does to a congested link): a throttled answer halves it
+/// (at most once per [`ADAPT_WINDOW`], so a burst of throttles from calls already in flight
+/// counts once; never below [`MIN_SHARE`] of the configured rate), and each window with a
+/// successful call and no throttle gives back [`RECOVER_SHARE`] of the configured rate, up to
+/// it. The limit is never above what is configured.
 #[derive(Debug)]
 pub(crate) struct TokenBucket {
-    rate: f64,
+    /// The configured rate: the ceiling.
+    max_rate: f64,
     burst: f64,
-    state: Mutex<(f64, Instant)>,
+    state: Mutex<BucketState>,
 }
+
+#[derive(Debug)]
+struct BucketState {
+    tokens: f64,
+    refilled: Instant,
+    rate: f64,
+    /// When the rate last changed.
+    adapted: Instant,
+}
+
+/// The rate changes at most once per window.
+const ADAPT_WINDOW: Duration = Duration::from_secs(1);
+/// The lowest rate throttling brings it to, as a share of the configured rate: AWS throttles by
+/// account-wide buckets that refill within seconds, so halving the pressure is enough to let
+/// them refill, and a wave never slows down more than that.
+const MIN_SHARE: f64 = 0.5;
+/// What a window of success gives back, as a share of the configured rate.
+const RECOVER_SHARE: f64 = 0.1;
 
 impl TokenBucket {
     pub(crate) fn new(rate: f64) -> Self {
@@ -121,15 +156,68 @@ impl TokenBucket {
         } else {
             1.0
         };
+        let now = Instant::now();
         TokenBucket {
-            rate,
+            max_rate: rate,
             burst,
-            state: Mutex::new((burst, Instant::now())),
+            state: Mutex::new(BucketState {
+                tokens: burst,
+                refilled: now,
+                rate,
+                adapted: now,
+            }),
         }
     }
 
     fn unlimited(&self) -> bool {
-        !(self.rate.is_finite() && self.rate > 0.0)
+        !(self.max_rate.is_finite() && self.max_rate > 0.0)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, BucketState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The rate the bucket refills at now (the configured one when unlimited).
+    pub(crate) fn rate(&self) -> f64 {
+        if self.unlimited() {
+            return self.max_rate;
+        }
+        self.state().rate
+    }
+
+    /// AWS throttled a call: halve the rate, once per window. Whether it changed.
+    pub(crate) fn throttled(&self) -> bool {
+        if self.unlimited() {
+            return false;
+        }
+        let mut s = self.state();
+        let now = Instant::now();
+        if now.saturating_duration_since(s.adapted) < ADAPT_WINDOW {
+            return false;
+        }
+        let floor = self.max_rate * MIN_SHARE;
+        let lower = (s.rate / 2.0).max(floor);
+        let changed = lower < s.rate;
+        s.rate = lower;
+        s.adapted = now;
+        // Tokens saved up at the old rate would let a burst through at once.
+        s.tokens = s.tokens.min(1.0);
+        changed
+    }
+
+    /// A call succeeded: give back some rate, once per window. Whether it changed.
+    pub(crate) fn succeeded(&self) -> bool {
+        if self.unlimited() {
+            return false;
+        }
+        let mut s = self.state();
+        let now = Instant::now();
+        if s.rate >= self.max_rate || now.saturating_duration_since(s.adapted) < ADAPT_WINDOW {
+            return false;
+        }
+        s.rate = (s.rate + self.max_rate * RECOVER_SHARE).min(self.max_rate);
+        s.adapted = now;
+        true
     }
 
     /// Waits until a token is available and takes it.
@@ -139,16 +227,16 @@ impl TokenBucket {
         }
         loop {
             let wait = {
-                let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                let mut s = self.state();
                 let now = Instant::now();
-                let elapsed = now.saturating_duration_since(state.1).as_secs_f64();
-                state.0 = (state.0 + elapsed * self.rate).min(self.burst);
-                state.1 = now;
-                if state.0 >= 1.0 {
-                    state.0 -= 1.0;
+                let elapsed = now.saturating_duration_since(s.refilled).as_secs_f64();
+                s.tokens = (s.tokens + elapsed * s.rate).min(self.burst);
+                s.refilled = now;
+                if s.tokens >= 1.0 {
+                    s.tokens -= 1.0;
                     return;
                 }
-                (1.0 - state.0) / self.rate
+                (1.0 - s.tokens) / s.rate
             };
             tokio::time::sleep(Duration::from_secs_f64(wait.max(0.001))).await;
         }
@@ -190,9 +278,35 @@ impl Calls {
         }
     }
 
-    /// Also report every call to `metrics` (as provider `aws`).
+    /// Also report every call to `metrics` (as provider `aws`), and the rate of each family.
     pub(crate) fn set_metrics(&mut self, metrics: Arc<dyn CallObserver>) {
         self.metrics = MetricsSink(Some(metrics));
+        for family in Family::ALL {
+            self.report_rate(family);
+        }
+    }
+
+    fn bucket(&self, family: Family) -> &TokenBucket {
+        match family {
+            Family::Describe => &self.describe,
+            Family::Write => &self.write,
+            Family::Targets => &self.targets,
+        }
+    }
+
+    fn rate_of(&self, family: Family) -> f64 {
+        let rate = self.bucket(family).rate();
+        if rate.is_finite() && rate > 0.0 {
+            rate
+        } else {
+            0.0
+        }
+    }
+
+    fn report_rate(&self, family: Family) {
+        if let Some(metrics) = &self.metrics.0 {
+            metrics.call_rate(super::PROVIDER_NAME, family.as_str(), self.rate_of(family));
+        }
     }
 
     pub(crate) fn snapshot(&self) -> BTreeMap<String, u64> {
@@ -265,11 +379,8 @@ impl Calls {
         Fut: Future<Output = SdkResult<T, E>>,
         E: OperationError,
     {
-        let bucket = match Family::of(operation) {
-            Family::Describe => &self.describe,
-            Family::Write => &self.write,
-            Family::Targets => &self.targets,
-        };
+        let family = Family::of(operation);
+        let bucket = self.bucket(family);
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -281,6 +392,9 @@ impl Calls {
                 Ok(out) => {
                     tracing::debug!(operation, elapsed_ms, attempt, "aws call ok");
                     self.count(operation, "ok");
+                    if bucket.succeeded() {
+                        self.report_rate(family);
+                    }
                     return Ok(out);
                 }
                 Err(err) => err,
@@ -301,6 +415,14 @@ impl Calls {
                 err.message
             );
             self.count(operation, err.kind.outcome());
+            if err.kind == ErrorKind::Throttled && bucket.throttled() {
+                tracing::info!(
+                    family = family.as_str(),
+                    rate = bucket.rate(),
+                    "AWS throttles: this family's call rate halved"
+                );
+                self.report_rate(family);
+            }
             let retry =
                 err.kind == ErrorKind::Throttled || (transient && !operation.starts_with("Create"));
             if !retry || attempt >= MAX_ATTEMPTS {
@@ -364,15 +486,60 @@ mod tests {
             assert!(immediate(&bucket), "token {i} of the burst of 5");
         }
         assert!(!immediate(&bucket), "the 6th waits: the burst is spent");
-        {
-            let mut state = bucket.state.lock().expect("state");
-            state.1 -= Duration::from_millis(600);
-        }
+        bucket.state().refilled -= Duration::from_millis(600);
         // 0.6 s at 5/s: 3 tokens (the 4th would need another 200 ms to pass).
         for i in 0..3 {
             assert!(immediate(&bucket), "refilled token {i}");
         }
         assert!(!immediate(&bucket), "no 4th token after 0.6 s at 5/s");
+    }
+
+    /// Moves the bucket's last rate change back by more than a window.
+    fn after_a_window(bucket: &TokenBucket) {
+        bucket.state().adapted -= ADAPT_WINDOW + Duration::from_millis(1);
+    }
+
+    #[tokio::test]
+    async fn throttling_halves_the_rate_once_per_window_and_success_gives_it_back_slowly() {
+        let bucket = TokenBucket::new(20.0);
+        after_a_window(&bucket);
+        assert!(bucket.throttled());
+        assert_eq!(bucket.rate(), 10.0);
+        // More throttles of calls that were in flight: the same window, no further cut.
+        assert!(!bucket.throttled());
+        assert_eq!(bucket.rate(), 10.0);
+        // Success gives back 10 % of the limit per window, not at once.
+        assert!(!bucket.succeeded(), "within the window");
+        after_a_window(&bucket);
+        assert!(bucket.succeeded());
+        assert_eq!(bucket.rate(), 12.0);
+        // Never below half the limit, never above it.
+        for _ in 0..10 {
+            after_a_window(&bucket);
+            bucket.throttled();
+        }
+        assert_eq!(bucket.rate(), 10.0);
+        for _ in 0..40 {
+            after_a_window(&bucket);
+            bucket.succeeded();
+        }
+        assert_eq!(bucket.rate(), 20.0);
+        after_a_window(&bucket);
+        assert!(!bucket.succeeded(), "at the limit");
+        // A cut also drops the tokens saved up at the higher rate.
+        let fresh = TokenBucket::new(20.0);
+        after_a_window(&fresh);
+        fresh.throttled();
+        assert!(immediate(&fresh));
+        assert!(!immediate(&fresh), "no burst after a throttle");
+    }
+
+    #[tokio::test]
+    async fn an_unlimited_bucket_does_not_adapt() {
+        let bucket = TokenBucket::new(0.0);
+        after_a_window(&bucket);
+        assert!(!bucket.throttled());
+        assert!(immediate(&bucket));
     }
 
     #[tokio::test]

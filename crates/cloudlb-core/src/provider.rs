@@ -139,4 +139,8 @@ pub trait CallObserver: Send + Sync {
     /// One call of `operation` (e.g. `CreateLoadBalancer`) ended with `outcome` (`ok`,
     /// `not_found`, `throttled`, …).
     fn cloud_call(&self, provider: &str, operation: &str, outcome: &str);
+
+    /// The client-side rate limit of a family of calls (`describe`, `write`, `targets`) is now
+    /// `per_second` (0: none); it adapts to the cloud's throttling.
+    fn call_rate(&self, _provider: &str, _family: &str, _per_second: f64) {}
 }
