@@ -10,6 +10,8 @@
 //!   is a replacement in progress ([`replacing`]).
 //! - [`GENERATION_ANNOTATION`]: bumped when the scheme changes, which gives the generated name of
 //!   the next load balancer ([`start`]).
+//! - [`REPLACING_ANNOTATION`]: the load balancer being made, recorded before its first write, so
+//!   one the Service stops wanting before it served (renamed again) is deleted ([`abandoned`]).
 //! - [`RETIRING_ANNOTATION`]: the replaced load balancer and since when; deleted by [`retire`]
 //!   once the grace period is over. The orphan sweep never touches a live Service's load
 //!   balancers, so neither the serving nor the retiring one is deleted behind the reconciler.
@@ -22,7 +24,8 @@ use super::service::{
 use crate::config::class::ProviderKind;
 use crate::model::Desired;
 use crate::model::state::{
-    self, GENERATION_ANNOTATION, RETIRING_ANNOTATION, SERVING_ANNOTATION, recorded,
+    self, GENERATION_ANNOTATION, REPLACING_ANNOTATION, RETIRING_ANNOTATION, SERVING_ANNOTATION,
+    recorded,
 };
 use crate::plan::PlanError;
 use crate::provider::{LbState, Observed};
@@ -141,6 +144,15 @@ pub(super) async fn step(
     desired: &Desired,
     old: &str,
 ) -> Result<(Action, Outcome), Error> {
+    let making = recorded(svc, REPLACING_ANNOTATION);
+    if making != Some(desired.lb_name.as_str()) {
+        // Another replacement the Service no longer wants: what it made never served.
+        if let Some(prev) = making.filter(|p| *p != old) {
+            delete(svc, ctx, t, prev).await?;
+        }
+        let record = vec![(REPLACING_ANNOTATION, Some(desired.lb_name.clone()))];
+        annotate(&t.api(ctx), svc, record).await?;
+    }
     let observed = t.provider.observe(desired).await?;
     if observed.lb.is_none() {
         let note = format!(
@@ -185,6 +197,7 @@ pub(super) async fn step(
         vec![
             (SERVING_ANNOTATION, Some(desired.lb_name.clone())),
             (RETIRING_ANNOTATION, Some(format!("{old}@{since}"))),
+            (REPLACING_ANNOTATION, None),
         ],
     )
     .await?;
@@ -228,6 +241,7 @@ pub(super) async fn retire(
     t: &Target,
     desired: &Desired,
 ) -> Result<Option<Action>, Error> {
+    abandoned(svc, ctx, t, desired).await?;
     let Some((old, since)) = state::recorded_retiring(svc) else {
         return Ok(None);
     };
@@ -248,6 +262,28 @@ pub(super) async fn retire(
     } else {
         Ok(Some(Action::requeue(Duration::from_secs(300))))
     }
+}
+
+/// A replacement the Service stopped wanting while no replacement is under way (it wants the
+/// serving load balancer again): what it made is deleted, and the record goes.
+async fn abandoned(
+    svc: &Service,
+    ctx: &Context,
+    t: &Target,
+    desired: &Desired,
+) -> Result<(), Error> {
+    let Some(making) = recorded(svc, REPLACING_ANNOTATION) else {
+        return Ok(());
+    };
+    if replacing(svc, t, desired).is_some() {
+        return Ok(());
+    }
+    let serving = recorded(svc, SERVING_ANNOTATION).unwrap_or(desired.lb_name.as_str());
+    if making != serving && making != desired.lb_name && !delete(svc, ctx, t, making).await? {
+        return Ok(());
+    }
+    annotate(&t.api(ctx), svc, vec![(REPLACING_ANNOTATION, None)]).await?;
+    Ok(())
 }
 
 /// Deletes the load balancer `name` of the Service (and its target groups and security group)

@@ -986,6 +986,10 @@ async fn cleanup(
         (PROVIDER_ANNOTATION, None),
         (DEFAULT_SCHEME_ANNOTATION, None),
         (TAG_KEYS_ANNOTATION, None),
+        (state::SERVING_ANNOTATION, None),
+        (state::RETIRING_ANNOTATION, None),
+        (state::REPLACING_ANNOTATION, None),
+        (state::GENERATION_ANNOTATION, None),
     ];
     match write_ownership(&api, svc, remaining, forget).await {
         Ok(_) => {}
@@ -1047,6 +1051,7 @@ async fn remove_load_balancer(
     let recorded = [
         state::recorded(svc, state::SERVING_ANNOTATION).map(String::from),
         state::recorded_retiring(svc).map(|(name, _)| name),
+        state::recorded(svc, state::REPLACING_ANNOTATION).map(String::from),
     ];
     for name in recorded.into_iter().flatten() {
         if kind == ProviderKind::Aws && !names.contains(&name) {

@@ -233,3 +233,47 @@ async fn killed_at_every_step_of_a_replacement_it_converges_to_exactly_the_new_o
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renamed_twice_in_a_row_it_ends_with_exactly_the_last_one() {
+    let _guard = TestGuard::new();
+    let env = Env::start("rerename", Duration::from_secs(3600)).await;
+    let annotations = json!({"cloudlb.io/replacement-grace-period-seconds": "2"});
+    env.create_service("web", annotations, web_ports()).await;
+    env.wait_hostname("web").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = watch_status(env.services(), env.elbv2.clone(), "web", stop.clone());
+    // A second name before the first replacement has finished (or just after): whatever the
+    // first one made goes, served or not.
+    let key = "service.beta.kubernetes.io/aws-load-balancer-name";
+    env.patch_service(
+        "web",
+        json!({"metadata": {"annotations": {key: "web-first"}}}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.patch_service(
+        "web",
+        json!({"metadata": {"annotations": {key: "web-second"}}}),
+    )
+    .await;
+    wait_within(
+        "exactly one load balancer, the last name, serving",
+        Duration::from_secs(90),
+        || async {
+            let names = env.load_balancer_names().await;
+            let lbs = env.load_balancers().await;
+            let hostname = env.hostname("web").await?;
+            let done = names == ["web-second"] && lbs[0].dns_name() == Some(hostname.as_str());
+            done.then_some(())
+        },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let seen = watcher.await.expect("the status watcher");
+    assert!(seen.problems.is_empty(), "{:?}", seen.problems);
+    wait_for("only the last one's target groups", || async {
+        (env.target_groups().await.len() == 2).then_some(())
+    })
+    .await;
+}

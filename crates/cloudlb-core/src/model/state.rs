@@ -42,6 +42,9 @@ pub const SERVING_ANNOTATION: &str = "state.cloudlb.io/load-balancer";
 /// The replaced load balancer that still serves for its grace period: `<name>@<unix seconds
 /// when the status moved away from it>`.
 pub const RETIRING_ANNOTATION: &str = "state.cloudlb.io/retiring";
+/// The load balancer a replacement is making (written before its first write): one the Service
+/// stops wanting before it served (renamed again meanwhile) is deleted, never left behind.
+pub const REPLACING_ANNOTATION: &str = "state.cloudlb.io/replacing";
 /// How many times the Service's generated load-balancer name was replaced (absent: 0).
 pub const GENERATION_ANNOTATION: &str = "state.cloudlb.io/generation";
 
