@@ -167,6 +167,20 @@ async fn a_rename_replaces_the_load_balancer_without_downtime() {
         (env.target_groups().await.len() == 2).then_some(())
     })
     .await;
+    // Deleting the old one wakes the pruning of the shared backend rules (a read in the
+    // background): settled once a second passes without a call.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let before = env.provider.calls();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if env.provider.calls() == before {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "AWS calls never stopped"
+        );
+    }
     // Settled: an edit that changes nothing costs no call.
     let calls = env.calls_for_unrelated_edit("web", "unchanged").await;
     assert!(calls.is_empty(), "{calls:?}");
