@@ -114,19 +114,8 @@ pub(super) async fn start(
         ],
     )
     .await?;
-    let note = format!(
-        "Replacing load balancer {} ({reason}, which AWS cannot change in place): a new one is made beside it, and the DNS name changes; the old one serves until the new one is active, then for {} s",
-        have.name,
-        t.cfg.replacement_grace.as_secs()
-    );
-    publish(
-        &ctx.recorder,
-        svc,
-        EventType::Normal,
-        events::REPLACING,
-        note,
-    )
-    .await;
+    // The next reconcile makes the new one and says so in an Event.
+    tracing::info!(load_balancer = %have.name, %reason, "replacing the load balancer beside it");
     Ok(Some((
         Action::requeue(Duration::from_secs(1)),
         Outcome::Applied,

@@ -13,6 +13,16 @@ use std::time::Duration;
 use support::TestGuard;
 use support::env::{Env, wait_for};
 
+/// A map of the `(key, value)` pairs AWS answered (attributes, tags), those with both.
+fn pairs<'a>(
+    answered: impl IntoIterator<Item = (Option<&'a str>, Option<&'a str>)>,
+) -> BTreeMap<String, String> {
+    answered
+        .into_iter()
+        .filter_map(|(k, v)| Some((k?.to_string(), v?.to_string())))
+        .collect()
+}
+
 /// The attributes of the account's only load balancer.
 async fn lb_attributes(env: &Env) -> BTreeMap<String, String> {
     let lbs = env.load_balancers().await;
@@ -24,10 +34,7 @@ async fn lb_attributes(env: &Env) -> BTreeMap<String, String> {
         .send()
         .await
         .expect("describe attributes");
-    out.attributes()
-        .iter()
-        .filter_map(|a| Some((a.key()?.to_string(), a.value()?.to_string())))
-        .collect()
+    pairs(out.attributes().iter().map(|a| (a.key(), a.value())))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,44 +210,23 @@ async fn forms_the_aws_controllers_accept_build_and_aws_judges_attribute_keys() 
     );
 }
 
-/// The tags of the ELB resources `arns`, by ARN.
-async fn elb_tags(env: &Env, arns: &[String]) -> BTreeMap<String, BTreeMap<String, String>> {
-    let out = env
-        .elbv2
-        .describe_tags()
-        .set_resource_arns(Some(arns.to_vec()))
-        .send()
-        .await
-        .expect("describe tags");
-    out.tag_descriptions()
-        .iter()
-        .map(|d| {
-            let tags = d
-                .tags()
-                .iter()
-                .filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())))
-                .collect();
-            (d.resource_arn().unwrap_or_default().to_string(), tags)
-        })
-        .collect()
-}
-
-/// The tags of the frontend security group of Service `name`.
-async fn frontend_group_tags(env: &Env, name: &str) -> BTreeMap<String, String> {
+/// The frontend security group of Service `name`.
+async fn frontend_group(env: &Env, name: &str) -> support::ec2::types::SecurityGroup {
     let groups = support::describe::security_groups(&env.ec2, &env.ns).await;
-    let group = groups
-        .iter()
+    groups
+        .into_iter()
         .find(|g| {
             g.tags()
                 .iter()
                 .any(|t| t.key() == Some("cloudlb.io/service-name") && t.value() == Some(name))
         })
-        .expect("the Service's frontend security group");
-    group
-        .tags()
-        .iter()
-        .filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())))
-        .collect()
+        .expect("the Service's frontend security group")
+}
+
+/// The tags of the frontend security group of Service `name`.
+async fn frontend_group_tags(env: &Env, name: &str) -> BTreeMap<String, String> {
+    let group = frontend_group(env, name).await;
+    pairs(group.tags().iter().map(|t| (t.key(), t.value())))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,7 +292,7 @@ async fn tags_follow_the_service_in_place_and_only_ours_are_removed() {
     .collect();
     assert_eq!(writes, want, "a tag change costs only tag calls");
 
-    let tags = elb_tags(&env, &arns).await;
+    let tags = support::describe::elb_tags(&env.elbv2, &arns).await;
     assert_eq!(tags.len(), 5);
     for (arn, t) in &tags {
         assert_eq!(
@@ -505,15 +491,7 @@ async fn prefix_list(env: &Env, name: &str) -> String {
 
 /// The sources (CIDRs and prefix lists) the frontend group of `name` admits on `port`, sorted.
 async fn frontend_sources(env: &Env, name: &str, port: i32) -> Vec<String> {
-    let groups = support::describe::security_groups(&env.ec2, &env.ns).await;
-    let group = groups
-        .iter()
-        .find(|g| {
-            g.tags()
-                .iter()
-                .any(|t| t.key() == Some("cloudlb.io/service-name") && t.value() == Some(name))
-        })
-        .expect("the Service's frontend security group");
+    let group = frontend_group(env, name).await;
     let mut sources: Vec<String> = group
         .ip_permissions()
         .iter()
@@ -590,10 +568,7 @@ async fn listener_attributes(env: &Env, port: i32) -> BTreeMap<String, String> {
         .send()
         .await
         .expect("describe listener attributes");
-    out.attributes()
-        .iter()
-        .filter_map(|a| Some((a.key()?.to_string(), a.value()?.to_string())))
-        .collect()
+    pairs(out.attributes().iter().map(|a| (a.key(), a.value())))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -188,14 +188,8 @@ async fn a_rename_replaces_the_load_balancer_without_downtime() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_at_every_step_of_a_replacement_it_converges_to_exactly_the_new_one() {
-    use rand::{Rng, SeedableRng};
     let _guard = TestGuard::new();
-    let seed: u64 = std::env::var("CLOUDLB_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20261207);
-    eprintln!("replacement crash seed {seed} (set CLOUDLB_CRASH_SEED to replay)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = support::env::crash_rng(20261207);
     let mut env = Env::start("rekill", Duration::from_secs(3600)).await;
     let grace = "2";
     let annotations = json!({
@@ -212,10 +206,8 @@ async fn killed_at_every_step_of_a_replacement_it_converges_to_exactly_the_new_o
     env.patch_service("web", change).await;
     // Killed (its task aborted: calls cut, memory gone) and started again, at random moments
     // across the replacement: making the new one, moving the status, the grace, the delete.
-    for _ in 0..12 * support::soak() {
-        tokio::time::sleep(Duration::from_millis(rng.random_range(50..700))).await;
-        env.restart_operator();
-    }
+    env.restart_at_random_moments(&mut rng, 12 * support::soak(), 50..700)
+        .await;
     wait_within(
         "exactly one load balancer, the new one, serving",
         Duration::from_secs(90),

@@ -10,7 +10,6 @@
 use crate::support;
 
 use kube::api::{DeleteParams, ListParams};
-use rand::{Rng, SeedableRng};
 use serde_json::json;
 use std::time::Duration;
 use support::TestGuard;
@@ -20,24 +19,16 @@ use support::env::{Env, wait_for};
 const SERVICES: usize = 8;
 const KILLS_PER_WAVE: usize = 10;
 
+/// Restarts of the operator (a new process each time: nothing cached) at random moments.
 async fn kill_at_random_moments(env: &mut Env, rng: &mut rand::rngs::StdRng) {
-    for _ in 0..KILLS_PER_WAVE * support::soak() {
-        let after = Duration::from_millis(rng.random_range(20..700));
-        tokio::time::sleep(after).await;
-        // A new process: nothing cached.
-        env.restart_operator();
-    }
+    let kills = KILLS_PER_WAVE * support::soak();
+    env.restart_at_random_moments(rng, kills, 20..700).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_twenty_times_during_create_and_delete_waves_converges_cleanly() {
     let _guard = TestGuard::new();
-    let seed: u64 = std::env::var("CLOUDLB_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20261127);
-    eprintln!("crash test seed {seed} (set CLOUDLB_CRASH_SEED to replay)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = support::env::crash_rng(20261127);
     let mut env = Env::start("crash", Duration::from_secs(3600)).await;
     // Leftovers of a kill between two deletes are found by the orphan sweep.
     env.orphan_sweep = Duration::from_secs(3);

@@ -131,29 +131,6 @@ async fn with_status(env: &Env) -> (Vec<Service>, usize) {
     (done, n)
 }
 
-/// Tags by ARN (20 per call).
-async fn elb_tags(env: &Env, arns: &[String]) -> BTreeMap<String, BTreeMap<String, String>> {
-    let mut out = BTreeMap::new();
-    for chunk in arns.chunks(20) {
-        let resp = env
-            .elbv2
-            .describe_tags()
-            .set_resource_arns(Some(chunk.to_vec()))
-            .send()
-            .await
-            .expect("DescribeTags");
-        for d in resp.tag_descriptions() {
-            let tags = d
-                .tags()
-                .iter()
-                .filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())))
-                .collect();
-            out.insert(d.resource_arn().unwrap_or_default().to_string(), tags);
-        }
-    }
-    out
-}
-
 /// Waits until the proxy has seen no AWS call for 8 s: the last provisioning polls and
 /// retries are done.
 async fn wait_quiet(proxy: &FaultProxy) {
@@ -292,7 +269,7 @@ async fn twenty_percent_faults_converge_without_duplicates_and_clean_up() {
     // behind a listener of that Service's NLB, holding exactly the nodes.
     let tgs = env.target_groups().await;
     let tg_arns = describe::target_group_arns(&tgs);
-    let tg_tags = elb_tags(&env, &tg_arns).await;
+    let tg_tags = describe::elb_tags(&env.elbv2, &tg_arns).await;
     let mut per_uid: BTreeMap<String, usize> = BTreeMap::new();
     for arn in &tg_arns {
         let uid = tg_tags

@@ -5,6 +5,7 @@ use super::elbv2::error::ProvideErrorMetadata;
 use super::elbv2::types::{Listener, LoadBalancer, TargetGroup, TargetHealthDescription};
 use super::{ec2, elbv2};
 use cloudlb::model::tags;
+use std::collections::BTreeMap;
 
 /// Every load balancer (all pages).
 pub async fn load_balancers(elbv2: &elbv2::Client) -> Vec<LoadBalancer> {
@@ -45,6 +46,31 @@ pub async fn listeners(elbv2: &elbv2::Client, lb_arn: &str) -> Vec<Listener> {
         .expect("DescribeListeners")
         .listeners()
         .to_vec()
+}
+
+/// The tags of the ELB resources `arns`, by ARN (20 per call).
+pub async fn elb_tags(
+    elbv2: &elbv2::Client,
+    arns: &[String],
+) -> BTreeMap<String, BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for chunk in arns.chunks(20) {
+        let resp = elbv2
+            .describe_tags()
+            .set_resource_arns(Some(chunk.to_vec()))
+            .send()
+            .await
+            .expect("DescribeTags");
+        for d in resp.tag_descriptions() {
+            let tags = d
+                .tags()
+                .iter()
+                .filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())))
+                .collect();
+            out.insert(d.resource_arn().unwrap_or_default().to_string(), tags);
+        }
+    }
+    out
 }
 
 /// Every target of a target group, in whatever state.

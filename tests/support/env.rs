@@ -184,6 +184,22 @@ impl Env {
         ));
     }
 
+    /// `kills` restarts of the operator ([`Env::restart_operator`]), each after a random pause
+    /// of `pause_ms` milliseconds drawn from `rng`.
+    pub async fn restart_at_random_moments(
+        &mut self,
+        rng: &mut rand::rngs::StdRng,
+        kills: usize,
+        pause_ms: std::ops::Range<u64>,
+    ) {
+        use rand::Rng;
+        for _ in 0..kills {
+            let after = Duration::from_millis(rng.random_range(pause_ms.clone()));
+            tokio::time::sleep(after).await;
+            self.restart_operator();
+        }
+    }
+
     /// Stops the operator and starts a new one with a new AWS provider: a process restart,
     /// nothing cached.
     pub fn restart_operator(&mut self) {
@@ -294,6 +310,18 @@ impl Drop for Env {
 }
 
 /// Polls `f` until it returns Some (its value), for at most 40 s.
+/// The random moments of a crash test: seeded by `CLOUDLB_CRASH_SEED`, else by `default`
+/// (printed, so a failure can be replayed).
+pub fn crash_rng(default: u64) -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    let seed: u64 = std::env::var("CLOUDLB_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default);
+    eprintln!("crash test seed {seed} (set CLOUDLB_CRASH_SEED to replay)");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
 pub async fn wait_for<T, F, Fut>(what: &str, f: F) -> T
 where
     F: FnMut() -> Fut,

@@ -101,6 +101,13 @@ pub(crate) fn tg_attributes(attrs: &[elb::TargetGroupAttribute]) -> BTreeMap<Str
         .collect()
 }
 
+pub(crate) fn listener_attributes(attrs: &[elb::ListenerAttribute]) -> BTreeMap<String, String> {
+    attrs
+        .iter()
+        .filter_map(|a| Some((a.key.clone()?, a.value.clone().unwrap_or_default())))
+        .collect()
+}
+
 /// Default certificate first, then the others sorted, without duplicates.
 pub(crate) fn canonical_certificates(default: Option<String>, others: Vec<String>) -> Vec<String> {
     let mut rest: Vec<String> = others

@@ -341,11 +341,7 @@ impl AwsProvider {
                 .calls
                 .run("DescribeListenerAttributes", || req.clone().send())
                 .await?;
-            l.attributes = resp
-                .attributes()
-                .iter()
-                .filter_map(|a| Some((a.key.clone()?, a.value.clone()?)))
-                .collect();
+            l.attributes = convert::listener_attributes(resp.attributes());
         }
         Ok(())
     }
