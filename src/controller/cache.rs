@@ -146,6 +146,9 @@ pub struct CacheEntry {
     pub stale: bool,
     /// The load balancer is provisioning: poll its state.
     pub provisioning: bool,
+    /// Known only from the Service's checkpoint, not read since this process started: trusted
+    /// while the model is unchanged, never planned against (a change reads the cloud first).
+    pub unverified: bool,
 }
 
 impl CacheEntry {
@@ -183,6 +186,7 @@ impl CacheEntry {
             verified_at,
             stale: false,
             provisioning,
+            unverified: false,
         }
     }
 
@@ -200,6 +204,7 @@ impl CacheEntry {
             stale: self.stale,
             age: now.saturating_duration_since(self.verified_at),
             provisioning: self.provisioning,
+            unverified: self.unverified,
         }
     }
 

@@ -2,7 +2,10 @@
 //!
 //! - **Trusted**: the model is the one last applied, verified less than a resync ago, by the same
 //!   provider: no cloud call at all (an unchanged resync costs nothing).
+//!   After a restart that holds for a Service whose model still hashes to its checkpoint
+//!   (memory *unverified*: known from the checkpoint, not read).
 //! - **Memory**: the model changed; plan against what was last applied or observed (no read).
+//!   Never against unverified memory: a checkpoint is not trusted for a write.
 //! - **Nothing**: a new Service that never carried our finalizer and that this process has not
 //!   touched: nothing of ours can exist yet, so no read either.
 //! - **Cloud**: read what exists (after a restart, a failed apply, a provider change, or when the
@@ -24,6 +27,8 @@ pub struct Remembered {
     /// Since the last read from the cloud.
     pub age: Duration,
     pub provisioning: bool,
+    /// Known from the Service's checkpoint only, not read since this process started.
+    pub unverified: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,10 +51,10 @@ pub struct Decision {
 pub fn decide(remembered: Option<Remembered>, untouched: bool, resync: Duration) -> Decision {
     match remembered.filter(|r| usable(r, resync)) {
         Some(r) => Decision {
-            basis: if r.same_model {
-                Basis::Trusted
-            } else {
-                Basis::Memory
+            basis: match (r.same_model, r.unverified) {
+                (true, _) => Basis::Trusted,
+                (false, false) => Basis::Memory,
+                (false, true) => Basis::Cloud,
             },
             poll_state: r.provisioning,
         },
@@ -68,7 +73,7 @@ pub fn decide(remembered: Option<Remembered>, untouched: bool, resync: Duration)
 /// wave would otherwise cost a full observe per Service).
 pub fn deletion_basis(remembered: Option<Remembered>, resync: Duration) -> Basis {
     match remembered {
-        Some(r) if usable(&r, resync) && !r.provisioning => Basis::Memory,
+        Some(r) if usable(&r, resync) && !r.provisioning && !r.unverified => Basis::Memory,
         _ => Basis::Cloud,
     }
 }
@@ -90,6 +95,14 @@ mod tests {
             stale: false,
             age: Duration::from_secs(10),
             provisioning: false,
+            unverified: false,
+        }
+    }
+
+    fn from_checkpoint() -> Remembered {
+        Remembered {
+            unverified: true,
+            ..fresh()
         }
     }
 
@@ -159,6 +172,33 @@ mod tests {
                 Cloud,
                 false,
             ),
+            (
+                "checkpoint, unchanged",
+                Some(from_checkpoint()),
+                false,
+                Trusted,
+                false,
+            ),
+            (
+                "checkpoint, model changed: read before writing",
+                Some(Remembered {
+                    same_model: false,
+                    ..from_checkpoint()
+                }),
+                false,
+                Cloud,
+                false,
+            ),
+            (
+                "checkpoint, drift check due",
+                Some(Remembered {
+                    age: RESYNC,
+                    ..from_checkpoint()
+                }),
+                false,
+                Cloud,
+                false,
+            ),
             ("new Service", None, true, Nothing, false),
             ("nothing remembered (restart)", None, false, Cloud, false),
             // Memory wins over "untouched" (cannot both hold in practice; memory is more precise).
@@ -219,6 +259,11 @@ mod tests {
                 Basis::Cloud,
             ),
             ("nothing remembered", None, Basis::Cloud),
+            (
+                "known from a checkpoint",
+                Some(from_checkpoint()),
+                Basis::Cloud,
+            ),
         ];
         for (name, remembered, basis) in cases {
             assert_eq!(deletion_basis(*remembered, RESYNC), *basis, "{name}");

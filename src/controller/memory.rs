@@ -1,10 +1,13 @@
 //! Everything the operator remembers about each Service between reconciles, in one map keyed by
 //! the Service's UID (a Service deleted and made again under the same name starts afresh). Lost
-//! on restart: the first reconcile after a start reads the cloud again.
+//! on restart: the first reconcile after a start reads the cloud again, unless the Service's
+//! checkpoint stands in for it (`super::checkpoint`). Also the drift checks' schedule
+//! ([`Memory::drift_turn`]).
 
 use super::cache::{CacheEntry, Interners};
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 /// What is remembered about one Service.
 #[derive(Default)]
@@ -17,6 +20,8 @@ pub struct ServiceMemory {
     pub last_invalid: Option<String>,
     /// The last warning of each reason (nodes not targeted, no ready endpoint), while it holds.
     pub warnings: Vec<(&'static str, String)>,
+    /// The turn of its due drift check ([`Memory::drift_turn`]).
+    drift_slot: Option<Instant>,
 }
 
 impl ServiceMemory {
@@ -25,6 +30,7 @@ impl ServiceMemory {
             && self.failures == 0
             && self.last_invalid.is_none()
             && self.warnings.is_empty()
+            && self.drift_slot.is_none()
     }
 
     /// Records `message` ("": none) as the warning of `reason`; true if it differs from the one
@@ -54,6 +60,8 @@ impl ServiceMemory {
 #[derive(Default)]
 pub struct Memory {
     services: Mutex<HashMap<String, ServiceMemory>>,
+    /// The first free turn of the drift checks' schedule.
+    drift_next: Mutex<Option<Instant>>,
     pub interners: Interners,
 }
 
@@ -108,11 +116,47 @@ impl Memory {
 
     /// Services with a load balancer.
     pub fn managed_load_balancers(&self) -> usize {
-        self.lock()
-            .values()
-            .filter(|m| m.cloud.as_ref().is_some_and(|c| c.outline().lb.is_some()))
-            .count()
+        count_load_balancers(&self.lock())
     }
+
+    /// Whether the due drift check of `uid` may read the cloud at `now` (`None`), or how long
+    /// until its turn. The drift checks of all Services are spread evenly over `window` (the
+    /// resync interval): one turn every `window / Services with a load balancer`, handed out in
+    /// the order they fall due, never saved up (a token bucket of one), so a start, or many
+    /// Services falling due together, never sends them in a burst. A Service keeps its turn
+    /// until it takes it.
+    pub fn drift_turn(&self, uid: &str, now: Instant, window: Duration) -> Option<Duration> {
+        let mut services = self.lock();
+        let managed = u32::try_from(count_load_balancers(&services)).unwrap_or(u32::MAX);
+        let interval = window / managed.max(1);
+        let entry = services.get_mut(uid)?;
+        let slot = match entry.drift_slot {
+            Some(slot) => slot,
+            None => {
+                let mut next = self
+                    .drift_next
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let slot = next.map_or(now, |n| n.max(now));
+                *next = Some(slot + interval);
+                entry.drift_slot = Some(slot);
+                slot
+            }
+        };
+        if slot <= now {
+            entry.drift_slot = None;
+            None
+        } else {
+            Some(slot - now)
+        }
+    }
+}
+
+fn count_load_balancers(services: &HashMap<String, ServiceMemory>) -> usize {
+    services
+        .values()
+        .filter(|m| m.cloud.as_ref().is_some_and(|c| c.outline().lb.is_some()))
+        .count()
 }
 
 #[cfg(test)]
@@ -131,5 +175,76 @@ mod tests {
         assert!(!memory.knows("c"), "reading must not create an entry");
         memory.forget("b");
         assert!(!memory.knows("b"));
+    }
+
+    fn with_load_balancer(memory: &Memory, uid: &str) {
+        let observed: crate::provider::Observed = serde_json::from_value(serde_json::json!({
+            "lb": {"arn": "arn", "name": uid, "scheme": "internal", "ip_address_type": "ipv4",
+                   "dns_name": "x", "state": "Active", "security_groups": [], "attributes": {}},
+            "listeners": [], "target_groups": [], "security_group": null
+        }))
+        .expect("an Observed");
+        let entry = super::CacheEntry::new(
+            "f".into(),
+            observed,
+            crate::config::class::ProviderKind::Aws,
+            std::time::Instant::now(),
+            false,
+            &memory.interners,
+        );
+        memory.set_cloud(uid, Some(entry));
+    }
+
+    #[test]
+    fn drift_checks_due_together_take_turns_spread_over_the_window() {
+        use std::time::{Duration, Instant};
+        let memory = Memory::default();
+        for uid in ["a", "b", "c", "d"] {
+            with_load_balancer(&memory, uid);
+        }
+        let window = Duration::from_secs(40);
+        let t0 = Instant::now();
+        let secs = |s: u64| Some(Duration::from_secs(s));
+        assert_eq!(
+            memory.drift_turn("a", t0, window),
+            None,
+            "the first goes at once"
+        );
+        assert_eq!(memory.drift_turn("b", t0, window), secs(10));
+        assert_eq!(memory.drift_turn("c", t0, window), secs(20));
+        assert_eq!(memory.drift_turn("d", t0, window), secs(30));
+        let t5 = t0 + Duration::from_secs(5);
+        assert_eq!(
+            memory.drift_turn("b", t5, window),
+            secs(5),
+            "b keeps its turn"
+        );
+        let t10 = t0 + Duration::from_secs(10);
+        assert_eq!(memory.drift_turn("b", t10, window), None, "b's turn");
+        assert_eq!(
+            memory.drift_turn("a", t10, window),
+            secs(30),
+            "due again: after the others"
+        );
+        // Idle for a while: turns are not saved up.
+        let later = t0 + Duration::from_secs(500);
+        with_load_balancer(&memory, "e");
+        assert_eq!(memory.drift_turn("e", later, window), None);
+        assert_eq!(
+            memory.drift_turn("c", later, window),
+            None,
+            "a turn that passed is taken when asked"
+        );
+        assert_eq!(
+            memory.drift_turn("d", later, window),
+            None,
+            "a turn that passed is taken when asked"
+        );
+        assert_eq!(memory.drift_turn("b", later, window), secs(8), "40 s / 5");
+        assert_eq!(
+            memory.drift_turn("unknown", later, window),
+            None,
+            "nothing remembered: nothing to pace"
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! finalizer, write status, record Events.
 
 pub mod cache;
+mod checkpoint;
 pub mod class_status;
 pub mod decide;
 pub mod endpoints;

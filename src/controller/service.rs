@@ -293,7 +293,33 @@ async fn converge(
     let remembered = memory
         .as_ref()
         .map(|e| e.remembered(&fingerprint, target.kind, now));
+    let remembered = match remembered {
+        // After a start (nothing remembered, not even a failure): the checkpoint, if it fits.
+        None if ctx.memory.with(uid, |m| m.failures == 0) => {
+            memory = super::checkpoint::load(svc, ctx, target, desired, &fingerprint);
+            memory
+                .as_ref()
+                .map(|e| e.remembered(&fingerprint, target.kind, now))
+        }
+        r => r,
+    };
     let decision = decide(remembered, untouched, ctx.settings.resync);
+    // A due drift check waits for its turn (they are spread over the resync window), serving
+    // from memory meanwhile; one for a changed model or after a failure does not wait.
+    let drift_due = remembered.is_some_and(|r| {
+        r.same_model
+            && r.same_provider
+            && !r.stale
+            && !r.provisioning
+            && r.age >= ctx.settings.resync
+    });
+    if drift_due
+        && let Some(e) = memory.clone()
+        && let Some(wait) = ctx.memory.drift_turn(uid, now, ctx.settings.resync)
+    {
+        tracing::debug!(wait_ms = wait.as_millis(), "drift check waits for its turn");
+        return trusted(svc, ctx, target, desired, e, false, Some(wait)).await;
+    }
     if decision.poll_state
         && let Some(e) = memory.as_mut()
     {
@@ -301,7 +327,7 @@ async fn converge(
     }
     let (observed, verified_at) = match (decision.basis, memory) {
         (Basis::Trusted, Some(e)) => {
-            return trusted(svc, ctx, target, desired, e, decision.poll_state).await;
+            return trusted(svc, ctx, target, desired, e, decision.poll_state, None).await;
         }
         (Basis::Memory, Some(e)) => (e.observed(), e.verified_at),
         (Basis::Nothing, _) => (Observed::default(), now),
@@ -311,6 +337,7 @@ async fn converge(
         return Ok(stop);
     }
     let plan = target.provider.plan(desired, &observed)?;
+    let invalidated = !super::checkpoint::invalidate(svc, &plan).is_empty();
     let observed = apply(svc, ctx, target, desired, observed, &plan).await?;
     if !plan.is_empty() {
         tell_backend_notes(svc, ctx, &observed).await;
@@ -323,13 +350,24 @@ async fn converge(
         })
         .await;
     }
-    let provisioning = remember(ctx, target, fingerprint, &observed, verified_at);
+    let provisioning = remember(ctx, target, fingerprint.clone(), &observed, verified_at);
     write_status(&ctx.metrics, &target.api(ctx), svc, desired, &observed).await?;
+    let mut record: AnnotationChanges = Vec::new();
     let tag_keys = TagKeys::of(svc, target, desired);
     if tag_keys.before_write != tag_keys.wanted {
         // The keys no longer wanted are off the resources: no longer ours to remove.
         let value = state::tag_keys_value(&tag_keys.wanted);
-        annotate(&target.api(ctx), svc, vec![(TAG_KEYS_ANNOTATION, value)]).await?;
+        record.push((TAG_KEYS_ANNOTATION, value));
+    }
+    record.extend(super::checkpoint::record(
+        svc,
+        target,
+        &fingerprint,
+        &observed,
+        invalidated,
+    ));
+    if !record.is_empty() {
+        annotate(&target.api(ctx), svc, record).await?;
     }
     announce(svc, ctx, &plan, &observed).await;
     let result = if plan.is_empty() {
@@ -750,6 +788,7 @@ async fn poll_state(
 }
 
 /// Unchanged: no cloud call at all (beyond the state poll while provisioning), only the status.
+/// The next check: the drift check when due, or at `turn` (a due drift check's turn).
 async fn trusted(
     svc: &Service,
     ctx: &Context,
@@ -757,8 +796,14 @@ async fn trusted(
     desired: &Desired,
     e: CacheEntry,
     polled: bool,
+    turn: Option<Duration>,
 ) -> Result<(Action, Outcome), Error> {
     write_status(&ctx.metrics, &t.api(ctx), svc, desired, e.outline()).await?;
+    if !e.unverified
+        && let Some(change) = super::checkpoint::record(svc, t, &e.fingerprint, e.outline(), false)
+    {
+        annotate(&t.api(ctx), svc, vec![change]).await?;
+    }
     let (provisioning, age) = (e.provisioning, e.verified_at.elapsed());
     if polled {
         ctx.memory.set_cloud(&t.sref.uid, Some(e));
@@ -768,6 +813,10 @@ async fn trusted(
     } else {
         Outcome::Unchanged
     };
+    if let Some(turn) = turn {
+        // Exactly then: a jittered requeue could come before the turn.
+        return Ok((Action::requeue(turn + Duration::from_millis(10)), result));
+    }
     let left = ctx.settings.resync.saturating_sub(age);
     Ok((next_check(ctx, provisioning, left), result))
 }
@@ -796,6 +845,10 @@ pub(super) async fn apply(
             note,
         )
         .await;
+    }
+    let invalidate = super::checkpoint::invalidate(svc, plan);
+    if !invalidate.is_empty() {
+        annotate(&t.api(ctx), svc, invalidate).await?;
     }
     t.provider
         .apply(desired, &observed, plan)
@@ -856,6 +909,11 @@ pub(super) async fn write_status(
     metrics.status_written();
     tracing::info!(ingress = ?want, "status updated");
     Ok(())
+}
+
+/// Whether the Service's status is the one `observed` gives it.
+pub(super) fn status_matches(svc: &Service, desired: &Desired, observed: &Observed) -> bool {
+    status::ingress_matches(svc, &status::desired_ingress(desired.lb.as_ref(), observed))
 }
 
 /// The name the Service's load balancer has: the cached one, the `name` annotation, or the
@@ -946,7 +1004,11 @@ async fn switch_provider(
     annotate(
         &api,
         svc,
-        vec![(PROVIDER_ANNOTATION, Some(wanted.to_string()))],
+        vec![
+            (PROVIDER_ANNOTATION, Some(wanted.to_string())),
+            // It named the old provider's load balancer.
+            (crate::model::checkpoint::CHECKPOINT_ANNOTATION, None),
+        ],
     )
     .await?;
     ctx.memory.set_cloud(&sref.uid, None);
@@ -990,6 +1052,7 @@ async fn cleanup(
         (state::RETIRING_ANNOTATION, None),
         (state::REPLACING_ANNOTATION, None),
         (state::GENERATION_ANNOTATION, None),
+        (crate::model::checkpoint::CHECKPOINT_ANNOTATION, None),
     ];
     match write_ownership(&api, svc, remaining, forget).await {
         Ok(_) => {}

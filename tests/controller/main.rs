@@ -22,5 +22,6 @@ mod ownership;
 mod pod_targets;
 mod readiness_gates;
 mod replacement;
+mod restarts;
 mod smoke;
 mod webhook;

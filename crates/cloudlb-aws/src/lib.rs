@@ -205,6 +205,10 @@ impl Provider for AwsProvider {
         PROVIDER_NAME
     }
 
+    fn checkpoints(&self) -> bool {
+        true
+    }
+
     #[tracing::instrument(skip_all, fields(service = %desired.service))]
     /// The NLB planner of `cloudlb-core`, with the backend security group as far as it is known.
     fn plan(&self, desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {

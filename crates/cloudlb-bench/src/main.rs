@@ -8,10 +8,12 @@
 //! ```
 //!
 //! Phases: create N LoadBalancer Services (1 or 2 ports) over M Nodes and wait for every status;
-//! touch every Service with a no-op annotation (an unchanged resync of everything); add one Node;
+//! touch every Service with a no-op annotation (an unchanged resync of everything); kill -9 the
+//! operator and start it again (restart: the checkpoints stand in for reads); add one Node;
 //! remove it; endpoint churn (one more Service, with pod targets: 100 endpoints whose readiness
 //! flips 20 times a second for 20 s, written to its EndpointSlice as the EndpointSlice controller
-//! would); delete every Service. Per phase: wall time, cloud calls by operation (counted at the
+//! would); one full drift sweep (restarted with `--resync-seconds` = `--sweep-seconds`: every
+//! Service re-verified once, spread over that window); delete every Service. Per phase: wall time, cloud calls by operation (counted at the
 //! proxy), the operator's own call count, its RSS. Prints goal vs measured and writes JSON.
 //! Asserts nothing about timings.
 
@@ -30,7 +32,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, CustomResourceExt};
-use report::{Phase, Report};
+use report::{Phase, Report, Sweep};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -50,6 +52,11 @@ const CHURN_SERVICE: &str = "churn";
 const CHURN_PODS: usize = 100;
 const CHURN_RATE: u32 = 20;
 const CHURN_SECONDS: u64 = 20;
+/// The operator's `--resync-seconds` outside the sweep phase: drift checks do not mix into the
+/// phases.
+const NO_DRIFT_CHECKS: u64 = 86400;
+/// The restart phase's first window: no call at all is the goal.
+const FIRST_WINDOW: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -116,6 +123,9 @@ pub struct Args {
     /// run then ends and reports how far it got.
     #[arg(long, default_value_t = 4096)]
     max_operator_rss_mib: u64,
+    /// The drift sweep's window: the operator's `--resync-seconds` in the sweep phase.
+    #[arg(long, default_value_t = 120)]
+    sweep_seconds: u64,
     /// Stop after this phase (e.g. `node-remove` to skip the slow delete at large sizes).
     #[arg(long, value_enum, default_value = "delete")]
     stop_after: StopAfter,
@@ -130,9 +140,11 @@ pub struct Args {
 pub enum StopAfter {
     Wave,
     Resync,
+    Restart,
     NodeAdd,
     NodeRemove,
     EndpointChurn,
+    Sweep,
     Delete,
 }
 
@@ -397,11 +409,16 @@ async fn setup_kube(client: &Client) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// When each Service was created and first seen with a status.
+/// When each Service was created and first seen with a status, and how often a status changed
+/// after that.
 #[derive(Default)]
 struct Track {
     created: HashMap<String, Instant>,
     status: HashMap<String, Instant>,
+    /// The address each Service's status shows ("" for none).
+    address: HashMap<String, String>,
+    /// Statuses that changed or went away after the first one.
+    changes: u64,
 }
 
 fn lock(t: &Mutex<Track>) -> std::sync::MutexGuard<'_, Track> {
@@ -423,14 +440,24 @@ fn watch_status(client: Client, track: Arc<Mutex<Track>>) -> tokio::task::JoinHa
                     continue;
                 }
             };
-            let has_status = svc
+            let address = svc
                 .status
                 .as_ref()
                 .and_then(|s| s.load_balancer.as_ref())
                 .and_then(|l| l.ingress.as_ref())
-                .is_some_and(|i| !i.is_empty());
-            if let (true, Some(name)) = (has_status, svc.metadata.name) {
-                lock(&track).status.entry(name).or_insert_with(Instant::now);
+                .and_then(|i| i.first())
+                .and_then(|i| i.hostname.clone().or_else(|| i.ip.clone()))
+                .unwrap_or_default();
+            let Some(name) = svc.metadata.name else {
+                continue;
+            };
+            let mut t = lock(&track);
+            if !address.is_empty() {
+                t.status.entry(name.clone()).or_insert_with(Instant::now);
+            }
+            let was = t.address.insert(name, address.clone());
+            if was.is_some_and(|w| !w.is_empty() && w != address) {
+                t.changes += 1;
             }
         }
     })
@@ -529,7 +556,6 @@ async fn run(args: Args) -> Result<(), BenchError> {
 
     // The operator, through the counting proxy.
     let proxy = FaultProxy::start(ProxyConfig::new(moto.endpoint().to_string())).await?;
-    let metrics_port = free_port();
     let env = [
         (
             "KUBECONFIG",
@@ -548,36 +574,22 @@ async fn run(args: Args) -> Result<(), BenchError> {
         "--no-local",
         "--aws-rate-limit",
         &args.aws_rate_limit.to_string(),
-        // Drift re-verification off for the run (a day), so it does not mix into the phases.
-        "--resync-seconds",
-        "86400",
-        "--metrics-addr",
-        &format!("127.0.0.1:{metrics_port}"),
         "--log-level",
         &args.operator_log_level,
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let proc =
-        ManagedProcess::spawn_with_env("operator", &operator_bin, &op_args, &env, cluster.dir())?;
-    let dog = Watchdog::spawn(proc.pid(), args.max_operator_rss_mib.saturating_mul(1024));
-    let mut op = Operator {
-        proc,
-        metrics_port,
-        dog,
+    let launch = Launch {
+        bin: operator_bin.clone(),
+        args: op_args,
+        env: env.to_vec(),
+        dir: cluster.dir().to_path_buf(),
+        cap_kb: args.max_operator_rss_mib.saturating_mul(1024),
+        started: Mutex::new(0),
     };
     let operator_started = Instant::now();
-    let ready = wait_until(Instant::now() + Duration::from_secs(60), || async {
-        matches!(http_get(metrics_port, "/readyz").await, Some((200, _)))
-    })
-    .await;
-    if !ready {
-        let log = op.proc.log_section(40);
-        return Err(BenchError::Operator(format!(
-            "not ready within 60 s:\n{log}"
-        )));
-    }
+    let op = launch.start(NO_DRIFT_CHECKS).await?;
     say(
         start,
         format!("operator ready ({})", operator_bin.display()),
@@ -587,11 +599,13 @@ async fn run(args: Args) -> Result<(), BenchError> {
     report.baseline(op.memory().0);
     let track = Arc::new(Mutex::new(Track::default()));
     let watch = watch_status(client.clone(), track.clone());
-    let bench = Bench {
+    let mut bench = Bench {
         args: &args,
         start,
         proxy: &proxy,
-        op: &op,
+        op,
+        launch,
+        peak_kb: 0,
         client: client.clone(),
         services: Api::namespaced(client.clone(), NAMESPACE),
         aws: &aws,
@@ -611,12 +625,12 @@ async fn run(args: Args) -> Result<(), BenchError> {
     }
     watch.abort();
 
-    let (_, hwm) = op.memory();
-    report.rss_timeline(op.dog.samples());
+    let (_, hwm) = bench.op.memory();
+    report.rss_timeline(bench.op.dog.samples());
     report.finish(
-        hwm.max(op.dog.max_kb()),
+        hwm.max(bench.op.dog.max_kb()).max(bench.peak_kb),
         operator_started.elapsed().as_secs_f64(),
-        op.proc.exited().map(|s| s.to_string()),
+        bench.op.proc.exited().map(|s| s.to_string()),
     );
     print!("{}", report.table());
     let path = args.json.clone().unwrap_or_else(|| {
@@ -630,12 +644,69 @@ async fn run(args: Args) -> Result<(), BenchError> {
     Ok(())
 }
 
+/// How the operator is started (again, by the restart and sweep phases).
+struct Launch {
+    bin: PathBuf,
+    /// `cloudlb run` flags but the resync interval and the metrics address.
+    args: Vec<String>,
+    env: Vec<(&'static str, String)>,
+    dir: PathBuf,
+    cap_kb: u64,
+    /// Processes started so far (each gets its own log).
+    started: Mutex<u32>,
+}
+
+impl Launch {
+    /// Starts the operator with `--resync-seconds resync` and waits until it is ready.
+    async fn start(&self, resync: u64) -> Result<Operator, BenchError> {
+        let metrics_port = free_port();
+        let mut args = self.args.clone();
+        args.extend([
+            "--resync-seconds".to_string(),
+            resync.to_string(),
+            "--metrics-addr".to_string(),
+            format!("127.0.0.1:{metrics_port}"),
+        ]);
+        let n = {
+            let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+            *started += 1;
+            *started
+        };
+        let name = if n == 1 {
+            "operator".to_string()
+        } else {
+            format!("operator-{n}")
+        };
+        let proc = ManagedProcess::spawn_with_env(&name, &self.bin, &args, &self.env, &self.dir)?;
+        let dog = Watchdog::spawn(proc.pid(), self.cap_kb);
+        let op = Operator {
+            proc,
+            metrics_port,
+            dog,
+        };
+        let ready = wait_until(Instant::now() + Duration::from_secs(60), || async {
+            matches!(http_get(metrics_port, "/readyz").await, Some((200, _)))
+        })
+        .await;
+        if !ready {
+            let log = op.proc.log_section(40);
+            return Err(BenchError::Operator(format!(
+                "not ready within 60 s:\n{log}"
+            )));
+        }
+        Ok(op)
+    }
+}
+
 /// What the phases share.
 struct Bench<'a> {
     args: &'a Args,
     start: Instant,
     proxy: &'a FaultProxy,
-    op: &'a Operator,
+    op: Operator,
+    launch: Launch,
+    /// The highest peak RSS of the operators killed so far.
+    peak_kb: u64,
     client: Client,
     services: Api<Service>,
     aws: &'a Aws,
@@ -649,12 +720,15 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
-    async fn phases(&self, report: &mut Report, stop: StopAfter) -> Result<(), BenchError> {
+    async fn phases(&mut self, report: &mut Report, stop: StopAfter) -> Result<(), BenchError> {
         self.wave(report).await?;
         if stop > StopAfter::Wave {
             self.resync(report).await?;
         }
         if stop > StopAfter::Resync {
+            self.restart(report).await?;
+        }
+        if stop > StopAfter::Restart {
             self.node_added(report).await?;
         }
         if stop > StopAfter::NodeAdd {
@@ -664,8 +738,142 @@ impl Bench<'_> {
             self.endpoint_churn(report).await?;
         }
         if stop > StopAfter::EndpointChurn {
+            self.sweep(report).await?;
+        }
+        if stop > StopAfter::Sweep {
             self.delete_all(report).await?;
         }
+        Ok(())
+    }
+
+    /// kill -9 of the operator and a new one with `--resync-seconds resync`, ready.
+    async fn relaunch(&mut self, resync: u64) -> Result<(), BenchError> {
+        self.peak_kb = self
+            .peak_kb
+            .max(self.op.memory().1)
+            .max(self.op.dog.max_kb());
+        self.op.proc.kill();
+        self.op = self.launch.start(resync).await?;
+        Ok(())
+    }
+
+    /// kill -9 of the converged operator and a new one: cloud calls in the first minute and
+    /// until steady, time until the new one reconciled every Service, status changes.
+    async fn restart(&mut self, report: &mut Report) -> Result<(), BenchError> {
+        let n = self.args.services as f64;
+        let changes = lock(&self.track).changes;
+        self.proxy.reset_counts();
+        let t0 = Instant::now();
+        self.relaunch(NO_DRIFT_CHECKS).await?;
+        let ready_secs = t0.elapsed().as_secs_f64();
+        let all = self
+            .wait(t0 + self.timeout, || async {
+                self.op.reconciles().await.values().sum::<f64>() >= n
+            })
+            .await?;
+        let reconciled_secs = t0.elapsed().as_secs_f64();
+        self.wait(t0 + FIRST_WINDOW, || async { false }).await?;
+        let first_minute = self.proxy.counts();
+        self.settle().await?;
+        let secs = t0.elapsed().as_secs_f64();
+        let fresh = Mark {
+            calls: 0.0,
+            reconciles: BTreeMap::new(),
+        };
+        let mut phase = Phase::new(
+            "restart (kill -9)",
+            secs,
+            self.proxy.counts(),
+            &self.op,
+            &fresh,
+        )
+        .await;
+        let changed = lock(&self.track).changes - changes;
+        phase.note(format!(
+            "new operator ready {ready_secs:.1} s after the kill; every Service reconciled after {reconciled_secs:.1} s{}; {} cloud calls in the first {} s; {changed} status changes",
+            if all { "" } else { " (timed out)" },
+            first_minute.total,
+            FIRST_WINDOW.as_secs()
+        ));
+        phase.first_window = Some(first_minute);
+        phase.status_changes = Some(changed);
+        say(
+            self.start,
+            format!("restart: {} calls until steady", phase.total),
+        );
+        report.phase(phase);
+        Ok(())
+    }
+
+    /// One full drift sweep: a new operator with `--resync-seconds` = `--sweep-seconds`
+    /// re-verifies every Service once, its checks spread over that window (the checkpoints make
+    /// the start itself free). Calls per second are sampled to show the spread.
+    async fn sweep(&mut self, report: &mut Report) -> Result<(), BenchError> {
+        let (n, window) = (self.args.services as f64, self.args.sweep_seconds);
+        self.proxy.reset_counts();
+        let t0 = Instant::now();
+        self.relaunch(window).await?;
+        let limit = t0 + Duration::from_secs(window * 2 + 120);
+        let (mut per_second, mut last) = (Vec::new(), 0u64);
+        let mut first_check: Option<usize> = None;
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Some(why) = self.op.dog.death() {
+                return Err(BenchError::OperatorDied(why));
+            }
+            let total = self.proxy.counts().total;
+            per_second.push(total - last);
+            last = total;
+            let verified = self
+                .op
+                .reconciles()
+                .await
+                .get("verified")
+                .copied()
+                .unwrap_or(0.0);
+            if verified > 0.0 && first_check.is_none() {
+                first_check = Some(per_second.len().saturating_sub(1));
+            }
+            if verified >= n || Instant::now() > limit {
+                break;
+            }
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        self.settle().await?;
+        let fresh = Mark {
+            calls: 0.0,
+            reconciles: BTreeMap::new(),
+        };
+        let mut phase =
+            Phase::new("drift sweep", secs, self.proxy.counts(), &self.op, &fresh).await;
+        let from = first_check.unwrap_or(per_second.len());
+        let before: u64 = per_second[..from].iter().sum();
+        let during = &per_second[from..];
+        let sweep_calls: u64 = during.iter().sum();
+        let average = sweep_calls as f64 / during.len().max(1) as f64;
+        let peak = during.iter().copied().max().unwrap_or(0);
+        let verified = phase.reconciles.get("verified").copied().unwrap_or(0.0);
+        phase.note(format!(
+            "window {window} s; {before} calls before the first drift check ({from} s); {verified} of {n} Services verified; the sweep: {sweep_calls} calls in {} s, {:.2} reads per Service, {average:.1} calls/s on average, busiest second {peak}",
+            during.len(),
+            phase.reads() as f64 / n.max(1.0),
+        ));
+        phase.sweep = Some(Sweep {
+            before_first_check: before,
+            seconds: during.len(),
+            average,
+            peak,
+            reads_per_service: phase.reads() as f64 / n.max(1.0),
+            verified,
+        });
+        say(
+            self.start,
+            format!("drift sweep: {sweep_calls} calls in {} s", during.len()),
+        );
+        report.phase(phase);
+        // The later phases run without drift checks again (free: the checkpoints).
+        self.relaunch(NO_DRIFT_CHECKS).await?;
+        self.settle().await?;
         Ok(())
     }
 
@@ -697,7 +905,7 @@ impl Bench<'_> {
     /// Creates every Service and waits for every status.
     async fn wave(&self, report: &mut Report) -> Result<(), BenchError> {
         let (args, start, track) = (self.args, self.start, &self.track);
-        let m = mark(self.proxy, self.op).await;
+        let m = mark(self.proxy, &self.op).await;
         let t0 = Instant::now();
         for_each(args.services, args.concurrency, |i| {
             let (services, track) = (self.services.clone(), track.clone());
@@ -762,7 +970,7 @@ impl Bench<'_> {
             Err(_) => Ok(false),
         };
         let mut phase =
-            Phase::new("create wave", wave_secs, self.proxy.counts(), self.op, &m).await;
+            Phase::new("create wave", wave_secs, self.proxy.counts(), &self.op, &m).await;
         let converged = matches!(waited, Ok(true));
         phase.note(format!(
             "{statuses}/{} Services got a status{}",
@@ -779,7 +987,7 @@ impl Bench<'_> {
     /// operator reconcile each one with an unchanged desired state.
     async fn resync(&self, report: &mut Report) -> Result<(), BenchError> {
         let args = self.args;
-        let m = mark(self.proxy, self.op).await;
+        let m = mark(self.proxy, &self.op).await;
         let want = m.reconciles.values().sum::<f64>() + args.services as f64;
         let t0 = Instant::now();
         let stamp = format!("{}", self.start.elapsed().as_millis());
@@ -807,7 +1015,7 @@ impl Bench<'_> {
         let secs = t0.elapsed().as_secs_f64();
         self.settle().await?;
         let mut phase =
-            Phase::new("unchanged resync", secs, self.proxy.counts(), self.op, &m).await;
+            Phase::new("unchanged resync", secs, self.proxy.counts(), &self.op, &m).await;
         if !all {
             phase.note("timed out before every Service was reconciled".into());
         }
@@ -834,7 +1042,7 @@ impl Bench<'_> {
         .await?;
         let secs = t0.elapsed().as_secs_f64();
         self.settle().await?;
-        let phase = Phase::new(name, secs, self.proxy.counts(), self.op, &m).await;
+        let phase = Phase::new(name, secs, self.proxy.counts(), &self.op, &m).await;
         say(self.start, format!("{name}: {} calls", phase.total));
         Ok(phase)
     }
@@ -844,7 +1052,7 @@ impl Bench<'_> {
         let Some(instance) = extra.first() else {
             return Err(BenchError::Aws("RunInstances returned nothing".into()));
         };
-        let m = mark(self.proxy, self.op).await;
+        let m = mark(self.proxy, &self.op).await;
         let t0 = Instant::now();
         create_node(&self.client, &node_for(instance, EXTRA_NODE)).await;
         report.phase(
@@ -855,7 +1063,7 @@ impl Bench<'_> {
     }
 
     async fn node_removed(&self, report: &mut Report) -> Result<(), BenchError> {
-        let m = mark(self.proxy, self.op).await;
+        let m = mark(self.proxy, &self.op).await;
         let t0 = Instant::now();
         Api::<Node>::all(self.client.clone())
             .delete(EXTRA_NODE, &DeleteParams::default())
@@ -900,7 +1108,7 @@ impl Bench<'_> {
         let registered = || async { self.proxy.counts().action("RegisterTargets") >= 1 };
         self.wait(Instant::now() + self.timeout, registered).await?;
         self.settle().await?;
-        let m = mark(self.proxy, self.op).await;
+        let m = mark(self.proxy, &self.op).await;
         let t0 = Instant::now();
         let every = Duration::from_secs(1) / CHURN_RATE;
         let mut changes = 0u32;
@@ -923,7 +1131,7 @@ impl Bench<'_> {
         }
         let secs = t0.elapsed().as_secs_f64();
         self.settle().await?;
-        let mut phase = Phase::new("endpoint churn", secs, self.proxy.counts(), self.op, &m).await;
+        let mut phase = Phase::new("endpoint churn", secs, self.proxy.counts(), &self.op, &m).await;
         let calls =
             phase.counts.action("RegisterTargets") + phase.counts.action("DeregisterTargets");
         phase.note(format!(
@@ -958,7 +1166,7 @@ impl Bench<'_> {
     /// Deletes every Service, waits until they are gone, counts what is left in moto.
     async fn delete_all(&self, report: &mut Report) -> Result<(), BenchError> {
         let args = self.args;
-        let m = mark(self.proxy, self.op).await;
+        let m = mark(self.proxy, &self.op).await;
         let t0 = Instant::now();
         for_each(args.services, args.concurrency, |i| {
             let services = self.services.clone();
@@ -982,7 +1190,7 @@ impl Bench<'_> {
         let remaining = remaining().await;
         let secs = t0.elapsed().as_secs_f64();
         self.settle().await?;
-        let mut phase = Phase::new("delete all", secs, self.proxy.counts(), self.op, &m).await;
+        let mut phase = Phase::new("delete all", secs, self.proxy.counts(), &self.op, &m).await;
         let (lbs, tgs, sgs) = self.aws.leftovers().await?;
         phase.note(format!(
             "{remaining} Services left{}; left in moto: {lbs} load balancers, {tgs} target groups, {sgs} security groups tagged for the cluster",

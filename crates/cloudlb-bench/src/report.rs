@@ -20,6 +20,24 @@ pub struct Phase {
     /// Reconciles during the phase by result (`cloudlb_reconcile_total` delta).
     pub reconciles: BTreeMap<String, f64>,
     pub notes: Vec<String>,
+    /// The restart phase: the calls of its first window, and the status changes it saw.
+    pub first_window: Option<Counts>,
+    pub status_changes: Option<u64>,
+    /// The drift-sweep phase's numbers.
+    pub sweep: Option<Sweep>,
+}
+
+/// One full drift sweep, as measured.
+pub struct Sweep {
+    /// Calls after the start, before the first drift check (the checkpoints: none).
+    pub before_first_check: u64,
+    /// From the first drift check until every Service was verified.
+    pub seconds: usize,
+    /// Calls per second over those seconds, and in the busiest one.
+    pub average: f64,
+    pub peak: u64,
+    pub reads_per_service: f64,
+    pub verified: f64,
 }
 
 impl Phase {
@@ -47,7 +65,20 @@ impl Phase {
             hwm_kb,
             reconciles,
             notes: Vec::new(),
+            first_window: None,
+            status_changes: None,
+            sweep: None,
         }
+    }
+
+    /// `Describe*` calls.
+    pub fn reads(&self) -> u64 {
+        self.counts
+            .totals()
+            .iter()
+            .filter(|(a, _)| a.starts_with("Describe"))
+            .map(|(_, n)| n)
+            .sum()
     }
 
     pub fn note(&mut self, note: String) {
@@ -97,6 +128,16 @@ impl Phase {
             "operator_rss_mib": mib(self.rss_kb),
             "operator_peak_rss_mib": mib(self.hwm_kb),
             "notes": self.notes,
+            "first_window_calls_by_operation": self.first_window.as_ref().map(Counts::totals),
+            "status_changes": self.status_changes,
+            "sweep": self.sweep.as_ref().map(|s| json!({
+                "calls_before_first_check": s.before_first_check,
+                "seconds": s.seconds,
+                "calls_per_second_average": round(s.average),
+                "calls_in_busiest_second": s.peak,
+                "reads_per_service": round(s.reads_per_service),
+                "services_verified": s.verified,
+            })),
         })
     }
 }
@@ -286,6 +327,38 @@ impl Report {
                 format!("{calls} (de)register calls in {:.1} s = {rate:.2}/s, other calls {other}", p.seconds),
                 // The batch of the last window lands after the churn ends: one window more.
                 verdict(calls as f64 <= 2.0 * (p.seconds + 1.0) && other == 0),
+            ));
+        }
+        if let Some(p) = self.get("restart (kill -9)") {
+            let first = p.first_window.as_ref().map_or(0, |c| c.total);
+            let changes = p.status_changes.unwrap_or(0);
+            let writes = p.total - p.reads();
+            rows.push((
+                "restart (kill -9): 0 calls in the first 60 s, every status right".into(),
+                format!(
+                    "{first} calls in 60 s; {} until steady ({writes} writes); {changes} status changes; peak RSS {:.1} MiB",
+                    p.total,
+                    p.hwm_kb as f64 / 1024.0
+                ),
+                verdict(first == 0 && changes == 0),
+            ));
+        }
+        if let Some(s) = self.get("drift sweep").and_then(|p| p.sweep.as_ref()) {
+            rows.push((
+                "drift sweep: no second above 2x the sweep's average rate".into(),
+                format!(
+                    "busiest second {} calls, average {:.1}/s over {} s; {} calls before the first check",
+                    s.peak, s.average, s.seconds, s.before_first_check
+                ),
+                verdict(s.peak as f64 <= 2.0 * s.average && s.before_first_check == 0),
+            ));
+            rows.push((
+                "drift sweep: reads per Service (goal: half of before the batching)".into(),
+                format!(
+                    "{:.2} reads per Service; {} Services verified",
+                    s.reads_per_service, s.verified
+                ),
+                "-".into(),
             ));
         }
         if let Some(p) = self.get("delete all") {

@@ -72,6 +72,13 @@ pub trait Provider: Send + Sync {
     /// it serves). Pure.
     fn plan(&self, desired: &Desired, observed: &Observed) -> Result<Plan, PlanError>;
 
+    /// Whether what it makes outlives the operator, so that a Service's checkpoint
+    /// ([`crate::model::checkpoint`]) can stand in for a read after a restart (AWS). The local
+    /// provider serves from the operator's own process: after a start it has nothing yet.
+    fn checkpoints(&self) -> bool {
+        false
+    }
+
     /// `observed` with the load balancer's state (and address) read again: what the controller
     /// polls while a load balancer is provisioning. Default: a full observe.
     async fn refresh_state(

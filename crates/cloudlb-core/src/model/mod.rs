@@ -4,6 +4,7 @@
 //! what exists by [`crate::plan`]. A Service that no longer wants a load balancer has the *empty*
 //! model (`lb: None`): deleting is applying the empty model.
 
+pub mod checkpoint;
 pub mod local;
 pub mod naming;
 pub mod observed;
