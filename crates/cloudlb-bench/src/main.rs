@@ -8,8 +8,10 @@
 //! ```
 //!
 //! Phases: create N LoadBalancer Services (1 or 2 ports) over M Nodes and wait for every status;
-//! touch every Service with a no-op annotation (an unchanged resync of everything); kill -9 the
-//! operator and start it again (restart: the checkpoints stand in for reads); add one Node;
+//! touch every Service with a no-op annotation (an unchanged resync of everything); three
+//! takeovers (the checkpoints stand in for reads): kill -9 of the operator and a new one, a leader
+//! failover (kill -9 of the leader, a standby takes over) and a rolling upgrade (a new replica,
+//! then SIGTERM to the old); add one Node;
 //! remove it; endpoint churn (one more Service, with pod targets: 100 endpoints whose readiness
 //! flips 20 times a second for 20 s, written to its EndpointSlice as the EndpointSlice controller
 //! would); one full drift sweep (restarted with `--resync-seconds` = `--sweep-seconds`: every
@@ -248,6 +250,25 @@ impl Watchdog {
 }
 
 impl Operator {
+    /// Whether it holds the leader lease.
+    async fn leading(&self) -> bool {
+        self.metric("cloudlb_leader", "").await >= 1.0
+    }
+
+    /// SIGTERM (a rolling update's stop: the lease is released) and wait up to 60 s for the
+    /// exit; then SIGKILL.
+    async fn terminate(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.proc.pid().to_string()])
+            .status();
+        let _ = wait_until(Instant::now() + Duration::from_secs(60), || {
+            let exited = self.proc.exited().is_some();
+            async move { exited }
+        })
+        .await;
+        self.proc.kill();
+    }
+
     async fn metrics(&self) -> String {
         http_get(self.metrics_port, "/metrics")
             .await
@@ -576,6 +597,10 @@ async fn run(args: Args) -> Result<(), BenchError> {
         &args.aws_rate_limit.to_string(),
         "--log-level",
         &args.operator_log_level,
+        // As the chart runs it: replicas hold a Lease, only its holder reconciles.
+        "--leader-elect",
+        "--lease-namespace",
+        NAMESPACE,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -590,6 +615,14 @@ async fn run(args: Args) -> Result<(), BenchError> {
     };
     let operator_started = Instant::now();
     let op = launch.start(NO_DRIFT_CHECKS).await?;
+    // The first replica takes the free lease at once.
+    let leading = wait_until(Instant::now() + Duration::from_secs(60), || op.leading()).await;
+    if !leading {
+        let log = op.proc.log_section(40);
+        return Err(BenchError::Operator(format!(
+            "no leader within 60 s:\n{log}"
+        )));
+    }
     say(
         start,
         format!("operator ready ({})", operator_bin.display()),
@@ -644,7 +677,28 @@ async fn run(args: Args) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// How the operator is started (again, by the restart and sweep phases).
+/// How a new operator takes over in the takeover phases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Takeover {
+    /// `kill -9` of the only replica, then a new one (it waits for the lease to expire).
+    Restart,
+    /// Two replicas: `kill -9` of the leader; the standby takes over when the lease expires.
+    Failover,
+    /// A new replica starts, then the old one gets SIGTERM and releases the lease.
+    RollingUpgrade,
+}
+
+impl Takeover {
+    fn phase(self) -> &'static str {
+        match self {
+            Takeover::Restart => "restart (kill -9)",
+            Takeover::Failover => "leader failover",
+            Takeover::RollingUpgrade => "rolling upgrade",
+        }
+    }
+}
+
+/// How the operator is started (again, by the takeover and sweep phases).
 struct Launch {
     bin: PathBuf,
     /// `cloudlb run` flags but the resync interval and the metrics address.
@@ -660,18 +714,20 @@ impl Launch {
     /// Starts the operator with `--resync-seconds resync` and waits until it is ready.
     async fn start(&self, resync: u64) -> Result<Operator, BenchError> {
         let metrics_port = free_port();
+        let n = {
+            let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+            *started += 1;
+            *started
+        };
         let mut args = self.args.clone();
         args.extend([
             "--resync-seconds".to_string(),
             resync.to_string(),
             "--metrics-addr".to_string(),
             format!("127.0.0.1:{metrics_port}"),
+            "--lease-identity".to_string(),
+            format!("bench-operator-{n}"),
         ]);
-        let n = {
-            let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
-            *started += 1;
-            *started
-        };
         let name = if n == 1 {
             "operator".to_string()
         } else {
@@ -726,7 +782,13 @@ impl Bench<'_> {
             self.resync(report).await?;
         }
         if stop > StopAfter::Resync {
-            self.restart(report).await?;
+            for how in [
+                Takeover::Restart,
+                Takeover::Failover,
+                Takeover::RollingUpgrade,
+            ] {
+                self.takeover(report, how).await?;
+            }
         }
         if stop > StopAfter::Restart {
             self.node_added(report).await?;
@@ -746,26 +808,53 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// kill -9 of the operator and a new one with `--resync-seconds resync`, ready.
-    async fn relaunch(&mut self, resync: u64) -> Result<(), BenchError> {
-        self.peak_kb = self
-            .peak_kb
-            .max(self.op.memory().1)
-            .max(self.op.dog.max_kb());
-        self.op.proc.kill();
+    /// Stops the operator (`kill -9`, or SIGTERM when `graceful`) and starts a new one with
+    /// `--resync-seconds resync`, ready (leading once the lease is free: at once after a graceful
+    /// stop, after the lease expires after a kill).
+    async fn relaunch(&mut self, resync: u64, graceful: bool) -> Result<(), BenchError> {
+        self.retire_leader(graceful).await;
         self.op = self.launch.start(resync).await?;
         Ok(())
     }
 
-    /// kill -9 of the converged operator and a new one: cloud calls in the first minute and
-    /// until steady, time until the new one reconciled every Service, status changes.
-    async fn restart(&mut self, report: &mut Report) -> Result<(), BenchError> {
+    /// Stops the current operator, keeping its peak RSS.
+    async fn retire_leader(&mut self, graceful: bool) {
+        self.peak_kb = self
+            .peak_kb
+            .max(self.op.memory().1)
+            .max(self.op.dog.max_kb());
+        if graceful {
+            self.op.terminate().await;
+        } else {
+            self.op.proc.kill();
+        }
+    }
+
+    /// A new operator takes over from the converged one: `how` says how. Cloud calls in the
+    /// first minute and until steady, time until the new one leads and reconciled every
+    /// Service, status changes.
+    async fn takeover(&mut self, report: &mut Report, how: Takeover) -> Result<(), BenchError> {
         let n = self.args.services as f64;
+        // A second replica, standing by before the leader goes (failover, rolling upgrade).
+        let standby = match how {
+            Takeover::Restart => None,
+            Takeover::Failover | Takeover::RollingUpgrade => {
+                Some(self.launch.start(NO_DRIFT_CHECKS).await?)
+            }
+        };
         let changes = lock(&self.track).changes;
         self.proxy.reset_counts();
         let t0 = Instant::now();
-        self.relaunch(NO_DRIFT_CHECKS).await?;
-        let ready_secs = t0.elapsed().as_secs_f64();
+        match standby {
+            None => self.relaunch(NO_DRIFT_CHECKS, false).await?,
+            Some(next) => {
+                self.retire_leader(how == Takeover::RollingUpgrade).await;
+                self.op = next;
+            }
+        }
+        let stopped_secs = t0.elapsed().as_secs_f64();
+        let led = self.wait(t0 + self.timeout, || self.op.leading()).await?;
+        let leading_secs = t0.elapsed().as_secs_f64();
         let all = self
             .wait(t0 + self.timeout, || async {
                 self.op.reconciles().await.values().sum::<f64>() >= n
@@ -780,17 +869,12 @@ impl Bench<'_> {
             calls: 0.0,
             reconciles: BTreeMap::new(),
         };
-        let mut phase = Phase::new(
-            "restart (kill -9)",
-            secs,
-            self.proxy.counts(),
-            &self.op,
-            &fresh,
-        )
-        .await;
+        let name = how.phase();
+        let mut phase = Phase::new(name, secs, self.proxy.counts(), &self.op, &fresh).await;
         let changed = lock(&self.track).changes - changes;
         phase.note(format!(
-            "new operator ready {ready_secs:.1} s after the kill; every Service reconciled after {reconciled_secs:.1} s{}; {} cloud calls in the first {} s; {changed} status changes",
+            "old leader gone after {stopped_secs:.1} s; the new one led after {leading_secs:.1} s{} and had reconciled every Service after {reconciled_secs:.1} s{}; {} cloud calls in the first {} s; {changed} status changes",
+            if led { "" } else { " (timed out)" },
             if all { "" } else { " (timed out)" },
             first_minute.total,
             FIRST_WINDOW.as_secs()
@@ -799,7 +883,7 @@ impl Bench<'_> {
         phase.status_changes = Some(changed);
         say(
             self.start,
-            format!("restart: {} calls until steady", phase.total),
+            format!("{name}: {} calls until steady", phase.total),
         );
         report.phase(phase);
         Ok(())
@@ -812,7 +896,7 @@ impl Bench<'_> {
         let (n, window) = (self.args.services as f64, self.args.sweep_seconds);
         self.proxy.reset_counts();
         let t0 = Instant::now();
-        self.relaunch(window).await?;
+        self.relaunch(window, true).await?;
         let limit = t0 + Duration::from_secs(window * 2 + 120);
         let (mut per_second, mut last) = (Vec::new(), 0u64);
         let mut first_check: Option<usize> = None;
@@ -872,7 +956,7 @@ impl Bench<'_> {
         );
         report.phase(phase);
         // The later phases run without drift checks again (free: the checkpoints).
-        self.relaunch(NO_DRIFT_CHECKS).await?;
+        self.relaunch(NO_DRIFT_CHECKS, true).await?;
         self.settle().await?;
         Ok(())
     }

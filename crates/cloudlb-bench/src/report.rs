@@ -329,12 +329,15 @@ impl Report {
                 verdict(calls as f64 <= 2.0 * (p.seconds + 1.0) && other == 0),
             ));
         }
-        if let Some(p) = self.get("restart (kill -9)") {
+        for name in ["restart (kill -9)", "leader failover", "rolling upgrade"] {
+            let Some(p) = self.get(name) else {
+                continue;
+            };
             let first = p.first_window.as_ref().map_or(0, |c| c.total);
             let changes = p.status_changes.unwrap_or(0);
             let writes = p.total - p.reads();
             rows.push((
-                "restart (kill -9): 0 calls in the first 60 s, every status right".into(),
+                format!("{name}: 0 calls in the first 60 s, every status right"),
                 format!(
                     "{first} calls in 60 s; {} until steady ({writes} writes); {changes} status changes; peak RSS {:.1} MiB",
                     p.total,
