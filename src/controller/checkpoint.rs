@@ -78,6 +78,30 @@ pub(super) fn record(
         .then_some((CHECKPOINT_ANNOTATION, Some(value)))
 }
 
+/// Whether the change from unverified memory `e` (what a checkpoint says, `remembered`) to
+/// `desired` is one of targets only, against target groups the provider confirms are ours (one
+/// read): then it is applied against memory; otherwise the cloud is read first.
+pub(super) async fn targets_only(
+    t: &Target,
+    desired: &Desired,
+    e: &CacheEntry,
+    remembered: &Observed,
+) -> Result<bool, super::service::Error> {
+    if !checkpoint::only_targets_differ(desired, &e.fingerprint, remembered) {
+        return Ok(false);
+    }
+    if !t
+        .provider
+        .confirm_target_groups(desired, remembered)
+        .await?
+    {
+        tracing::info!("the checkpoint's target groups are not ours (or gone); reading the cloud");
+        return Ok(false);
+    }
+    let plan = t.provider.plan(desired, remembered)?;
+    Ok(plan.ops.iter().all(crate::plan::Op::is_target_change))
+}
+
 /// Before `plan` is applied: the checkpoint is removed unless the plan only (de)registers
 /// targets (see the module docs), so that a write cut off midway never leaves a checkpoint
 /// that a model changed back to would trust.

@@ -5,7 +5,9 @@
 //!   After a restart that holds for a Service whose model still hashes to its checkpoint
 //!   (memory *unverified*: known from the checkpoint, not read).
 //! - **Memory**: the model changed; plan against what was last applied or observed (no read).
-//!   Never against unverified memory: a checkpoint is not trusted for a write.
+//! - **Checkpoint**: the model changed and memory is unverified: a checkpoint is not trusted for
+//!   a write. Only a change of targets is applied against it, once the target groups are
+//!   confirmed ours (one read); anything else reads the cloud first.
 //! - **Nothing**: a new Service that never carried our finalizer and that this process has not
 //!   touched: nothing of ours can exist yet, so no read either.
 //! - **Cloud**: read what exists (after a restart, a failed apply, a provider change, or when the
@@ -35,6 +37,7 @@ pub struct Remembered {
 pub enum Basis {
     Trusted,
     Memory,
+    Checkpoint,
     Nothing,
     Cloud,
 }
@@ -54,7 +57,7 @@ pub fn decide(remembered: Option<Remembered>, untouched: bool, resync: Duration)
             basis: match (r.same_model, r.unverified) {
                 (true, _) => Basis::Trusted,
                 (false, false) => Basis::Memory,
-                (false, true) => Basis::Cloud,
+                (false, true) => Basis::Checkpoint,
             },
             poll_state: r.provisioning,
         },
@@ -180,13 +183,13 @@ mod tests {
                 false,
             ),
             (
-                "checkpoint, model changed: read before writing",
+                "checkpoint, model changed: confirmed or read before writing",
                 Some(Remembered {
                     same_model: false,
                     ..from_checkpoint()
                 }),
                 false,
-                Cloud,
+                Checkpoint,
                 false,
             ),
             (

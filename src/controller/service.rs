@@ -325,11 +325,22 @@ async fn converge(
     {
         poll_state(ctx, target, desired, e).await?;
     }
+    // Applied against what a checkpoint says (confirmed target groups): still unverified after.
+    let mut checkpointed = false;
     let (observed, verified_at) = match (decision.basis, memory) {
         (Basis::Trusted, Some(e)) => {
             return trusted(svc, ctx, target, desired, e, decision.poll_state, None).await;
         }
         (Basis::Memory, Some(e)) => (e.observed(), e.verified_at),
+        (Basis::Checkpoint, Some(e)) => {
+            let remembered = e.observed();
+            if super::checkpoint::targets_only(target, desired, &e, &remembered).await? {
+                checkpointed = true;
+                (remembered, e.verified_at)
+            } else {
+                (target.provider.observe(desired).await?, now)
+            }
+        }
         (Basis::Nothing, _) => (Observed::default(), now),
         _ => (target.provider.observe(desired).await?, now),
     };
@@ -351,6 +362,13 @@ async fn converge(
         .await;
     }
     let provisioning = remember(ctx, target, fingerprint.clone(), &observed, verified_at);
+    if checkpointed {
+        ctx.memory.with(uid, |m| {
+            if let Some(c) = m.cloud.as_mut() {
+                c.unverified = true;
+            }
+        });
+    }
     write_status(&ctx.metrics, &target.api(ctx), svc, desired, &observed).await?;
     let mut record: AnnotationChanges = Vec::new();
     let tag_keys = TagKeys::of(svc, target, desired);

@@ -152,10 +152,11 @@ async fn two_replicas_one_writer_and_failover_after_kill_9_mid_wave() {
         0.0,
         "the standby made no cloud call"
     );
-    assert!(
-        leader.metric("cloudlb_reconcile_total", "").await >= 1.0,
-        "reconciles counted"
-    );
+    // Counted when the reconcile ends, which may be a moment after its status write.
+    wait_within("reconciles counted", Duration::from_secs(10), || async {
+        (leader.metric("cloudlb_reconcile_total", "").await >= 1.0).then_some(())
+    })
+    .await;
 
     // A wave of Services; kill -9 the leader in the middle of it. The standby takes over within
     // the lease duration, finishes the wave and converges a Service created meanwhile, with no

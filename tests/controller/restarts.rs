@@ -263,3 +263,77 @@ async fn a_corrupted_checkpoint_is_treated_as_absent() {
         helpers::delete_service(&env.services(), name).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_added_before_the_drift_check_confirms_the_target_groups_and_registers() {
+    let _guard = TestGuard::new();
+    let mut env = Env::start_with(
+        "restart3",
+        Setup {
+            resync: Duration::from_secs(3600),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let names = ["a", "b", "c"];
+    converge(&env, &names).await;
+    let unchanged = env.metrics.reconcile_count("unchanged");
+    env.restart_operator();
+    wait_for("a reconcile of each Service after the restart", || async {
+        (env.metrics.reconcile_count("unchanged") >= unchanged + 3).then_some(())
+    })
+    .await;
+    assert!(
+        env.provider.calls().is_empty(),
+        "{:?}",
+        env.provider.calls()
+    );
+    let before: BTreeMap<String, String> = {
+        let mut m = BTreeMap::new();
+        for name in names {
+            m.insert(
+                name.to_string(),
+                checkpoint(&env, name).await.expect("checkpoint"),
+            );
+        }
+        m
+    };
+
+    // Known only from the checkpoints: the target groups are confirmed ours (one DescribeTags
+    // per Service), then the node is registered; nothing else is read.
+    let instance = env.new_instance().await;
+    env.add_node(&instance, 99).await;
+    wait_for("the new node registered everywhere", || async {
+        (count(&env.provider.calls(), "RegisterTargets") >= 6).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls = env.provider.calls();
+    eprintln!("AWS calls for a node added right after a restart: {calls:?}");
+    assert_eq!(count(&calls, "RegisterTargets"), 6, "{calls:?}");
+    assert_eq!(count(&calls, "DescribeTags"), 3, "{calls:?}");
+    for read in [
+        "DescribeLoadBalancers",
+        "DescribeListeners",
+        "DescribeTargetGroups",
+        "DescribeTargetHealth",
+        "DescribeLoadBalancerAttributes",
+        "DescribeTargetGroupAttributes",
+    ] {
+        assert_eq!(count(&calls, read), 0, "{read}: {calls:?}");
+    }
+    let writes: u64 = calls
+        .iter()
+        .filter(|(k, _)| !k.starts_with("Describe") && !k.starts_with("RegisterTargets"))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(writes, 0, "{calls:?}");
+    // The checkpoints now say so.
+    for name in names {
+        wait_for(
+            &format!("{name}'s checkpoint names the new targets"),
+            || async { checkpoint(&env, name).await.filter(|v| *v != before[name]) },
+        )
+        .await;
+    }
+}

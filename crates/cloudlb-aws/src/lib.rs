@@ -228,6 +228,40 @@ impl Provider for AwsProvider {
         self.observe_impl(desired).await
     }
 
+    /// One DescribeTags for the target groups (and, once per process, the backend group's
+    /// lookup, which a plan needs to tell that it is attached).
+    #[tracing::instrument(skip_all, fields(service = %desired.service))]
+    async fn confirm_target_groups(
+        &self,
+        desired: &Desired,
+        observed: &Observed,
+    ) -> Result<bool, ProviderError> {
+        let arns: Vec<String> = observed
+            .target_groups
+            .iter()
+            .map(|t| t.arn.clone())
+            .collect();
+        if arns.is_empty() {
+            return Ok(false);
+        }
+        let tags = self.describe_tags(&arns).await?;
+        let (cluster, uid) = (&self.settings.cluster, &desired.service.uid);
+        if !arns
+            .iter()
+            .all(|a| observe::ours_elb(&tags, a, cluster, uid))
+        {
+            return Ok(false);
+        }
+        let wants_backend = desired
+            .lb
+            .as_ref()
+            .is_some_and(|l| l.security.backend.is_some());
+        if wants_backend && self.backend_group_id().is_none() {
+            self.find_backend_group().await?;
+        }
+        Ok(true)
+    }
+
     /// One DescribeLoadBalancers by ARN instead of a full observe.
     #[tracing::instrument(skip_all, fields(service = %desired.service))]
     async fn refresh_state(

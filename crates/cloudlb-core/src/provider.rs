@@ -79,6 +79,19 @@ pub trait Provider: Send + Sync {
         false
     }
 
+    /// Whether every target group of `observed` (known from a checkpoint, not read) carries our
+    /// ownership tags for `desired.service`, asked now, and learns what a plan against
+    /// `observed` needs: the controller then (de)registers targets against it without reading
+    /// the rest. A provider that cannot tell says no (the controller reads everything).
+    async fn confirm_target_groups(
+        &self,
+        desired: &Desired,
+        observed: &Observed,
+    ) -> Result<bool, ProviderError> {
+        let _ = (desired, observed);
+        Ok(false)
+    }
+
     /// `observed` with the load balancer's state (and address) read again: what the controller
     /// polls while a load balancer is provisioning. Default: a full observe.
     async fn refresh_state(

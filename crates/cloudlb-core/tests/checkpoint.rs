@@ -212,3 +212,44 @@ fn nothing_to_checkpoint_without_an_active_load_balancer() {
     o.target_groups[0].arn = "arn:aws:elasticloadbalancing:x:y:targetgroup-weird".into();
     assert_eq!(encode(&fp, &o), None, "an ARN of an unknown form");
 }
+
+#[test]
+fn only_a_change_of_targets_is_told_apart() {
+    use cloudlb_core::model::Target;
+    use cloudlb_core::model::checkpoint::only_targets_differ;
+    for (case, desired) in models() {
+        let fp = desired.fingerprint();
+        let value = checkpoint_of(&desired).to_string();
+        let remembered = outline(&value, &desired, &fp).expect("outline");
+        assert!(
+            only_targets_differ(&desired, &fp, &remembered),
+            "{case}: the same model"
+        );
+
+        let mut more = desired.clone();
+        let lb = more.lb.as_mut().expect("lb");
+        lb.target_groups[0].targets.insert(Target {
+            id: "i-0new".into(),
+            port: 30999,
+        });
+        assert!(
+            only_targets_differ(&more, &fp, &remembered),
+            "{case}: a target more"
+        );
+
+        let mut other = more.clone();
+        let lb = other.lb.as_mut().expect("lb");
+        lb.target_groups[0].health_check.interval_seconds += 5;
+        assert!(
+            !only_targets_differ(&other, &fp, &remembered),
+            "{case}: a health check"
+        );
+
+        let mut renamed = more.clone();
+        renamed.lb.as_mut().expect("lb").target_groups[0].name = "k8s-other".into();
+        assert!(
+            !only_targets_differ(&renamed, &fp, &remembered),
+            "{case}: a target group"
+        );
+    }
+}

@@ -240,6 +240,23 @@ fn group_id(id: &str) -> bool {
     id.strip_prefix("sg-").is_some_and(plain_id)
 }
 
+/// Whether `desired` differs from the model that hashes to `fingerprint` only in its targets,
+/// taking the targets as `observed` has them (the model a checkpoint, or memory built on one,
+/// speaks of): then the change is a (de)registration, nothing else.
+pub fn only_targets_differ(desired: &Desired, fingerprint: &str, observed: &Observed) -> bool {
+    let mut before = desired.clone();
+    let Some(lb) = before.lb.as_mut() else {
+        return false;
+    };
+    for tg in &mut lb.target_groups {
+        match observed.target_groups.iter().find(|o| o.name == tg.name) {
+            Some(o) => tg.targets = o.targets.clone(),
+            None => return false,
+        }
+    }
+    before.fingerprint() == fingerprint
+}
+
 /// An id as AWS makes them: letters and digits only.
 fn plain_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric())
