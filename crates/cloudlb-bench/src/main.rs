@@ -8,13 +8,12 @@
 //! ```
 //!
 //! Phases: create N LoadBalancer Services (1 or 2 ports) over M Nodes and wait for every status;
-//! touch every Service with a no-op annotation (an unchanged resync of everything); three
-//! takeovers (the checkpoints stand in for reads): kill -9 of the operator and a new one, a leader
-//! failover (kill -9 of the leader, a standby takes over) and a rolling upgrade (a new replica,
-//! then SIGTERM to the old); add one Node;
+//! touch every Service with a no-op annotation (an unchanged resync of everything); add one Node;
 //! remove it; endpoint churn (one more Service, with pod targets: 100 endpoints whose readiness
 //! flips 20 times a second for 20 s, written to its EndpointSlice as the EndpointSlice controller
-//! would); one full drift sweep (restarted with `--resync-seconds` = `--sweep-seconds`: every
+//! would); three takeovers (the checkpoints stand in for reads): kill -9 of the operator and a new
+//! one, a leader failover (kill -9 of the leader, a standby takes over) and a rolling upgrade (a
+//! new replica, then SIGTERM to the old); one full drift sweep (restarted with `--resync-seconds` = `--sweep-seconds`: every
 //! Service re-verified once, spread over that window); delete every Service. Per phase: wall time, cloud calls by operation (counted at the
 //! proxy), the operator's own call count, its RSS. Prints goal vs measured and writes JSON.
 //! Asserts nothing about timings.
@@ -142,10 +141,11 @@ pub struct Args {
 pub enum StopAfter {
     Wave,
     Resync,
-    Restart,
     NodeAdd,
     NodeRemove,
     EndpointChurn,
+    /// The three takeovers.
+    Restart,
     Sweep,
     Delete,
 }
@@ -782,15 +782,6 @@ impl Bench<'_> {
             self.resync(report).await?;
         }
         if stop > StopAfter::Resync {
-            for how in [
-                Takeover::Restart,
-                Takeover::Failover,
-                Takeover::RollingUpgrade,
-            ] {
-                self.takeover(report, how).await?;
-            }
-        }
-        if stop > StopAfter::Restart {
             self.node_added(report).await?;
         }
         if stop > StopAfter::NodeAdd {
@@ -800,6 +791,15 @@ impl Bench<'_> {
             self.endpoint_churn(report).await?;
         }
         if stop > StopAfter::EndpointChurn {
+            for how in [
+                Takeover::Restart,
+                Takeover::Failover,
+                Takeover::RollingUpgrade,
+            ] {
+                self.takeover(report, how).await?;
+            }
+        }
+        if stop > StopAfter::Restart {
             self.sweep(report).await?;
         }
         if stop > StopAfter::Sweep {
