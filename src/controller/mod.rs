@@ -127,6 +127,23 @@ fn slim_service(svc: &mut Service) {
     }
 }
 
+/// Everything of a Service but its resourceVersion and our checkpoint, hashed: a watch event
+/// whose only change is the checkpoint written after an apply reconciles nothing again (after a
+/// batch of endpoint changes that would apply the next ones at once, outside their window).
+fn service_inputs(svc: &Service) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut v = serde_json::to_value(svc).ok()?;
+    if let Some(meta) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        meta.remove("resourceVersion");
+        if let Some(a) = meta.get_mut("annotations").and_then(|a| a.as_object_mut()) {
+            a.remove(crate::model::checkpoint::CHECKPOINT_ANNOTATION);
+        }
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.to_string().hash(&mut h);
+    Some(h.finish())
+}
+
 /// Shared by every reconcile.
 pub struct Context {
     pub client: Client,
@@ -357,7 +374,8 @@ fn service_controller(
         .default_backoff()
         .modify(slim_service)
         .reflect(writer)
-        .applied_objects();
+        .applied_objects()
+        .predicate_filter(service_inputs, Default::default());
     let task = Controller::for_stream(stream, store.clone())
         .with_config(
             kube::runtime::controller::Config::default()
@@ -670,5 +688,43 @@ mod node_digest_tests {
             "a relist with nothing new"
         );
         assert!(list(&mut d, &[a2]), "a relist that lost a node");
+    }
+}
+
+#[cfg(test)]
+mod service_inputs_tests {
+    use super::service_inputs;
+    use k8s_openapi::api::core::v1::Service;
+    use serde_json::json;
+
+    fn svc(version: &str, annotations: serde_json::Value, port: u16) -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "shop", "resourceVersion": version,
+                         "annotations": annotations},
+            "spec": {"type": "LoadBalancer", "ports": [{"port": port}]},
+        }))
+        .expect("a Service")
+    }
+
+    #[test]
+    fn only_our_checkpoint_and_the_resource_version_are_left_out() {
+        let ckpt = crate::model::checkpoint::CHECKPOINT_ANNOTATION;
+        let base = service_inputs(&svc("1", json!({ckpt: "a"}), 80));
+        assert!(base.is_some());
+        assert_eq!(
+            base,
+            service_inputs(&svc("2", json!({ckpt: "b"}), 80)),
+            "a checkpoint write"
+        );
+        assert_ne!(
+            base,
+            service_inputs(&svc("2", json!({ckpt: "a", "x": "y"}), 80)),
+            "another annotation"
+        );
+        assert_ne!(
+            base,
+            service_inputs(&svc("2", json!({ckpt: "a"}), 81)),
+            "the spec"
+        );
     }
 }

@@ -51,6 +51,35 @@ async fn hostnames(env: &Env, names: &[&str]) -> BTreeMap<String, String> {
     out
 }
 
+/// Restarts the operator and waits until it reconciled `services` Services without a change:
+/// with their checkpoints trusted, no AWS call at all.
+async fn restart_trusting_checkpoints(env: &mut Env, services: usize) {
+    let unchanged = env.metrics.reconcile_count("unchanged");
+    env.restart_operator();
+    wait_for("a reconcile of each Service after the restart", || async {
+        (env.metrics.reconcile_count("unchanged") >= unchanged + services as u64).then_some(())
+    })
+    .await;
+    let calls = env.provider.calls();
+    assert!(calls.is_empty(), "the checkpoints are trusted: {calls:?}");
+}
+
+/// Waits until `services` more reconciles than `verified` read the cloud and found it as it
+/// should be (`what`); asserts each read its load balancer and nothing was written.
+async fn read_without_writing(env: &Env, verified: u64, services: usize, what: &str) {
+    wait_for(what, || async {
+        (env.metrics.reconcile_count("verified") >= verified + services as u64).then_some(())
+    })
+    .await;
+    let calls = env.provider.calls();
+    eprintln!("AWS calls of {what}: {calls:?}");
+    assert!(
+        count(&calls, "DescribeLoadBalancers") >= services as u64,
+        "{calls:?}"
+    );
+    assert_eq!(env.provider.write_calls(), 0, "{calls:?}");
+}
+
 fn count(calls: &BTreeMap<String, u64>, op: &str) -> u64 {
     calls.get(&format!("{op}/ok")).copied().unwrap_or(0)
 }
@@ -71,13 +100,8 @@ async fn a_restart_with_converged_services_makes_no_aws_call_until_the_drift_che
     let sample = checkpoint(&env, "a").await.unwrap_or_default();
     eprintln!("a checkpoint ({} bytes): {sample}", sample.len());
 
-    let unchanged = env.metrics.reconcile_count("unchanged");
     let verified = env.metrics.reconcile_count("verified");
-    env.restart_operator();
-    wait_for("a reconcile of each Service after the restart", || async {
-        (env.metrics.reconcile_count("unchanged") >= unchanged + 3).then_some(())
-    })
-    .await;
+    restart_trusting_checkpoints(&mut env, names.len()).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let calls = env.provider.calls();
     eprintln!("AWS calls in the first seconds after a restart: {calls:?}");
@@ -86,14 +110,13 @@ async fn a_restart_with_converged_services_makes_no_aws_call_until_the_drift_che
     assert_eq!(env.metrics.reconcile_count("verified"), verified);
 
     // The drift check reads each (spread over the resync window) and writes nothing.
-    wait_for("the drift check of each Service", || async {
-        (env.metrics.reconcile_count("verified") >= verified + 3).then_some(())
-    })
+    read_without_writing(
+        &env,
+        verified,
+        names.len(),
+        "the drift check of each Service",
+    )
     .await;
-    let calls = env.provider.calls();
-    eprintln!("AWS calls of the drift checks: {calls:?}");
-    assert!(count(&calls, "DescribeLoadBalancers") >= 3, "{calls:?}");
-    assert_eq!(env.provider.write_calls(), 0, "{calls:?}");
 
     // Verified now: a node added is one register call per target group, no read.
     let before_node = env.provider.calls();
@@ -119,6 +142,7 @@ async fn a_restart_with_converged_services_makes_no_aws_call_until_the_drift_che
         .sum();
     assert_eq!(elb_reads, 0, "{delta:?}");
     assert_eq!(count(&delta, "RegisterTargets"), 6, "{delta:?}");
+
     for name in names {
         helpers::delete_service(&env.services(), name).await;
     }
@@ -163,17 +187,7 @@ async fn a_checkpoint_of_a_deleted_or_untagged_load_balancer_is_never_written_th
         .await
         .expect("remove our tags");
 
-    let unchanged = env.metrics.reconcile_count("unchanged");
-    env.restart_operator();
-    wait_for("a reconcile of each Service after the restart", || async {
-        (env.metrics.reconcile_count("unchanged") >= unchanged + 2).then_some(())
-    })
-    .await;
-    assert!(
-        env.provider.calls().is_empty(),
-        "the checkpoints are trusted until the drift check: {:?}",
-        env.provider.calls()
-    );
+    restart_trusting_checkpoints(&mut env, 2).await;
 
     // The drift check: the deleted one is made again, the untagged one is refused, untouched.
     let remade = wait_for("a new NLB for gone", || async {
@@ -240,14 +254,7 @@ async fn a_corrupted_checkpoint_is_treated_as_absent() {
 
     let verified = env.metrics.reconcile_count("verified");
     env.restart_operator();
-    wait_for("one full read of each Service", || async {
-        (env.metrics.reconcile_count("verified") >= verified + 3).then_some(())
-    })
-    .await;
-    let calls = env.provider.calls();
-    eprintln!("AWS calls after a restart with corrupted checkpoints: {calls:?}");
-    assert!(count(&calls, "DescribeLoadBalancers") >= 3, "{calls:?}");
-    assert_eq!(env.provider.write_calls(), 0, "{calls:?}");
+    read_without_writing(&env, verified, names.len(), "one full read of each Service").await;
     assert_eq!(hostnames(&env, &names).await, before, "statuses kept");
     // Each is written again, naming its own load balancer.
     for name in names {
@@ -277,17 +284,7 @@ async fn a_node_added_before_the_drift_check_confirms_the_target_groups_and_regi
     .await;
     let names = ["a", "b", "c"];
     converge(&env, &names).await;
-    let unchanged = env.metrics.reconcile_count("unchanged");
-    env.restart_operator();
-    wait_for("a reconcile of each Service after the restart", || async {
-        (env.metrics.reconcile_count("unchanged") >= unchanged + 3).then_some(())
-    })
-    .await;
-    assert!(
-        env.provider.calls().is_empty(),
-        "{:?}",
-        env.provider.calls()
-    );
+    restart_trusting_checkpoints(&mut env, names.len()).await;
     let before: BTreeMap<String, String> = {
         let mut m = BTreeMap::new();
         for name in names {

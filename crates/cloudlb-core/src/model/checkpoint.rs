@@ -14,10 +14,8 @@
 //! balancer's, and a target group's ARN is its name plus an id, so each is stored once: about
 //! 440 bytes for a two-port Service.
 
-use crate::model::observed::{
-    LbState, Observed, ObservedLb, ObservedListener, ObservedSecurityGroup, ObservedTargetGroup,
-};
-use crate::model::{Desired, tags};
+use crate::model::Desired;
+use crate::model::observed::{AppliedIds, LbState, Observed};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -163,81 +161,22 @@ pub fn outline(value: &str, desired: &Desired, fingerprint: &str) -> Result<Obse
         let id = wire.tg.get(name).map_or("", String::as_str);
         format!("{p}targetgroup/{name}/{id}")
     };
-    let user_tags = tags::user_tags(&lb.tags);
-    let security_group = wire
-        .sg
-        .as_ref()
-        .zip(frontend)
-        .map(|(id, f)| ObservedSecurityGroup {
-            id: id.clone(),
-            name: f.name.clone(),
-            ingress: f.ingress.clone(),
-            tags: tags::user_tags(&lb.security_group_tags(f)),
-        });
-    let security_groups = security_group
-        .iter()
-        .map(|g| g.id.clone())
-        .chain(wire.g.iter().cloned())
-        .collect();
-    Ok(Observed {
-        lb: Some(ObservedLb {
-            arn: format!("{p}loadbalancer/{}", wire.lb),
-            name: desired.lb_name.clone(),
-            scheme: lb.scheme,
-            ip_address_type: lb.ip_address_type,
-            dns_name: wire.dns.clone(),
-            state: LbState::Active,
-            security_groups,
-            attributes: lb.attributes.clone(),
-            subnets: Vec::new(),
-            subnet_zones: BTreeMap::new(),
-            ipv6_source_nat: None,
-            tags: user_tags.clone(),
-        }),
-        listeners: lb
-            .listeners
-            .iter()
-            .map(|l| ObservedListener {
-                arn: format!("{p}listener/{}/{}", wire.lb, wire.l[&l.port]),
-                port: l.port,
-                protocol: l.protocol,
-                target_group_arn: lb
-                    .target_groups
-                    .iter()
-                    .find(|t| t.key == l.target_group)
-                    .map(|t| tg_arn(&t.name)),
-                certificates: l.certificates.clone(),
-                ssl_policy: l.ssl_policy.clone(),
-                alpn_policy: l.alpn_policy.clone(),
-                attributes: l.attributes.clone(),
-                tags: user_tags.clone(),
-            })
-            .collect(),
-        target_groups: lb
-            .target_groups
-            .iter()
-            .map(|t| ObservedTargetGroup {
-                arn: tg_arn(&t.name),
-                name: t.name.clone(),
-                protocol: t.protocol,
-                port: t.port,
-                target_type: t.target_type,
-                health_check: t.health_check.clone(),
-                attributes: t.attributes.clone(),
-                targets: t.targets.clone(),
-                algorithm: None,
-                tags: tags::user_tags(&t.tags),
-            })
-            .collect(),
-        security_group,
-        notes: Vec::new(),
-        outside_vpc: Vec::new(),
-    })
-}
-
-/// A security group id: `sg-` and letters and digits.
-fn group_id(id: &str) -> bool {
-    id.strip_prefix("sg-").is_some_and(plain_id)
+    let listener_arn = |port: u16| {
+        let id = wire.l.get(&port).map_or("", String::as_str);
+        format!("{p}listener/{}/{id}", wire.lb)
+    };
+    let ids = AppliedIds {
+        lb_arn: format!("{p}loadbalancer/{}", wire.lb),
+        dns_name: wire.dns.clone(),
+        security_groups: wire.sg.iter().chain(&wire.g).cloned().collect(),
+        frontend_group: wire.sg.clone(),
+        // Not recorded: the plan moves a load balancer only when its placement is known.
+        subnets: Vec::new(),
+        ipv6_source_nat: None,
+        listener_arn: &listener_arn,
+        target_group_arn: &tg_arn,
+    };
+    Ok(Observed::as_applied(desired, ids))
 }
 
 /// Whether `desired` differs from the model that hashes to `fingerprint` only in its targets,
@@ -255,6 +194,11 @@ pub fn only_targets_differ(desired: &Desired, fingerprint: &str, observed: &Obse
         }
     }
     before.fingerprint() == fingerprint
+}
+
+/// A security group id: `sg-` and letters and digits.
+fn group_id(id: &str) -> bool {
+    id.strip_prefix("sg-").is_some_and(plain_id)
 }
 
 /// An id as AWS makes them: letters and digits only.

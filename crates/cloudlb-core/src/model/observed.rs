@@ -30,7 +30,94 @@ pub struct Observed {
     pub outside_vpc: Vec<String>,
 }
 
+/// The ids a provider gave to what it made for a model, as [`Observed::as_applied`] takes them.
+pub struct AppliedIds<'a> {
+    pub lb_arn: String,
+    pub dns_name: String,
+    /// The load balancer's security groups.
+    pub security_groups: Vec<String>,
+    /// The id of the model's frontend security group.
+    pub frontend_group: Option<String>,
+    pub subnets: Vec<String>,
+    pub ipv6_source_nat: Option<bool>,
+    /// The ARN of the listener on a port, of the target group of a name.
+    pub listener_arn: &'a dyn Fn(u16) -> String,
+    pub target_group_arn: &'a dyn Fn(&str) -> String,
+}
+
 impl Observed {
+    /// What exists when the cloud matches `desired` exactly (targets, attributes and tags as
+    /// the model has them), with `ids`; nothing for the empty model.
+    pub fn as_applied(desired: &crate::model::Desired, ids: AppliedIds) -> Observed {
+        use crate::model::tags::user_tags;
+        let Some(lb) = &desired.lb else {
+            return Observed::default();
+        };
+        let tg_arn = ids.target_group_arn;
+        Observed {
+            lb: Some(ObservedLb {
+                arn: ids.lb_arn,
+                name: lb.name.clone(),
+                scheme: lb.scheme,
+                ip_address_type: lb.ip_address_type,
+                dns_name: ids.dns_name,
+                state: LbState::Active,
+                security_groups: ids.security_groups,
+                attributes: lb.attributes.clone(),
+                subnets: ids.subnets,
+                subnet_zones: BTreeMap::new(),
+                ipv6_source_nat: ids.ipv6_source_nat,
+                tags: user_tags(&lb.tags),
+            }),
+            listeners: lb
+                .listeners
+                .iter()
+                .map(|l| ObservedListener {
+                    arn: (ids.listener_arn)(l.port),
+                    port: l.port,
+                    protocol: l.protocol,
+                    target_group_arn: lb
+                        .target_groups
+                        .iter()
+                        .find(|t| t.key == l.target_group)
+                        .map(|t| tg_arn(&t.name)),
+                    certificates: l.certificates.clone(),
+                    ssl_policy: l.ssl_policy.clone(),
+                    alpn_policy: l.alpn_policy.clone(),
+                    attributes: l.attributes.clone(),
+                    tags: user_tags(&lb.tags),
+                })
+                .collect(),
+            target_groups: lb
+                .target_groups
+                .iter()
+                .map(|t| ObservedTargetGroup {
+                    arn: tg_arn(&t.name),
+                    name: t.name.clone(),
+                    protocol: t.protocol,
+                    port: t.port,
+                    target_type: t.target_type,
+                    health_check: t.health_check.clone(),
+                    attributes: t.attributes.clone(),
+                    targets: t.targets.clone(),
+                    algorithm: None,
+                    tags: user_tags(&t.tags),
+                })
+                .collect(),
+            security_group: ids
+                .frontend_group
+                .zip(lb.security.frontend.as_ref())
+                .map(|(id, f)| ObservedSecurityGroup {
+                    id,
+                    name: f.name.clone(),
+                    ingress: f.ingress.clone(),
+                    tags: user_tags(&lb.security_group_tags(f)),
+                }),
+            notes: Vec::new(),
+            outside_vpc: Vec::new(),
+        }
+    }
+
     /// The load balancer's name; empty when there is none.
     pub fn lb_name(&self) -> &str {
         self.lb.as_ref().map_or("", |l| l.name.as_str())

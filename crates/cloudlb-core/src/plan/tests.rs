@@ -2,7 +2,6 @@
 
 use super::*;
 use crate::config::class::{LoadBalancerClass, LoadBalancerClassSpec, ProviderKind};
-use crate::model::observed::{LbState, ObservedLb, ObservedSecurityGroup, ObservedTargetGroup};
 use crate::model::{IpAddressType, Protocol, Scheme};
 use k8s_openapi::api::core::v1::{Node, Service};
 
@@ -65,75 +64,20 @@ fn plan_from_web(after: &Desired) -> Plan {
 
 /// What the cloud holds when it matches `d` exactly.
 fn observed_for(d: &Desired) -> Observed {
-    let Some(lb) = &d.lb else {
-        return Observed::default();
+    let backend = d.lb.as_ref().and_then(|lb| lb.security.backend.as_ref());
+    let ids = crate::model::observed::AppliedIds {
+        lb_arn: "arn:lb".into(),
+        dns_name: "lb.example".into(),
+        security_groups: std::iter::once("sg-ours".to_string())
+            .chain(backend.map(|_| BACKEND.to_string()))
+            .collect(),
+        frontend_group: Some("sg-ours".into()),
+        subnets: vec!["subnet-a".into()],
+        ipv6_source_nat: d.lb.as_ref().map(|lb| lb.ipv6_source_nat.is_some()),
+        listener_arn: &|port| format!("arn:listener/{port}"),
+        target_group_arn: &|name| format!("arn:tg/{name}"),
     };
-    let tg_arn = |name: &str| format!("arn:tg/{name}");
-    Observed {
-        lb: Some(ObservedLb {
-            arn: "arn:lb".into(),
-            name: lb.name.clone(),
-            scheme: lb.scheme,
-            ip_address_type: lb.ip_address_type,
-            dns_name: "lb.example".into(),
-            state: LbState::Active,
-            security_groups: std::iter::once("sg-ours".to_string())
-                .chain(lb.security.backend.as_ref().map(|_| BACKEND.to_string()))
-                .collect(),
-            attributes: lb.attributes.clone(),
-            subnets: vec!["subnet-a".into()],
-            subnet_zones: BTreeMap::new(),
-            ipv6_source_nat: Some(lb.ipv6_source_nat.is_some()),
-            tags: tags::user_tags(&lb.tags),
-        }),
-        listeners: lb
-            .listeners
-            .iter()
-            .map(|l| ObservedListener {
-                arn: format!("arn:listener/{}", l.port),
-                port: l.port,
-                protocol: l.protocol,
-                target_group_arn: lb
-                    .target_groups
-                    .iter()
-                    .find(|t| t.key == l.target_group)
-                    .map(|t| tg_arn(&t.name)),
-                certificates: l.certificates.clone(),
-                ssl_policy: l.ssl_policy.clone(),
-                alpn_policy: l.alpn_policy.clone(),
-                attributes: l.attributes.clone(),
-                tags: tags::user_tags(&lb.tags),
-            })
-            .collect(),
-        target_groups: lb
-            .target_groups
-            .iter()
-            .map(|t| ObservedTargetGroup {
-                arn: tg_arn(&t.name),
-                name: t.name.clone(),
-                protocol: t.protocol,
-                port: t.port,
-                target_type: t.target_type,
-                health_check: t.health_check.clone(),
-                attributes: t.attributes.clone(),
-                targets: t.targets.clone(),
-                algorithm: None,
-                tags: tags::user_tags(&t.tags),
-            })
-            .collect(),
-        security_group: lb
-            .security
-            .frontend
-            .as_ref()
-            .map(|f| ObservedSecurityGroup {
-                id: "sg-ours".into(),
-                name: f.name.clone(),
-                ingress: f.ingress.clone(),
-                tags: tags::user_tags(&lb.security_group_tags(f)),
-            }),
-        notes: vec![],
-        outside_vpc: vec![],
-    }
+    Observed::as_applied(d, ids)
 }
 
 fn names(p: &Plan) -> Vec<String> {
