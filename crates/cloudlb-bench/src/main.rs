@@ -597,6 +597,10 @@ async fn run(args: Args) -> Result<(), BenchError> {
         &args.aws_rate_limit.to_string(),
         "--log-level",
         &args.operator_log_level,
+        // The API server's range (wider than the default at this size): the backend rules
+        // admit it whole, not port by port.
+        "--node-port-range",
+        &format!("30000-{range_end}"),
         // As the chart runs it: replicas hold a Lease, only its holder reconciles.
         "--leader-elect",
         "--lease-namespace",
