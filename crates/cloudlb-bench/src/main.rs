@@ -903,7 +903,6 @@ impl Bench<'_> {
         self.relaunch(window, true).await?;
         let limit = t0 + Duration::from_secs(window * 2 + 120);
         let (mut per_second, mut last) = (Vec::new(), 0u64);
-        let mut first_check: Option<usize> = None;
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             if let Some(why) = self.op.dog.death() {
@@ -919,9 +918,6 @@ impl Bench<'_> {
                 .get("verified")
                 .copied()
                 .unwrap_or(0.0);
-            if verified > 0.0 && first_check.is_none() {
-                first_check = Some(per_second.len().saturating_sub(1));
-            }
             if verified >= n || Instant::now() > limit {
                 break;
             }
@@ -934,15 +930,20 @@ impl Bench<'_> {
         };
         let mut phase =
             Phase::new("drift sweep", secs, self.proxy.counts(), &self.op, &fresh).await;
-        let from = first_check.unwrap_or(per_second.len());
-        let before: u64 = per_second[..from].iter().sum();
+        // No drift check can be due before 90 % of the window (the jitter) after the start: any
+        // call before is not the sweep's. The sweep runs from the first second with calls after.
+        let quiet = ((window as f64 * 0.9) as usize).min(per_second.len());
+        let before: u64 = per_second[..quiet].iter().sum();
+        let from = (quiet..per_second.len())
+            .find(|&i| per_second[i] > 0)
+            .unwrap_or(per_second.len());
         let during = &per_second[from..];
         let sweep_calls: u64 = during.iter().sum();
         let average = sweep_calls as f64 / during.len().max(1) as f64;
         let peak = during.iter().copied().max().unwrap_or(0);
         let verified = phase.reconciles.get("verified").copied().unwrap_or(0.0);
         phase.note(format!(
-            "window {window} s; {before} calls before the first drift check ({from} s); {verified} of {n} Services verified; the sweep: {sweep_calls} calls in {} s, {:.2} reads per Service, {average:.1} calls/s on average, busiest second {peak}",
+            "window {window} s; {before} calls in the first {quiet} s (no check due yet); the first drift check at {from} s; {verified} of {n} Services verified; the sweep: {sweep_calls} calls in {} s, {:.2} reads per Service, {average:.1} calls/s on average, busiest second {peak}",
             during.len(),
             phase.reads() as f64 / n.max(1.0),
         ));

@@ -29,7 +29,8 @@ pub struct Phase {
 
 /// One full drift sweep, as measured.
 pub struct Sweep {
-    /// Calls after the start, before the first drift check (the checkpoints: none).
+    /// Calls in the first 90 % of the window after the start, before any drift check can be
+    /// due (the checkpoints: none).
     pub before_first_check: u64,
     /// From the first drift check until every Service was verified.
     pub seconds: usize,
@@ -350,7 +351,7 @@ impl Report {
             rows.push((
                 "drift sweep: no second above 2x the sweep's average rate".into(),
                 format!(
-                    "busiest second {} calls, average {:.1}/s over {} s; {} calls before the first check",
+                    "busiest second {} calls, average {:.1}/s over {} s; {} calls before any check was due",
                     s.peak, s.average, s.seconds, s.before_first_check
                 ),
                 verdict(s.peak as f64 <= 2.0 * s.average && s.before_first_check == 0),
