@@ -285,6 +285,7 @@ mod tests {
                     "false".to_string(),
                 )]
                 .into(),
+                attributes_unread: false,
                 subnets: vec![],
                 subnet_zones: BTreeMap::new(),
                 ipv6_source_nat: None,

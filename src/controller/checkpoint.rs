@@ -99,15 +99,14 @@ pub(super) async fn targets_only(
         return Ok(false);
     }
     let plan = t.provider.plan(desired, remembered)?;
-    Ok(plan.ops.iter().all(crate::plan::Op::is_target_change))
+    Ok(plan.changes_only_targets())
 }
 
 /// Before `plan` is applied: the checkpoint is removed unless the plan only (de)registers
 /// targets (see the module docs), so that a write cut off midway never leaves a checkpoint
 /// that a model changed back to would trust.
 pub(super) fn invalidate(svc: &Service, plan: &Plan) -> AnnotationChanges {
-    let changes_more_than_targets = !plan.ops.iter().all(crate::plan::Op::is_target_change);
-    if changes_more_than_targets && state::recorded(svc, CHECKPOINT_ANNOTATION).is_some() {
+    if !plan.changes_only_targets() && state::recorded(svc, CHECKPOINT_ANNOTATION).is_some() {
         vec![(CHECKPOINT_ANNOTATION, None)]
     } else {
         Vec::new()

@@ -60,8 +60,8 @@ impl ServiceMemory {
 #[derive(Default)]
 pub struct Memory {
     services: Mutex<HashMap<String, ServiceMemory>>,
-    /// The first free turn of the drift checks' schedule.
-    drift_next: Mutex<Option<Instant>>,
+    /// The last group of turns of the drift checks' schedule: its time, and how many it has.
+    drift_group: Mutex<Option<(Instant, usize)>>,
     pub interners: Interners,
 }
 
@@ -121,24 +121,33 @@ impl Memory {
 
     /// Whether the due drift check of `uid` may read the cloud at `now` (`None`), or how long
     /// until its turn. The drift checks of all Services are spread evenly over `window` (the
-    /// resync interval): one turn every `window / Services with a load balancer`, handed out in
-    /// the order they fall due, never saved up (a token bucket of one), so a start, or many
-    /// Services falling due together, never sends them in a burst. A Service keeps its turn
-    /// until it takes it.
+    /// resync interval), handed out in the order they fall due, never saved up (a token bucket
+    /// of one), so a start, or many Services falling due together, never sends them in a burst.
+    /// Turns come in groups ([`drift_group_size`]): a second's worth of checks at a time, whose
+    /// reads by id go out together (one DescribeLoadBalancers for the group, not one each). A
+    /// Service keeps its turn until it takes it.
     pub fn drift_turn(&self, uid: &str, now: Instant, window: Duration) -> Option<Duration> {
         let mut services = self.lock();
-        let managed = u32::try_from(count_load_balancers(&services)).unwrap_or(u32::MAX);
-        let interval = window / managed.max(1);
+        let managed = count_load_balancers(&services).max(1);
+        let size = drift_group_size(managed, window);
+        // Between groups: `window` per `managed` checks, `size` at a time.
+        let managed = u32::try_from(managed).unwrap_or(u32::MAX);
+        let interval = window * u32::try_from(size).unwrap_or(1) / managed;
         let entry = services.get_mut(uid)?;
         let slot = match entry.drift_slot {
             Some(slot) => slot,
             None => {
-                let mut next = self
-                    .drift_next
+                let mut group = self
+                    .drift_group
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
-                let slot = next.map_or(now, |n| n.max(now));
-                *next = Some(slot + interval);
+                let (slot, members) = match *group {
+                    // A group still to come with room left: join it.
+                    Some((at, n)) if at >= now && n < size => (at, n + 1),
+                    Some((at, _)) => ((at + interval).max(now), 1),
+                    None => (now, 1),
+                };
+                *group = Some((slot, members));
                 entry.drift_slot = Some(slot);
                 slot
             }
@@ -152,6 +161,14 @@ impl Memory {
     }
 }
 
+/// How many drift checks take their turn together: those of one second (`managed` checks
+/// spread over `window`), at least 1 and at most 20 (the ids one DescribeLoadBalancers takes).
+/// With fewer checks than seconds in the window each goes alone, as evenly spread as before.
+pub fn drift_group_size(managed: usize, window: Duration) -> usize {
+    let per_second = managed as f64 / window.as_secs_f64().max(1.0);
+    (per_second.ceil() as usize).clamp(1, 20)
+}
+
 fn count_load_balancers(services: &HashMap<String, ServiceMemory>) -> usize {
     services
         .values()
@@ -161,7 +178,7 @@ fn count_load_balancers(services: &HashMap<String, ServiceMemory>) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::Memory;
+    use super::{Memory, drift_group_size};
 
     #[test]
     fn an_entry_left_empty_is_dropped_and_one_with_something_is_kept() {
@@ -246,5 +263,37 @@ mod tests {
             None,
             "nothing remembered: nothing to pace"
         );
+    }
+
+    #[test]
+    fn many_drift_checks_take_their_turns_a_second_at_a_time() {
+        use std::time::{Duration, Instant};
+        let memory = Memory::default();
+        let uids: Vec<String> = (0..100).map(|i| format!("svc-{i}")).collect();
+        for uid in &uids {
+            with_load_balancer(&memory, uid);
+        }
+        // 100 checks in 10 s: groups of 10, one a second.
+        let window = Duration::from_secs(10);
+        assert_eq!(drift_group_size(100, window), 10);
+        let t0 = Instant::now();
+        let turns: Vec<Option<Duration>> = uids
+            .iter()
+            .map(|u| memory.drift_turn(u, t0, window))
+            .collect();
+        for (i, turn) in turns.iter().enumerate() {
+            let group = i / 10;
+            let expected = (group > 0).then(|| Duration::from_secs(group as u64));
+            assert_eq!(*turn, expected, "check {i} goes with group {group}");
+        }
+        // Due again a moment later (it took its turn): after the last group, which is full.
+        let t1 = t0 + Duration::from_millis(1);
+        assert_eq!(
+            memory.drift_turn("svc-0", t1, window),
+            Some(Duration::from_secs(10) - Duration::from_millis(1)),
+            "after the last group, one interval later"
+        );
+        assert_eq!(drift_group_size(3, window), 1, "fewer checks than seconds");
+        assert_eq!(drift_group_size(5000, window), 20, "at most 20 together");
     }
 }

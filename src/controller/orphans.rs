@@ -3,9 +3,10 @@
 //! two steps never leaks a load balancer, target group or security group.
 
 use super::Context;
-use crate::config::class::LoadBalancerClass;
+use crate::config::class::{LoadBalancerClass, ProviderKind};
 use crate::model::Desired;
 use crate::ownership::{Ownership, has_finalizer};
+use crate::provider::SharedNeeds;
 use k8s_openapi::api::core::v1::Service;
 use kube::{Api, ResourceExt};
 use std::sync::Arc;
@@ -98,16 +99,17 @@ pub async fn run(ctx: Arc<Context>, interval: Duration) {
     }
 }
 
-/// The desired model of every Service this installation manages, by provider; `None` when one
-/// of them cannot be built (invalid or incomplete): then what it needs is unknown, and nothing
-/// shared may be removed on a guess.
-fn every_desired(
+/// What every Service this installation manages needs of what load balancers share, by
+/// provider; `None` when one of them cannot be built (invalid or incomplete): then what it needs
+/// is unknown, and nothing shared may be removed on a guess. One model at a time: only what it
+/// needs is kept.
+fn every_need(
     ctx: &Context,
     services: &kube::runtime::reflector::Store<Service>,
-) -> Option<Vec<(crate::config::class::ProviderKind, Desired)>> {
+) -> Option<Vec<(ProviderKind, SharedNeeds)>> {
     let classes = ctx.served_classes();
     let nodes = ctx.nodes.state();
-    let mut out = Vec::new();
+    let mut out: Vec<(ProviderKind, SharedNeeds)> = Vec::new();
     for svc in services.state() {
         let Ownership::Ours { class, .. } = ctx.ownership(&svc, &classes) else {
             continue;
@@ -124,7 +126,15 @@ fn every_desired(
             gate_waiting: &unready,
         };
         let built = crate::build::build(&ctx.settings.cluster, &svc, backends, &cfg).ok()?;
-        out.push((class.spec.provider, built.desired));
+        let kind = class.spec.provider;
+        match out.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, needs)) => needs.add(&built.desired),
+            None => {
+                let mut needs = SharedNeeds::default();
+                needs.add(&built.desired);
+                out.push((kind, needs));
+            }
+        }
     }
     Some(out)
 }
@@ -142,20 +152,20 @@ pub async fn prune_shared(
             _ = ctx.prune.notified() => {}
             _ = tokio::time::sleep(interval) => {}
         }
-        let Some(all) = every_desired(&ctx, &services) else {
+        let Some(all) = every_need(&ctx, &services) else {
             tracing::info!("a Service of ours cannot be built: shared resources left as they are");
             continue;
         };
-        for kind in crate::config::class::ProviderKind::ALL {
+        for kind in ProviderKind::ALL {
             let Some(provider) = ctx.providers.get(kind) else {
                 continue;
             };
-            let wanted: Vec<Desired> = all
+            let wanted = all
                 .iter()
-                .filter(|(k, _)| *k == kind)
-                .map(|(_, d)| d.clone())
-                .collect();
-            if let Err(e) = provider.prune_shared(&wanted).await {
+                .find(|(k, _)| *k == kind)
+                .map(|(_, n)| n.needs())
+                .unwrap_or_default();
+            if let Err(e) = provider.prune_shared(wanted).await {
                 tracing::warn!(provider = provider.name(), error = %e, "pruning shared resources failed; will retry");
             }
         }

@@ -13,7 +13,7 @@ use crate::model::state::{
 };
 use crate::model::{Desired, ServiceRef, TargetMode, naming};
 use crate::ownership::Ownership;
-use crate::plan::{Op, Plan, PlanError};
+use crate::plan::{Plan, PlanError};
 use crate::provider::{LbState, Observed, Provider, ProviderError};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{ListParams, Patch, PatchParams};
@@ -331,18 +331,33 @@ async fn converge(
         (Basis::Trusted, Some(e)) => {
             return trusted(svc, ctx, target, desired, e, decision.poll_state, None).await;
         }
-        (Basis::Memory, Some(e)) => (e.observed(), e.verified_at),
+        // Unless the change needs what a drift check did not read (the load balancer's
+        // attributes, for a model that sets some now, or a scheme change).
+        (Basis::Memory, Some(e)) if !e.outline().misses_lb_attributes(desired) => {
+            (e.observed(), e.verified_at)
+        }
         (Basis::Checkpoint, Some(e)) => {
             let remembered = e.observed();
             if super::checkpoint::targets_only(target, desired, &e, &remembered).await? {
                 checkpointed = true;
                 (remembered, e.verified_at)
             } else {
-                (target.provider.observe(desired).await?, now)
+                (
+                    target.provider.observe_known(desired, &remembered).await?,
+                    now,
+                )
             }
         }
         (Basis::Nothing, _) => (Observed::default(), now),
-        _ => (target.provider.observe(desired).await?, now),
+        // What memory knows is read again by id (a drift check: batched with others').
+        (_, Some(e)) => (
+            target
+                .provider
+                .observe_known(desired, &e.observed())
+                .await?,
+            now,
+        ),
+        (_, None) => (target.provider.observe(desired).await?, now),
     };
     if let Some(stop) = super::replace::start(svc, ctx, target, desired, &observed).await? {
         return Ok(stop);
@@ -853,7 +868,7 @@ pub(super) async fn apply(
         return Ok(observed);
     }
     tracing::info!(ops = ?plan.ops, "applying");
-    if !targets_only(plan) {
+    if !plan.changes_only_targets() {
         let note = format!("Ensuring load balancer ({} change(s))", plan.ops.len());
         publish(
             &ctx.recorder,
@@ -876,15 +891,11 @@ pub(super) async fn apply(
 }
 
 /// Writes that only (de)register targets: node changes, announced in the log only.
-fn targets_only(plan: &Plan) -> bool {
-    plan.ops.iter().all(Op::is_target_change)
-}
-
 async fn announce(svc: &Service, ctx: &Context, plan: &Plan, observed: &Observed) {
     if plan.is_empty() {
         return;
     }
-    if targets_only(plan) {
+    if plan.changes_only_targets() {
         tracing::info!("targets updated");
         return;
     }

@@ -1,11 +1,12 @@
 //! Helpers only the controller binary's tests use (what both test binaries use is in
 //! tests/support): edits, Events, reconcile and call counts, targets, NLBs made by hand.
 
+use cloudlb::model::checkpoint::CHECKPOINT_ANNOTATION;
 use cloudlb::provider::local::{LocalProvider, LocalSettings};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -58,6 +59,23 @@ impl Env {
     /// Waits until the namespace has Events with `reason`; their notes.
     pub async fn wait_events(&self, reason: &str) -> Vec<String> {
         wait_notes(&self.client, &self.ns, reason).await
+    }
+
+    /// The checkpoint Service `name` carries (`state.cloudlb.io/checkpoint`), if any.
+    pub async fn checkpoint(&self, name: &str) -> Option<String> {
+        let svc = self.services().get(name).await.expect("get Service");
+        svc.annotations().get(CHECKPOINT_ANNOTATION).cloned()
+    }
+
+    /// Waits until each of `names` carries its checkpoint (written once its NLB is active): only
+    /// then does a restart cost no call for it.
+    pub async fn wait_checkpoints(&self, names: &[&str]) {
+        for name in names {
+            wait_for(&format!("the checkpoint of {name}"), || {
+                self.checkpoint(name)
+            })
+            .await;
+        }
     }
 
     /// Waits until the operator has finished `n` more reconciles with `outcome` than `before`.

@@ -563,18 +563,9 @@ async fn a_service_an_earlier_version_made_keeps_its_public_scheme() {
     );
 
     // After a restart (recorded now, no longer "earlier"), the pin keeps it: the same model, so
-    // its checkpoint holds (no call at all), and the same load balancer.
-    wait_for(
-        "the checkpoint of old (written once its NLB is active)",
-        || async {
-            get(&env, "old")
-                .await
-                .annotations()
-                .get(cloudlb::model::checkpoint::CHECKPOINT_ANNOTATION)
-                .cloned()
-        },
-    )
-    .await;
+    // its checkpoint holds (no call at all), and the same load balancer. Both Services must carry
+    // theirs first: the restart reconciles both, and the calls counted are the operator's.
+    env.wait_checkpoints(&["old", "new"]).await;
     env.restart_operator();
     let calls = env.calls_for_unrelated_edit("old", "unchanged").await;
     assert!(calls.is_empty(), "replaced or read: {calls:?}");

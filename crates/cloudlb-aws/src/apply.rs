@@ -659,7 +659,7 @@ impl<'a> Run<'a> {
             cloudlb_core::plan::lb_attribute_default,
         );
         let user_tags = tags::user_tags(&self.lb()?.tags);
-        self.out.lb = convert::observed_lb(&created, attributes);
+        self.out.lb = convert::observed_lb(&created, Some(attributes));
         if let Some(l) = self.out.lb.as_mut() {
             l.tags = user_tags;
         }

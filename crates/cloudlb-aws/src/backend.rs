@@ -14,9 +14,10 @@
 use super::ec2::{Filter, GroupRule, SecurityGroup};
 use super::error::CallResult;
 use super::{AwsProvider, Change};
-use cloudlb_core::model::{BackendPort, Desired, LoadBalancer, tags};
-use cloudlb_core::provider::ProviderError;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use cloudlb_core::model::{BackendPort, LoadBalancer, tags};
+use cloudlb_core::provider::{ProviderError, SharedNeed};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -428,37 +429,38 @@ impl AwsProvider {
     /// installation manages) needs any more; with none left that wants the backend group,
     /// deletes it too. A group still attached to a load balancer that is being deleted is left
     /// for the next prune.
-    pub(crate) async fn prune_backend_impl(&self, wanted: &[Desired]) -> Result<(), ProviderError> {
+    pub(crate) async fn prune_backend_impl(
+        &self,
+        wanted: &[SharedNeed],
+    ) -> Result<(), ProviderError> {
         let Some(group) = self.backend_group(None).await? else {
             return Ok(());
         };
         let description = self.backend_rule_description();
-        let users: Vec<&LoadBalancer> = wanted
+        let targets: BTreeSet<String> = wanted
             .iter()
-            .filter_map(|d| d.lb.as_ref())
-            .filter(|lb| lb.security.backend.is_some())
-            .collect();
-        let targets: BTreeSet<String> = users
-            .iter()
-            .flat_map(|lb| lb.target_groups.iter())
-            .flat_map(|tg| tg.targets.iter().map(|t| t.id.clone()))
+            .flat_map(|n| n.targets.iter().cloned())
             .collect();
         self.learn_targets(&targets).await?;
+        // The rules each target set needs; Services on the same nodes with the same rules
+        // (nodePorts admitted as the whole range) count once.
         let mut needed: HashMap<String, BTreeSet<GroupRule>> = HashMap::new();
         {
+            let mut by_set: HashSet<(*const BTreeSet<String>, BTreeSet<GroupRule>)> =
+                HashSet::new();
             let known = self.backend.lock();
-            for lb in &users {
-                let Some(access) = &lb.security.backend else {
-                    continue;
-                };
+            for need in wanted {
                 let rules = rules_for(
-                    &access.ports,
+                    &need.backend.ports,
                     self.settings.node_port_range,
                     &group,
                     &description,
                 );
-                for t in lb.target_groups.iter().flat_map(|tg| tg.targets.iter()) {
-                    if let Some(Ok(sg)) = known.target(&t.id) {
+                if !by_set.insert((Arc::as_ptr(&need.targets), rules.clone())) {
+                    continue;
+                }
+                for t in need.targets.iter() {
+                    if let Some(Ok(sg)) = known.target(t) {
                         needed
                             .entry(sg.clone())
                             .or_default()
@@ -495,7 +497,7 @@ impl AwsProvider {
                     .collect(),
             );
         }
-        if users.is_empty() {
+        if wanted.is_empty() {
             match self
                 .ec2
                 .delete_security_group(&self.calls, &group)

@@ -52,9 +52,10 @@ pub(crate) fn ip_address_type(t: Option<&elb::IpAddressType>) -> IpAddressType {
     }
 }
 
+/// `attributes`: `None` when they were not read.
 pub(crate) fn observed_lb(
     lb: &elb::LoadBalancer,
-    attributes: BTreeMap<String, String>,
+    attributes: Option<BTreeMap<String, String>>,
 ) -> Option<ObservedLb> {
     Some(ObservedLb {
         arn: lb.load_balancer_arn.clone()?,
@@ -64,7 +65,8 @@ pub(crate) fn observed_lb(
         dns_name: lb.dns_name.clone().unwrap_or_default(),
         state: lb_state(lb.state.as_ref()),
         security_groups: lb.security_groups.clone().unwrap_or_default(),
-        attributes,
+        attributes_unread: attributes.is_none(),
+        attributes: attributes.unwrap_or_default(),
         subnets: lb
             .availability_zones()
             .iter()

@@ -46,7 +46,7 @@ pub(crate) trait OperationError:
 impl<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static> OperationError for E {}
 
 /// A failed AWS call, classified.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct AwsError {
     pub operation: &'static str,
     pub kind: ErrorKind,

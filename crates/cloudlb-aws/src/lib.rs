@@ -19,6 +19,7 @@
 
 mod apply;
 mod backend;
+mod batch;
 mod calls;
 mod convert;
 mod ec2;
@@ -31,7 +32,7 @@ mod vpc;
 use cloudlb_core::model::{Desired, ServiceRef, Target};
 use cloudlb_core::plan::{Plan, PlanError};
 use cloudlb_core::provider::CallObserver;
-use cloudlb_core::provider::{Observed, Provider, ProviderError};
+use cloudlb_core::provider::{Observed, Provider, ProviderError, SharedNeed};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -111,6 +112,7 @@ pub struct AwsProvider {
     subnet_cache: subnets::SubnetCache,
     backend: backend::BackendCache,
     vpc_cache: vpc::VpcCache,
+    lookups: observe::Lookups,
 }
 
 impl AwsProvider {
@@ -152,6 +154,7 @@ impl AwsProvider {
             subnet_cache: subnets::SubnetCache::default(),
             backend: backend::BackendCache::default(),
             vpc_cache: vpc::VpcCache::default(),
+            lookups: observe::Lookups::default(),
         }
     }
 
@@ -224,8 +227,19 @@ impl Provider for AwsProvider {
         cloudlb_core::plan::plan_with(desired, observed, known)
     }
 
+    #[tracing::instrument(skip_all, fields(service = %desired.service))]
     async fn observe(&self, desired: &Desired) -> Result<Observed, ProviderError> {
-        self.observe_impl(desired).await
+        self.observe_impl(desired, None).await
+    }
+
+    /// By id, batched with the other Services' reads of the moment (see `observe`).
+    #[tracing::instrument(skip_all, fields(service = %desired.service))]
+    async fn observe_known(
+        &self,
+        desired: &Desired,
+        known: &Observed,
+    ) -> Result<Observed, ProviderError> {
+        self.observe_impl(desired, Some(known)).await
     }
 
     /// One DescribeTags for the target groups (and, once per process, the backend group's
@@ -252,11 +266,7 @@ impl Provider for AwsProvider {
         {
             return Ok(false);
         }
-        let wants_backend = desired
-            .lb
-            .as_ref()
-            .is_some_and(|l| l.security.backend.is_some());
-        if wants_backend && self.backend_group_id().is_none() {
+        if observe::wants_backend(desired) && self.backend_group_id().is_none() {
             self.find_backend_group().await?;
         }
         Ok(true)
@@ -270,7 +280,7 @@ impl Provider for AwsProvider {
         observed: &Observed,
     ) -> Result<Observed, ProviderError> {
         let Some(have) = observed.lb.as_ref() else {
-            return self.observe_impl(desired).await;
+            return self.observe_impl(desired, None).await;
         };
         let resp = self
             .calls
@@ -288,7 +298,7 @@ impl Provider for AwsProvider {
         };
         match lb {
             // Deleted meanwhile: read everything again.
-            None => self.observe_impl(desired).await,
+            None => self.observe_impl(desired, None).await,
             Some(lb) => {
                 let mut refreshed = observed.clone();
                 if let Some(l) = refreshed.lb.as_mut() {
@@ -344,7 +354,7 @@ impl Provider for AwsProvider {
         Ok(out)
     }
 
-    async fn prune_shared(&self, wanted: &[Desired]) -> Result<(), ProviderError> {
+    async fn prune_shared(&self, wanted: &[SharedNeed]) -> Result<(), ProviderError> {
         self.prune_backend_impl(wanted).await
     }
 }

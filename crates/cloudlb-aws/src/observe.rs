@@ -1,52 +1,137 @@
 //! Read what exists for one Service: the NLB found by name, its listeners and target groups
 //! (attached ones, plus desired ones found by name: created before a crash, not yet attached),
 //! and the frontend security group found by name. Everything is checked for our ownership tags.
+//!
+//! What the controller already knows (a drift check) is looked up by id instead, in one call
+//! with other Services' lookups of the same moment: up to 20 load balancers, target groups,
+//! tagged resources or security groups per call. The load balancer's attributes are read only
+//! when the model sets some or it may go ([`needs_lb_attributes`]). What stays one call per
+//! resource: the listeners of each load balancer (one added by hand must show), and each target
+//! group's attributes and registered targets (AWS has no batch form of either).
 
 use super::AwsProvider;
+use super::batch::{Coalescer, Found};
 use super::convert::{self, is_ours, tag_map_elb};
-use super::ec2::Filter;
+use super::ec2::{Filter, SecurityGroup};
 use super::error::{AwsError, CallResult};
 use aws_sdk_elasticloadbalancingv2::types as elb;
+use cloudlb_core::model::observed::needs_lb_attributes;
 use cloudlb_core::model::{Desired, Target, naming, tags};
-use cloudlb_core::provider::{Observed, ObservedSecurityGroup, ObservedTargetGroup, ProviderError};
+use cloudlb_core::provider::{
+    Observed, ObservedListener, ObservedSecurityGroup, ObservedTargetGroup, ProviderError,
+};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Attributes by key.
 type Attributes = BTreeMap<String, String>;
 
+/// Tags by ARN.
+pub(crate) type Tags = BTreeMap<String, BTreeMap<String, String>>;
+
 /// DescribeTags takes at most 20 ARNs.
 const TAGS_BATCH: usize = 20;
 
+/// Ids per lookup call (DescribeLoadBalancers takes at most 20 ARNs; the others are kept to
+/// the same).
+const CHUNK: usize = 20;
+
+/// How long a lookup by id waits for others to go with it: the drift checks of a group start
+/// together, and each of their steps comes within a few milliseconds of the others'.
+const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The coalesced lookups by id ([`crate::batch`]).
+#[derive(Debug)]
+pub(crate) struct Lookups {
+    lbs: Coalescer<elb::LoadBalancer>,
+    target_groups: Coalescer<elb::TargetGroup>,
+    tags: Coalescer<BTreeMap<String, String>>,
+    groups: Coalescer<SecurityGroup>,
+}
+
+impl Default for Lookups {
+    fn default() -> Self {
+        Lookups {
+            lbs: Coalescer::new(BATCH_WINDOW, CHUNK),
+            target_groups: Coalescer::new(BATCH_WINDOW, CHUNK),
+            tags: Coalescer::new(BATCH_WINDOW, TAGS_BATCH),
+            groups: Coalescer::new(BATCH_WINDOW, CHUNK),
+        }
+    }
+}
+
 impl AwsProvider {
-    pub(crate) async fn observe_impl(&self, desired: &Desired) -> Result<Observed, ProviderError> {
+    /// `known`: what memory or a checkpoint says exists for the Service (a drift check, a read
+    /// after a failure). Its load balancer, target groups, tags and frontend group are then
+    /// looked up by id, in one call with other Services' lookups of the same moment
+    /// ([`crate::batch`]); what is no longer there is looked for by name, as without `known`.
+    pub(crate) async fn observe_impl(
+        &self,
+        desired: &Desired,
+        known: Option<&Observed>,
+    ) -> Result<Observed, ProviderError> {
         // The empty model deletes only what is ours; a foreign resource of the same name is left
         // alone without blocking the Service's deletion.
         let deleting = desired.lb.is_none();
+        let known = known.filter(|k| !deleting && k.lb_name() == desired.lb_name);
         let mut observed = Observed::default();
 
-        // 1. The load balancer, by name.
-        let found = self.find_lb(desired, deleting).await?;
+        // 1. The load balancer: by id (its tags come with the target groups' below), else by name.
+        let by_id = match known.and_then(|k| k.lb.as_ref()) {
+            Some(k) => self.lb_by_id(&k.arn, &desired.lb_name).await?,
+            None => None,
+        };
+        let (lb, lb_tags) = match by_id {
+            Some(lb) => (Some(lb), None),
+            None => match self.find_lb(desired, deleting).await? {
+                Some((lb, tags)) => (Some(lb), Some(tags)),
+                None => (None, None),
+            },
+        };
+        let lb_arn = lb.as_ref().and_then(|l| l.load_balancer_arn.clone());
         let mut attached: Vec<elb::TargetGroup> = Vec::new();
-        let lb = found.as_ref().map(|(lb, _)| lb);
-        if let Some((lb, lb_tags)) = &found {
-            let arn = lb.load_balancer_arn.clone().unwrap_or_default();
-            observed.lb = convert::observed_lb(lb, self.lb_attributes(&arn).await?);
-            if let Some(l) = observed.lb.as_mut() {
-                l.tags = tags::user_tags(lb_tags);
-            }
-            observed.listeners = self.describe_listeners(&arn, true).await?;
+        if let Some(arn) = &lb_arn {
+            observed.listeners = self.describe_listeners(arn, true).await?;
             self.read_listener_attributes(desired, &mut observed.listeners)
                 .await?;
-            attached = self.describe_attached_target_groups(&arn).await?;
+            attached = match (known, &lb_tags) {
+                (Some(k), None) => self.target_groups_by_id(k, &observed.listeners).await?,
+                _ => self.describe_attached_target_groups(arn).await?,
+            };
+        }
+
+        // 2. Target groups: attached, plus desired ones by name (and the listeners' tags, read
+        // with theirs; with the load balancer's too when it was found by id).
+        let unchecked = match (&lb, &lb_arn, &lb_tags) {
+            (Some(_), Some(arn), None) => Some((arn.as_str(), desired.lb_name.as_str())),
+            _ => None,
+        };
+        let lookup = TargetGroupLookup {
+            desired,
+            deleting,
+            batched: known.is_some(),
+            unchecked_lb: unchecked,
+        };
+        let (target_groups, mut tags) = self
+            .find_target_groups(lookup, attached, &mut observed.listeners)
+            .await?;
+        observed.target_groups = target_groups;
+        if let (Some(lb), Some(arn)) = (&lb, &lb_arn) {
+            let lb_tags = lb_tags.unwrap_or_else(|| tags.remove(arn).unwrap_or_default());
+            let have = convert::scheme(lb.scheme.as_ref());
+            let attributes = if needs_lb_attributes(desired, have) {
+                Some(self.lb_attributes(arn).await?)
+            } else {
+                None
+            };
+            observed.lb = convert::observed_lb(lb, attributes);
+            if let Some(l) = observed.lb.as_mut() {
+                l.tags = tags::user_tags(&lb_tags);
+            }
         }
 
         // The backend group, once per process, if the load balancer may carry it: the plan
         // must know it to tell whether it is attached (a restart must not re-attach it).
-        let wants_backend = desired
-            .lb
-            .as_ref()
-            .is_some_and(|l| l.security.backend.is_some());
-        if wants_backend && observed.lb.is_some() && self.backend_group_id().is_none() {
+        if wants_backend(desired) && observed.lb.is_some() && self.backend_group_id().is_none() {
             self.find_backend_group().await?;
         }
         // Where the load balancer should be, so the plan can move it (cached).
@@ -54,19 +139,20 @@ impl AwsProvider {
             self.learn_placement(want).await?;
         }
 
-        // 2. Target groups: attached, plus desired ones by name (and the listeners' tags, read
-        // with theirs).
-        observed.target_groups = self
-            .find_target_groups(desired, attached, &mut observed.listeners, deleting)
-            .await?;
-
-        // 3. The frontend security group, by name.
+        // 3. The frontend security group: by id, else by name.
         let vpc = self
             .settings
             .vpc_id
             .clone()
-            .or_else(|| lb.and_then(|l| l.vpc_id.clone()));
-        observed.security_group = self.find_security_group(desired, vpc, deleting).await?;
+            .or_else(|| lb.as_ref().and_then(|l| l.vpc_id.clone()));
+        let known_group = known.and_then(|k| k.security_group.as_ref());
+        observed.security_group = match known_group {
+            Some(g) => self.group_by_id(desired, g).await?,
+            None => None,
+        };
+        if observed.security_group.is_none() {
+            observed.security_group = self.find_security_group(desired, vpc, deleting).await?;
+        }
 
         observed
             .listeners
@@ -77,17 +163,139 @@ impl AwsProvider {
         Ok(observed)
     }
 
-    /// Our target groups among those `attached` to the load balancer and those the model wants
-    /// (by name), read in full. A wanted name held by a group without our tags is
-    /// [`ProviderError::Foreign`] (unless deleting). The tags of `listeners` are read in the
-    /// same DescribeTags calls (unless deleting: the empty model does not need them).
-    async fn find_target_groups(
+    /// The load balancer `arn` if it still exists under `name` (batched). Its ownership is
+    /// checked with the target groups' tags.
+    async fn lb_by_id(
+        &self,
+        arn: &str,
+        name: &str,
+    ) -> Result<Option<elb::LoadBalancer>, ProviderError> {
+        let mut found = self
+            .lookups
+            .lbs
+            .get(vec![arn.to_string()], |arns| self.lbs_by_arn(arns))
+            .await?;
+        Ok(found
+            .remove(arn)
+            .filter(|lb| lb.load_balancer_name.as_deref() == Some(name)))
+    }
+
+    /// The target groups memory knows and those the listeners forward to, by id (batched):
+    /// what DescribeTargetGroups by load balancer answers, for a load balancer whose listeners
+    /// are the only way to attach a group.
+    async fn target_groups_by_id(
+        &self,
+        known: &Observed,
+        listeners: &[ObservedListener],
+    ) -> Result<Vec<elb::TargetGroup>, ProviderError> {
+        let mut arns: Vec<String> = known
+            .target_groups
+            .iter()
+            .map(|t| t.arn.clone())
+            .chain(listeners.iter().filter_map(|l| l.target_group_arn.clone()))
+            .collect();
+        arns.sort();
+        arns.dedup();
+        let found = self
+            .lookups
+            .target_groups
+            .get(arns, |arns| self.tgs_by_arn(arns))
+            .await?;
+        Ok(found.into_values().collect())
+    }
+
+    /// The frontend group memory knows, if it still exists under its name and is ours
+    /// (batched); `None`: look for it by name.
+    async fn group_by_id(
         &self,
         desired: &Desired,
+        known: &ObservedSecurityGroup,
+    ) -> Result<Option<ObservedSecurityGroup>, ProviderError> {
+        let found = self
+            .lookups
+            .groups
+            .get(vec![known.id.clone()], |ids| self.groups_by_id(ids))
+            .await?;
+        let ours = found.get(&known.id).filter(|g| {
+            g.name == known.name && is_ours(&g.tags, &self.settings.cluster, &desired.service.uid)
+        });
+        Ok(ours.map(|g| ObservedSecurityGroup {
+            id: g.id.clone(),
+            name: g.name.clone(),
+            ingress: g.ingress.clone(),
+            tags: tags::user_tags(&g.tags),
+        }))
+    }
+
+    /// Load balancers by ARN, 20 per call; one that is gone is absent.
+    async fn lbs_by_arn(&self, arns: Vec<String>) -> Result<Found<elb::LoadBalancer>, AwsError> {
+        by_arn(&arns, |chunk| async move {
+            let resp = self
+                .calls
+                .run("DescribeLoadBalancers", || {
+                    self.elbv2
+                        .describe_load_balancers()
+                        .set_load_balancer_arns(Some(chunk.clone()))
+                        .send()
+                })
+                .await?;
+            Ok(resp
+                .load_balancers
+                .into_iter()
+                .flatten()
+                .filter_map(|lb| Some((lb.load_balancer_arn.clone()?, lb)))
+                .collect())
+        })
+        .await
+    }
+
+    /// Target groups by ARN, 20 per call; one that is gone is absent.
+    async fn tgs_by_arn(&self, arns: Vec<String>) -> Result<Found<elb::TargetGroup>, AwsError> {
+        by_arn(&arns, |chunk| async move {
+            let resp = self
+                .calls
+                .run("DescribeTargetGroups", || {
+                    self.elbv2
+                        .describe_target_groups()
+                        .set_target_group_arns(Some(chunk.clone()))
+                        .send()
+                })
+                .await?;
+            Ok(resp
+                .target_groups
+                .into_iter()
+                .flatten()
+                .filter_map(|tg| Some((tg.target_group_arn.clone()?, tg)))
+                .collect())
+        })
+        .await
+    }
+
+    /// Security groups by id, in one call (a filter: one that is gone is absent).
+    async fn groups_by_id(&self, ids: Vec<String>) -> Result<Found<SecurityGroup>, AwsError> {
+        let filters = [Filter::new("group-id", ids)];
+        let groups = self
+            .ec2
+            .describe_security_groups(&self.calls, &filters)
+            .await?;
+        Ok(groups.into_iter().map(|g| (g.id.clone(), g)).collect())
+    }
+
+    /// Our target groups among those `attached` to the load balancer and those the model wants
+    /// (by name), read in full, and the tags read. A wanted name held by a group without our
+    /// tags is [`ProviderError::Foreign`] (unless deleting). The tags of `listeners` are read in
+    /// the same DescribeTags calls (unless deleting: the empty model does not need them), and
+    /// those of a load balancer found by id, whose ownership is checked before anything else is
+    /// read.
+    async fn find_target_groups(
+        &self,
+        lookup: TargetGroupLookup<'_>,
         attached: Vec<elb::TargetGroup>,
-        listeners: &mut [cloudlb_core::provider::ObservedListener],
-        deleting: bool,
-    ) -> Result<Vec<ObservedTargetGroup>, ProviderError> {
+        listeners: &mut [ObservedListener],
+    ) -> Result<(Vec<ObservedTargetGroup>, Tags), ProviderError> {
+        let TargetGroupLookup {
+            desired, deleting, ..
+        } = lookup;
         let wanted: Vec<&str> = desired
             .lb
             .iter()
@@ -122,12 +330,28 @@ impl AwsProvider {
             .iter()
             .filter(|_| !deleting)
             .map(|l| l.arn.clone());
+        let lb_arn = lookup.unchecked_lb.map(|(arn, _)| arn.to_string());
         let arns: Vec<String> = candidates
             .iter()
             .filter_map(|t| t.target_group_arn.clone())
             .chain(listener_arns)
+            .chain(lb_arn)
             .collect();
-        let tags = self.describe_tags(&arns).await?;
+        let tags = if lookup.batched {
+            let fetch = |arns: Vec<String>| async move { self.describe_tags(&arns).await };
+            self.lookups.tags.get(arns, fetch).await?
+        } else {
+            self.describe_tags(&arns).await?
+        };
+        let (cluster, uid) = (&self.settings.cluster, &desired.service.uid);
+        if let Some((arn, name)) = lookup.unchecked_lb
+            && !ours_elb(&tags, arn, cluster, uid)
+        {
+            return Err(ProviderError::Foreign {
+                kind: "load balancer",
+                name: name.to_string(),
+            });
+        }
         for l in listeners.iter_mut() {
             if let Some(t) = tags.get(&l.arn) {
                 l.tags = tags::user_tags(t);
@@ -140,7 +364,7 @@ impl AwsProvider {
             else {
                 continue;
             };
-            if ours_elb(&tags, &arn, &self.settings.cluster, &desired.service.uid) {
+            if ours_elb(&tags, &arn, cluster, uid) {
                 ours.push(tg);
             } else if wanted.contains(&name.as_str()) && !deleting {
                 return Err(ProviderError::Foreign {
@@ -162,7 +386,7 @@ impl AwsProvider {
                 tg.tags = tags::user_tags(t);
             }
         }
-        Ok(observed)
+        Ok((observed, tags))
     }
 
     /// The load balancer named `desired.lb_name` that is ours. Several of that name can exist
@@ -231,10 +455,7 @@ impl AwsProvider {
 
     /// Tags by ARN, in batches of 20 (load balancers and target groups may be mixed). A resource
     /// deleted meanwhile has no entry, so it is not ours.
-    pub(crate) async fn describe_tags(
-        &self,
-        arns: &[String],
-    ) -> Result<BTreeMap<String, BTreeMap<String, String>>, ProviderError> {
+    pub(crate) async fn describe_tags(&self, arns: &[String]) -> Result<Tags, AwsError> {
         let mut out = BTreeMap::new();
         for chunk in arns.chunks(TAGS_BATCH) {
             if self.describe_tags_batch(chunk, &mut out).await? || chunk.len() == 1 {
@@ -251,11 +472,7 @@ impl AwsProvider {
     }
 
     /// One DescribeTags call; `false` when it failed with NotFound.
-    async fn describe_tags_batch(
-        &self,
-        arns: &[String],
-        out: &mut BTreeMap<String, BTreeMap<String, String>>,
-    ) -> Result<bool, ProviderError> {
+    async fn describe_tags_batch(&self, arns: &[String], out: &mut Tags) -> Result<bool, AwsError> {
         let resp = self
             .calls
             .run("DescribeTags", || {
@@ -275,7 +492,7 @@ impl AwsProvider {
                 Ok(true)
             }
             Err(e) if e.is_not_found() => Ok(false),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(e),
         }
     }
 
@@ -285,7 +502,7 @@ impl AwsProvider {
         &self,
         lb_arn: &str,
         all_certificates: bool,
-    ) -> Result<Vec<cloudlb_core::provider::ObservedListener>, ProviderError> {
+    ) -> Result<Vec<ObservedListener>, ProviderError> {
         let req = self.elbv2.describe_listeners().load_balancer_arn(lb_arn);
         let listeners = self.calls.pages("DescribeListeners", true, req).await?;
         let mut out = Vec::with_capacity(listeners.len());
@@ -320,7 +537,7 @@ impl AwsProvider {
     async fn read_listener_attributes(
         &self,
         desired: &Desired,
-        listeners: &mut [cloudlb_core::provider::ObservedListener],
+        listeners: &mut [ObservedListener],
     ) -> Result<(), ProviderError> {
         let Some(want) = &desired.lb else {
             return Ok(());
@@ -460,11 +677,54 @@ impl AwsProvider {
     }
 }
 
-pub(crate) fn ours_elb(
-    tags: &BTreeMap<String, BTreeMap<String, String>>,
-    arn: &str,
-    cluster: &str,
-    uid: &str,
-) -> bool {
+/// What [`AwsProvider::find_target_groups`] looks for, and how.
+struct TargetGroupLookup<'a> {
+    desired: &'a Desired,
+    deleting: bool,
+    /// Read tags in one call with other Services' (a lookup by id).
+    batched: bool,
+    /// A load balancer found by id (ARN, name): its tags are read with the groups' and its
+    /// ownership checked first.
+    unchecked_lb: Option<(&'a str, &'a str)>,
+}
+
+/// Whether the model may attach the backend security group (the plan must then know it).
+pub(crate) fn wants_backend(desired: &Desired) -> bool {
+    desired
+        .lb
+        .as_ref()
+        .is_some_and(|l| l.security.backend.is_some())
+}
+
+/// Lookups by id, `CHUNK` per call: a call that fails because one of them is gone is made again
+/// for each alone, so one deletion does not hide the others.
+async fn by_arn<V, F, Fut>(arns: &[String], call: F) -> Result<Found<V>, AwsError>
+where
+    F: Fn(Vec<String>) -> Fut,
+    Fut: std::future::Future<Output = Result<Found<V>, AwsError>>,
+{
+    let mut out = Found::new();
+    for chunk in arns.chunks(CHUNK) {
+        match call(chunk.to_vec()).await {
+            Ok(found) => out.extend(found),
+            Err(e) if e.is_not_found() => {
+                if chunk.len() == 1 {
+                    continue;
+                }
+                for arn in chunk {
+                    match call(vec![arn.clone()]).await {
+                        Ok(found) => out.extend(found),
+                        Err(e) if e.is_not_found() => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) fn ours_elb(tags: &Tags, arn: &str, cluster: &str, uid: &str) -> bool {
     tags.get(arn).is_some_and(|t| is_ours(t, cluster, uid))
 }

@@ -207,7 +207,7 @@ impl AwsProvider {
         };
         let mut listeners = self.describe_listeners(&arn, false).await?;
         listeners.sort_by(|a, b| a.port.cmp(&b.port).then_with(|| a.arn.cmp(&b.arn)));
-        Ok((convert::observed_lb(lb, attrs), listeners))
+        Ok((convert::observed_lb(lb, Some(attrs)), listeners))
     }
 
     async fn describe_all_load_balancers(&self) -> Result<Vec<elb::LoadBalancer>, ProviderError> {

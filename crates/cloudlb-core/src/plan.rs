@@ -142,6 +142,11 @@ impl Plan {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
+
+    /// Whether it only (de)registers targets (true for the empty plan).
+    pub fn changes_only_targets(&self) -> bool {
+        self.ops.iter().all(Op::is_target_change)
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

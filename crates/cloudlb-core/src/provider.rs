@@ -6,9 +6,10 @@
 pub use crate::model::observed::{
     LbState, Observed, ObservedLb, ObservedListener, ObservedSecurityGroup, ObservedTargetGroup,
 };
-use crate::model::{Desired, Target};
+use crate::model::{BackendAccess, Desired, Target};
 use crate::plan::{Plan, PlanError};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
 
 /// Errors a provider reports; each says what, where and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +67,19 @@ pub trait Provider: Send + Sync {
     /// Reads what exists for `desired.service` (found by the names in the model, or for an empty
     /// model by the names the Service would have). Read-only.
     async fn observe(&self, desired: &Desired) -> Result<Observed, ProviderError>;
+
+    /// [`observe`](Self::observe), for a Service whose resources are `known` (remembered or
+    /// from its checkpoint; not trusted: every one is read again and checked for our tags). A
+    /// provider can look them up by id and batch the lookups of Services read at the same
+    /// time, as the drift checks are. Default: `observe`.
+    async fn observe_known(
+        &self,
+        desired: &Desired,
+        known: &Observed,
+    ) -> Result<Observed, ProviderError> {
+        let _ = known;
+        self.observe(desired).await
+    }
 
     /// The operations that make `observed` equal to `desired`, in order: each provider plans its
     /// own resources (the NLB planner [`crate::plan::plan`] for AWS; the local provider diffs what
@@ -145,11 +159,61 @@ pub trait Provider: Send + Sync {
     }
 
     /// What the provider shares between load balancers (AWS: the backend security group and
-    /// the rules on the targets' groups), brought down to what `wanted` (the desired model of
-    /// every Service this installation manages) still needs; nothing is removed that one of
-    /// them needs. The default has nothing shared.
-    async fn prune_shared(&self, _wanted: &[Desired]) -> Result<(), ProviderError> {
+    /// the rules on the targets' groups), brought down to what `wanted` (what the desired model
+    /// of every Service this installation manages needs of it) still needs; nothing is removed
+    /// that one of them needs. The default has nothing shared.
+    async fn prune_shared(&self, _wanted: &[SharedNeed]) -> Result<(), ProviderError> {
         Ok(())
+    }
+}
+
+/// What one Service's load balancer needs of what load balancers share
+/// ([`Provider::prune_shared`]): the backend access its model asks for and the ids of its
+/// targets. Not the model itself: at 2,000 Services on 1,000 nodes the models hold millions of
+/// targets, and all of them at once took hundreds of MiB.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedNeed {
+    pub backend: BackendAccess,
+    /// Shared by every need with the same targets (node targets: most Services).
+    pub targets: Arc<BTreeSet<String>>,
+}
+
+/// Collects the [`SharedNeed`]s of models one at a time, keeping one copy of each distinct
+/// target set.
+#[derive(Debug, Default)]
+pub struct SharedNeeds {
+    needs: Vec<SharedNeed>,
+    sets: HashSet<Arc<BTreeSet<String>>>,
+}
+
+impl SharedNeeds {
+    /// Adds what `desired` needs (nothing if it asks for no backend access).
+    pub fn add(&mut self, desired: &Desired) {
+        let Some(lb) = &desired.lb else { return };
+        let Some(backend) = &lb.security.backend else {
+            return;
+        };
+        let ids: BTreeSet<String> = lb
+            .target_groups
+            .iter()
+            .flat_map(|tg| tg.targets.iter().map(|t| t.id.clone()))
+            .collect();
+        let targets = match self.sets.get(&ids) {
+            Some(set) => set.clone(),
+            None => {
+                let set = Arc::new(ids);
+                self.sets.insert(set.clone());
+                set
+            }
+        };
+        self.needs.push(SharedNeed {
+            backend: backend.clone(),
+            targets,
+        });
+    }
+
+    pub fn needs(&self) -> &[SharedNeed] {
+        &self.needs
     }
 }
 

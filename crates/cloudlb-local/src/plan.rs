@@ -242,6 +242,7 @@ mod tests {
                 state: LbState::Active,
                 security_groups: vec![],
                 attributes: BTreeMap::new(),
+                attributes_unread: false,
                 subnets: vec![],
                 subnet_zones: BTreeMap::new(),
                 ipv6_source_nat: None,

@@ -179,6 +179,7 @@ impl ServiceLb {
             state: LbState::Active,
             security_groups: Vec::new(),
             attributes: BTreeMap::new(),
+            attributes_unread: false,
             subnets: vec![],
             subnet_zones: BTreeMap::new(),
             ipv6_source_nat: None,

@@ -1088,7 +1088,7 @@ async fn a_target_change_plans_only_registrations() {
     let changed = spec.nodes(&nodes[1..]).desired();
     let ops = plan(&p, &changed, &o);
     assert!(
-        ops.ops.iter().all(Op::is_target_change),
+        ops.changes_only_targets(),
         "only (de)registrations: {:?}",
         ops.ops
     );

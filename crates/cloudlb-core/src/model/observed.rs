@@ -64,6 +64,7 @@ impl Observed {
                 state: LbState::Active,
                 security_groups: ids.security_groups,
                 attributes: lb.attributes.clone(),
+                attributes_unread: false,
                 subnets: ids.subnets,
                 subnet_zones: BTreeMap::new(),
                 ipv6_source_nat: ids.ipv6_source_nat,
@@ -118,6 +119,14 @@ impl Observed {
         }
     }
 
+    /// Whether planning `desired` against this needs the load balancer's attributes, which were
+    /// not read ([`needs_lb_attributes`]): then the cloud is read first.
+    pub fn misses_lb_attributes(&self, desired: &crate::model::Desired) -> bool {
+        self.lb
+            .as_ref()
+            .is_some_and(|have| have.attributes_unread && needs_lb_attributes(desired, have.scheme))
+    }
+
     /// The load balancer's name; empty when there is none.
     pub fn lb_name(&self) -> &str {
         self.lb.as_ref().map_or("", |l| l.name.as_str())
@@ -127,6 +136,18 @@ impl Observed {
     pub fn dns_name(&self) -> &str {
         self.lb.as_ref().map_or("", |l| l.dns_name.as_str())
     }
+}
+
+/// Whether a plan of `desired` against a load balancer of scheme `have` reads its attributes:
+/// when the model sets some (compared with what it has), when the load balancer is to go (the
+/// model is empty) or to be replaced (another scheme): deletion protection refuses both before
+/// any write. Otherwise they are left as they are and need no read (a drift check of a Service
+/// that sets none costs one call less).
+pub fn needs_lb_attributes(desired: &crate::model::Desired, have: Scheme) -> bool {
+    desired
+        .lb
+        .as_ref()
+        .is_none_or(|lb| !lb.attributes.is_empty() || lb.scheme != have)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,8 +167,12 @@ pub struct ObservedLb {
     pub dns_name: String,
     pub state: LbState,
     pub security_groups: Vec<String>,
-    /// Every attribute the cloud reports.
+    /// Every attribute the cloud reports (none when `attributes_unread`).
     pub attributes: BTreeMap<String, String>,
+    /// The attributes were not read: the model sets none and nothing it asks for depends on
+    /// them ([`needs_lb_attributes`]); `attributes` then holds at most what was set since.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attributes_unread: bool,
     /// The subnets it is in (AWS), in the order the cloud reports them.
     #[serde(default)]
     pub subnets: Vec<String>,

@@ -275,6 +275,38 @@ fn deletion_protection_stops_the_delete() {
     ));
 }
 
+/// A read may skip the load balancer's attributes only where no plan needs them: the model
+/// sets none, and the load balancer neither goes nor is replaced (deletion protection refuses
+/// both); a plan against such a read that needs them reads again first.
+#[test]
+fn the_load_balancers_attributes_are_needed_to_set_them_delete_or_replace() {
+    use crate::model::observed::needs_lb_attributes;
+    let plain = web(&["i-1"]);
+    let have = Scheme::Internal;
+    assert_eq!(plain.lb.as_ref().map(|l| l.scheme), Some(have));
+    assert!(!needs_lb_attributes(&plain, have), "sets none");
+    let empty = Desired::empty(plain.service.clone(), plain.lb_name.clone());
+    assert!(needs_lb_attributes(&empty, have), "deleted");
+    assert!(
+        needs_lb_attributes(&plain, Scheme::InternetFacing),
+        "replaced"
+    );
+    let setting = web_annotated(serde_json::json!({
+        "service.beta.kubernetes.io/aws-load-balancer-attributes": "load_balancing.cross_zone.enabled=true"
+    }));
+    assert!(needs_lb_attributes(&setting, have), "sets one");
+
+    let mut unread = observed_for(&plain);
+    if let Some(lb) = unread.lb.as_mut() {
+        lb.attributes.clear();
+        lb.attributes_unread = true;
+    }
+    assert!(!unread.misses_lb_attributes(&plain));
+    assert!(unread.misses_lb_attributes(&setting));
+    assert!(unread.misses_lb_attributes(&empty));
+    assert!(!observed_for(&plain).misses_lb_attributes(&empty), "read");
+}
+
 #[test]
 fn drift_is_repaired() {
     let d = desired_with(
