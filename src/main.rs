@@ -56,6 +56,10 @@ struct Common {
     /// Client-side limit on AWS calls per second, per call family.
     #[arg(long, env = "CLOUDLB_AWS_RATE_LIMIT", default_value_t = 10.0)]
     aws_rate_limit: f64,
+    /// Whether that limit adapts to throttling (halved when AWS throttles, given back 10 % a
+    /// second); `false` keeps it fixed.
+    #[arg(long, env = "CLOUDLB_AWS_RATE_ADAPTIVE", default_value_t = true, action = clap::ArgAction::Set)]
+    aws_rate_adaptive: bool,
     /// The cluster's nodePort range (kube-apiserver --service-node-port-range), `low-high`: the
     /// nodes' security groups admit the load balancers on it as one rule per protocol.
     #[arg(long, env = "CLOUDLB_NODE_PORT_RANGE", default_value = "30000-32767", value_parser = node_port_range)]
@@ -168,6 +172,7 @@ async fn providers(
         let mut s = AwsSettings::new(common.cluster_name.clone());
         s.vpc_id = common.aws_vpc_id.clone();
         s.rate_limit_per_sec = common.aws_rate_limit;
+        s.adaptive_rate = common.aws_rate_adaptive;
         s.installation = common.installation.clone();
         s.node_port_range = common.node_port_range;
         p.aws = Some(Arc::new(

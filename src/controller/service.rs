@@ -1105,8 +1105,10 @@ async fn observed_for_deletion(
     cached: Option<&CacheEntry>,
 ) -> Result<Observed, Error> {
     let remembered = cached.map(|e| e.remembered(&e.fingerprint, e.provider, Instant::now()));
+    // Not when memory is a drift check's read, which left out deletion protection.
     if let Some(e) = cached
         && deletion_basis(remembered, ctx.settings.resync) == Basis::Memory
+        && !e.outline().misses_lb_attributes(desired)
     {
         return Ok(e.observed());
     }

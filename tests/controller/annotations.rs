@@ -61,22 +61,11 @@ async fn the_attributes_key_applies_and_drift_checks_keep_what_no_setting_names(
         assert_eq!(have.get(k).map(String::as_str), Some(v), "{k}: {have:?}");
     }
     // Someone changes an attribute no setting names: the drift checks leave it as it is.
-    let arn = env.load_balancers().await[0]
-        .load_balancer_arn()
-        .expect("arn")
-        .to_string();
-    env.elbv2
-        .modify_load_balancer_attributes()
-        .load_balancer_arn(&arn)
-        .attributes(
-            support::elbv2::types::LoadBalancerAttribute::builder()
-                .key("dns_record.client_routing_policy")
-                .value("availability_zone_affinity")
-                .build(),
-        )
-        .send()
-        .await
-        .expect("console edit");
+    env.set_lb_attribute_by_hand(
+        "dns_record.client_routing_policy",
+        "availability_zone_affinity",
+    )
+    .await;
     let before = env.provider.calls();
     let verified = env.metrics.reconcile_count("verified");
     support::env::wait_within("two drift checks", Duration::from_secs(30), || async {

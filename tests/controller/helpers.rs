@@ -61,6 +61,25 @@ impl Env {
         wait_notes(&self.client, &self.ns, reason).await
     }
 
+    /// Sets attribute `key` of the only load balancer by hand (as in the console).
+    pub async fn set_lb_attribute_by_hand(&self, key: &str, value: &str) {
+        let arn = self.load_balancers().await[0]
+            .load_balancer_arn()
+            .expect("arn")
+            .to_string();
+        let attribute = elbv2::types::LoadBalancerAttribute::builder()
+            .key(key)
+            .value(value)
+            .build();
+        self.elbv2
+            .modify_load_balancer_attributes()
+            .load_balancer_arn(&arn)
+            .attributes(attribute)
+            .send()
+            .await
+            .expect("console edit");
+    }
+
     /// The checkpoint Service `name` carries (`state.cloudlb.io/checkpoint`), if any.
     pub async fn checkpoint(&self, name: &str) -> Option<String> {
         let svc = self.services().get(name).await.expect("get Service");

@@ -283,3 +283,64 @@ async fn renamed_twice_in_a_row_it_ends_with_exactly_the_last_one() {
     })
     .await;
 }
+
+const PROTECTION: &str = "deletion_protection.enabled";
+
+/// A drift check of a Service that sets no load-balancer attribute does not read them; a scheme
+/// change after it reads them first, so deletion protection turned on in the console since is
+/// seen: nothing is made or deleted, and the Service is told why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheme_change_after_a_drift_check_sees_deletion_protection_set_by_hand() {
+    let _guard = TestGuard::new();
+    let env = Env::start("reprotect", Duration::from_secs(2)).await;
+    env.create_service(
+        "web",
+        json!({"cloudlb.io/scheme": "internet-facing"}),
+        web_ports(),
+    )
+    .await;
+    let hostname = env.wait_hostname("web").await;
+    env.set_lb_attribute_by_hand(PROTECTION, "true").await;
+    // A drift check after the console edit: memory is now a read that left out the attributes.
+    let before = env.provider.calls();
+    let drift = wait_within("a drift check", Duration::from_secs(30), || async {
+        let calls = env.calls_since(&before);
+        // A full read: the targets, and last of all the frontend group.
+        let full = calls.contains_key("DescribeTargetHealth/ok")
+            && calls.contains_key("DescribeSecurityGroups/ok");
+        full.then_some(calls)
+    })
+    .await;
+    assert!(
+        !drift.contains_key("DescribeLoadBalancerAttributes/ok"),
+        "a drift check of a model without attributes reads none: {drift:?}"
+    );
+
+    let before = env.provider.calls();
+    let change = json!({"metadata": {"annotations": {"cloudlb.io/scheme": "internal"}}});
+    env.patch_service("web", change).await;
+    let notes = env.wait_events("SyncLoadBalancerFailed").await;
+    assert!(
+        notes.iter().any(|n| n.contains("deletion protection")),
+        "{notes:?}"
+    );
+    let calls = env.calls_since(&before);
+    assert!(
+        calls.contains_key("DescribeLoadBalancerAttributes/ok"),
+        "{calls:?}"
+    );
+    for write in [
+        "CreateLoadBalancer",
+        "DeleteLoadBalancer",
+        "CreateTargetGroup",
+    ] {
+        assert!(!calls.contains_key(&format!("{write}/ok")), "{calls:?}");
+    }
+    assert_eq!(env.load_balancers().await.len(), 1);
+    assert_eq!(
+        env.hostname("web").await.as_deref(),
+        Some(hostname.as_str())
+    );
+    // So the namespace can go.
+    env.set_lb_attribute_by_hand(PROTECTION, "false").await;
+}

@@ -122,12 +122,14 @@ impl Family {
 /// (at most once per [`ADAPT_WINDOW`], so a burst of throttles from calls already in flight
 /// counts once; never below [`MIN_SHARE`] of the configured rate), and each window with a
 /// successful call and no throttle gives back [`RECOVER_SHARE`] of the configured rate, up to
-/// it. The limit is never above what is configured.
+/// it. The limit is never above what is configured. A fixed bucket ([`TokenBucket::fixed`])
+/// keeps the configured rate whatever AWS answers.
 #[derive(Debug)]
 pub(crate) struct TokenBucket {
     /// The configured rate: the ceiling.
     max_rate: f64,
     burst: f64,
+    adaptive: bool,
     state: Mutex<BucketState>,
 }
 
@@ -160,12 +162,21 @@ impl TokenBucket {
         TokenBucket {
             max_rate: rate,
             burst,
+            adaptive: true,
             state: Mutex::new(BucketState {
                 tokens: burst,
                 refilled: now,
                 rate,
                 adapted: now,
             }),
+        }
+    }
+
+    /// One that does not adapt to throttling (what the adaptive one is measured against).
+    pub(crate) fn fixed(rate: f64) -> Self {
+        TokenBucket {
+            adaptive: false,
+            ..TokenBucket::new(rate)
         }
     }
 
@@ -187,7 +198,7 @@ impl TokenBucket {
 
     /// AWS throttled a call: halve the rate, once per window. Whether it changed.
     pub(crate) fn throttled(&self) -> bool {
-        if self.unlimited() {
+        if self.unlimited() || !self.adaptive {
             return false;
         }
         let mut s = self.state();
@@ -207,7 +218,7 @@ impl TokenBucket {
 
     /// A call succeeded: give back some rate, once per window. Whether it changed.
     pub(crate) fn succeeded(&self) -> bool {
-        if self.unlimited() {
+        if self.unlimited() || !self.adaptive {
             return false;
         }
         let mut s = self.state();
@@ -268,13 +279,19 @@ impl std::fmt::Debug for MetricsSink {
 }
 
 impl Calls {
-    pub(crate) fn new(rate_per_sec: f64) -> Self {
+    /// `adaptive`: each family's rate adapts to throttling (see [`TokenBucket`]).
+    pub(crate) fn new(rate_per_sec: f64, adaptive: bool) -> Self {
+        let bucket = if adaptive {
+            TokenBucket::new
+        } else {
+            TokenBucket::fixed
+        };
         Calls {
             counts: Mutex::new(BTreeMap::new()),
             metrics: MetricsSink::default(),
-            describe: TokenBucket::new(rate_per_sec),
-            write: TokenBucket::new(rate_per_sec),
-            targets: TokenBucket::new(rate_per_sec),
+            describe: bucket(rate_per_sec),
+            write: bucket(rate_per_sec),
+            targets: bucket(rate_per_sec),
         }
     }
 
@@ -535,6 +552,17 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_fixed_bucket_keeps_its_rate() {
+        let bucket = TokenBucket::fixed(20.0);
+        after_a_window(&bucket);
+        assert!(!bucket.throttled());
+        assert_eq!(bucket.rate(), 20.0);
+        for i in 0..20 {
+            assert!(immediate(&bucket), "token {i}: its burst is kept too");
+        }
+    }
+
+    #[tokio::test]
     async fn an_unlimited_bucket_does_not_adapt() {
         let bucket = TokenBucket::new(0.0);
         after_a_window(&bucket);
@@ -572,7 +600,7 @@ mod tests {
     #[test]
     fn counts_also_go_to_the_observer() {
         let recorder = Arc::new(Recorder::default());
-        let mut calls = Calls::new(0.0);
+        let mut calls = Calls::new(0.0, true);
         calls.count("DescribeTags", "ok");
         calls.set_metrics(recorder.clone());
         calls.count("CreateLoadBalancer", "ok");

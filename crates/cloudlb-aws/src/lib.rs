@@ -71,6 +71,9 @@ pub struct AwsSettings {
     /// Client-side limit of AWS calls per second, per call family (describe, write, targets).
     /// Zero or less: no limit.
     pub rate_limit_per_sec: f64,
+    /// The limit adapts to throttling: halved when AWS throttles, given back slowly (on by
+    /// default; off, it stays as configured).
+    pub adaptive_rate: bool,
     /// How far the cloud's clock may be behind ours: a load balancer whose CreatedTime is at
     /// most this long before our CreateLoadBalancer was sent was made by that create; an older
     /// one (AWS answers a create of an existing name with the existing load balancer) is used
@@ -94,6 +97,7 @@ impl AwsSettings {
             cluster: cluster.into(),
             vpc_id: None,
             rate_limit_per_sec: Self::DEFAULT_RATE_LIMIT_PER_SEC,
+            adaptive_rate: true,
             created_skew: Self::DEFAULT_CREATED_SKEW,
             installation: "cloudlb".into(),
             node_port_range: Self::DEFAULT_NODE_PORT_RANGE,
@@ -149,7 +153,7 @@ impl AwsProvider {
         AwsProvider {
             elbv2,
             ec2: Box::new(ec2::SdkEc2(ec2)),
-            calls: calls::Calls::new(settings.rate_limit_per_sec),
+            calls: calls::Calls::new(settings.rate_limit_per_sec, settings.adaptive_rate),
             settings,
             subnet_cache: subnets::SubnetCache::default(),
             backend: backend::BackendCache::default(),

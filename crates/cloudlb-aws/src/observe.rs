@@ -75,12 +75,18 @@ impl AwsProvider {
         let known = known.filter(|k| !deleting && k.lb_name() == desired.lb_name);
         let mut observed = Observed::default();
 
-        // 1. The load balancer: by id (its tags come with the target groups' below), else by name.
-        let by_id = match known.and_then(|k| k.lb.as_ref()) {
-            Some(k) => self.lb_by_id(&k.arn, &desired.lb_name).await?,
+        // 1. What is known, by id, all at once (so each lookup goes with the other Services'
+        // of the moment); then the load balancer by name if it is gone.
+        let mut prefetched = match known {
+            Some(k) => Some(self.prefetch(k).await?),
             None => None,
         };
+        let by_id = prefetched.as_mut().and_then(|p| {
+            p.lb.take()
+                .filter(|lb| lb.load_balancer_name.as_deref() == Some(desired.lb_name.as_str()))
+        });
         let (lb, lb_tags) = match by_id {
+            // Its tags are among those prefetched, checked with the target groups'.
             Some(lb) => (Some(lb), None),
             None => match self.find_lb(desired, deleting).await? {
                 Some((lb, tags)) => (Some(lb), Some(tags)),
@@ -93,8 +99,11 @@ impl AwsProvider {
             observed.listeners = self.describe_listeners(arn, true).await?;
             self.read_listener_attributes(desired, &mut observed.listeners)
                 .await?;
-            attached = match (known, &lb_tags) {
-                (Some(k), None) => self.target_groups_by_id(k, &observed.listeners).await?,
+            attached = match (&mut prefetched, &lb_tags) {
+                (Some(p), None) => {
+                    self.attached_by_id(&mut p.target_groups, &observed.listeners)
+                        .await?
+                }
                 _ => self.describe_attached_target_groups(arn).await?,
             };
         }
@@ -105,10 +114,14 @@ impl AwsProvider {
             (Some(_), Some(arn), None) => Some((arn.as_str(), desired.lb_name.as_str())),
             _ => None,
         };
+        let (known_group, known_tags) = match prefetched {
+            Some(p) => (p.group, Some((p.asked, p.tags))),
+            None => (None, None),
+        };
         let lookup = TargetGroupLookup {
             desired,
             deleting,
-            batched: known.is_some(),
+            known_tags,
             unchecked_lb: unchecked,
         };
         let (target_groups, mut tags) = self
@@ -145,11 +158,15 @@ impl AwsProvider {
             .vpc_id
             .clone()
             .or_else(|| lb.as_ref().and_then(|l| l.vpc_id.clone()));
-        let known_group = known.and_then(|k| k.security_group.as_ref());
-        observed.security_group = match known_group {
-            Some(g) => self.group_by_id(desired, g).await?,
-            None => None,
-        };
+        let (cluster, uid) = (&self.settings.cluster, &desired.service.uid);
+        observed.security_group = known_group
+            .filter(|g| is_ours(&g.tags, cluster, uid))
+            .map(|g| ObservedSecurityGroup {
+                tags: tags::user_tags(&g.tags),
+                id: g.id,
+                name: g.name,
+                ingress: g.ingress,
+            });
         if observed.security_group.is_none() {
             observed.security_group = self.find_security_group(desired, vpc, deleting).await?;
         }
@@ -163,68 +180,71 @@ impl AwsProvider {
         Ok(observed)
     }
 
-    /// The load balancer `arn` if it still exists under `name` (batched). Its ownership is
-    /// checked with the target groups' tags.
-    async fn lb_by_id(
-        &self,
-        arn: &str,
-        name: &str,
-    ) -> Result<Option<elb::LoadBalancer>, ProviderError> {
-        let mut found = self
-            .lookups
-            .lbs
-            .get(vec![arn.to_string()], |arns| self.lbs_by_arn(arns))
-            .await?;
-        Ok(found
-            .remove(arn)
-            .filter(|lb| lb.load_balancer_name.as_deref() == Some(name)))
+    /// Everything `known` names, looked up by id at once: the load balancer, the target
+    /// groups, the tags of all of them and of the listeners, the frontend group (each lookup
+    /// batched with other Services').
+    async fn prefetch(&self, known: &Observed) -> Result<Prefetched, ProviderError> {
+        let lb_arns: Vec<String> = known.lb.iter().map(|l| l.arn.clone()).collect();
+        let tg_arns: Vec<String> = known.target_groups.iter().map(|t| t.arn.clone()).collect();
+        let asked: BTreeSet<String> = lb_arns
+            .iter()
+            .chain(&tg_arns)
+            .cloned()
+            .chain(known.listeners.iter().map(|l| l.arn.clone()))
+            .collect();
+        let group_ids: Vec<String> = known.security_group.iter().map(|g| g.id.clone()).collect();
+        let tag_fetch = |arns: Vec<String>| async move { self.describe_tags(&arns).await };
+        let (mut lbs, tags, target_groups, mut groups) = tokio::try_join!(
+            self.lookups
+                .lbs
+                .get(lb_arns.clone(), |arns| self.lbs_by_arn(arns)),
+            self.lookups
+                .tags
+                .get(asked.iter().cloned().collect(), tag_fetch),
+            self.lookups
+                .target_groups
+                .get(tg_arns, |arns| self.tgs_by_arn(arns)),
+            self.lookups
+                .groups
+                .get(group_ids, |ids| self.groups_by_id(ids)),
+        )?;
+        let group = known
+            .security_group
+            .as_ref()
+            .and_then(|k| groups.remove(&k.id).filter(|g| g.name == k.name));
+        Ok(Prefetched {
+            lb: lb_arns.first().and_then(|arn| lbs.remove(arn)),
+            target_groups,
+            tags,
+            asked,
+            group,
+        })
     }
 
-    /// The target groups memory knows and those the listeners forward to, by id (batched):
-    /// what DescribeTargetGroups by load balancer answers, for a load balancer whose listeners
-    /// are the only way to attach a group.
-    async fn target_groups_by_id(
+    /// The target groups attached to the load balancer: those known (prefetched, taken) and
+    /// any other its listeners forward to (by id, batched). What DescribeTargetGroups by load
+    /// balancer answers, for a load balancer whose listeners are the only way to attach one.
+    async fn attached_by_id(
         &self,
-        known: &Observed,
+        known: &mut Found<elb::TargetGroup>,
         listeners: &[ObservedListener],
     ) -> Result<Vec<elb::TargetGroup>, ProviderError> {
-        let mut arns: Vec<String> = known
-            .target_groups
+        let mut more: Vec<String> = listeners
             .iter()
-            .map(|t| t.arn.clone())
-            .chain(listeners.iter().filter_map(|l| l.target_group_arn.clone()))
+            .filter_map(|l| l.target_group_arn.clone())
+            .filter(|arn| !known.contains_key(arn))
             .collect();
-        arns.sort();
-        arns.dedup();
+        more.sort();
+        more.dedup();
         let found = self
             .lookups
             .target_groups
-            .get(arns, |arns| self.tgs_by_arn(arns))
+            .get(more, |arns| self.tgs_by_arn(arns))
             .await?;
-        Ok(found.into_values().collect())
-    }
-
-    /// The frontend group memory knows, if it still exists under its name and is ours
-    /// (batched); `None`: look for it by name.
-    async fn group_by_id(
-        &self,
-        desired: &Desired,
-        known: &ObservedSecurityGroup,
-    ) -> Result<Option<ObservedSecurityGroup>, ProviderError> {
-        let found = self
-            .lookups
-            .groups
-            .get(vec![known.id.clone()], |ids| self.groups_by_id(ids))
-            .await?;
-        let ours = found.get(&known.id).filter(|g| {
-            g.name == known.name && is_ours(&g.tags, &self.settings.cluster, &desired.service.uid)
-        });
-        Ok(ours.map(|g| ObservedSecurityGroup {
-            id: g.id.clone(),
-            name: g.name.clone(),
-            ingress: g.ingress.clone(),
-            tags: tags::user_tags(&g.tags),
-        }))
+        Ok(std::mem::take(known)
+            .into_values()
+            .chain(found.into_values())
+            .collect())
     }
 
     /// Load balancers by ARN, 20 per call; one that is gone is absent.
@@ -296,6 +316,7 @@ impl AwsProvider {
         let TargetGroupLookup {
             desired, deleting, ..
         } = lookup;
+        let prefetched = lookup.known_tags.is_some();
         let wanted: Vec<&str> = desired
             .lb
             .iter()
@@ -337,12 +358,25 @@ impl AwsProvider {
             .chain(listener_arns)
             .chain(lb_arn)
             .collect();
-        let tags = if lookup.batched {
-            let fetch = |arns: Vec<String>| async move { self.describe_tags(&arns).await };
-            self.lookups.tags.get(arns, fetch).await?
-        } else {
-            self.describe_tags(&arns).await?
+        // Those prefetched are not asked again (one that was gone stays without tags).
+        let (tags, missing) = match lookup.known_tags {
+            Some((asked, tags)) => {
+                let missing: Vec<String> =
+                    arns.into_iter().filter(|a| !asked.contains(a)).collect();
+                (tags, missing)
+            }
+            None => (Tags::new(), arns),
         };
+        let mut tags = tags;
+        if !missing.is_empty() {
+            let more = if prefetched {
+                let fetch = |arns: Vec<String>| async move { self.describe_tags(&arns).await };
+                self.lookups.tags.get(missing, fetch).await?
+            } else {
+                self.describe_tags(&missing).await?
+            };
+            tags.extend(more);
+        }
         let (cluster, uid) = (&self.settings.cluster, &desired.service.uid);
         if let Some((arn, name)) = lookup.unchecked_lb
             && !ours_elb(&tags, arn, cluster, uid)
@@ -681,11 +715,23 @@ impl AwsProvider {
 struct TargetGroupLookup<'a> {
     desired: &'a Desired,
     deleting: bool,
-    /// Read tags in one call with other Services' (a lookup by id).
-    batched: bool,
+    /// The ARNs whose tags were prefetched, and their tags (a lookup by id): the others are
+    /// read in one call with other Services'.
+    known_tags: Option<(BTreeSet<String>, Tags)>,
     /// A load balancer found by id (ARN, name): its tags are read with the groups' and its
     /// ownership checked first.
     unchecked_lb: Option<(&'a str, &'a str)>,
+}
+
+/// What [`AwsProvider::prefetch`] found by id.
+struct Prefetched {
+    lb: Option<elb::LoadBalancer>,
+    target_groups: Found<elb::TargetGroup>,
+    tags: Tags,
+    /// The ARNs whose tags were asked for (a resource gone has none).
+    asked: BTreeSet<String>,
+    /// The frontend group, if it still exists under its name (ownership not checked yet).
+    group: Option<SecurityGroup>,
 }
 
 /// Whether the model may attach the backend security group (the plan must then know it).

@@ -22,7 +22,7 @@ mod report;
 
 use clap::Parser;
 use cloudlb::config::class::LoadBalancerClass;
-use cloudlb_testbed::faultproxy::{FaultProxy, ProxyConfig};
+use cloudlb_testbed::faultproxy::{FaultConfig, FaultProxy, ProxyConfig};
 use cloudlb_testbed::process::{ManagedProcess, free_port, keep_scratch_dirs};
 use cloudlb_testbed::{
     AwsEmulator, TestCluster, create_node, create_vpc_with_subnets, node_for, run_instances,
@@ -98,6 +98,14 @@ pub struct Args {
     /// The operator's `--aws-rate-limit` (calls per second per call family; 0: unlimited).
     #[arg(long, default_value_t = 10.0)]
     aws_rate_limit: f64,
+    /// The operator's `--aws-rate-adaptive`: `false` keeps its rate limit fixed under throttling
+    /// (what the adaptive limiter is compared with).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    aws_rate_adaptive: bool,
+    /// Throttle as AWS does: at most this many calls per second reach moto, the others are
+    /// answered with throttling (the counting proxy's quota; default: none).
+    #[arg(long)]
+    aws_quota: Option<f64>,
     /// A phase is over when the operator made no cloud call for this long (it requeues
     /// provisioning load balancers every 5 s).
     #[arg(long, default_value_t = 8)]
@@ -577,6 +585,12 @@ async fn run(args: Args) -> Result<(), BenchError> {
 
     // The operator, through the counting proxy.
     let proxy = FaultProxy::start(ProxyConfig::new(moto.endpoint().to_string())).await?;
+    if let Some(quota) = args.aws_quota {
+        proxy.set_faults(FaultConfig {
+            quota: Some(quota),
+            ..FaultConfig::none()
+        })?;
+    }
     let env = [
         (
             "KUBECONFIG",
@@ -595,6 +609,8 @@ async fn run(args: Args) -> Result<(), BenchError> {
         "--no-local",
         "--aws-rate-limit",
         &args.aws_rate_limit.to_string(),
+        "--aws-rate-adaptive",
+        &args.aws_rate_adaptive.to_string(),
         "--log-level",
         &args.operator_log_level,
         // The API server's range (wider than the default at this size): the backend rules

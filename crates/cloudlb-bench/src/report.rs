@@ -91,6 +91,11 @@ impl Phase {
         self.notes.push(note);
     }
 
+    /// Calls answered with throttling.
+    pub fn throttled(&self) -> u64 {
+        self.counts.outcome(Outcome::Throttled)
+    }
+
     /// Calls that did not succeed (mostly NotFound answers to lookups by name).
     fn not_ok(&self) -> u64 {
         self.total - self.counts.outcome(Outcome::Ok)
@@ -168,6 +173,8 @@ pub struct Report {
     services: usize,
     nodes: usize,
     rate_limit: f64,
+    adaptive: bool,
+    quota: Option<f64>,
     target_groups: usize,
     operator: String,
     cores: usize,
@@ -198,6 +205,8 @@ impl Report {
             services: args.services,
             nodes: args.nodes,
             rate_limit: args.aws_rate_limit,
+            adaptive: args.aws_rate_adaptive,
+            quota: args.aws_quota,
             target_groups,
             operator,
             cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -282,6 +291,20 @@ impl Report {
                 ),
                 v,
             ));
+            if let Some(quota) = self.quota {
+                let limiter = if self.adaptive { "adaptive" } else { "fixed" };
+                rows.push((
+                    format!("wave under an AWS-like quota of {quota}/s (compare runs)"),
+                    format!(
+                        "{} throttled answers of {} calls in {:.1} s; {limiter} limiter, {}/s per family",
+                        w.throttled(),
+                        w.total,
+                        w.seconds,
+                        self.rate_limit
+                    ),
+                    "-".into(),
+                ));
+            }
             rows.push((
                 "create→status latency (informative)".into(),
                 format!(
@@ -469,6 +492,8 @@ impl Report {
             "nodes": self.nodes,
             "target_groups": self.target_groups,
             "aws_rate_limit_per_family": self.rate_limit,
+            "aws_rate_adaptive": self.adaptive,
+            "aws_quota_per_second": self.quota,
             "cores": self.cores,
             "operator": self.operator,
             "create_to_status_seconds": {

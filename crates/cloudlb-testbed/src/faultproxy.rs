@@ -186,6 +186,10 @@ pub struct FaultConfig {
     /// existing resource, as AWS does (when the settings match), instead of letting moto create
     /// a second load balancer or refuse the target group.
     pub existing_on_create: bool,
+    /// Throttling as AWS does it: at most this many requests per second (of the actions faults
+    /// apply to; a token bucket holding one second's worth), the others answered with throttling.
+    /// Unlike `throttle`, it depends on how fast the client calls.
+    pub quota: Option<f64>,
 }
 
 impl Default for FaultConfig {
@@ -209,6 +213,7 @@ impl FaultConfig {
             actions: None,
             replay_lost_creates: true,
             existing_on_create: false,
+            quota: None,
         }
     }
 
@@ -392,6 +397,8 @@ struct State {
     stats: Mutex<Stats>,
     /// How many requests with this (action, body) came before.
     seen: Mutex<HashMap<Key, u64>>,
+    /// The tokens of `FaultConfig::quota`, and when they were last refilled.
+    quota: Mutex<(f64, Instant)>,
     /// Lost answers of idempotent creates, by (action, body).
     lost: Mutex<HashMap<Key, (Instant, Answer)>>,
     client: Client<HttpConnector, Full<Bytes>>,
@@ -448,6 +455,7 @@ impl FaultProxy {
             started: Instant::now(),
             stats: Mutex::new(Stats::default()),
             seen: Mutex::new(HashMap::new()),
+            quota: Mutex::new((f64::MAX, Instant::now())),
             lost: Mutex::new(HashMap::new()),
             client,
         });
@@ -856,6 +864,16 @@ fn decide(state: &State, action: &str, body: &[u8]) -> Decision {
         (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
     };
     let (u, v, w, x) = (unit(0), unit(1), unit(2), unit(3));
+    if let Some(per_second) = faults.quota
+        && !within_quota(state, per_second)
+    {
+        return Decision {
+            fate: Fate::Throttle,
+            delay: None,
+            key,
+            n,
+        };
+    }
     let table = [
         (faults.throttle, Fate::Throttle),
         (
@@ -885,6 +903,22 @@ fn decide(state: &State, action: &str, body: &[u8]) -> Decision {
         delay,
         key,
         n,
+    }
+}
+
+/// Takes a token of the quota's bucket (`per_second`, holding one second's worth); false when
+/// there is none.
+fn within_quota(state: &State, per_second: f64) -> bool {
+    let mut bucket = lock(&state.quota);
+    let now = Instant::now();
+    let elapsed = now.saturating_duration_since(bucket.1).as_secs_f64();
+    let tokens = (bucket.0.min(per_second) + elapsed * per_second).min(per_second.max(1.0));
+    *bucket = (tokens, now);
+    if tokens >= 1.0 {
+        bucket.0 -= 1.0;
+        true
+    } else {
+        false
     }
 }
 
@@ -1235,6 +1269,50 @@ mod tests {
         assert_eq!(Family::of("DeregisterTargets"), Family::Targets);
         assert_eq!(Family::of("CreateLoadBalancer"), Family::Write);
         assert_eq!(Family::of("AuthorizeSecurityGroupIngress"), Family::Write);
+    }
+
+    #[tokio::test]
+    async fn the_quota_throttles_what_goes_over_it_and_refills() {
+        let state = State {
+            upstream: String::new(),
+            account_id: None,
+            faults: Mutex::new(FaultConfig {
+                quota: Some(5.0),
+                ..FaultConfig::none()
+            }),
+            started: Instant::now(),
+            stats: Mutex::new(Stats::default()),
+            seen: Mutex::new(HashMap::new()),
+            quota: Mutex::new((f64::MAX, Instant::now())),
+            lost: Mutex::new(HashMap::new()),
+            client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+        };
+        let fates: Vec<bool> = (0..7)
+            .map(|i| {
+                let body = format!("n={i}");
+                matches!(
+                    decide(&state, "DescribeTags", body.as_bytes()).fate,
+                    Fate::Throttle
+                )
+            })
+            .collect();
+        assert_eq!(
+            fates,
+            [false, false, false, false, false, true, true],
+            "a second's worth, then throttled"
+        );
+        // 0.4 s later at 5/s: two more.
+        lock(&state.quota).1 -= Duration::from_millis(400);
+        let later: Vec<bool> = (0..3)
+            .map(|i| {
+                let body = format!("m={i}");
+                matches!(
+                    decide(&state, "DescribeTags", body.as_bytes()).fate,
+                    Fate::Throttle
+                )
+            })
+            .collect();
+        assert_eq!(later, [false, false, true]);
     }
 
     #[test]
