@@ -1287,32 +1287,24 @@ mod tests {
             lost: Mutex::new(HashMap::new()),
             client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
         };
-        let fates: Vec<bool> = (0..7)
-            .map(|i| {
-                let body = format!("n={i}");
-                matches!(
-                    decide(&state, "DescribeTags", body.as_bytes()).fate,
-                    Fate::Throttle
-                )
-            })
-            .collect();
+        // Whether each of `n` distinct requests is throttled.
+        let throttled = |tag: &str, n: usize| -> Vec<bool> {
+            (0..n)
+                .map(|i| {
+                    let body = format!("{tag}={i}");
+                    let fate = decide(&state, "DescribeTags", body.as_bytes()).fate;
+                    matches!(fate, Fate::Throttle)
+                })
+                .collect()
+        };
         assert_eq!(
-            fates,
+            throttled("n", 7),
             [false, false, false, false, false, true, true],
             "a second's worth, then throttled"
         );
         // 0.4 s later at 5/s: two more.
         lock(&state.quota).1 -= Duration::from_millis(400);
-        let later: Vec<bool> = (0..3)
-            .map(|i| {
-                let body = format!("m={i}");
-                matches!(
-                    decide(&state, "DescribeTags", body.as_bytes()).fate,
-                    Fate::Throttle
-                )
-            })
-            .collect();
-        assert_eq!(later, [false, false, true]);
+        assert_eq!(throttled("m", 3), [false, false, true]);
     }
 
     #[test]
