@@ -309,8 +309,8 @@ pub async fn run(
         shutdown.clone(),
     );
     let status_task = class_status::run(ctx.clone(), svc_store.clone());
+    let orphan_task = orphans::run(ctx.clone(), svc_store.clone(), ctx.settings.orphan_sweep);
     let prune_task = orphans::prune_shared(ctx.clone(), svc_store, ctx.settings.orphan_sweep);
-    let orphan_task = orphans::run(ctx.clone(), ctx.settings.orphan_sweep);
     let health_task = local_health_events(ctx.clone());
     // Wait for the node, class and endpoint caches before the first reconcile can use them.
     let ready = || {

@@ -9,6 +9,7 @@ use crate::ownership::{Ownership, has_finalizer};
 use crate::provider::SharedNeeds;
 use k8s_openapi::api::core::v1::Service;
 use kube::{Api, ResourceExt};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,12 +37,29 @@ async fn alive(
     }
 }
 
-/// One sweep over every provider; returns how many Services' leftovers were deleted.
-pub async fn sweep_once(ctx: &Context) -> usize {
+/// One sweep over every provider; returns how many Services' leftovers were deleted. Services
+/// the store shows alive and ours (or outside the watched namespace) are not read at all; the
+/// others are each confirmed gone with a read of the API server before anything is deleted.
+pub async fn sweep_once(
+    ctx: &Context,
+    services: &kube::runtime::reflector::Store<Service>,
+) -> usize {
     let mut deleted = 0;
     let classes = ctx.served_classes();
+    let vouched: HashSet<String> = services
+        .state()
+        .iter()
+        .filter(|svc| {
+            has_finalizer(svc) || matches!(ctx.ownership(svc, &classes), Ownership::Ours { .. })
+        })
+        .filter_map(|svc| svc.uid())
+        .collect();
+    let namespace = ctx.settings.namespace.as_ref();
+    let skip = |s: &crate::model::ServiceRef| {
+        vouched.contains(&s.uid) || namespace.is_some_and(|ns| ns != &s.namespace)
+    };
     for provider in ctx.providers.all() {
-        let owned = match provider.owned().await {
+        let owned = match provider.owned(&skip).await {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!(provider = provider.name(), error = %e, "orphan sweep: listing failed");
@@ -49,14 +67,6 @@ pub async fn sweep_once(ctx: &Context) -> usize {
             }
         };
         for (sref, observed) in owned {
-            if ctx
-                .settings
-                .namespace
-                .as_ref()
-                .is_some_and(|ns| ns != &sref.namespace)
-            {
-                continue;
-            }
             if alive(ctx, &classes, &sref).await {
                 continue;
             }
@@ -87,11 +97,15 @@ pub async fn sweep_once(ctx: &Context) -> usize {
 
 /// Sweeps every `interval` (jittered), the first time one interval after start, when the
 /// reconciles of the start-up wave have settled.
-pub async fn run(ctx: Arc<Context>, interval: Duration) {
+pub async fn run(
+    ctx: Arc<Context>,
+    services: kube::runtime::reflector::Store<Service>,
+    interval: Duration,
+) {
     loop {
         let f: f64 = rand::Rng::random_range(&mut rand::rng(), 0.9..1.1);
         tokio::time::sleep(interval.mul_f64(f)).await;
-        let n = sweep_once(&ctx).await;
+        let n = sweep_once(&ctx, &services).await;
         ctx.metrics.orphan_swept();
         if n > 0 {
             tracing::info!(services = n, "orphan sweep finished");

@@ -327,8 +327,11 @@ impl Provider for AwsProvider {
     }
 
     #[tracing::instrument(skip_all, fields(cluster = %self.settings.cluster))]
-    async fn owned(&self) -> Result<Vec<(ServiceRef, Observed)>, ProviderError> {
-        self.owned_impl().await
+    async fn owned(
+        &self,
+        skip: &(dyn for<'s> Fn(&'s ServiceRef) -> bool + Sync),
+    ) -> Result<Vec<(ServiceRef, Observed)>, ProviderError> {
+        self.owned_impl(skip).await
     }
 
     #[tracing::instrument(skip_all, fields(cluster = %self.settings.cluster))]

@@ -4,8 +4,9 @@
 //! ELBv2 cannot filter by tag, so the sweep lists every load balancer and target group of the
 //! account (pages of 400) and reads their tags (20 ARNs per call); security groups are filtered
 //! by the cluster tag on the server (and by the VPC when one is configured). Then, per Service
-//! with a load balancer, its attributes (deletion protection) and listeners. Calls per sweep:
-//! `2 + ceil((LBs + TGs in the account) / 20) + 1 + 2 × (our Services with a load balancer)`,
+//! with a load balancer that the caller does not skip (alive Services are skipped: only
+//! candidate orphans), its attributes (deletion protection) and listeners. Calls per sweep:
+//! `2 + ceil((LBs + TGs in the account) / 20) + 1 + 2 × (candidates with a load balancer)`,
 //! plus one more per extra page.
 //!
 //! What the empty-model plan does not need is not read: target-group attributes and targets,
@@ -74,7 +75,10 @@ fn pick<T>(
 }
 
 impl AwsProvider {
-    pub(crate) async fn owned_impl(&self) -> Result<Vec<(ServiceRef, Observed)>, ProviderError> {
+    pub(crate) async fn owned_impl(
+        &self,
+        skip: &(dyn for<'s> Fn(&'s ServiceRef) -> bool + Sync),
+    ) -> Result<Vec<(ServiceRef, Observed)>, ProviderError> {
         let cluster = self.settings.cluster.as_str();
         let lbs = self.describe_all_load_balancers().await?;
         let tgs = self.describe_all_target_groups().await?;
@@ -126,6 +130,8 @@ impl AwsProvider {
             }
         }
 
+        // Only those the controller cannot vouch for are read further.
+        found.retain(|svc, _| !skip(svc));
         let out: Vec<(ServiceRef, Observed)> = futures::stream::iter(found)
             .map(|(svc, found)| self.observed_of(svc, found))
             .buffered(CONCURRENCY)

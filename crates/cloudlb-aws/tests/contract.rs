@@ -984,7 +984,7 @@ async fn owned_finds_this_clusters_services_and_the_empty_plan_deletes_one() {
 
     // ---- the sweep
     provider.reset_calls();
-    let owned = provider.owned().await.expect("owned");
+    let owned = provider.owned(&|_| false).await.expect("owned");
     let sweep_calls = provider.calls();
     eprintln!("owned() with 2 Services (P=2), 4 NLBs and 7 TGs in the account: {sweep_calls:#?}");
     assert_eq!(
@@ -1006,6 +1006,26 @@ async fn owned_finds_this_clusters_services_and_the_empty_plan_deletes_one() {
     );
     let (_, b_owned) = &owned[0];
     let (_, a_owned) = &owned[1];
+
+    // A Service the caller vouches for (alive) is not read further, nor returned.
+    provider.reset_calls();
+    let only_b = provider
+        .owned(&|s| *s == service())
+        .await
+        .expect("owned, skipping a");
+    assert_eq!(only_b.len(), 1);
+    assert_eq!(&only_b[0], &owned[0]);
+    let skipping = provider.calls();
+    assert_eq!(
+        skipping.get("DescribeLoadBalancerAttributes/ok"),
+        Some(&1),
+        "{skipping:?}"
+    );
+    assert_eq!(
+        skipping.get("DescribeListeners/ok"),
+        Some(&1),
+        "{skipping:?}"
+    );
 
     // a: exactly what observe sees, minus what the empty plan does not need, plus the load
     // balancer's attributes (the empty plan needs them: deletion protection; an observe of a
@@ -1059,7 +1079,7 @@ async fn owned_finds_this_clusters_services_and_the_empty_plan_deletes_one() {
     );
 
     // The other cluster sees only its own.
-    let theirs = other_provider.owned().await.expect("owned");
+    let theirs = other_provider.owned(&|_| false).await.expect("owned");
     assert_eq!(theirs.len(), 1);
     assert_eq!(
         theirs[0].1.lb.as_ref().map(|l| &l.arn),
@@ -1107,7 +1127,7 @@ async fn owned_finds_this_clusters_services_and_the_empty_plan_deletes_one() {
         .send()
         .await
         .expect("enable deletion protection");
-    let owned = provider.owned().await.expect("owned");
+    let owned = provider.owned(&|_| false).await.expect("owned");
     assert_eq!(owned.len(), 1);
     assert_eq!(owned[0].0, other_service());
     assert_eq!(
@@ -1132,7 +1152,7 @@ async fn with_metrics_counts_every_call() {
 
     let want = desired(&[TCP_80, UDP_53], &account.instances);
     reconcile(&provider, &want).await;
-    provider.owned().await.expect("owned");
+    provider.owned(&|_| false).await.expect("owned");
     let empty = Desired::empty(service(), want.lb_name.clone());
     reconcile(&provider, &empty).await;
 

@@ -137,8 +137,16 @@ pub trait Provider: Send + Sync {
     /// Target-group attributes and targets are left empty; do not plan anything but the empty
     /// model against it.
     ///
+    /// Services for which `skip` says yes (the controller's store shows them alive and ours)
+    /// are neither read further nor returned: at 2,000 Services the sweep read every one's
+    /// load balancer (attributes, listeners), 4,000 calls every sweep, and held it all at once.
+    ///
     /// The default finds nothing.
-    async fn owned(&self) -> Result<Vec<(crate::model::ServiceRef, Observed)>, ProviderError> {
+    async fn owned(
+        &self,
+        skip: &(dyn for<'s> Fn(&'s crate::model::ServiceRef) -> bool + Sync),
+    ) -> Result<Vec<(crate::model::ServiceRef, Observed)>, ProviderError> {
+        let _ = skip;
         Ok(Vec::new())
     }
 

@@ -293,12 +293,15 @@ impl Provider for LocalProvider {
         result
     }
 
-    async fn owned(&self) -> Result<Vec<(ServiceRef, Observed)>, ProviderError> {
+    async fn owned(
+        &self,
+        skip: &(dyn for<'s> Fn(&'s ServiceRef) -> bool + Sync),
+    ) -> Result<Vec<(ServiceRef, Observed)>, ProviderError> {
         let mut owned: Vec<_> = self
             .lock()
             .services
             .values()
-            .filter(|s| s.is_observable())
+            .filter(|s| s.is_observable() && !skip(&s.service))
             .map(|s| (s.service.clone(), s.observed()))
             .collect();
         owned.sort_by(|a, b| a.0.cmp(&b.0));

@@ -1159,7 +1159,7 @@ async fn nothing_aws_shaped_is_observed_or_owned() {
     );
     assert!(o.target_groups[0].attributes.is_empty());
     assert_eq!(o.target_groups[0].algorithm, Some(Algorithm::Random));
-    let owned = p.owned().await.expect("owned");
+    let owned = p.owned(&|_| false).await.expect("owned");
     assert_eq!(owned, vec![(d.service.clone(), o.clone())]);
     assert_local_shaped(&owned[0].1);
 
@@ -1171,7 +1171,7 @@ async fn nothing_aws_shaped_is_observed_or_owned() {
         p.apply(&empty, &owned[0].1, &sweep).await.expect("sweep"),
         Observed::default()
     );
-    assert!(p.owned().await.expect("owned").is_empty());
+    assert!(p.owned(&|_| false).await.expect("owned").is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
