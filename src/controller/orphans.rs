@@ -141,14 +141,14 @@ fn every_need(
         };
         let built = crate::build::build(&ctx.settings.cluster, &svc, backends, &cfg).ok()?;
         let kind = class.spec.provider;
-        match out.iter_mut().find(|(k, _)| *k == kind) {
-            Some((_, needs)) => needs.add(&built.desired),
+        let slot = match out.iter().position(|(k, _)| *k == kind) {
+            Some(i) => i,
             None => {
-                let mut needs = SharedNeeds::default();
-                needs.add(&built.desired);
-                out.push((kind, needs));
+                out.push((kind, SharedNeeds::default()));
+                out.len() - 1
             }
-        }
+        };
+        out[slot].1.add(&built.desired);
     }
     Some(out)
 }

@@ -349,12 +349,10 @@ async fn converge(
             }
         }
         (Basis::Nothing, _) => (Observed::default(), now),
-        // What memory knows is read again by id (a drift check: batched with others').
+        // What memory knows is read again by id (a drift check: batched with others'); the
+        // ids are all in the outline, no need to expand the targets.
         (_, Some(e)) => (
-            target
-                .provider
-                .observe_known(desired, &e.observed())
-                .await?,
+            target.provider.observe_known(desired, e.outline()).await?,
             now,
         ),
         (_, None) => (target.provider.observe(desired).await?, now),
@@ -890,7 +888,8 @@ pub(super) async fn apply(
         .map_err(Error::from)
 }
 
-/// Writes that only (de)register targets: node changes, announced in the log only.
+/// Tells about an applied plan: writes that only (de)register targets (node changes) in the log
+/// only, anything else also in an Event.
 async fn announce(svc: &Service, ctx: &Context, plan: &Plan, observed: &Observed) {
     if plan.is_empty() {
         return;

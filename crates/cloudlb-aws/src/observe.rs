@@ -359,7 +359,7 @@ impl AwsProvider {
             .chain(lb_arn)
             .collect();
         // Those prefetched are not asked again (one that was gone stays without tags).
-        let (tags, missing) = match lookup.known_tags {
+        let (mut tags, missing) = match lookup.known_tags {
             Some((asked, tags)) => {
                 let missing: Vec<String> =
                     arns.into_iter().filter(|a| !asked.contains(a)).collect();
@@ -367,7 +367,6 @@ impl AwsProvider {
             }
             None => (Tags::new(), arns),
         };
-        let mut tags = tags;
         if !missing.is_empty() {
             let more = if prefetched {
                 let fetch = |arns: Vec<String>| async move { self.describe_tags(&arns).await };
